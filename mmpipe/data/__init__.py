@@ -1,0 +1,1 @@
+"""Data stages' library code: sources (collect), the built-in corpus, validation (clean)."""

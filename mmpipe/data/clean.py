@@ -1,0 +1,320 @@
+"""clean: validate every modality of every sample, deduplicate, assign splits.
+
+Two streaming passes, so memory stays bounded by a batch whatever the corpus size:
+
+1. validate + normalise each sample (in worker processes) into a temporary Parquet file, keeping
+   only a small key table (id, label, group, split, content hashes) in memory;
+2. decide, on that key table, the duplicates, conflicting labels, too-small classes and splits,
+   then stream the temporary file into the final ``part-*.parquet`` files.
+
+Nothing is dropped silently: every rejected modality or sample is a row of ``rejects.parquet``
+(sample id, source row, modality, code, reason, reference, action) and is counted in metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import multiprocessing
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from mmpipe.data.collect import ROW_GROUP_ROWS, PartWriter, worker_count
+from mmpipe.errors import PipelineError, RejectedInput
+from mmpipe.io import write_json_atomic
+from mmpipe.modalities import MODALITIES, NAMES
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+REJECTS_FILE = "rejects.parquet"
+DATASET_FILE = "dataset.json"
+_PASS1_FILE = ".validated.parquet"
+
+REJECT_SCHEMA = pa.schema([
+    pa.field("sample_id", pa.string()),
+    pa.field("source_row", pa.int64()),
+    pa.field("modality", pa.string()),  # image/text/audio, or label/split/sample for whole-sample problems
+    pa.field("code", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("ref", pa.string()),
+    pa.field("action", pa.string()),  # sample_rejected | modality_dropped
+])
+
+
+def clean_schema() -> pa.Schema:
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("group", pa.string()),
+        pa.field("condition", pa.string()),
+    ]
+    for m, module in MODALITIES.items():
+        fields += [pa.field(m, module.STORED_AS), pa.field(f"{m}_available", pa.bool_(), nullable=False)]
+        fields += [pa.field(f"{m}_{k}", t) for k, t in module.INFO_COLUMNS.items()]
+    return pa.schema(fields)
+
+
+def _pass1_schema() -> pa.Schema:
+    return clean_schema().set(clean_schema().get_field_index("split"), pa.field("split", pa.string()))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def split_of(key: str, seed: int, fractions) -> str:
+    """Deterministic split from a sample's id (or group): stable when data is added or reordered."""
+    u = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big") / 2.0**64
+    if u < fractions.train:
+        return "train"
+    return "val" if u < fractions.train + fractions.val else "test"
+
+
+# --------------------------------------------------------------------------- pass 1: per sample
+
+
+def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
+    """Validate one raw row. Returns the normalised row, its rejects and its content keys."""
+    sid, source_row = row["sample_id"], row["source_row"]
+    rejects: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"sample_id": sid, "source_row": source_row, "group": row.get("group"),
+                           "condition": row.get("condition")}
+    flags = {"label_stripped": False, "converted": [], "text_truncated": False}
+
+    def reject(modality: str, code: str, reason: str, ref: str | None = None) -> None:
+        rejects.append({"sample_id": sid, "source_row": source_row, "modality": modality, "code": code,
+                        "reason": reason, "ref": ref, "action": None})
+
+    raw_label = row.get("label")
+    label = unicodedata.normalize("NFC", raw_label).strip() if raw_label is not None else ""
+    flags["label_stripped"] = raw_label is not None and label != raw_label
+    if not label:
+        reject("label", "label_missing", "label is missing or empty")
+    out["label"] = label
+
+    split = None
+    if row.get("split") is not None:
+        split = SPLIT_ALIASES.get(str(row["split"]).strip().lower())
+        if split is None:
+            reject("split", "split_invalid", f"split {row['split']!r} is not one of train/val/test")
+    out["split"] = split
+
+    key_parts = []
+    for m, module in MODALITIES.items():
+        content, ref, error = row.get(m), row.get(f"{m}_ref"), row.get(f"{m}_error")
+        key_parts.append(_digest(content) if content is not None else f"ref:{ref}" if ref else "")
+        out[m], out[f"{m}_available"] = None, False
+        out.update({f"{m}_{k}": None for k in module.INFO_COLUMNS})
+        if error:
+            reject(m, "not_found" if "not found" in error else "fetch_error", error, ref)
+            continue
+        if content is None:
+            continue  # absent by design: any modality may be missing
+        try:
+            cleaned = module.clean(content, getattr(params, m))
+        except RejectedInput as exc:
+            reject(m, exc.code, exc.message, ref)
+            continue
+        out[m] = cleaned.data.decode("utf-8") if module.STORED_AS == pa.string() else cleaned.data
+        out[f"{m}_available"] = True
+        out.update({f"{m}_{k}": cleaned.info.get(k) for k in module.INFO_COLUMNS})
+        if cleaned.converted:
+            flags["converted"].append(m)
+        if cleaned.info.get("truncated"):
+            flags["text_truncated"] = True
+
+    modality_rejects = [r for r in rejects if r["modality"] in MODALITIES]
+    sample_problem = any(r["modality"] not in MODALITIES for r in rejects)
+    if not sample_problem and not any(out[f"{m}_available"] for m in NAMES):
+        reject("sample", "no_usable_modality", "no modality is usable")
+        sample_problem = True
+    if not sample_problem and modality_rejects and params.on_bad_modality == "drop_sample":
+        reject("sample", "bad_modality", "a modality is unusable and clean.on_bad_modality=drop_sample")
+        sample_problem = True
+    for r in rejects:
+        r["action"] = "sample_rejected" if sample_problem else "modality_dropped"
+    return {"row": None if sample_problem else out, "rejects": rejects, "flags": flags,
+            "content_key": "|".join(key_parts), "label": label}
+
+
+def _validate_batch(rows: list[dict[str, Any]], params) -> list[dict[str, Any]]:
+    return [validate_sample(r, params) for r in rows]
+
+
+def _raw_batches(raw_dir: Path, batch_rows: int) -> Iterator[list[dict[str, Any]]]:
+    files = sorted(raw_dir.glob("part-*.parquet"))
+    if not files:
+        raise PipelineError(f"{raw_dir}: no part-*.parquet files (run the collect stage first)")
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            yield batch.to_pylist()
+
+
+def _validated_batches(raw_dir: Path, params) -> Iterator[list[dict[str, Any]]]:
+    """Validate batches in worker processes, in order, with a bounded number in flight."""
+    workers = worker_count(params.workers)
+    batches = _raw_batches(raw_dir, params.batch_rows)
+    if workers == 1:
+        for rows in batches:
+            yield _validate_batch(rows, params)
+        return
+    # spawn: the parent holds pyarrow threads, which fork does not copy safely
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: collections.deque[cf.Future] = collections.deque()
+        for rows in batches:
+            pending.append(pool.submit(_validate_batch, rows, params))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# --------------------------------------------------------------------------- decisions on the key table
+
+
+def _decide(keys: list[dict[str, Any]], params) -> tuple[dict[int, str], list[dict[str, Any]]]:
+    """Given the surviving samples' keys (in source order), return {position: split} and new rejects."""
+    rejected: dict[int, tuple[str, str]] = {}
+
+    by_content: dict[str, list[int]] = collections.defaultdict(list)
+    for pos, k in enumerate(keys):
+        by_content[k["content_key"]].append(pos)
+    for positions in by_content.values():
+        if len(positions) < 2:
+            continue
+        labels = {keys[p]["label"] for p in positions}
+        if len(labels) > 1:
+            ids = ", ".join(keys[p]["sample_id"] for p in positions[:5])
+            for p in positions:
+                rejected[p] = ("conflicting_labels", f"identical content has different labels {sorted(labels)} ({ids})")
+        else:
+            first = keys[positions[0]]["sample_id"]
+            for p in positions[1:]:
+                rejected[p] = ("duplicate", f"exact duplicate of sample {first}")
+
+    seen_ids: dict[str, int] = {}
+    for pos, k in enumerate(keys):
+        if pos in rejected:
+            continue
+        if k["sample_id"] in seen_ids:
+            rejected[pos] = ("duplicate_id", f"sample id already used by source row {keys[seen_ids[k['sample_id']]]['source_row']}")
+        else:
+            seen_ids[k["sample_id"]] = pos
+
+    counts = collections.Counter(k["label"] for pos, k in enumerate(keys) if pos not in rejected)
+    small = {label for label, n in counts.items() if n < params.min_per_class}
+    for pos, k in enumerate(keys):
+        if pos not in rejected and k["label"] in small:
+            rejected[pos] = ("class_too_small", f"class {k['label']!r} has {counts[k['label']]} samples "
+                                                f"< clean.min_per_class={params.min_per_class}")
+
+    splits = {}
+    for pos, k in enumerate(keys):
+        if pos not in rejected:
+            splits[pos] = k["split"] or split_of(k["group"] or k["sample_id"], params.seed, params.split)
+    new_rejects = [{"sample_id": keys[p]["sample_id"], "source_row": keys[p]["source_row"], "modality": "sample",
+                    "code": code, "reason": reason, "ref": None, "action": "sample_rejected"}
+                   for p, (code, reason) in sorted(rejected.items())]
+    return splits, new_rejects
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Validate ``raw_dir`` into ``out_dir`` (part files, rejects.parquet, dataset.json); return metrics."""
+    started = time.perf_counter()
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(raw_dir.glob("part-*.parquet")))
+    pass1_path = out_dir / _PASS1_FILE
+    pass1_schema = _pass1_schema()
+    rejects: list[dict[str, Any]] = []
+    keys: list[dict[str, Any]] = []
+    counters = collections.Counter()
+    converted = collections.Counter()
+    with pq.ParquetWriter(pass1_path, pass1_schema, compression="none") as pass1, \
+            tqdm(total=total, desc="clean", unit="sample", disable=None) as progress:
+        for results in _validated_batches(raw_dir, params):
+            kept_rows = []
+            for res in results:
+                rejects.extend(res["rejects"])
+                counters["label_stripped"] += res["flags"]["label_stripped"]
+                counters["text_truncated"] += res["flags"]["text_truncated"]
+                converted.update(res["flags"]["converted"])
+                row = res["row"]
+                if row is not None:
+                    kept_rows.append(row)
+                    keys.append({"sample_id": row["sample_id"], "source_row": row["source_row"], "label": row["label"],
+                                 "group": row["group"], "split": row["split"], "content_key": res["content_key"]})
+            if kept_rows:
+                pass1.write_table(pa.Table.from_pylist(kept_rows, schema=pass1_schema), row_group_size=ROW_GROUP_ROWS)
+            progress.update(len(results))
+
+    splits, late_rejects = _decide(keys, params)
+    rejects.extend(late_rejects)
+    if not splits:
+        raise PipelineError(f"clean: no sample survived validation ({len(rejects)} rejects; see the rejects table)")
+
+    schema = clean_schema()
+    writer = PartWriter(out_dir, schema, rows_per_file=50_000)
+    per_class: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    available = collections.Counter()
+    pos = 0
+    for batch in pq.ParquetFile(pass1_path).iter_batches(batch_size=ROW_GROUP_ROWS):
+        keep_positions = [p for p in range(pos, pos + batch.num_rows) if p in splits]
+        mask = pa.array([p in splits for p in range(pos, pos + batch.num_rows)])
+        pos += batch.num_rows
+        if not keep_positions:
+            continue
+        table = pa.Table.from_batches([batch]).filter(mask)
+        split_column = pa.array([splits[p] for p in keep_positions], pa.string())
+        table = table.set_column(table.schema.get_field_index("split"), pa.field("split", pa.string(), nullable=False),
+                                 split_column).cast(schema)
+        writer.write(table)
+        for label, split in zip(table.column("label").to_pylist(), split_column.to_pylist()):
+            per_class[label][split] += 1
+        for m in NAMES:
+            available[m] += sum(table.column(f"{m}_available").to_pylist())
+    writer.close()
+    pass1_path.unlink()
+
+    reject_table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+    pq.write_table(reject_table, out_dir / REJECTS_FILE, compression="zstd")
+
+    split_counts = {s: sum(c[s] for c in per_class.values()) for s in SPLITS}
+    rejected_ids = {r["sample_id"] + "\0" + str(r["source_row"]) for r in rejects if r["action"] == "sample_rejected"}
+    labels = sorted(per_class)
+    warnings = [f"class {label!r} has no {s} samples" for label in labels for s in SPLITS
+                if per_class[label][s] == 0 and split_counts[s] > 0]
+    for w in warnings:
+        print(f"clean: warning: {w}")
+    dataset = {"labels": labels, "modalities": list(NAMES), "audio_sample_rate": params.audio.sample_rate,
+               "samples": writer.rows, "splits": split_counts, "files": writer.files}
+    write_json_atomic(out_dir / DATASET_FILE, dataset)
+    seconds = time.perf_counter() - started
+    return {
+        "samples_in": total,
+        "kept": writer.rows,
+        "rejected_samples": len(rejected_ids),
+        "reject_rows": len(rejects),
+        "rejects_by_code": dict(sorted(collections.Counter(r["code"] for r in rejects).items())),
+        "rejects_by_modality": dict(sorted(collections.Counter(r["modality"] for r in rejects).items())),
+        "available": {m: available[m] for m in NAMES},
+        "converted": {m: converted[m] for m in NAMES},
+        "labels_stripped": counters["label_stripped"],
+        "text_truncated": counters["text_truncated"],
+        "split": split_counts,
+        "per_class": {label: {s: per_class[label][s] for s in SPLITS} for label in labels},
+        "warnings": len(warnings),
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(total / seconds, 1) if seconds > 0 else None,
+    }

@@ -1,0 +1,427 @@
+"""collect: turn a source (built-in corpus, manifest or folder) into raw Parquet files.
+
+Output: a few ``part-NNNNN.parquet`` files holding metadata and the raw encoded bytes of every
+modality. Nothing is validated here beyond the source's structure: an item that cannot be
+fetched is recorded with its error (``<modality>_error``) so that ``clean`` lists it in the
+rejects; a source that cannot be read at all stops the stage with one line.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+from urllib.parse import urljoin
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from mmpipe.data import builtin
+from mmpipe.errors import PipelineError
+from mmpipe.modalities import MODALITIES, NAMES, by_extension
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_CORPORA = ("digits",)
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl")
+MANIFEST_COLUMNS = ("label", "id", "split", "group", *NAMES)
+ROW_GROUP_ROWS = 1024
+BATCH_ROWS = 512
+
+
+def raw_schema() -> pa.Schema:
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("group", pa.string()),
+        pa.field("condition", pa.string()),
+    ]
+    for m in NAMES:
+        fields += [pa.field(m, pa.binary()), pa.field(f"{m}_ref", pa.string()), pa.field(f"{m}_error", pa.string())]
+    return pa.schema(fields)
+
+
+def worker_count(requested: int) -> int:
+    return requested or os.cpu_count() or 1
+
+
+class PartWriter:
+    """Streams rows into ``part-NNNNN.parquet`` files of at most ``rows_per_file`` rows."""
+
+    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int):
+        self.out_dir, self.schema, self.rows_per_file = out_dir, schema, rows_per_file
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_file = 0
+        self.files = 0
+        self.rows = 0
+        binary = [f.name for f in schema if pa.types.is_binary(f.type)]
+        # Encoded media do not compress; strings and ids do.
+        self._compression = {f.name: ("none" if f.name in binary else "zstd") for f in schema}
+        self._dictionary = [f.name for f in schema if f.name not in binary]
+
+    def _open(self) -> None:
+        path = self.out_dir / f"part-{self.files:05d}.parquet"
+        self._writer = pq.ParquetWriter(path, self.schema, compression=self._compression,
+                                        use_dictionary=self._dictionary)
+        self.files += 1
+        self._rows_in_file = 0
+
+    def write(self, table: pa.Table) -> None:
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None or self._rows_in_file >= self.rows_per_file:
+                self.close()
+                self._open()
+            take = min(self.rows_per_file - self._rows_in_file, table.num_rows - start)
+            self._writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
+            self._rows_in_file += take
+            self.rows += take
+            start += take
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class Stats:
+    """Counts for metrics/collect.json."""
+
+    def __init__(self) -> None:
+        self.per_label: Counter[str] = Counter()
+        self.present: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.per_label[str(row["label"])] += 1
+            for m in NAMES:
+                if row.get(m) is not None:
+                    self.present[m] += 1
+                    self.bytes[m] += len(row[m])
+                if row.get(f"{m}_error"):
+                    self.errors[m] += 1
+
+
+# --------------------------------------------------------------------------- built-in corpus
+
+
+def _builtin_rows(indices: list[int], seed: int, cfg) -> list[dict[str, Any]]:
+    rows = []
+    for i in indices:
+        s = builtin.make_sample(i, seed, cfg)
+        row = {"sample_id": f"digits-{i:07d}", "source_row": i, "label": s.label, "split": None,
+               "group": s.group, "condition": s.condition}
+        for m in NAMES:
+            content = getattr(s, m)
+            row.update({m: content, f"{m}_ref": None if content is None else "builtin:digits", f"{m}_error": None})
+        rows.append(row)
+    return rows
+
+
+def _builtin_batches(params) -> Iterator[list[dict[str, Any]]]:
+    chunks = [list(range(start, min(start + BATCH_ROWS, params.n_samples)))
+              for start in range(0, params.n_samples, BATCH_ROWS)]
+    workers = worker_count(params.workers)
+    if workers == 1 or len(chunks) == 1:
+        for chunk in chunks:
+            yield _builtin_rows(chunk, params.seed, params.builtin)
+        return
+    # spawn, not fork: espeak-ng and BLAS keep process-global state
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) as pool:
+        jobs = [(chunk, params.seed, params.builtin) for chunk in chunks]
+        yield from pool.imap(_star_builtin, jobs)
+
+
+def _star_builtin(job) -> list[dict[str, Any]]:
+    return _builtin_rows(*job)
+
+
+# --------------------------------------------------------------------------- manifests and folders
+
+
+def _is_url(ref: str) -> bool:
+    return "://" in ref
+
+
+def _local_path(ref: str) -> Path | None:
+    """The local path behind a reference (plain path or file:// URL); None for remote URLs."""
+    if ref.startswith("file://"):
+        return Path(ref[len("file://"):])
+    return None if _is_url(ref) else Path(ref)
+
+
+def fetch(ref: str, timeout_s: float, max_bytes: int) -> bytes:
+    """Read one referenced file (local path or fsspec URL); raise OSError with a short reason."""
+    path = _local_path(ref)
+    if path is not None:
+        if not path.exists():
+            raise FileNotFoundError(f"file not found: {path}")
+        if not path.is_file():
+            raise IsADirectoryError(f"not a file: {path}")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise OSError(f"file is {size / 1e6:.1f} MB > data.max_file_mb ({max_bytes / 1e6:g} MB): {path}")
+        return path.read_bytes()
+    import fsspec
+
+    kwargs: dict[str, Any] = {}
+    if ref.startswith(("http://", "https://")):
+        import aiohttp
+
+        kwargs["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
+    try:
+        with fsspec.open(ref, "rb", **kwargs) as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not found: {ref}") from None
+    except Exception as exc:  # fsspec backends raise their own types
+        raise OSError(f"cannot fetch {ref}: {type(exc).__name__}: {exc}") from None
+    if len(data) > max_bytes:
+        raise OSError(f"file is larger than data.max_file_mb ({max_bytes / 1e6:g} MB): {ref}")
+    return data
+
+
+def _text(value: Any) -> str | None:
+    """A manifest cell as a string, or None when empty (NaN/None)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:
+        return None
+    value = str(value)
+    return value
+
+
+def read_manifest(source: str) -> pd.DataFrame:
+    """Read a .csv/.parquet/.jsonl manifest (local or fsspec URL) with every cell as a string."""
+    suffix = Path(source.split("?")[0]).suffix.lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise PipelineError(f"{source}: unsupported manifest type '{suffix}' (expected {', '.join(MANIFEST_SUFFIXES)})")
+    import fsspec
+
+    try:
+        with fsspec.open(source, "rb") as fh:
+            if suffix == ".csv":
+                # An empty CSV cell means "absent"; any other text is kept verbatim (labels with spaces too).
+                frame = pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[""])
+            elif suffix == ".parquet":
+                frame = pd.read_parquet(fh)
+            else:
+                frame = pd.read_json(fh, lines=True, dtype=False)
+    except FileNotFoundError:
+        raise PipelineError(f"data.source: {source} does not exist") from None
+    except Exception as exc:
+        raise PipelineError(f"{source}: cannot read manifest: {str(exc).splitlines()[0]}") from None
+    if "label" not in frame.columns:
+        raise PipelineError(f"{source}: manifest has no 'label' column (columns: {', '.join(map(str, frame.columns))})")
+    unknown = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
+    if unknown:
+        print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(map(str, unknown))}")
+    if not any(m in frame.columns for m in NAMES):
+        raise PipelineError(f"{source}: manifest has none of the modality columns {', '.join(NAMES)}")
+    return frame
+
+
+def _resolve(ref: str, base: str) -> str:
+    if _is_url(ref):
+        return ref
+    if _is_url(base):
+        return urljoin(base.rstrip("/") + "/", ref)
+    path = Path(ref).expanduser()
+    return str(path if path.is_absolute() else (Path(base) / path).resolve())
+
+
+def _derived_id(label: str | None, cells: dict[str, str | None]) -> str:
+    key = json.dumps([label, *(cells.get(m) for m in NAMES)], ensure_ascii=False)
+    return "m-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def manifest_rows(source: str) -> list[dict[str, Any]]:
+    """One row spec per manifest row: refs resolved, inline content kept, ids given or derived."""
+    frame = read_manifest(source)
+    base = source.rsplit("/", 1)[0] if _is_url(source) else str(Path(source).resolve().parent)
+    specs = []
+    columns = {c: frame[c].tolist() for c in frame.columns if c in MANIFEST_COLUMNS}
+    for i in range(len(frame)):
+        cells = {m: _text(columns[m][i]) if m in columns else None for m in NAMES}
+        label = _text(columns["label"][i])
+        given_id = _text(columns["id"][i]) if "id" in columns else None
+        spec = {
+            "sample_id": given_id if given_id is not None else _derived_id(label, cells),
+            "source_row": i,
+            "label": label,
+            "split": _text(columns["split"][i]) if "split" in columns else None,
+            "group": _text(columns["group"][i]) if "group" in columns else None,
+        }
+        for m, module in MODALITIES.items():
+            cell = cells[m]
+            if cell is None:
+                spec[m] = None
+            elif module.INLINE:
+                spec[m] = ("inline", cell)
+            else:
+                spec[m] = ("ref", _resolve(cell, base))
+        specs.append(spec)
+    return specs
+
+
+def folder_rows(root: Path) -> list[dict[str, Any]]:
+    """``<root>/<label>/<stem>.<ext>``: files sharing a stem are one sample."""
+    samples: dict[tuple[str, str], dict[str, list[Path]]] = {}
+    ignored = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        modality = by_extension(path.suffix)
+        if len(rel.parts) != 2 or modality is None or path.name.startswith("."):
+            ignored.append(str(rel))
+            continue
+        samples.setdefault((rel.parts[0], path.stem), {}).setdefault(modality, []).append(path)
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        print(f"collect: ignoring {len(ignored)} file(s) outside <label>/<stem>.<ext> or of unknown type: {shown}")
+    if not samples:
+        raise PipelineError(f"data.source: folder {root} holds no <label>/<stem>.<ext> files "
+                            f"({', '.join(e for m in MODALITIES.values() for e in m.EXTENSIONS)})")
+    specs = []
+    for i, ((label, stem), files) in enumerate(sorted(samples.items())):
+        spec = {"sample_id": f"{label}/{stem}", "source_row": i, "label": label, "split": None, "group": None}
+        for m in NAMES:
+            found = files.get(m, [])
+            if len(found) > 1:
+                spec[m] = ("conflict", ", ".join(p.name for p in found))
+            else:
+                spec[m] = ("ref", str(found[0])) if found else None
+        specs.append(spec)
+    return specs
+
+
+def _materialize(spec: dict[str, Any], timeout_s: float, max_bytes: int) -> dict[str, Any]:
+    row = {k: spec[k] for k in ("sample_id", "source_row", "label", "split", "group")}
+    row["condition"] = None
+    for m in NAMES:
+        item = spec[m]
+        content = ref = error = None
+        if item is not None:
+            kind, value = item
+            if kind == "inline":
+                content, ref = value.encode("utf-8"), "manifest"
+            elif kind == "conflict":
+                ref, error = value, f"several {m} files share this stem: {value}"
+            else:
+                ref = value
+                try:
+                    content = fetch(value, timeout_s, max_bytes)
+                except OSError as exc:
+                    error = str(exc)
+        row.update({m: content, f"{m}_ref": ref, f"{m}_error": error})
+    return row
+
+
+def _fetched_batches(specs: list[dict[str, Any]], params) -> Iterator[list[dict[str, Any]]]:
+    max_bytes = int(params.max_file_mb * 1e6)
+    with cf.ThreadPoolExecutor(params.fetch_threads) as pool:
+        for start in range(0, len(specs), BATCH_ROWS):
+            batch = specs[start:start + BATCH_ROWS]
+            yield list(pool.map(lambda s: _materialize(s, params.fetch_timeout_s, max_bytes), batch))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def describe_source(source: str) -> tuple[str, Any]:
+    """('builtin', name) | ('manifest', path-or-url) | ('folder', Path); one-line error otherwise."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_CORPORA:
+            raise PipelineError(f"data.source: unknown built-in corpus '{source}' "
+                                f"(available: {', '.join(BUILTIN_PREFIX + c for c in BUILTIN_CORPORA)})")
+        return "builtin", name
+    if _is_url(source) and not source.startswith("file://"):
+        return "manifest", source
+    path = _local_path(source).expanduser()
+    if path.is_dir():
+        return "folder", path.resolve()
+    if path.is_file():
+        return "manifest", str(path.resolve())
+    raise PipelineError(f"data.source: {source} does not exist (expected builtin:digits, a manifest file or a folder)")
+
+
+def collect(params, out_dir: Path) -> dict[str, Any]:
+    """Write ``out_dir/part-*.parquet`` from ``params.source``; return the metrics."""
+    started = time.perf_counter()
+    kind, where = describe_source(params.source)
+    if kind == "builtin":
+        total = params.n_samples
+        batches: Iterable[list[dict[str, Any]]] = _builtin_batches(params)
+    else:
+        specs = manifest_rows(where) if kind == "manifest" else folder_rows(where)
+        total = len(specs)
+        if total == 0:
+            raise PipelineError(f"data.source: {params.source} holds no samples")
+        batches = _fetched_batches(specs, params)
+    schema = raw_schema()
+    writer = PartWriter(out_dir, schema, params.rows_per_file)
+    stats = Stats()
+    with tqdm(total=total, desc="collect", unit="sample", disable=None) as progress:
+        for rows in batches:
+            stats.add(rows)
+            writer.write(pa.Table.from_pylist(rows, schema=schema))
+            progress.update(len(rows))
+    writer.close()
+    seconds = time.perf_counter() - started
+    return {
+        "source": params.source,
+        "source_kind": kind,
+        "samples": writer.rows,
+        "files": writer.files,
+        "per_label": dict(sorted(stats.per_label.items())),
+        "present": {m: stats.present[m] for m in NAMES},
+        "fetch_errors": {m: stats.errors[m] for m in NAMES},
+        "bytes": {m: stats.bytes[m] for m in NAMES},
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(writer.rows / seconds, 1) if seconds > 0 else None,
+    }
+
+
+# --------------------------------------------------------------------------- source fingerprint
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "blake2b").hexdigest()[:32]
+
+
+def fingerprint(source: str) -> dict[str, Any]:
+    """What the configured source currently holds, cheaply: content digests of local files.
+
+    The ``source`` stage writes this before every run so that ``collect`` re-runs exactly when
+    the user's data changed. Remote (URL) items are fingerprinted by their address only.
+    """
+    kind, where = describe_source(source)
+    if kind == "builtin":
+        return {"source": source, "kind": kind, "generator": builtin.__name__}
+    if kind == "folder":
+        files = sorted(p for p in where.rglob("*") if p.is_file())
+        return {"source": source, "kind": kind,
+                "files": {str(p.relative_to(where)): _file_digest(p) for p in files}}
+    if _is_url(where):
+        return {"source": source, "kind": kind, "manifest": where}
+    items = {}
+    for spec in manifest_rows(where):
+        for m in NAMES:
+            if spec[m] is not None and spec[m][0] == "ref":
+                ref = spec[m][1]
+                local = _local_path(ref)
+                items[ref] = "url" if local is None else _file_digest(local) if local.is_file() else "missing"
+    return {"source": source, "kind": kind, "manifest_digest": _file_digest(Path(where)), "items": items}

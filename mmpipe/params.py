@@ -1,0 +1,151 @@
+"""Typed schemas for params.yaml, one per stage section.
+
+Every stage validates its own section before doing any work: an unknown key, a wrong type or an
+out-of-range value stops it with one line per problem naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmpipe.errors import PipelineError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PerModality(Strict):
+    """One probability per modality of the built-in corpus."""
+
+    image: float = Field(ge=0.0, le=1.0)
+    text: float = Field(ge=0.0, le=1.0)
+    audio: float = Field(ge=0.0, le=1.0)
+
+
+class BuiltinCorpus(Strict):
+    image_size: int = Field(32, ge=16, le=256)
+    audio_sample_rate: int = Field(16000, ge=8000, le=48000)
+    p_missing: PerModality = PerModality(image=0.15, text=0.15, audio=0.15)
+    p_degraded: PerModality = PerModality(image=0.10, text=0.10, audio=0.10)
+    p_jpeg: float = Field(0.2, ge=0.0, le=1.0)
+    p_flac: float = Field(0.3, ge=0.0, le=1.0)
+    snr_db: tuple[float, float] = (5.0, 30.0)
+    degraded_snr_db: tuple[float, float] = (-15.0, -5.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "BuiltinCorpus":
+        for m in ("image", "text", "audio"):
+            total = getattr(self.p_missing, m) + getattr(self.p_degraded, m)
+            if total > 1.0:
+                raise ValueError(f"p_missing.{m} + p_degraded.{m} = {total:g} must be <= 1")
+        for name in ("snr_db", "degraded_snr_db"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name} must be [low, high] with low <= high, got [{lo}, {hi}]")
+        return self
+
+
+class DataParams(Strict):
+    source: str = "builtin:digits"
+    n_samples: int = Field(4000, ge=10, le=10_000_000)
+    seed: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, le=256)
+    rows_per_file: int = Field(20000, ge=100)
+    fetch_threads: int = Field(8, ge=1, le=256)
+    fetch_timeout_s: float = Field(30.0, gt=0)
+    max_file_mb: float = Field(64.0, gt=0)
+    builtin: BuiltinCorpus = BuiltinCorpus()
+
+
+class SplitFractions(Strict):
+    train: float = Field(0.7, ge=0.0, le=1.0)
+    val: float = Field(0.15, ge=0.0, le=1.0)
+    test: float = Field(0.15, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitFractions":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class CleanImage(Strict):
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(4096, ge=1)
+    max_pixels: int = Field(16_777_216, ge=1)
+
+
+class CleanAudio(Strict):
+    sample_rate: int = Field(16000, ge=4000, le=192000)
+    min_seconds: float = Field(0.1, ge=0.0)
+    max_seconds: float = Field(30.0, gt=0.0)
+    silence_dbfs: float = Field(-60.0, le=0.0)
+
+
+class CleanText(Strict):
+    max_chars: int = Field(1000, ge=1)
+
+
+class CleanParams(Strict):
+    seed: int = Field(0, ge=0)
+    split: SplitFractions = SplitFractions()
+    min_per_class: int = Field(5, ge=1)
+    on_bad_modality: Literal["keep_sample", "drop_sample"] = "keep_sample"
+    workers: int = Field(0, ge=0, le=256)
+    batch_rows: int = Field(512, ge=1)
+    image: CleanImage = CleanImage()
+    audio: CleanAudio = CleanAudio()
+    text: CleanText = CleanText()
+
+
+SECTIONS: dict[str, type[Strict]] = {
+    "data": DataParams,
+    "clean": CleanParams,
+}
+
+
+def _describe(err: dict[str, Any], section: str) -> str:
+    key = ".".join([section, *(str(p) for p in err["loc"])])
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {err['msg']}{got_text}"
+
+
+def validate(section: str, raw: Any, file: str = PARAMS_FILE):
+    """Validate one section's raw mapping; raise PipelineError with one line per problem."""
+    schema = SECTIONS[section]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{file}: {section}: expected a mapping, got {type(raw).__name__}")
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{file}: {_describe(e, section)}" for e in exc.errors()]
+        raise PipelineError("\n".join(lines)) from None
+
+
+def load(section: str, path: str | Path = PARAMS_FILE):
+    """Read ``path`` and return the validated ``section``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: params file not found (run from the repository root)")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if section not in doc:
+        raise PipelineError(f"{path}: section '{section}' is missing")
+    return validate(section, doc[section], str(path))

@@ -1,0 +1,187 @@
+"""MLflow tracking for stage executions.
+
+One MLflow run per stage execution, tagged with the DVC stage, the DVC experiment, the git
+commit and a pipeline id. The default store is a SQLite file at an *absolute* path in the main
+checkout, so runs started from DVC's temporary experiment workspaces (``.dvc/tmp/exps/...``)
+land in the same store. ``MLFLOW_TRACKING_URI`` overrides it (e.g. a remote server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+from mmpipe.errors import PipelineError
+from mmpipe.io import flatten
+
+DEFAULT_EXPERIMENT = "mmpipe"
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+_EXP_WORKSPACE = re.compile(r"^(.*?)/\.dvc/tmp/exps/")
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The main checkout: the nearest folder holding dvc.yaml, stepping out of DVC exp workspaces."""
+    here = Path(start or os.getcwd()).resolve()
+    match = _EXP_WORKSPACE.match(here.as_posix() + "/")
+    if match:
+        return Path(match.group(1))
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".dvc").is_dir():
+            return folder
+    return here
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / STORE_FILE}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            if resp.status >= 500:
+                raise PipelineError(f"MLflow tracking server {uri} answered {resp.status} on /health")
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PipelineError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it or unset MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pipeline_id(params_file: str | os.PathLike = "params.yaml") -> str:
+    """Groups the stage runs of one pipeline execution.
+
+    ``MMPIPE_PIPELINE_ID`` wins; otherwise a digest of (DVC experiment, git commit, params.yaml),
+    so every stage of one ``dvc repro`` / ``dvc exp run`` shares it without coordination.
+    """
+    if os.environ.get("MMPIPE_PIPELINE_ID"):
+        return os.environ["MMPIPE_PIPELINE_ID"]
+    digest = hashlib.sha1()
+    digest.update(os.environ.get("DVC_EXP_NAME", "").encode())
+    digest.update(git_commit().encode())
+    with contextlib.suppress(OSError):
+        digest.update(Path(params_file).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+_METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
+
+
+def numeric_leaves(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numeric leaves of a nested metrics dict, with keys MLflow accepts."""
+    out = {}
+    for key, value in flatten(metrics).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[_METRIC_KEY.sub("_", key)] = float(value)
+    return out
+
+
+class StageRun:
+    """Handle on the active MLflow run of a stage."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.run_id = run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        import mlflow
+
+        leaves = numeric_leaves(metrics)
+        if leaves:
+            mlflow.log_metrics(leaves, step=step)
+
+    def log_metrics_file(self, path: str | os.PathLike) -> None:
+        self.log_metrics(json.loads(Path(path).read_text()))
+        self.log_artifact(path)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+        elif path.exists():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def _quiet_mlflow_logs() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # Artifacts next to the store, by absolute URI: a relative default would follow the cwd.
+    location = (project_root() / ARTIFACTS_DIR).as_uri()
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:"):
+        location = None  # a server decides where artifacts go
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another stage created it at the same moment
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage execution; params are logged at once, flattened."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    _quiet_mlflow_logs()
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    if system_metrics:  # CPU/memory (and GPU via nvidia-ml-py) every few seconds
+        mlflow.set_system_metrics_sampling_interval(5)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    try:
+        experiment_id = _experiment_id(MlflowClient(uri), os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    except Exception as exc:  # store unusable: say so in one line
+        raise PipelineError(f"MLflow tracking store {uri} cannot be used: {str(exc).splitlines()[0]}") from None
+
+    params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
+    tags = {
+        "dvc.stage": os.environ.get("DVC_STAGE", stage),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "git.commit": git_commit(),
+        "pipeline.id": pipeline_id(),
+        "mmpipe.stage": stage,
+    }
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics
+    ) as run:
+        flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(params_dict).items()}
+        mlflow.log_params(flat)
+        yield StageRun(run)

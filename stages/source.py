@@ -1,0 +1,21 @@
+"""source: fingerprint ``data.source`` into data/source.json.
+
+Runs on every ``dvc repro`` (always_changed) and takes a moment; ``collect`` depends on its
+output, so collect re-runs exactly when the user's manifest or files changed.
+"""
+
+from mmpipe import params
+from mmpipe.data.collect import fingerprint
+from mmpipe.io import write_json_atomic
+from mmpipe.stage import run_stage
+
+OUT = "data/source.json"
+
+
+def main() -> None:
+    data = params.load("data")
+    write_json_atomic(OUT, fingerprint(data.source))
+
+
+if __name__ == "__main__":
+    run_stage(main)
