@@ -32,6 +32,7 @@ class PerModality(Strict):
 class BuiltinCorpus(Strict):
     image_size: int = Field(32, ge=16, le=256)
     audio_sample_rate: int = Field(16000, ge=8000, le=48000)
+    tts_variants: int = Field(64, ge=1, le=10000)
     p_missing: PerModality = PerModality(image=0.15, text=0.15, audio=0.15)
     p_degraded: PerModality = PerModality(image=0.10, text=0.10, audio=0.10)
     p_jpeg: float = Field(0.2, ge=0.0, le=1.0)

@@ -5,9 +5,10 @@ one, and the same seed gives the same bytes. Material comes from pip packages on
 
 * image: real handwritten digit scans (scikit-learn's bundled 8x8 digits, 1,797 scans), upscaled,
   placed, rotated, coloured and noised; PNG or JPEG.
-* audio: the digit's name spoken by the espeak-ng engine (``espeakng-loader`` wheel) with a random
-  voice, accent, rate and pitch (sometimes in another language), padded and mixed with noise at a
-  random SNR; WAV or FLAC.
+* audio: the digit's name spoken by the espeak-ng engine (``espeakng-loader`` wheel): a bank of
+  ``tts_variants`` utterances per digit with random voice, accent, rate and pitch (a fifth in
+  another language), synthesised once per run; each sample takes one, changes its speed, pads it
+  and mixes in noise at a random SNR; WAV or FLAC.
 * text: the digit in a random written form: English word, numeral, another language, Roman
   numeral, arithmetic, inside a short phrase, in any case, sometimes misspelt.
 
@@ -27,7 +28,7 @@ import soundfile as sf
 import soxr
 from PIL import Image
 
-from mmpipe.data.tts import Speaker
+from mmpipe.data import tts
 
 LABELS = tuple(str(d) for d in range(10))
 STATES = ("clean", "degraded", "missing")
@@ -66,6 +67,25 @@ def digit_scans() -> tuple[np.ndarray, np.ndarray]:
 def _scans_by_label() -> list[np.ndarray]:
     _, targets = digit_scans()
     return [np.flatnonzero(targets == d) for d in range(10)]
+
+
+@lru_cache(maxsize=2)
+def speech_bank(seed: int, variants_per_digit: int, sample_rate: int) -> tuple[tuple[np.ndarray, ...], ...]:
+    """``bank[digit][k]``: float32 speech at ``sample_rate``, the same for the same arguments."""
+    rng = np.random.default_rng([seed, 0xBA4C])
+    requests: list[tts.Request] = []
+    for digit in range(10):
+        for _ in range(variants_per_digit):
+            if rng.random() < 0.8:
+                voice = EN_VOICES[rng.integers(len(EN_VOICES))] + VOICE_VARIANTS[rng.integers(len(VOICE_VARIANTS))]
+                word = WORDS["en"][digit]
+            else:
+                language = OTHER_LANGUAGES[rng.integers(len(OTHER_LANGUAGES))]
+                voice, word = language, WORDS[language][digit]
+            requests.append((word, voice, int(rng.integers(120, 260)), int(rng.integers(20, 81)), int(rng.integers(20, 90))))
+    tts_rate, clips = tts.synthesize(requests)
+    speech = [soxr.resample(c.astype(np.float32) / 32768.0, tts_rate, sample_rate, quality="HQ") for c in clips]
+    return tuple(tuple(speech[d * variants_per_digit:(d + 1) * variants_per_digit]) for d in range(10))
 
 
 @dataclass(frozen=True)
@@ -113,7 +133,7 @@ def render_image(scan: np.ndarray, rng: np.random.Generator, size: int, degraded
         y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
         pixels[y:y + h, x:x + w] = rng.uniform(0, 255, (h, w, channels))
     pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-    img = Image.fromarray(pixels[..., 0] if grayscale else pixels, mode="L" if grayscale else "RGB")
+    img = Image.fromarray(pixels[..., 0] if grayscale else pixels)  # uint8 2-D -> L, 3-D -> RGB
     out = io.BytesIO()
     if rng.random() < p_jpeg:
         img.save(out, format="JPEG", quality=int(rng.integers(75, 96)))
@@ -122,18 +142,11 @@ def render_image(scan: np.ndarray, rng: np.random.Generator, size: int, degraded
     return out.getvalue()
 
 
-def render_audio(digit: int, rng: np.random.Generator, sample_rate: int, degraded: bool,
+def render_audio(speech: np.ndarray, rng: np.random.Generator, sample_rate: int, degraded: bool,
                  snr_db: tuple[float, float], degraded_snr_db: tuple[float, float], p_flac: float) -> bytes:
-    speaker = Speaker.shared()
-    if rng.random() < 0.8:
-        voice = EN_VOICES[rng.integers(len(EN_VOICES))] + VOICE_VARIANTS[rng.integers(len(VOICE_VARIANTS))]
-        word = WORDS["en"][digit]
-    else:
-        language = OTHER_LANGUAGES[rng.integers(len(OTHER_LANGUAGES))]
-        voice, word = language, WORDS[language][digit]
-    speech = speaker.say(word, voice, rate=int(rng.integers(120, 260)), pitch=int(rng.integers(20, 81)),
-                         pitch_range=int(rng.integers(20, 90))).astype(np.float32) / 32768.0
-    speech = soxr.resample(speech, speaker.sample_rate, sample_rate, quality="MQ")
+    """One recording of a bank utterance: new speed, gain, silence around it, noise at a random SNR."""
+    speed = rng.uniform(0.85, 1.15)  # tempo and pitch together, like a tape played faster/slower
+    speech = soxr.resample(speech, sample_rate * speed, sample_rate, quality="MQ").astype(np.float32)
     speech *= rng.uniform(0.3, 0.9) / max(float(np.abs(speech).max()), 1e-6)
     lead, trail = (int(rng.uniform(0.05, 0.3) * sample_rate) for _ in range(2))
     signal = np.concatenate([np.zeros(lead, np.float32), speech, np.zeros(trail, np.float32)])
@@ -201,8 +214,8 @@ def render_text(digit: int, rng: np.random.Generator, degraded: bool) -> bytes:
     return PHRASES[rng.integers(len(PHRASES))].format(token).encode()
 
 
-def make_sample(index: int, seed: int, cfg) -> Sample:
-    """The ``index``-th sample of the corpus for ``seed``; ``cfg`` is ``data.builtin``."""
+def make_sample(index: int, seed: int, cfg, bank) -> Sample:
+    """The ``index``-th sample of the corpus for ``seed``; ``cfg`` is ``data.builtin``, ``bank`` its speech_bank."""
     rng = np.random.default_rng([seed, index])
     digit = int(rng.integers(10))
     states = _draw_states(rng, cfg)
@@ -214,7 +227,7 @@ def make_sample(index: int, seed: int, cfg) -> Sample:
     image = None if states["image"] == "missing" else render_image(
         scans[scan_index], image_rng, cfg.image_size, states["image"] == "degraded", cfg.p_jpeg)
     audio = None if states["audio"] == "missing" else render_audio(
-        digit, audio_rng, cfg.audio_sample_rate, states["audio"] == "degraded",
+        bank[digit][audio_rng.integers(len(bank[digit]))], audio_rng, cfg.audio_sample_rate, states["audio"] == "degraded",
         tuple(cfg.snr_db), tuple(cfg.degraded_snr_db), cfg.p_flac)
     text = None if states["text"] == "missing" else render_text(digit, text_rng, states["text"] == "degraded")
     return Sample(

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mmpipe.data.collect import ROW_GROUP_ROWS, PartWriter, worker_count
 from mmpipe.errors import PipelineError, RejectedInput
-from mmpipe.io import write_json_atomic
+from mmpipe.io import iter_row_groups, write_json_atomic
 from mmpipe.modalities import MODALITIES, NAMES
 
 SPLITS = ("train", "val", "test")
@@ -156,8 +156,9 @@ def _raw_batches(raw_dir: Path, batch_rows: int) -> Iterator[list[dict[str, Any]
     if not files:
         raise PipelineError(f"{raw_dir}: no part-*.parquet files (run the collect stage first)")
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-            yield batch.to_pylist()
+        for table in iter_row_groups(path):
+            for start in range(0, table.num_rows, batch_rows):
+                yield table.slice(start, batch_rows).to_pylist()
 
 
 def _validated_batches(raw_dir: Path, params) -> Iterator[list[dict[str, Any]]]:
@@ -269,13 +270,13 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     per_class: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     available = collections.Counter()
     pos = 0
-    for batch in pq.ParquetFile(pass1_path).iter_batches(batch_size=ROW_GROUP_ROWS):
-        keep_positions = [p for p in range(pos, pos + batch.num_rows) if p in splits]
-        mask = pa.array([p in splits for p in range(pos, pos + batch.num_rows)])
-        pos += batch.num_rows
+    for table in iter_row_groups(pass1_path):
+        keep_positions = [p for p in range(pos, pos + table.num_rows) if p in splits]
+        mask = pa.array([p in splits for p in range(pos, pos + table.num_rows)])
+        pos += table.num_rows
         if not keep_positions:
             continue
-        table = pa.Table.from_batches([batch]).filter(mask)
+        table = table.filter(mask)
         split_column = pa.array([splits[p] for p in keep_positions], pa.string())
         table = table.set_column(table.schema.get_field_index("split"), pa.field("split", pa.string(), nullable=False),
                                  split_column).cast(schema)

@@ -116,10 +116,18 @@ class Stats:
 # --------------------------------------------------------------------------- built-in corpus
 
 
+_BANK = None  # the speech bank, handed to each worker process once by its initializer
+
+
+def _set_bank(bank) -> None:
+    global _BANK
+    _BANK = bank
+
+
 def _builtin_rows(indices: list[int], seed: int, cfg) -> list[dict[str, Any]]:
     rows = []
     for i in indices:
-        s = builtin.make_sample(i, seed, cfg)
+        s = builtin.make_sample(i, seed, cfg, _BANK)
         row = {"sample_id": f"digits-{i:07d}", "source_row": i, "label": s.label, "split": None,
                "group": s.group, "condition": s.condition}
         for m in NAMES:
@@ -129,23 +137,24 @@ def _builtin_rows(indices: list[int], seed: int, cfg) -> list[dict[str, Any]]:
     return rows
 
 
-def _builtin_batches(params) -> Iterator[list[dict[str, Any]]]:
-    chunks = [list(range(start, min(start + BATCH_ROWS, params.n_samples)))
-              for start in range(0, params.n_samples, BATCH_ROWS)]
-    workers = worker_count(params.workers)
-    if workers == 1 or len(chunks) == 1:
-        for chunk in chunks:
-            yield _builtin_rows(chunk, params.seed, params.builtin)
-        return
-    # spawn, not fork: espeak-ng and BLAS keep process-global state
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool:
-        jobs = [(chunk, params.seed, params.builtin) for chunk in chunks]
-        yield from pool.imap(_star_builtin, jobs)
-
-
-def _star_builtin(job) -> list[dict[str, Any]]:
+def _star_builtin_rows(job) -> list[dict[str, Any]]:
     return _builtin_rows(*job)
+
+
+def _builtin_batches(params) -> Iterator[list[dict[str, Any]]]:
+    cfg = params.builtin
+    bank = builtin.speech_bank(params.seed, cfg.tts_variants, cfg.audio_sample_rate)
+    jobs = [(list(range(start, min(start + BATCH_ROWS, params.n_samples))), params.seed, cfg)
+            for start in range(0, params.n_samples, BATCH_ROWS)]
+    workers = worker_count(params.workers)
+    if workers == 1 or len(jobs) == 1:
+        _set_bank(bank)
+        for job in jobs:
+            yield _star_builtin_rows(job)
+        return
+    # spawn, not fork: the parent may hold threads (pyarrow, BLAS) that fork does not copy safely
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_set_bank, initargs=(bank,)) as pool:
+        yield from pool.imap(_star_builtin_rows, jobs)
 
 
 # --------------------------------------------------------------------------- manifests and folders

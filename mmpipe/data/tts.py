@@ -1,13 +1,19 @@
 """Speech synthesis with the espeak-ng engine shipped in the ``espeakng-loader`` wheel.
 
 Driven through ctypes because no maintained Python binding exposes synthesis to memory with
-voice/rate/pitch control without extra system packages. espeak-ng keeps global state, so there
-is one engine per process (each worker process makes its own).
+voice/rate/pitch control without extra system packages.
+
+espeak-ng's output depends on its call history within a process, even with its random seed
+fixed (measured: the same request repeated gives clips of different lengths). It is
+deterministic for a fixed sequence of requests in a *fresh* process, so ``synthesize`` always
+runs the whole sequence in a new spawned process.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import ctypes
+import multiprocessing
 
 import numpy as np
 
@@ -20,8 +26,6 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctype
 class Speaker:
     """Synthesises UTF-8 text to int16 samples at ``self.sample_rate`` (22050 Hz for espeak-ng)."""
 
-    _instance: "Speaker | None" = None
-
     def __init__(self) -> None:
         import espeakng_loader
 
@@ -29,6 +33,7 @@ class Speaker:
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
@@ -46,18 +51,13 @@ class Speaker:
         self._callback = _CALLBACK(collect)  # keep a reference: ctypes must not free it
         lib.espeak_SetSynthCallback(self._callback)
 
-    @classmethod
-    def shared(cls) -> "Speaker":
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
     def say(self, text: str, voice: str = "en", rate: int = 175, pitch: int = 50, pitch_range: int = 50) -> np.ndarray:
         if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice {voice!r}")
         self._lib.espeak_SetParameter(_PARAM_RATE, int(rate), 0)
         self._lib.espeak_SetParameter(_PARAM_PITCH, int(pitch), 0)
         self._lib.espeak_SetParameter(_PARAM_RANGE, int(pitch_range), 0)
+        self._lib.espeak_ng_SetRandSeed(0)  # espeak_Initialize seeds it from the clock
         self._chunks.clear()
         payload = text.encode("utf-8") + b"\0"
         self._lib.espeak_Synth(payload, len(payload), 0, 0, 0, _ESPEAK_CHARS_UTF8, None, None)
@@ -65,3 +65,17 @@ class Speaker:
         if not self._chunks:
             return np.zeros(0, dtype=np.int16)
         return np.concatenate(self._chunks)
+
+
+Request = tuple[str, str, int, int, int]  # text, voice, rate (words/min), pitch 0-100, pitch range 0-100
+
+
+def _synthesize_here(requests: list[Request]) -> tuple[int, list[np.ndarray]]:
+    speaker = Speaker()
+    return speaker.sample_rate, [speaker.say(*r) for r in requests]
+
+
+def synthesize(requests: list[Request]) -> tuple[int, list[np.ndarray]]:
+    """Synthesise ``requests`` in order, in a fresh process: same requests -> same samples."""
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_synthesize_here, requests).result()

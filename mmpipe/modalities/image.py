@@ -34,7 +34,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
             scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
         else:
             scale = 1.0 / 257.0 if arr.max(initial=0.0) > 255 else 1.0
-        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))  # uint8 2-D -> L
     has_alpha = img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
