@@ -162,9 +162,9 @@ def test_splits_are_stratified_in_expectation_and_stable_when_data_is_added(tmp_
     # adding rows (and reordering) changes no existing sample's split
     small = [{"id": i, "label": "ab"[n % 2], "text": i} for n, i in enumerate(ids[:200])]
     big = list(reversed(small + [{"id": f"new{i}", "label": "a", "text": f"new{i}"} for i in range(100)]))
-    _, kept_small, _ = collect_and_clean(tmp_path / "1", write_manifest(tmp_path, small, "a.csv"), data_params,
-                                         clean_params) if (tmp_path / "1").mkdir() is None else None
+    (tmp_path / "1").mkdir()
     (tmp_path / "2").mkdir()
+    _, kept_small, _ = collect_and_clean(tmp_path / "1", write_manifest(tmp_path, small, "a.csv"), data_params, clean_params)
     _, kept_big, _ = collect_and_clean(tmp_path / "2", write_manifest(tmp_path, big, "b.csv"), data_params, clean_params)
     before = dict(zip(kept_small.sample_id, kept_small.split))
     after = dict(zip(kept_big.sample_id, kept_big.split))

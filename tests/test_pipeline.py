@@ -1,0 +1,122 @@
+"""End to end: real `dvc repro` in a temporary copy of the repository, tiny profile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import png_bytes, set_params, stage_env
+
+DVC = str(Path(sys.executable).parent / "dvc")
+TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6}}, "clean": {"min_per_class": 2}}
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([DVC, *args], cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600)
+
+
+def stage(repo: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=repo, env=stage_env(repo),
+                          capture_output=True, text=True, timeout=600)
+
+
+def runs(repo: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["mmpipe"], order_by=["attributes.start_time ASC"])
+
+
+def snapshot(repo: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(repo)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted((repo / "data").rglob("*")) if p.is_file() and p.name != "source.json"}
+
+
+def test_dvc_repro_clean_then_noop_then_only_changed_stage(repo):
+    set_params(repo, **TINY)
+    first = dvc(repo, "repro", "clean")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'collect'" in first.stdout and "Running stage 'clean'" in first.stdout
+
+    raw = sorted((repo / "data/raw").glob("part-*.parquet"))
+    clean = sorted((repo / "data/clean").glob("part-*.parquet"))
+    assert raw and clean and (repo / "data/clean/rejects.parquet").exists()
+    kept = pq.read_table(clean[0])
+    assert kept.num_rows == 200 and set(kept.column("split").to_pylist()) == {"train", "val", "test"}
+    dataset = json.loads((repo / "data/clean/dataset.json").read_text())
+    assert dataset["labels"] == [str(d) for d in range(10)] and dataset["audio_sample_rate"] == 16000
+    collect_metrics = json.loads((repo / "metrics/collect.json").read_text())
+    clean_metrics = json.loads((repo / "metrics/clean.json").read_text())
+    assert collect_metrics["samples"] == 200 and clean_metrics["kept"] == 200
+
+    table = runs(repo)
+    assert list(table["tags.dvc.stage"]) == ["collect", "clean"]
+    assert (table["status"] == "FINISHED").all()
+    assert table["tags.pipeline.id"].nunique() == 1 and table["tags.git.commit"].str.len().eq(40).all()
+    assert table["params.n_samples"][0] == "200" and table["params.min_per_class"][1] == "2"
+    assert table["metrics.samples"][0] == 200 and table["metrics.kept"][1] == 200
+    assert table["metrics.split.train"][1] == clean_metrics["split"]["train"]
+
+    lock = (repo / "dvc.lock").read_text()
+    before = snapshot(repo)
+    second = dvc(repo, "repro", "clean")
+    assert second.returncode == 0, second.stderr
+    assert "Stage 'collect' didn't change, skipping" in second.stdout
+    assert "Stage 'clean' didn't change, skipping" in second.stdout
+    assert (repo / "dvc.lock").read_text() == lock and snapshot(repo) == before
+    assert len(runs(repo)) == 2  # nothing ran, nothing logged
+
+    set_params(repo, clean={"split": {"train": 0.6, "val": 0.2, "test": 0.2}})
+    status = dvc(repo, "status", "clean")
+    assert "clean:" in status.stdout and "collect:" not in status.stdout
+    third = dvc(repo, "repro", "clean")
+    assert "Stage 'collect' didn't change, skipping" in third.stdout and "Running stage 'clean'" in third.stdout
+    assert list(runs(repo)["tags.dvc.stage"]) == ["collect", "clean", "clean"]
+
+
+def test_user_manifest_change_reruns_collect(repo, tmp_path):
+    files = tmp_path / "mine"
+    files.mkdir()
+    (files / "a.png").write_bytes(png_bytes(seed=1))
+    pd.DataFrame({"label": ["x", "x", "y", "y"], "image": ["a.png"] * 4,
+                  "text": ["one", "two", "three", "four"]}).to_csv(files / "m.csv", index=False)
+    set_params(repo, data={"source": str(files / "m.csv")}, clean={"min_per_class": 1})
+    assert dvc(repo, "repro", "clean").returncode == 0
+    assert "Stage 'collect' didn't change" in dvc(repo, "repro", "clean").stdout
+    (files / "a.png").write_bytes(png_bytes(seed=2))  # same manifest, new image content
+    again = dvc(repo, "repro", "clean")
+    assert "Running stage 'collect'" in again.stdout, again.stdout
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"clean": {"min_per_class": -1}},
+     "error: params.yaml: clean.min_per_class: Input should be greater than or equal to 1 (got -1)"),
+    ({"clean": {"colour": "blue"}}, "error: params.yaml: clean.colour: unknown key"),
+])
+def test_bad_params_stop_the_stage_with_one_line(repo, change, expected):
+    set_params(repo, **TINY)
+    set_params(repo, **change)
+    assert stage(repo, "collect").returncode == 0
+    proc = stage(repo, "clean")
+    assert proc.returncode == 2 and proc.stderr.strip() == expected
+    assert not (repo / "data/clean").exists()  # stopped before any work
+
+
+@pytest.mark.parametrize("manifest,expected", [
+    ("nolabel.csv", "manifest has no 'label' column (columns: image, text)"),
+    ("missing.csv", "data.source: {dir}/missing.csv does not exist"),
+])
+def test_collect_source_errors_are_one_line(repo, tmp_path, manifest, expected):
+    pd.DataFrame({"image": ["a.png"], "text": ["t"]}).to_csv(tmp_path / "nolabel.csv", index=False)
+    set_params(repo, data={"source": str(tmp_path / manifest)})
+    proc = stage(repo, "collect")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith("error: ") and expected.format(dir=tmp_path) in line
+    assert not (repo / "data/raw").exists()

@@ -1,0 +1,100 @@
+"""MLflow tracking against a real SQLite store; fail-fast on an unreachable server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from mmpipe import params, tracking
+from mmpipe.errors import PipelineError
+
+
+def test_project_root_steps_out_of_dvc_experiment_workspaces(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    (workspace / "stages").mkdir(parents=True)
+    (workspace / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "sub").mkdir()
+    assert tracking.project_root(workspace / "stages") == tmp_path
+    assert tracking.project_root(tmp_path / "sub") == tmp_path
+
+
+def test_default_uri_is_absolute_sqlite_in_project_root(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert tracking.tracking_uri() == "http://example.invalid:5000"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_in_one_line():
+    uri = f"http://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        tracking.check_reachable(uri, timeout_s=2)
+    assert time.monotonic() - started < 5
+    assert str(info.value).startswith(f"MLflow tracking server {uri} is unreachable")
+    assert "\n" not in str(info.value)
+
+
+def test_stage_run_logs_tags_params_metrics_artifacts(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("clean: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_STAGE", "clean")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-123")
+    metrics_file = tmp_path / "m.json"
+    metrics_file.write_text(json.dumps({"kept": 7, "split": {"train": 5}, "note": "text is skipped",
+                                        "per_class": {"a b/c": {"train": 1}}}))
+    with tracking.stage_run("clean", params.CleanParams(), system_metrics=False) as run:
+        run.log_metrics_file(metrics_file)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    stored = mlflow.get_run(run.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.tags["dvc.stage"] == "clean" and stored.data.tags["dvc.exp_name"] == "exp-123"
+    assert len(stored.data.tags["pipeline.id"]) == 12 and stored.data.tags["git.commit"]
+    assert stored.data.params["split.train"] == "0.7" and stored.data.params["on_bad_modality"] == "keep_sample"
+    assert stored.data.metrics == {"kept": 7.0, "split.train": 5.0, "per_class.a b/c.train": 1.0}
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.run_id)]
+    assert artifacts == ["m.json"]
+    assert (tmp_path / "mlartifacts").is_dir()  # absolute artifact root, next to the store
+
+
+def test_failed_stage_marks_run_failed(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(PipelineError):
+        with tracking.stage_run("collect", {"source": "x"}, system_metrics=False) as run:
+            raise PipelineError("boom")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    assert mlflow.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_stage_script_reports_unreachable_server_without_traceback(tmp_path):
+    from conftest import ROOT, stage_env
+
+    env = stage_env(ROOT)
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{closed_port()}"
+    env["PYTHONPATH"] = str(ROOT)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "stages.collect"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: MLflow tracking server http://127.0.0.1:")
+    assert not (tmp_path / "data" / "raw").exists()
