@@ -6,7 +6,6 @@ STAMP  := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: put the venv first on PATH for everything make runs.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
-export PYTHONHASHSEED := 0
 
 .PHONY: repro test install ui clean-outputs
 

@@ -16,7 +16,7 @@ from mmpipe.data import clean, collect
 
 
 def read_parts(folder: Path) -> pd.DataFrame:
-    return pd.DataFrame([r for p in sorted(folder.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()])
+    return pd.DataFrame([r for p in sorted((folder / "samples").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()])
 
 
 def collect_and_clean(tmp_path, source, data_params, clean_params, **clean_kw):
@@ -52,20 +52,22 @@ def bad_manifest(tmp_path):
         {"id": "spaces", "label": "dog  ", "image": None, "audio": "files/good.wav", "text": "dog four"},
         {"id": "dup", "label": "cat", "image": "files/good.png", "audio": "files/good.wav", "text": "a cat"},
         {"id": "onlybad", "label": "dog", "image": "files/truncated.png", "audio": "files/zero.wav", "text": None},
+        {"id": "latin1", "label": "cat", "image": "files/good2.png", "audio": None, "text_file": "files/latin1.txt"},
+        {"id": "utf8file", "label": "cat", "image": None, "audio": "files/stereo44k.wav", "text_file": "files/ok.txt"},
     ]
+    (files / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (files / "ok.txt").write_bytes("na\u00efve cat".encode())
     path = tmp_path / "manifest.jsonl"
     pd.DataFrame(rows).to_json(path, orient="records", lines=True)
-    (tmp_path / "notutf8.txt").write_bytes("caf\xe9".encode("latin-1"))
     return path
 
 
 def test_bad_input_manifest(tmp_path, bad_manifest, data_params, clean_params):
-    # a non-UTF-8 text *file* comes in through the folder layout; here via a jsonl text cell we test
-    # the string path, and below the folder path.
     metrics, kept, rejects = collect_and_clean(tmp_path, bad_manifest, data_params, clean_params, min_per_class=1)
     kept = kept.set_index("sample_id")
     # every good item survives
-    assert set(kept.index) == {"ok1", "ok2", "trunc", "zero", "rand", "nopath", "empty", "spaces"}
+    assert set(kept.index) == {"ok1", "ok2", "trunc", "zero", "rand", "nopath", "empty", "spaces", "latin1", "utf8file"}
+    assert kept.loc["utf8file", "text"] == "na\u00efve cat" and not kept.loc["latin1", "text_available"]
     assert kept.loc["ok2", "audio_available"] and kept.loc["spaces", "label"] == "dog"
     assert kept.loc["trunc", "text"] == "still has text" and not kept.loc["trunc", "image_available"]
     assert kept.loc["zero", "image_available"] and not kept.loc["zero", "audio_available"]
@@ -81,12 +83,14 @@ def test_bad_input_manifest(tmp_path, bad_manifest, data_params, clean_params):
         ("onlybad", "image", "image_decode_error"),
         ("onlybad", "audio", "audio_empty"),
         ("onlybad", "sample", "no_usable_modality"),
+        ("latin1", "text", "text_not_utf8"),
     }
     by_id = rejects.groupby("sample_id").action.first()
     assert by_id["trunc"] == "modality_dropped" and by_id["dup"] == "sample_rejected"
     assert "does-not-exist.png" in rejects.set_index("sample_id").loc["nopath", "reason"]
     assert rejects.set_index("sample_id").loc["dup", "reason"] == "exact duplicate of sample ok1"
-    assert metrics["samples_in"] == 10 and metrics["kept"] == 8 and metrics["rejected_samples"] == 2
+    assert "latin1.txt" in rejects.set_index("sample_id").loc["latin1", "ref"]
+    assert metrics["samples_in"] == 12 and metrics["kept"] == 10 and metrics["rejected_samples"] == 2
     assert metrics["labels_stripped"] == 1
     assert metrics["rejects_by_code"]["image_decode_error"] == 2
     # converted audio is mono PCM16 at the target rate
@@ -110,7 +114,7 @@ def test_non_utf8_text_file_in_folder(tmp_path, data_params, clean_params):
 def test_drop_sample_policy(tmp_path, bad_manifest, data_params, clean_params):
     _, kept, rejects = collect_and_clean(tmp_path, bad_manifest, data_params, clean_params,
                                          min_per_class=1, on_bad_modality="drop_sample")
-    assert set(kept.sample_id) == {"ok1", "ok2", "spaces"}
+    assert set(kept.sample_id) == {"ok1", "ok2", "spaces", "utf8file"}
     assert (rejects[rejects.sample_id == "trunc"].action == "sample_rejected").all()
 
 
@@ -193,3 +197,21 @@ def test_builtin_collect_and_clean_is_byte_identical_on_rerun(tmp_path, data_par
     kept = read_parts(tmp_path / "a" / "clean")
     assert (kept.groupby("group").split.nunique() == 1).all()
     assert kept[["image_available", "audio_available"]].any(axis=1).all()
+
+
+def test_csv_cell_that_is_not_utf8_rejects_only_that_text(tmp_path, data_params, clean_params):
+    path = tmp_path / "m.csv"
+    path.write_bytes("label,text\nx,caf\xe9\nx,fine\n".encode("latin-1"))
+    _, kept, rejects = collect_and_clean(tmp_path, path, data_params, clean_params, min_per_class=1)
+    assert list(kept.text) == ["fine"]
+    assert list(rejects.code) == ["text_not_utf8", "no_usable_modality"]
+    assert "0xe9 at offset 3" in rejects.reason[0]
+
+
+def test_both_text_and_text_file_is_a_conflict(tmp_path, data_params, clean_params):
+    (tmp_path / "t.txt").write_text("from file")
+    path = write_manifest(tmp_path, [{"label": "x", "text": "inline", "text_file": "t.txt"},
+                                     {"label": "x", "text": None, "text_file": "t.txt"}])
+    _, kept, rejects = collect_and_clean(tmp_path, path, data_params, clean_params, min_per_class=1)
+    assert rejects.code[0] == "conflict" and "both 'text' and 'text_file'" in rejects.reason[0]
+    assert list(kept.text) == ["from file"]

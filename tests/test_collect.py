@@ -74,14 +74,15 @@ def test_missing_file_is_recorded_not_fatal(media, tmp_path, data_params):
     pd.DataFrame({"label": ["x"], "image": ["media/nope.png"]}).to_csv(path, index=False)
     metrics, raw = run(data_params, path, tmp_path)
     assert metrics["fetch_errors"]["image"] == 1
-    assert raw.image[0] is None and "file not found" in raw.image_error[0] and "nope.png" in raw.image_error[0]
+    assert raw.image[0] is None and raw.image_error[0].startswith("not_found: file not found: ")
+    assert raw.image_error[0].endswith("nope.png")
 
 
 def test_file_size_limit(media, tmp_path, data_params):
     path = tmp_path / "m.csv"
     pd.DataFrame({"label": ["x"], "audio": ["media/a.wav"]}).to_csv(path, index=False)
     _, raw = run(data_params, path, tmp_path, max_file_mb=0.001)
-    assert "data.max_file_mb" in raw.audio_error[0]
+    assert raw.audio_error[0].startswith("too_large: ") and "data.max_file_mb" in raw.audio_error[0]
 
 
 def test_manifest_without_label_column_fails_in_one_line(media, tmp_path, data_params):
@@ -126,7 +127,7 @@ def test_folder_layout_groups_files_by_stem(tmp_path, data_params):
     assert sorted(raw.index) == ["cat/x1", "cat/x2", "dog/y", "dog/z"]
     assert raw.loc["cat/x1", "text"] == b"meow" and raw.loc["cat/x1", "audio"] is not None
     assert raw.loc["cat/x2", "image"] is not None and raw.loc["dog/y", "label"] == "dog"
-    assert "several image files" in raw.loc["dog/z", "image_error"]
+    assert raw.loc["dog/z", "image_error"] == "conflict: several image files share this stem: z.jpg, z.png"
     assert metrics["per_label"] == {"cat": 2, "dog": 2}
 
 
@@ -179,3 +180,11 @@ def test_fingerprint_changes_with_content(media, tmp_path):
     (media / "a.png").write_bytes(png_bytes(seed=99))
     assert collect.fingerprint(str(path)) != first
     assert json.dumps(collect.fingerprint("builtin:digits"))
+
+
+def test_invalid_utf8_label_is_a_structural_error(tmp_path, data_params):
+    path = tmp_path / "m.csv"
+    path.write_bytes("label,text\nok,a\ncaf\xe9,b\n".encode("latin-1"))
+    with pytest.raises(PipelineError) as info:
+        run(data_params, path, tmp_path)
+    assert str(info.value) == f"{path}: row 1: column 'label' is not valid UTF-8"

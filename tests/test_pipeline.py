@@ -44,7 +44,7 @@ def test_dvc_repro_clean_then_noop_then_only_changed_stage(repo):
     assert "Running stage 'collect'" in first.stdout and "Running stage 'clean'" in first.stdout
 
     raw = sorted((repo / "data/raw").glob("part-*.parquet"))
-    clean = sorted((repo / "data/clean").glob("part-*.parquet"))
+    clean = sorted((repo / "data/clean/samples").glob("part-*.parquet"))
     assert raw and clean and (repo / "data/clean/rejects.parquet").exists()
     kept = pq.read_table(clean[0])
     assert kept.num_rows == 200 and set(kept.column("split").to_pylist()) == {"train", "val", "test"}

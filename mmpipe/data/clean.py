@@ -5,7 +5,7 @@ Two streaming passes, so memory stays bounded by a batch whatever the corpus siz
 1. validate + normalise each sample (in worker processes) into a temporary Parquet file, keeping
    only a small key table (id, label, group, split, content hashes) in memory;
 2. decide, on that key table, the duplicates, conflicting labels, too-small classes and splits,
-   then stream the temporary file into the final ``part-*.parquet`` files.
+   then stream the temporary file into the final ``samples/part-*.parquet`` files.
 
 Nothing is dropped silently: every rejected modality or sample is a row of ``rejects.parquet``
 (sample id, source row, modality, code, reason, reference, action) and is counted in metrics.
@@ -34,6 +34,7 @@ from mmpipe.modalities import MODALITIES, NAMES
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}
+SAMPLES_DIR = "samples"  # only part files in it: pd.read_parquet("data/clean/samples") reads them all
 REJECTS_FILE = "rejects.parquet"
 DATASET_FILE = "dataset.json"
 _PASS1_FILE = ".validated.parquet"
@@ -115,8 +116,9 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
         key_parts.append(_digest(content) if content is not None else f"ref:{ref}" if ref else "")
         out[m], out[f"{m}_available"] = None, False
         out.update({f"{m}_{k}": None for k in module.INFO_COLUMNS})
-        if error:
-            reject(m, "not_found" if "not found" in error else "fetch_error", error, ref)
+        if error:  # collect writes "<code>: <reason>"
+            code, _, reason = error.partition(": ")
+            reject(m, code, reason, ref)
             continue
         if content is None:
             continue  # absent by design: any modality may be missing
@@ -233,7 +235,7 @@ def _decide(keys: list[dict[str, Any]], params) -> tuple[dict[int, str], list[di
 
 
 def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Validate ``raw_dir`` into ``out_dir`` (part files, rejects.parquet, dataset.json); return metrics."""
+    """Validate ``raw_dir`` into ``out_dir`` (samples/part-*.parquet, rejects.parquet, dataset.json); return metrics."""
     started = time.perf_counter()
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(raw_dir.glob("part-*.parquet")))
     pass1_path = out_dir / _PASS1_FILE
@@ -266,7 +268,8 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
         raise PipelineError(f"clean: no sample survived validation ({len(rejects)} rejects; see the rejects table)")
 
     schema = clean_schema()
-    writer = PartWriter(out_dir, schema, rows_per_file=50_000)
+    (out_dir / SAMPLES_DIR).mkdir()
+    writer = PartWriter(out_dir / SAMPLES_DIR, schema, rows_per_file=50_000)
     per_class: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     available = collections.Counter()
     pos = 0

@@ -31,7 +31,9 @@ from mmpipe.modalities import MODALITIES, NAMES, by_extension
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA = ("digits",)
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl")
-MANIFEST_COLUMNS = ("label", "id", "split", "group", *NAMES)
+# Inline modalities (text) may instead name a file in a "<modality>_file" column.
+FILE_COLUMNS = {f"{m}_file": m for m, module in MODALITIES.items() if module.INLINE}
+MANIFEST_COLUMNS = ("label", "id", "split", "group", *NAMES, *FILE_COLUMNS)
 ROW_GROUP_ROWS = 1024
 BATCH_ROWS = 512
 
@@ -171,6 +173,10 @@ def _local_path(ref: str) -> Path | None:
     return None if _is_url(ref) else Path(ref)
 
 
+class FileTooLarge(OSError):
+    """A referenced file is over data.max_file_mb."""
+
+
 def fetch(ref: str, timeout_s: float, max_bytes: int) -> bytes:
     """Read one referenced file (local path or fsspec URL); raise OSError with a short reason."""
     path = _local_path(ref)
@@ -181,7 +187,7 @@ def fetch(ref: str, timeout_s: float, max_bytes: int) -> bytes:
             raise IsADirectoryError(f"not a file: {path}")
         size = path.stat().st_size
         if size > max_bytes:
-            raise OSError(f"file is {size / 1e6:.1f} MB > data.max_file_mb ({max_bytes / 1e6:g} MB): {path}")
+            raise FileTooLarge(f"file is {size / 1e6:.1f} MB > data.max_file_mb ({max_bytes / 1e6:g} MB): {path}")
         return path.read_bytes()
     import fsspec
 
@@ -198,7 +204,7 @@ def fetch(ref: str, timeout_s: float, max_bytes: int) -> bytes:
     except Exception as exc:  # fsspec backends raise their own types
         raise OSError(f"cannot fetch {ref}: {type(exc).__name__}: {exc}") from None
     if len(data) > max_bytes:
-        raise OSError(f"file is larger than data.max_file_mb ({max_bytes / 1e6:g} MB): {ref}")
+        raise FileTooLarge(f"file is larger than data.max_file_mb ({max_bytes / 1e6:g} MB): {ref}")
     return data
 
 
@@ -222,8 +228,10 @@ def read_manifest(source: str) -> pd.DataFrame:
     try:
         with fsspec.open(source, "rb") as fh:
             if suffix == ".csv":
-                # An empty CSV cell means "absent"; any other text is kept verbatim (labels with spaces too).
-                frame = pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[""])
+                # An empty CSV cell means "absent"; any other text is kept verbatim (labels with spaces
+                # too). Invalid UTF-8 is carried as surrogates so that clean can reject that one cell.
+                frame = pd.read_csv(fh, dtype=object, keep_default_na=False, na_values=[""],
+                                    encoding="utf-8", encoding_errors="surrogateescape")
             elif suffix == ".parquet":
                 frame = pd.read_parquet(fh)
             else:
@@ -237,8 +245,8 @@ def read_manifest(source: str) -> pd.DataFrame:
     unknown = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
     if unknown:
         print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(map(str, unknown))}")
-    if not any(m in frame.columns for m in NAMES):
-        raise PipelineError(f"{source}: manifest has none of the modality columns {', '.join(NAMES)}")
+    if not any(c in frame.columns for c in (*NAMES, *FILE_COLUMNS)):
+        raise PipelineError(f"{source}: manifest has none of the modality columns {', '.join((*NAMES, *FILE_COLUMNS))}")
     return frame
 
 
@@ -251,9 +259,21 @@ def _resolve(ref: str, base: str) -> str:
     return str(path if path.is_absolute() else (Path(base) / path).resolve())
 
 
-def _derived_id(label: str | None, cells: dict[str, str | None]) -> str:
-    key = json.dumps([label, *(cells.get(m) for m in NAMES)], ensure_ascii=False)
-    return "m-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+def _derived_id(label: str | None, cells: list[str | None]) -> str:
+    """A manifest row's id from its label and cells: independent of row order."""
+    key = json.dumps([label, *cells], ensure_ascii=False)
+    return "m-" + hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _key_cell(source: str, row: int, column: str, value: Any) -> str | None:
+    """A metadata cell (label/id/split/group); invalid UTF-8 there is a structural error."""
+    text = _text(value)
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PipelineError(f"{source}: row {row}: column '{column}' is not valid UTF-8") from None
+    return text
 
 
 def manifest_rows(source: str) -> list[dict[str, Any]]:
@@ -262,25 +282,34 @@ def manifest_rows(source: str) -> list[dict[str, Any]]:
     base = source.rsplit("/", 1)[0] if _is_url(source) else str(Path(source).resolve().parent)
     specs = []
     columns = {c: frame[c].tolist() for c in frame.columns if c in MANIFEST_COLUMNS}
+
+    def cell(column: str, i: int) -> str | None:
+        return _text(columns[column][i]) if column in columns else None
+
     for i in range(len(frame)):
-        cells = {m: _text(columns[m][i]) if m in columns else None for m in NAMES}
-        label = _text(columns["label"][i])
-        given_id = _text(columns["id"][i]) if "id" in columns else None
+        cells = {m: cell(m, i) for m in NAMES}
+        files = {m: cell(c, i) for c, m in FILE_COLUMNS.items()}
+        label = _key_cell(source, i, "label", columns["label"][i])
+        given_id = _key_cell(source, i, "id", columns["id"][i]) if "id" in columns else None
         spec = {
-            "sample_id": given_id if given_id is not None else _derived_id(label, cells),
+            "sample_id": given_id if given_id is not None else _derived_id(label, [*cells.values(), *files.values()]),
             "source_row": i,
             "label": label,
-            "split": _text(columns["split"][i]) if "split" in columns else None,
-            "group": _text(columns["group"][i]) if "group" in columns else None,
+            "split": _key_cell(source, i, "split", columns["split"][i]) if "split" in columns else None,
+            "group": _key_cell(source, i, "group", columns["group"][i]) if "group" in columns else None,
         }
         for m, module in MODALITIES.items():
-            cell = cells[m]
-            if cell is None:
+            value, file = cells[m], files.get(m)
+            if value is not None and file is not None:
+                spec[m] = ("conflict", f"both '{m}' and '{m}_file' are set on this row")
+            elif file is not None:
+                spec[m] = ("ref", _resolve(file, base))
+            elif value is None:
                 spec[m] = None
             elif module.INLINE:
-                spec[m] = ("inline", cell)
+                spec[m] = ("inline", value)
             else:
-                spec[m] = ("ref", _resolve(cell, base))
+                spec[m] = ("ref", _resolve(value, base))
         specs.append(spec)
     return specs
 
@@ -308,7 +337,7 @@ def folder_rows(root: Path) -> list[dict[str, Any]]:
         for m in NAMES:
             found = files.get(m, [])
             if len(found) > 1:
-                spec[m] = ("conflict", ", ".join(p.name for p in found))
+                spec[m] = ("conflict", f"several {m} files share this stem: {', '.join(p.name for p in found)}")
             else:
                 spec[m] = ("ref", str(found[0])) if found else None
         specs.append(spec)
@@ -324,15 +353,19 @@ def _materialize(spec: dict[str, Any], timeout_s: float, max_bytes: int) -> dict
         if item is not None:
             kind, value = item
             if kind == "inline":
-                content, ref = value.encode("utf-8"), "manifest"
+                content, ref = value.encode("utf-8", "surrogateescape"), "manifest"
             elif kind == "conflict":
-                ref, error = value, f"several {m} files share this stem: {value}"
+                error = f"conflict: {value}"
             else:
                 ref = value
                 try:
                     content = fetch(value, timeout_s, max_bytes)
+                except FileNotFoundError as exc:
+                    error = f"not_found: {exc}"
+                except FileTooLarge as exc:
+                    error = f"too_large: {exc}"
                 except OSError as exc:
-                    error = str(exc)
+                    error = f"fetch_error: {exc}"
         row.update({m: content, f"{m}_ref": ref, f"{m}_error": error})
     return row
 
