@@ -120,3 +120,15 @@ def test_collect_source_errors_are_one_line(repo, tmp_path, manifest, expected):
     assert "\n" not in line and "Traceback" not in line
     assert line.startswith("error: ") and expected.format(dir=tmp_path) in line
     assert not (repo / "data/raw").exists()
+
+
+def test_dvc_exp_run_in_temp_workspace_logs_to_the_main_store(repo):
+    set_params(repo, **TINY)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny"], cwd=repo, check=True)
+    proc = dvc(repo, "exp", "run", "--temp", "-S", "clean.min_per_class=3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = runs(repo)  # the store of the main checkout, not of .dvc/tmp/exps/<tmp>
+    assert sorted(table["tags.dvc.stage"]) == ["clean", "collect"]
+    assert table["tags.dvc.exp_name"].str.len().gt(0).all() and table["tags.dvc.exp_name"].nunique() == 1
+    assert set(table["params.min_per_class"].dropna()) == {"3"}
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
