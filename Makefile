@@ -13,7 +13,6 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 

@@ -1,4 +1,5 @@
-"""Atomic output helpers: a killed stage never leaves a half-written file or folder behind."""
+"""Output helpers: atomic writes (a killed stage leaves nothing half-written), Parquet part files
+and row-group reading (memory bounded by a row group), nested-dict flattening."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROW_GROUP_ROWS = 1024  # rows per Parquet row group: the unit every stage streams by
 
 
 def _umask() -> int:
@@ -75,8 +81,49 @@ def iter_row_groups(path: str | os.PathLike):
     Reads row group by row group on purpose: ``ParquetFile.iter_batches`` keeps earlier
     column chunks of binary columns alive (measured: memory grew with the file size).
     """
-    import pyarrow.parquet as pq
-
     reader = pq.ParquetFile(path)
     for i in range(reader.metadata.num_row_groups):
         yield reader.read_row_group(i)
+
+
+def worker_count(requested: int) -> int:
+    return requested or os.cpu_count() or 1
+
+
+class PartWriter:
+    """Streams rows into ``part-NNNNN.parquet`` files of at most ``rows_per_file`` rows."""
+
+    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int):
+        self.out_dir, self.schema, self.rows_per_file = out_dir, schema, rows_per_file
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_file = 0
+        self.files = 0
+        self.rows = 0
+        binary = [f.name for f in schema if pa.types.is_binary(f.type)]
+        # Encoded media do not compress; strings and ids do.
+        self._compression = {f.name: ("none" if f.name in binary else "zstd") for f in schema}
+        self._dictionary = [f.name for f in schema if f.name not in binary]
+
+    def _open(self) -> None:
+        path = self.out_dir / f"part-{self.files:05d}.parquet"
+        self._writer = pq.ParquetWriter(path, self.schema, compression=self._compression,
+                                        use_dictionary=self._dictionary)
+        self.files += 1
+        self._rows_in_file = 0
+
+    def write(self, table: pa.Table) -> None:
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None or self._rows_in_file >= self.rows_per_file:
+                self.close()
+                self._open()
+            take = min(self.rows_per_file - self._rows_in_file, table.num_rows - start)
+            self._writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
+            self._rows_in_file += take
+            self.rows += take
+            start += take
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

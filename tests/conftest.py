@@ -44,23 +44,23 @@ def wav_bytes(samples: np.ndarray | None = None, rate: int = 16000, fmt: str = "
     return out.getvalue()
 
 
+def _section_factory(section: str):
+    """make(**overrides) -> the validated section, defaults + overrides, one worker (fast tests)."""
+    def make(**overrides):
+        base = params.SECTIONS[section]().model_dump()
+        base.update({"workers": 1, **overrides})
+        return params.validate(section, base)
+    return make
+
+
 @pytest.fixture
 def clean_params():
-    """CleanParams with overrides: clean_params(min_per_class=1, on_bad_modality=...)."""
-    def make(**overrides):
-        base = params.CleanParams().model_dump()
-        base.update({"workers": 1, **overrides})
-        return params.validate("clean", base)
-    return make
+    return _section_factory("clean")
 
 
 @pytest.fixture
 def data_params():
-    def make(**overrides):
-        base = params.DataParams().model_dump()
-        base.update({"workers": 1, **overrides})
-        return params.validate("data", base)
-    return make
+    return _section_factory("data")
 
 
 def copy_repo(dest: Path) -> Path:

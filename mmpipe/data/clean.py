@@ -26,9 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mmpipe.data.collect import ROW_GROUP_ROWS, PartWriter, worker_count
 from mmpipe.errors import PipelineError, RejectedInput
-from mmpipe.io import iter_row_groups, write_json_atomic
+from mmpipe.io import ROW_GROUP_ROWS, PartWriter, iter_row_groups, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, NAMES
 
 SPLITS = ("train", "val", "test")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mmpipe.data import builtin
 from mmpipe.errors import PipelineError
+from mmpipe.io import PartWriter, worker_count
 from mmpipe.modalities import MODALITIES, NAMES, by_extension
 
 BUILTIN_PREFIX = "builtin:"
@@ -34,7 +35,6 @@ MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl")
 # Inline modalities (text) may instead name a file in a "<modality>_file" column.
 FILE_COLUMNS = {f"{m}_file": m for m, module in MODALITIES.items() if module.INLINE}
 MANIFEST_COLUMNS = ("label", "id", "split", "group", *NAMES, *FILE_COLUMNS)
-ROW_GROUP_ROWS = 1024
 BATCH_ROWS = 512
 
 
@@ -50,49 +50,6 @@ def raw_schema() -> pa.Schema:
     for m in NAMES:
         fields += [pa.field(m, pa.binary()), pa.field(f"{m}_ref", pa.string()), pa.field(f"{m}_error", pa.string())]
     return pa.schema(fields)
-
-
-def worker_count(requested: int) -> int:
-    return requested or os.cpu_count() or 1
-
-
-class PartWriter:
-    """Streams rows into ``part-NNNNN.parquet`` files of at most ``rows_per_file`` rows."""
-
-    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int):
-        self.out_dir, self.schema, self.rows_per_file = out_dir, schema, rows_per_file
-        self._writer: pq.ParquetWriter | None = None
-        self._rows_in_file = 0
-        self.files = 0
-        self.rows = 0
-        binary = [f.name for f in schema if pa.types.is_binary(f.type)]
-        # Encoded media do not compress; strings and ids do.
-        self._compression = {f.name: ("none" if f.name in binary else "zstd") for f in schema}
-        self._dictionary = [f.name for f in schema if f.name not in binary]
-
-    def _open(self) -> None:
-        path = self.out_dir / f"part-{self.files:05d}.parquet"
-        self._writer = pq.ParquetWriter(path, self.schema, compression=self._compression,
-                                        use_dictionary=self._dictionary)
-        self.files += 1
-        self._rows_in_file = 0
-
-    def write(self, table: pa.Table) -> None:
-        start = 0
-        while start < table.num_rows:
-            if self._writer is None or self._rows_in_file >= self.rows_per_file:
-                self.close()
-                self._open()
-            take = min(self.rows_per_file - self._rows_in_file, table.num_rows - start)
-            self._writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
-            self._rows_in_file += take
-            self.rows += take
-            start += take
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 class Stats:
