@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test install ui clean-outputs
+.PHONY: repro test install ui bench
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest
+
+# Benchmarks (not tests): this project's paths vs naive baselines, written to reports/bench.json.
+bench: $(STAMP)
+	python -m bench.run --samples 20000
 
 # MLflow UI on the project's tracking store (the SQLite file the stages write to).
 ui: $(STAMP)

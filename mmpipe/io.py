@@ -75,7 +75,7 @@ def flatten(obj: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
     return out
 
 
-def iter_row_groups(path: str | os.PathLike):
+def iter_row_groups(path: str | os.PathLike, columns: list[str] | None = None):
     """Yield a Parquet file's row groups as tables, one at a time.
 
     Reads row group by row group on purpose: ``ParquetFile.iter_batches`` keeps earlier
@@ -83,7 +83,7 @@ def iter_row_groups(path: str | os.PathLike):
     """
     reader = pq.ParquetFile(path)
     for i in range(reader.metadata.num_row_groups):
-        yield reader.read_row_group(i)
+        yield reader.read_row_group(i, columns=columns)
 
 
 def worker_count(requested: int) -> int:

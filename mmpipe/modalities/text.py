@@ -1,14 +1,16 @@
-"""Text modality: validation and normalisation (clean)."""
+"""Text modality: validation and normalisation (clean), token-id features (preprocess)."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 
+import numpy as np
 import pyarrow as pa
 
 from mmpipe.errors import RejectedInput
 from mmpipe.modalities.base import Cleaned
+from mmpipe.modalities.tokenizer import Tokenizer
 
 NAME = "text"
 EXTENSIONS = (".txt",)
@@ -41,3 +43,33 @@ def clean(data: bytes, cfg) -> Cleaned:
         text = text[: cfg.max_chars].rstrip()
     out = text.encode("utf-8")
     return Cleaned(out, converted=out != data, info=info)
+
+
+# --------------------------------------------------------------------------- features (preprocess)
+
+
+class Features:
+    """Clean text -> int32 token ids (max_length) + length, with a tokenizer fitted on train only."""
+
+    gpu = False
+
+    def __init__(self, cfg, dataset: dict):
+        self.cfg = cfg
+        self.tokenizer: Tokenizer | None = None
+        self.arrays = {NAME: ((cfg.max_length,), np.int32), f"{NAME}_length": ((), np.int32)}
+        self.stats = None
+
+    def fit(self, train_texts: list[str]) -> None:
+        self.tokenizer = Tokenizer.fit(train_texts, self.cfg.tokenizer, self.cfg.lowercase, self.cfg.vocab_size,
+                                       self.cfg.min_freq, self.cfg.max_length)
+
+    def transform(self, items: list[str | None], ids: list[str]) -> dict[str, np.ndarray]:
+        token_ids, lengths = self.tokenizer.encode(items)
+        return {NAME: token_ids, f"{NAME}_length": lengths}
+
+    def state(self) -> dict:
+        return {"tokenizer": "tokenizer.json", "vocab_size": len(self.tokenizer.vocab), "kind": self.cfg.tokenizer,
+                "lowercase": self.cfg.lowercase, "max_length": self.cfg.max_length}
+
+    def save(self, folder) -> None:
+        self.tokenizer.save(folder / "tokenizer.json")

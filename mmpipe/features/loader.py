@@ -1,0 +1,112 @@
+"""Loader over the feature folders: memory-mapped shards of several modalities joined by sample id.
+
+Batches are gathered with index arrays (one fancy-index per shard and array, no per-sample Python),
+returned as torch tensors:
+
+    image (B, C, H, W) uint8   text (B, L) int32   text_length (B,) int32   audio (B, M, T) float16
+    available (B, n_modalities) bool   label (B,) int64   index (B,) int64 (position in the split)
+
+Normalisation (mean/std from ``state``) belongs to the model, so the same raw tensors serve any model.
+``to(device)`` holds the whole split on that device (e.g. a GPU) when it fits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from mmpipe.errors import PipelineError
+from mmpipe.features.preprocess import INDEX_FILE, STATE_FILE, shard_path
+from mmpipe.modalities import NAMES
+
+
+class FeatureSet:
+    def __init__(self, root: str | Path = "data/features", split: str | None = "train",
+                 modalities: tuple[str, ...] = NAMES):
+        self.root, self.split, self.modalities = Path(root), split, tuple(modalities)
+        self.state: dict[str, dict] = {}
+        self._shards: dict[str, list[np.ndarray]] = {}
+        self._shard_rows: dict[str, int] = {}
+        self._device_arrays: dict[str, torch.Tensor] | None = None
+        reference = None
+        available = []
+        for m in self.modalities:
+            folder = self.root / m
+            if not (folder / INDEX_FILE).exists():
+                raise PipelineError(f"{folder / INDEX_FILE} not found (run the preprocess@{m} stage)")
+            self.state[m] = json.loads((folder / STATE_FILE).read_text())
+            index = pq.read_table(folder / INDEX_FILE)
+            ids = index.column("sample_id").to_numpy(zero_copy_only=False)
+            if reference is None:
+                reference = index
+                rows = (np.arange(index.num_rows) if split is None
+                        else np.flatnonzero(index.column("split").to_numpy(zero_copy_only=False) == split))
+                self.rows = rows.astype(np.int64)
+                self.sample_ids = ids[self.rows]
+                self.labels = index.column("label_index").to_numpy().astype(np.int64)[self.rows]
+            elif not np.array_equal(ids, reference.column("sample_id").to_numpy(zero_copy_only=False)):
+                # every modality is built from the same clean table in the same order
+                raise PipelineError(f"{folder / INDEX_FILE}: samples differ from {self.modalities[0]}'s; "
+                                    f"re-run the preprocess stages")
+            available.append(index.column("available").to_numpy()[self.rows])
+            self._shard_rows[m] = self.state[m]["shard_rows"]
+            for name in self.state[m]["arrays"]:
+                self._shards[name] = [np.load(shard_path(folder, name, k), mmap_mode="r")
+                                      for k in range(self.state[m]["shards"])]
+        self.available = np.stack(available, axis=1)
+        self._shard_of = {name: self._shard_rows[m] for m in self.modalities for name in self.state[m]["arrays"]}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def labels_names(self) -> list[str]:
+        return self.state[self.modalities[0]]["labels"]
+
+    def _gather(self, name: str, rows: np.ndarray) -> np.ndarray:
+        shards, size = self._shards[name], self._shard_of[name]
+        if len(shards) == 1:
+            return shards[0][rows]
+        shard, offset = np.divmod(rows, size)
+        out = np.empty((len(rows), *shards[0].shape[1:]), shards[0].dtype)
+        for k in np.unique(shard):
+            mask = shard == k
+            out[mask] = shards[k][offset[mask]]
+        return out
+
+    def get(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        """The samples at ``positions`` (0..len-1) of this split, as a dict of tensors."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self._device_arrays is not None:
+            index = torch.as_tensor(positions, device=self._device_arrays["label"].device)
+            return {name: values[index] for name, values in self._device_arrays.items()} | {"index": index}
+        rows = self.rows[positions]
+        batch = {name: torch.from_numpy(self._gather(name, rows)) for name in self._shards}
+        batch["available"] = torch.from_numpy(self.available[positions])
+        batch["label"] = torch.from_numpy(self.labels[positions])
+        batch["index"] = torch.from_numpy(positions)
+        return batch
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch. With ``shuffle`` each batch is a random set, read in ascending row order (locality)."""
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            yield self.get(np.sort(order[start:start + batch_size]) if shuffle else order[start:start + batch_size])
+
+    def nbytes(self) -> int:
+        """Bytes of this split's feature tensors (what ``to(device)`` would hold)."""
+        return sum(int(np.prod(s[0].shape[1:])) * s[0].itemsize * len(self) for s in self._shards.values())
+
+    def to(self, device: str | torch.device) -> "FeatureSet":
+        """Hold the whole split on ``device`` (e.g. 'cuda'); later batches are gathered there."""
+        everything = self.get(np.arange(len(self)))
+        everything.pop("index")
+        self._device_arrays = {name: t.to(device) for name, t in everything.items()}
+        return self

@@ -1,0 +1,70 @@
+"""Log-mel spectrogram: the one implementation used by preprocessing and the deployment predictor.
+
+Needs only numpy (the deployment bundle ships this file as is); ``log_mel_torch`` computes the same
+thing with torch, for preprocessing on a GPU. Conventions are librosa's defaults, so results match
+``librosa.feature.melspectrogram`` (centred frames, zero padding, periodic Hann window, power 2)
+with the filter bank from ``librosa.filters.mel`` — which preprocessing computes once and stores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # same transform, about 4x faster than numpy.fft on batches (measured); numpy alone suffices
+    from scipy.fft import rfft
+except ImportError:  # the deployment predictor's minimal environment
+    from numpy.fft import rfft
+
+EPS = 1e-6  # log floor: log(mel + EPS)
+
+
+def hann(n_fft: int) -> np.ndarray:
+    """Periodic Hann window (scipy.signal.get_window('hann', n_fft, fftbins=True))."""
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
+
+
+def frames(n_samples: int, n_fft: int, hop: int) -> int:
+    """Number of STFT frames for a clip of ``n_samples`` with centred framing."""
+    return 1 + (n_samples + 2 * (n_fft // 2) - n_fft) // hop
+
+
+def fix_length(clip: np.ndarray, n_samples: int) -> np.ndarray:
+    """Trim the end or zero-pad the end to exactly ``n_samples`` (librosa.util.fix_length)."""
+    if clip.shape[-1] >= n_samples:
+        return clip[..., :n_samples]
+    return np.pad(clip, [(0, 0)] * (clip.ndim - 1) + [(0, n_samples - clip.shape[-1])])
+
+
+def log_mel(batch: np.ndarray, mel_filters: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
+    """(B, N) float waveforms -> (B, n_mels, frames) float32 log-mel.
+
+    Call it on a few clips at a time (8 is fastest here): the frame arrays then stay in cache.
+    """
+    batch = np.asarray(batch, dtype=np.float32)
+    pad = n_fft // 2
+    padded = np.pad(batch, ((0, 0), (pad, pad)))
+    n_frames = frames(batch.shape[1], n_fft, hop)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=1)[:, ::hop][:, :n_frames]
+    spectrum = rfft(windows * hann(n_fft), axis=-1)  # (B, T, F) complex64
+    parts = spectrum.view(np.float32).reshape(*spectrum.shape, 2)  # real/imag as a float axis: faster
+    power = parts[..., 0] ** 2 + parts[..., 1] ** 2
+    filters_t = np.ascontiguousarray(mel_filters.T, dtype=np.float32)
+    mel = power.reshape(-1, power.shape[-1]) @ filters_t  # one 2-D GEMM
+    np.log(mel + EPS, out=mel)
+    return mel.reshape(len(batch), n_frames, -1).transpose(0, 2, 1)
+
+
+def log_mel_torch(batch, mel_filters, n_fft: int, hop: int):
+    """Same as ``log_mel`` for a torch tensor (any device); returns a float32 tensor."""
+    import torch
+
+    batch = batch.to(torch.float32)
+    pad = n_fft // 2
+    padded = torch.nn.functional.pad(batch, (pad, pad))
+    n_frames = frames(batch.shape[1], n_fft, hop)
+    windows = padded.unfold(1, n_fft, hop)[:, :n_frames]
+    window = torch.as_tensor(hann(n_fft), device=batch.device)
+    spectrum = torch.fft.rfft(windows * window, dim=-1)
+    power = spectrum.real ** 2 + spectrum.imag ** 2
+    filters = torch.as_tensor(np.asarray(mel_filters, np.float32), device=batch.device)
+    return torch.log(power @ filters.T + EPS).transpose(1, 2)
