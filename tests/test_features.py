@@ -84,10 +84,13 @@ def test_images_match_naive_pil_exactly(corpus, features, tmp_path):
 @pytest.mark.parametrize("mode,fmt", [("RGB", "PNG"), ("L", "PNG"), ("RGB", "JPEG"), ("L", "JPEG")])
 def test_fast_decoder_gives_pillows_pixels(mode, fmt):
     data = png_bytes(mode, size=(32, 32), seed=4, fmt=fmt)
-    channels = 1 if mode == "L" else 3
-    fast = image_modality.decode_fast(data, 32, channels)
-    assert fast is not None
-    assert np.array_equal(fast, image_modality.load_pixels(data, 32, "grayscale" if mode == "L" else "rgb", "pad"))
+    for target in ("rgb", "grayscale"):
+        fast = image_modality.decode_fast(data, 32, 3 if target == "rgb" else 1)
+        if target == "grayscale" and mode == "RGB":
+            assert fast is None  # Pillow's RGB -> L formula: Pillow path
+            continue
+        expected = image_modality.load_pixels(data, 32, target, "pad")
+        assert np.array_equal(np.broadcast_to(fast, expected.shape), expected)
 
 
 def test_non_square_images_are_padded_or_cropped():
@@ -216,3 +219,24 @@ def test_tokenizer_round_trip(tmp_path):
     ids, lengths = again.encode(["seven one two", None])
     assert again.vocab == tok.vocab and lengths.tolist() == [3, 0]
     assert ids[0, 2] == 1 and ids[1].sum() == 0
+
+
+@pytest.mark.parametrize("rate,n_fft,n_mels,fmin,fmax", [(16000, 512, 64, 20.0, 8000.0), (22050, 1024, 128, 0.0, 11025.0),
+                                                         (8000, 256, 40, 50.0, 3000.0)])
+def test_mel_filter_bank_is_librosas(rate, n_fft, n_mels, fmin, fmax):
+    import librosa
+
+    from mmpipe.modalities import logmel
+
+    expected = librosa.filters.mel(sr=rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    assert np.array_equal(logmel.mel_filters(rate, n_fft, n_mels, fmin, fmax), expected)
+
+
+def test_torch_log_mel_matches_numpy():
+    from mmpipe.modalities import logmel
+
+    clips = np.random.default_rng(0).normal(0, 0.1, (4, 8000)).astype(np.float32)
+    filters = logmel.mel_filters(16000, 512, 64, 20.0, 8000.0)
+    ours = logmel.log_mel(clips, filters, 512, 160)
+    theirs = logmel.log_mel_torch(torch.from_numpy(clips), filters, 512, 160).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)

@@ -109,16 +109,13 @@ class Features:
     chunk = 8  # rows per log-mel call: keeps the frame arrays in cache (measured fastest)
 
     def __init__(self, cfg, dataset: dict):
-        import librosa  # only for the filter bank, computed once and stored with the features
-
         self.cfg = cfg
         self.sample_rate = int(dataset["audio_sample_rate"])
         if cfg.fmax > self.sample_rate / 2:
             raise PipelineError(f"params.yaml: preprocess.audio.fmax={cfg.fmax} exceeds half the sample rate "
                                 f"({self.sample_rate / 2:g} Hz, clean.audio.sample_rate)")
         self.n_samples = int(round(cfg.seconds * self.sample_rate))
-        self.mel_filters = librosa.filters.mel(sr=self.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels,
-                                               fmin=cfg.fmin, fmax=cfg.fmax).astype(np.float32)
+        self.mel_filters = logmel.mel_filters(self.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
         n_frames = logmel.frames(self.n_samples, cfg.n_fft, cfg.hop)
         self.arrays = {NAME: ((cfg.n_mels, n_frames), np.float16)}
         self.stats = (NAME, (0, 2), 1.0)

@@ -3,7 +3,7 @@
 Needs only numpy (the deployment bundle ships this file as is); ``log_mel_torch`` computes the same
 thing with torch, for preprocessing on a GPU. Conventions are librosa's defaults, so results match
 ``librosa.feature.melspectrogram`` (centred frames, zero padding, periodic Hann window, power 2)
-with the filter bank from ``librosa.filters.mel`` — which preprocessing computes once and stores.
+with the Slaney filter bank of ``librosa.filters.mel`` (``mel_filters`` below gives the same numbers).
 """
 
 from __future__ import annotations
@@ -26,6 +26,39 @@ def hann(n_fft: int) -> np.ndarray:
 def frames(n_samples: int, n_fft: int, hop: int) -> int:
     """Number of STFT frames for a clip of ``n_samples`` with centred framing."""
     return 1 + (n_samples + 2 * (n_fft // 2) - n_fft) // hop
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above."""
+    hz = np.asanyarray(hz, dtype=np.float64)
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    mels = hz / f_sp
+    return np.where(hz >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(hz, 1e-10) / min_log_hz) / logstep, mels)
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    mels = np.asanyarray(mels, dtype=np.float64)
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return np.where(mels >= min_log_mel, min_log_hz * np.exp(logstep * (mels - min_log_mel)), f_sp * mels)
+
+
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """(n_mels, n_fft // 2 + 1) triangular filters, Slaney-normalised: librosa.filters.mel's numbers.
+
+    Written out here so that neither preprocessing nor the predictor needs librosa (tested equal).
+    """
+    fft_freqs = np.linspace(0, sample_rate / 2, 1 + n_fft // 2)
+    mel_freqs = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    fdiff = np.diff(mel_freqs)
+    ramps = np.subtract.outer(mel_freqs, fft_freqs)
+    weights = np.zeros((n_mels, 1 + n_fft // 2), dtype=np.float32)
+    for i in range(n_mels):
+        lower = -ramps[i] / fdiff[i]
+        upper = ramps[i + 2] / fdiff[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_freqs[2:n_mels + 2] - mel_freqs[:n_mels]))[:, np.newaxis]
+    return weights
 
 
 def fix_length(clip: np.ndarray, n_samples: int) -> np.ndarray:
