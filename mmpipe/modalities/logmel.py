@@ -1,6 +1,6 @@
 """Log-mel spectrogram: the one implementation used by preprocessing and the deployment predictor.
 
-Needs only numpy (the deployment bundle ships this file as is); ``log_mel_torch`` computes the same
+Needs only numpy (written for the deployment bundle to ship as is); ``log_mel_torch`` computes the same
 thing with torch, for preprocessing on a GPU. Conventions are librosa's defaults, so results match
 ``librosa.feature.melspectrogram`` (centred frames, zero padding, periodic Hann window, power 2)
 with the Slaney filter bank of ``librosa.filters.mel`` (``mel_filters`` below gives the same numbers).

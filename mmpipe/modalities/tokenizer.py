@@ -1,6 +1,6 @@
 """Text tokenizer fitted on the train split; standard library + numpy only.
 
-The deployment bundle ships this file and ``tokenizer.json`` as they are, so the predictor tokenises
+Written for the deployment bundle to ship with ``tokenizer.json`` as they are, so the predictor tokenises
 exactly as training did. Hand-written rather than a tokenizer library because the bundle may depend
 only on numpy, onnxruntime, soundfile and pillow.
 
