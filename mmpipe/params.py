@@ -148,10 +148,50 @@ class PreprocessParams(Strict):
     audio: PreprocessAudio = PreprocessAudio()
 
 
+class ModelParams(Strict):
+    fusion: Literal["concat", "gated", "attention"] = "concat"
+    dim: int = Field(128, ge=8, le=4096)
+    hidden: int = Field(256, ge=8, le=16384)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    augment: bool = True
+    image_width: int = Field(24, ge=4, le=512)
+    text_embed_dim: int = Field(64, ge=4, le=4096)
+    text_width: int = Field(128, ge=4, le=4096)
+    text_token_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    audio_width: int = Field(16, ge=4, le=512)
+    attention_layers: int = Field(2, ge=1, le=24)
+    attention_heads: int = Field(4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> "ModelParams":
+        if self.dim % self.attention_heads:
+            raise ValueError(f"dim ({self.dim}) must be a multiple of attention_heads ({self.attention_heads})")
+        return self
+
+
+class TrainParams(Strict):
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    patience: int = Field(6, ge=1)
+    modality_dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    baselines: bool = True
+    compile: bool = False
+    threads: int = Field(0, ge=0, le=256)
+
+
 SECTIONS: dict[str, type[Strict]] = {
     "data": DataParams,
     "clean": CleanParams,
     "preprocess": PreprocessParams,
+    "model": ModelParams,
+    "train": TrainParams,
 }
 
 

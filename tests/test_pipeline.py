@@ -15,7 +15,9 @@ import pytest
 from conftest import png_bytes, set_params, stage_env
 
 DVC = str(Path(sys.executable).parent / "dvc")
-TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6}}, "clean": {"min_per_class": 2}}
+TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6}}, "clean": {"min_per_class": 2},
+        "model": {"dim": 16, "hidden": 16, "image_width": 4, "text_width": 8, "audio_width": 4},
+        "train": {"epochs": 1, "baselines": False}}
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -129,7 +131,7 @@ def test_dvc_exp_run_in_temp_workspace_logs_to_the_main_store(repo):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = runs(repo)  # the store of the main checkout, not of .dvc/tmp/exps/<tmp>
     assert sorted(table["tags.dvc.stage"]) == ["clean", "collect", "preprocess@audio", "preprocess@image",
-                                               "preprocess@text"]
+                                               "preprocess@text", "train"]
     assert table["tags.dvc.exp_name"].str.len().gt(0).all() and table["tags.dvc.exp_name"].nunique() == 1
     assert set(table["params.min_per_class"].dropna()) == {"3"}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
@@ -150,6 +152,7 @@ def test_changing_one_modality_param_reruns_only_that_preprocess(repo):
     assert "preprocess@image:" not in status and "preprocess@text:" not in status and "clean:" not in status
     again = dvc(repo, "repro")
     assert "Running stage 'preprocess@audio'" in again.stdout
+    assert "Running stage 'train'" in again.stdout  # downstream of the changed features
     assert "Stage 'preprocess@image' didn't change, skipping" in again.stdout
     state = json.loads((repo / "data/features/audio/state.json").read_text())
     assert state["n_mels"] == 32 and len(state["mean"]) == 32

@@ -1,0 +1,108 @@
+"""The fusion classifier: per-modality encoders, a learned placeholder for every missing modality,
+and one of three fusions (``model.fusion``):
+
+* ``concat``    — late fusion: the modality vectors side by side into an MLP;
+* ``gated``     — learned per-sample weights over the available modalities, softmax-normalised;
+* ``attention`` — a small transformer over one token per modality plus a class token, with a
+                  key-padding mask that hides missing modalities.
+
+The availability mask (B, n_modalities) is an input: a missing modality's vector is replaced by
+its learned placeholder, in training and at inference. ``config`` (JSON-able) holds everything
+needed to rebuild the model without the data: ``build_model(config)``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpipe.models.encoders import build_encoder
+
+FUSIONS = ("concat", "gated", "attention")
+
+
+def model_config(modalities: list[str], states: dict[str, dict], model_params: dict[str, Any],
+                 labels: list[str]) -> dict[str, Any]:
+    """The JSON config of a model: its modalities, their fitted state, the model params, labels."""
+    keep = ("arrays", "mean", "std", "vocab_size")
+    return {"modalities": list(modalities), "labels": list(labels), "model": dict(model_params),
+            "states": {m: {k: states[m][k] for k in keep if k in states[m]} for m in modalities}}
+
+
+class FusionModel(nn.Module):
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = config
+        cfg = SimpleNamespace(**config["model"])
+        self.modalities = list(config["modalities"])
+        self.fusion = cfg.fusion
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        n, dim, n_classes = len(self.modalities), cfg.dim, len(config["labels"])
+        self.encoders = nn.ModuleDict({m: build_encoder(m, config["states"][m], cfg) for m in self.modalities})
+        self.placeholders = nn.Parameter(torch.zeros(n, dim))
+        if self.fusion == "concat":
+            fused = n * dim
+        else:
+            fused = dim
+        if self.fusion == "gated":
+            self.gate = nn.Linear(dim, 1)
+        if self.fusion == "attention":
+            self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+            self.modality_embedding = nn.Parameter(torch.randn(1, n, dim) * 0.02)
+            layer = nn.TransformerEncoderLayer(dim, cfg.attention_heads, 2 * dim, cfg.dropout, batch_first=True,
+                                               norm_first=True)
+            self.transformer = nn.TransformerEncoder(layer, cfg.attention_layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(fused), nn.Dropout(cfg.dropout), nn.Linear(fused, cfg.hidden),
+                                  nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, n_classes))
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, n_modalities, dim): each encoder's vector, or the placeholder where unavailable."""
+        vectors = []
+        for i, m in enumerate(self.modalities):
+            encoder = self.encoders[m]
+            vector = encoder(batch["text"], batch["text_length"]) if m == "text" else encoder(batch[m])
+            vectors.append(vector)
+        stacked = torch.stack(vectors, dim=1)
+        available = batch["available"].bool()
+        return torch.where(available[..., None], stacked, self.placeholders[None].to(stacked.dtype))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, n_classes). ``batch["available"]`` is (B, len(self.modalities)), in that order."""
+        tokens = self.embed(batch)
+        available = batch["available"].bool()
+        if self.fusion == "concat":
+            fused = tokens.flatten(1)
+        elif self.fusion == "gated":
+            scores = self.gate(tokens).squeeze(-1)
+            usable = available | ~available.any(dim=1, keepdim=True)  # nothing available: weigh placeholders
+            weights = torch.softmax(scores.masked_fill(~usable, float("-inf")), dim=1)
+            fused = (weights[..., None] * tokens).sum(dim=1)
+        else:
+            sequence = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens + self.modality_embedding], dim=1)
+            padding = torch.cat([torch.zeros_like(available[:, :1]), ~available], dim=1)  # the class token is never masked
+            fused = self.transformer(sequence, src_key_padding_mask=padding)[:, 0]
+        return self.head(fused)
+
+
+def build_model(config: dict[str, Any]) -> FusionModel:
+    return FusionModel(config)
+
+
+def drop_modalities(available: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-time modality dropout: hide each available modality with probability ``p``,
+    never all of a sample's (one of those dropped is kept back, chosen at random)."""
+    if p <= 0:
+        return available
+    available = available.bool()
+    dropped = available & (torch.rand(available.shape, device=available.device) < p)
+    kept = available & ~dropped
+    empty = ~kept.any(dim=1) & available.any(dim=1)
+    if empty.any():  # restore one random originally-available modality for those samples
+        noise = torch.rand(available.shape, device=available.device).masked_fill(~available, -1.0)
+        restore = torch.nn.functional.one_hot(noise.argmax(dim=1), available.shape[1]).bool()
+        kept = kept | (restore & empty[:, None])
+    return kept

@@ -1,0 +1,177 @@
+"""The training loop: one model (fusion or single-modality baseline) on the feature shards.
+
+Read top to bottom: data -> model -> optimiser and schedule -> resume -> epochs (train, validate,
+early stopping, checkpoint) -> best weights. Seeded; deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mmpipe.features.loader import FeatureSet
+from mmpipe.models.fusion import build_model, drop_modalities, model_config
+from mmpipe.modalities import NAMES
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        from mmpipe.errors import PipelineError
+
+        raise PipelineError("params.yaml: train.device is 'cuda' but no CUDA device is available")
+    return torch.device("cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+
+def to_model_inputs(batch: dict[str, torch.Tensor], modalities: list[str], device: torch.device) -> dict:
+    """Move a loader batch to ``device`` and keep the availability columns of ``modalities``."""
+    columns = [NAMES.index(m) for m in modalities]
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    moved["available"] = moved["available"][:, columns]
+    return moved
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: FeatureSet, modalities: list[str], device: torch.device,
+             batch_size: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for batch in data.batches(batch_size):
+        inputs = to_model_inputs(batch, modalities, device)
+        correct += (model(inputs).argmax(dim=1) == inputs["label"]).sum().item()
+    return correct / max(len(data), 1)
+
+
+def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path,
+          checkpoint_dir: Path, on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train one model on ``modalities``; write weights + config to ``out_dir``; return metrics."""
+    started = time.perf_counter()
+    device = resolve_device(params.device)
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    seed_everything(params.seed, device)
+
+    # data: every modality is loaded (so the availability mask is complete); the model uses its own
+    train_set = FeatureSet(features_root, split="train")
+    val_set = FeatureSet(features_root, split="val")
+    if device.type == "cuda":  # small enough to live on the GPU: no host-to-device copies per batch
+        train_set.to(device)
+        val_set.to(device)
+
+    config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.labels_names)
+    model = build_model(config).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if params.compile else model
+    n_params = sum(p.numel() for p in model.parameters())
+
+    steps_per_epoch = math.ceil(len(train_set) / params.batch_size)
+    total_steps, warmup = steps_per_epoch * params.epochs, int(steps_per_epoch * params.warmup_epochs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total_steps - warmup, 1)))))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
+
+    # resume from the last epoch checkpoint of the same run (same config, data and params)
+    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), len(train_set)], sort_keys=True).encode()).hexdigest()[:16]
+    checkpoint = checkpoint_dir / f"{'+'.join(modalities)}-{run_key}.pt"
+    start_epoch, best, history = 0, {"val_accuracy": -1.0, "epoch": -1, "state": None}, []
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        torch.set_rng_state(saved["rng"])
+        start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
+        print(f"train[{'+'.join(modalities)}]: resuming after epoch {saved['epoch']} from {checkpoint}")
+
+    seen, stalled = 0, 0
+    for epoch in range(start_epoch, params.epochs):
+        model.train()
+        epoch_loss, epoch_correct, epoch_n, tic = 0.0, 0, 0, time.perf_counter()
+        batches = train_set.batches(params.batch_size, shuffle=True, seed=params.seed * 100_003 + epoch)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"{'+'.join(modalities)} epoch {epoch}", disable=None, leave=False)
+        for batch in bar:
+            inputs = to_model_inputs(batch, modalities, device)
+            inputs["available"] = drop_modalities(inputs["available"], params.modality_dropout)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
+                logits = step_model(inputs)
+                loss = loss_fn(logits.float(), inputs["label"])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            n = len(inputs["label"])
+            epoch_loss += loss.item() * n
+            epoch_correct += (logits.argmax(dim=1) == inputs["label"]).sum().item()
+            epoch_n += n
+            bar.set_postfix(loss=f"{epoch_loss / epoch_n:.3f}", acc=f"{epoch_correct / epoch_n:.3f}",
+                            samples_s=f"{epoch_n / (time.perf_counter() - tic):.0f}")
+        seen += epoch_n
+        val_accuracy = accuracy(model, val_set, modalities, device)
+        row = {"epoch": epoch, "train_loss": epoch_loss / epoch_n, "train_accuracy": epoch_correct / epoch_n,
+               "val_accuracy": val_accuracy, "lr": schedule.get_last_lr()[0],
+               "samples_per_s": epoch_n / (time.perf_counter() - tic)}
+        history.append(row)
+        if on_epoch:
+            on_epoch(epoch, row)
+        if val_accuracy > best["val_accuracy"]:
+            best = {"val_accuracy": val_accuracy, "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            stalled = 0
+        else:
+            stalled += 1
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "rng": torch.get_rng_state(), "epoch": epoch, "best": best, "history": history}, tmp)
+        tmp.replace(checkpoint)
+        if stalled >= params.patience:
+            break
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(best["state"], str(out_dir / WEIGHTS_FILE))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    checkpoint.unlink(missing_ok=True)  # finished: the next run of this stage starts afresh
+    seconds = time.perf_counter() - started
+    metrics = {"modalities": modalities, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
+               "epochs_run": len(history), "parameters": n_params, "seconds": round(seconds, 1),
+               "samples_per_s": round(seen / seconds, 1), "device": device.type}
+    if device.type == "cuda":
+        metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"metrics": metrics, "history": history}
+
+
+def load_model(folder: Path):
+    """Rebuild a trained model from ``folder`` (config.json + model.safetensors), in eval mode."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    model = build_model(config)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return model.eval()
+

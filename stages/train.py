@@ -1,0 +1,47 @@
+"""train: the fusion model on data/features (+ one single-modality baseline per modality).
+
+Writes models/fusion/ and models/baseline_<modality>/ (model.safetensors + config.json),
+metrics/train.json and per-epoch curves under plots/train/. Killed mid-way, it resumes from the
+last epoch checkpoint in .checkpoints/ (outside DVC's outputs).
+"""
+
+import csv
+from pathlib import Path
+
+from mmpipe import params, tracking
+from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.modalities import NAMES
+from mmpipe.models.train import train
+from mmpipe.stage import run_stage
+
+FEATURES, CHECKPOINTS = Path("data/features"), Path(".checkpoints/train")
+METRICS, PLOTS = Path("metrics/train.json"), Path("plots/train")
+
+
+def main() -> None:
+    cfg, model_cfg = params.load("train"), params.load("model")
+    runs = {"fusion": list(NAMES)} | ({f"baseline_{m}": [m] for m in NAMES} if cfg.baselines else {})
+    results = {}
+    with tracking.stage_run("train", {"train": cfg.model_dump(), "model": model_cfg.model_dump()}) as run:
+        with atomic_dir(Path("models")) as models, atomic_dir(PLOTS) as plots:
+            for name, modalities in runs.items():
+                def log_epoch(epoch: int, row: dict, name=name) -> None:
+                    run.log_metrics({f"{name}.{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
+
+                result = train(cfg, model_cfg, FEATURES, modalities, models / name, CHECKPOINTS, log_epoch)
+                results[name] = result["metrics"]
+                with open(plots / f"{name}.csv", "w", newline="") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=list(result["history"][0]))
+                    writer.writeheader()
+                    writer.writerows(result["history"])
+                m = result["metrics"]
+                print(f"train[{name}]: val accuracy {m['val_accuracy']:.4f} at epoch {m['best_epoch']} "
+                      f"({m['epochs_run']} epochs, {m['parameters']:,} parameters, {m['samples_per_s']:.0f} samples/s "
+                      f"on {m['device']}, {m['seconds']:.0f}s)")
+        write_json_atomic(METRICS, results)
+        run.log_metrics_file(METRICS)
+        run.log_artifact(PLOTS)
+
+
+if __name__ == "__main__":
+    run_stage(main)
