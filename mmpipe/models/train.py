@@ -141,7 +141,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
             on_epoch(epoch, row)
         if val_accuracy > best["val_accuracy"]:
             best = {"val_accuracy": val_accuracy, "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                    # contiguous: channels-last conv weights (CUDA) are not, and safetensors needs it
+                    "state": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}}
             stalled = 0
         else:
             stalled += 1
