@@ -17,7 +17,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from mmpipe.data.clean import DATASET_FILE, SAMPLES_DIR
+from mmpipe.device import resolve_device
 from mmpipe.errors import PipelineError
 from mmpipe.io import iter_row_groups, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES
@@ -45,14 +46,6 @@ INDEX_SCHEMA = pa.schema([
 
 def shard_path(folder: Path, array: str, shard: int) -> Path:
     return folder / f"{array}-{shard:05d}.npy"
-
-
-def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("params.yaml: preprocess.device is 'cuda' but no CUDA device is available")
-    return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 class RunningStats:
@@ -199,7 +192,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
 
     if hasattr(features, "fit"):
         features.fit(train_values(files, modality))
-    device = resolve_device(params.device) if features.gpu else "cpu"
+    device = resolve_device(params.device, "preprocess.device") if features.gpu else "cpu"
     tasks = plan_tasks(files, params.batch_rows)
     stats = RunningStats() if features.stats else None
     runner = Runner(features, modality, out_dir, params.shard_rows, total, device)

@@ -139,7 +139,7 @@ class Features:
                 raise PipelineError(f"sample {ids[i]}: audio is at {rate} Hz, expected {self.sample_rate} Hz "
                                     f"(data/clean is inconsistent: re-run clean)")
             n = min(len(clip), self.n_samples)
-            batch[i, :n] = clip[:n]  # = logmel.fix_length into the zeroed row, without np.pad's overhead
+            batch[i, :n] = clip[:n]  # cut or zero-pad the end to n_samples (librosa.util.fix_length)
             present[i] = True
         return batch, present
 

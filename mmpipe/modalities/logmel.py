@@ -61,13 +61,6 @@ def mel_filters(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: fl
     return weights
 
 
-def fix_length(clip: np.ndarray, n_samples: int) -> np.ndarray:
-    """Trim the end or zero-pad the end to exactly ``n_samples`` (librosa.util.fix_length)."""
-    if clip.shape[-1] >= n_samples:
-        return clip[..., :n_samples]
-    return np.pad(clip, [(0, 0)] * (clip.ndim - 1) + [(0, n_samples - clip.shape[-1])])
-
-
 def log_mel(batch: np.ndarray, mel_filters: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
     """(B, N) float waveforms -> (B, n_mels, frames) float32 log-mel.
 

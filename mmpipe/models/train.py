@@ -19,19 +19,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from mmpipe.device import resolve_device
 from mmpipe.features.loader import FeatureSet
 from mmpipe.models.fusion import build_model, drop_modalities, model_config
 from mmpipe.modalities import NAMES
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        from mmpipe.errors import PipelineError
-
-        raise PipelineError("params.yaml: train.device is 'cuda' but no CUDA device is available")
-    return torch.device("cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -65,7 +58,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
           checkpoint_dir: Path, on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train one model on ``modalities``; write weights + config to ``out_dir``; return metrics."""
     started = time.perf_counter()
-    device = resolve_device(params.device)
+    device = torch.device(resolve_device(params.device, "train.device"))
     if params.threads:
         torch.set_num_threads(params.threads)
     seed_everything(params.seed, device)
