@@ -181,7 +181,7 @@ def test_loader_joins_modalities_and_gathers_batches(corpus, features):
     assert batch["image"].shape == (3, 3, 32, 32) and batch["image"].dtype == torch.uint8
     assert batch["audio"].shape == (3, 64, 151) and batch["audio"].dtype == torch.float16
     assert batch["text"].shape == (3, 48) and batch["text_length"].shape == (3,)
-    labels = train.labels_names
+    labels = train.label_names
     assert [labels[i] for i in batch["label"]] == [expected[i]["label"] for i in (3, 0, 7)]
     assert batch["available"].tolist() == [[expected[i][f"{m}_available"] for m in ("image", "text", "audio")]
                                            for i in (3, 0, 7)]

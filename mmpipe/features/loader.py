@@ -65,7 +65,7 @@ class FeatureSet:
         return len(self.rows)
 
     @property
-    def labels_names(self) -> list[str]:
+    def label_names(self) -> list[str]:
         return self.state[self.modalities[0]]["labels"]
 
     def _gather(self, name: str, rows: np.ndarray) -> np.ndarray:
@@ -99,10 +99,6 @@ class FeatureSet:
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             yield self.get(np.sort(order[start:start + batch_size]) if shuffle else order[start:start + batch_size])
-
-    def nbytes(self) -> int:
-        """Bytes of this split's feature tensors (what ``to(device)`` would hold)."""
-        return sum(int(np.prod(s[0].shape[1:])) * s[0].itemsize * len(self) for s in self._shards.values())
 
     def to(self, device: str | torch.device) -> "FeatureSet":
         """Hold the whole split on ``device`` (e.g. 'cuda'); later batches are gathered there."""

@@ -197,7 +197,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
     stats = RunningStats() if features.stats else None
     runner = Runner(features, modality, out_dir, params.shard_rows, total, device)
     # Threads, not processes: the heavy parts (decoders, FFT, BLAS, CUDA kernels) run without the
-    # GIL, and threads start instantly and share the memory maps (measured 1.8x on 2 cores for
+    # GIL, and threads start instantly and share the shard buffers (measured 1.8x on 2 cores for
     # audio). On CUDA they overlap decoding with the GPU's work. BLAS is held to one thread per
     # worker so that workers do not oversubscribe the cores.
     workers = worker_count(params.workers)
@@ -208,7 +208,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
                 stats.add(partial)
             runner.write_done(task.first + task.stop - task.start)
             progress.update(task.stop - task.start)
-    runner.write_done(total)  # also writes the shards of an empty split
+    runner.write_done(total)  # whatever is still buffered
 
     index = {name: [] for name in INDEX_SCHEMA.names}
     for path in files:
@@ -240,7 +240,8 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
         "samples": total,
         "available": available,
         "splits": dict(collections.Counter(index["split"])),
-        "bytes": sum(p.stat().st_size for p in out_dir.glob("*.npy")),
+        "bytes": sum(shard_path(out_dir, name, k).stat().st_size for name in features.arrays
+                     for k in range(runner.shards)),
         "device": device,
         "seconds": round(seconds, 3),
         "samples_per_s": round(total / seconds, 1) if seconds > 0 else None,

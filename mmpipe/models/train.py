@@ -70,7 +70,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         train_set.to(device)
         val_set.to(device)
 
-    config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.labels_names)
+    config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.label_names)
     model = build_model(config).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
