@@ -3,14 +3,18 @@
 Writes models/fusion/ and models/baseline_<modality>/ (model.safetensors + config.json),
 metrics/train.json and per-epoch curves under plots/train/. Killed mid-way, it resumes from the
 last epoch checkpoint in .checkpoints/ (outside DVC's outputs).
+
+Data-parallel on several GPUs (or CPU processes): torchrun --standalone --nproc_per_node=N -m stages.train
 """
 
 import csv
 from pathlib import Path
 
 from mmpipe import params, tracking
+from mmpipe.device import resolve_device
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.modalities import NAMES
+from mmpipe.models.distributed import process_group
 from mmpipe.models.train import train
 from mmpipe.stage import run_stage
 
@@ -21,6 +25,15 @@ METRICS, PLOTS = Path("metrics/train.json"), Path("plots/train")
 def main() -> None:
     cfg, model_cfg = params.load("train"), params.load("model")
     runs = {"fusion": list(NAMES)} | ({f"baseline_{m}": [m] for m in NAMES} if cfg.baselines else {})
+    with process_group(resolve_device(cfg.device, "train.device")) as world:
+        if world.is_main:
+            train_and_write(cfg, model_cfg, runs)
+        else:  # the other ranks train alongside rank 0, which alone writes outputs and logs
+            for modalities in runs.values():
+                train(cfg, model_cfg, FEATURES, modalities, None, CHECKPOINTS)
+
+
+def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
     results = {}
     with tracking.stage_run("train", {"train": cfg.model_dump(), "model": model_cfg.model_dump()}) as run:
         with atomic_dir(Path("models")) as models, atomic_dir(PLOTS) as plots:

@@ -195,6 +195,17 @@ def test_loader_joins_modalities_and_gathers_batches(corpus, features):
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
+@pytest.mark.parametrize("n_shards", [2, 3])
+def test_sharded_epochs_cover_the_split_with_equal_batches_per_rank(features, n_shards):
+    train = FeatureSet(features, split="train")
+    per_rank = [[b["index"].numpy() for b in train.batches(16, shuffle=True, seed=5, shard=(rank, n_shards))]
+                for rank in range(n_shards)]
+    assert len({len(batches) for batches in per_rank}) == 1  # DDP: every rank takes the same number of steps
+    seen = np.concatenate([np.concatenate(batches) for batches in per_rank])
+    assert set(seen) == set(range(len(train)))
+    assert len(seen) == -(-len(train) // n_shards) * n_shards  # padded by fewer than n_shards repeats
+
+
 def test_loader_refuses_misaligned_modalities(features, tmp_path):
     import shutil
 

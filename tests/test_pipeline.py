@@ -156,3 +156,25 @@ def test_changing_one_modality_param_reruns_only_that_preprocess(repo):
     assert "Stage 'preprocess@image' didn't change, skipping" in again.stdout
     state = json.loads((repo / "data/features/audio/state.json").read_text())
     assert state["n_mels"] == 32 and len(state["mean"]) == 32
+
+
+def test_torchrun_two_cpu_processes_train_like_one(repo):
+    # default model; enough samples and steps that the tiny run learns (well above the 10 % of chance)
+    set_params(repo, data={**TINY["data"], "n_samples": 600}, clean=TINY["clean"],
+               train={"epochs": 8, "batch_size": 32, "baselines": False})
+    single = dvc(repo, "repro", "train")
+    assert single.returncode == 0, single.stdout + single.stderr
+    one = json.loads((repo / "metrics/train.json").read_text())["fusion"]
+    n_runs = len(runs(repo))
+
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    ddp = subprocess.run([*torchrun, "-m", "stages.train"], cwd=repo, env=stage_env(repo), capture_output=True,
+                         text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    two = json.loads((repo / "metrics/train.json").read_text())["fusion"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["val_accuracy"] > 0.35 and abs(two["val_accuracy"] - one["val_accuracy"]) <= 0.15, (one, two)
+    assert ddp.stdout.count("train[fusion]: val accuracy") == 1  # rank 0 alone reports ...
+    table = runs(repo)
+    assert len(table) == n_runs + 1 and table["tags.dvc.stage"].iloc[-1] == "train"  # ... and logs
+    assert not list((repo / ".checkpoints").rglob("*.pt"))

@@ -92,10 +92,18 @@ class FeatureSet:
         batch["index"] = torch.from_numpy(positions)
         return batch
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False
-                ) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch. With ``shuffle`` each batch is a random set, read in ascending row order (locality)."""
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch. With ``shuffle`` each batch is a random set, read in ascending row order (locality).
+
+        ``shard=(rank, n)``: this process's 1/n of the epoch (data-parallel training). As torch's
+        DistributedSampler does, the order is padded by wrapping around so that every rank gets the
+        same number of samples, hence of batches (DDP needs each rank to take the same steps).
+        """
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        rank, n_shards = shard
+        if n_shards > 1:
+            order = np.resize(order, -(-len(order) // n_shards) * n_shards)[rank::n_shards]
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             yield self.get(np.sort(order[start:start + batch_size]) if shuffle else order[start:start + batch_size])

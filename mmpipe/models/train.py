@@ -2,6 +2,10 @@
 
 Read top to bottom: data -> model -> optimiser and schedule -> resume -> epochs (train, validate,
 early stopping, checkpoint) -> best weights. Seeded; deterministic on CPU.
+
+Under torchrun (see mmpipe.models.distributed) the same loop runs in every process with the model
+wrapped in DistributedDataParallel: each rank trains on its shard of every epoch, rank 0 alone
+validates (and shares the result, so every rank stops together) and writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mmpipe.device import resolve_device
 from mmpipe.features.loader import FeatureSet
+from mmpipe.models import distributed
 from mmpipe.models.fusion import build_model, drop_modalities, model_config
 from mmpipe.modalities import NAMES
 
@@ -54,11 +60,14 @@ def accuracy(model: torch.nn.Module, data: FeatureSet, modalities: list[str], de
     return correct / max(len(data), 1)
 
 
-def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path,
+def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path | None,
           checkpoint_dir: Path, on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train one model on ``modalities``; write weights + config to ``out_dir``; return metrics."""
+    """Train one model on ``modalities``; write weights + config to ``out_dir`` (rank 0); return metrics."""
     started = time.perf_counter()
+    world = distributed.world()
     device = torch.device(resolve_device(params.device, "train.device"))
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
     if params.threads:
         torch.set_num_threads(params.threads)
     seed_everything(params.seed, device)
@@ -74,10 +83,17 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     model = build_model(config).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if params.compile else model
+    if world.size > 1:  # gradients averaged over the ranks
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        step_model = model
+    step_model = torch.compile(step_model) if params.compile else step_model
     n_params = sum(p.numel() for p in model.parameters())
 
-    steps_per_epoch = math.ceil(len(train_set) / params.batch_size)
+    # batch_size is the global batch: each of N processes takes 1/N of it, so the optimiser sees the same
+    # steps (and the same lr schedule fits) however many processes torchrun starts
+    rank_batch = math.ceil(params.batch_size / world.size)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world.size) / rank_batch)
     total_steps, warmup = steps_per_epoch * params.epochs, int(steps_per_epoch * params.warmup_epochs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (
@@ -97,14 +113,19 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["rng"])
         start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
-        print(f"train[{'+'.join(modalities)}]: resuming after epoch {saved['epoch']} from {checkpoint}")
+        if world.is_main:
+            print(f"train[{'+'.join(modalities)}]: resuming after epoch {saved['epoch']} from {checkpoint}")
 
     seen, stalled = 0, 0
     for epoch in range(start_epoch, params.epochs):
-        model.train()
+        step_model.train()
         epoch_loss, epoch_correct, epoch_n, tic = 0.0, 0, 0, time.perf_counter()
-        batches = train_set.batches(params.batch_size, shuffle=True, seed=params.seed * 100_003 + epoch)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"{'+'.join(modalities)} epoch {epoch}", disable=None, leave=False)
+        if world.size > 1:  # each rank draws its own augmentation and modality dropout; per epoch, so resume is exact
+            torch.manual_seed((params.seed * 100_003 + epoch) * world.size + world.rank)
+        batches = train_set.batches(rank_batch, shuffle=True, seed=params.seed * 100_003 + epoch,
+                                    shard=(world.rank, world.size))
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"{'+'.join(modalities)} epoch {epoch}",
+                   disable=None if world.is_main else True, leave=False)
         for batch in bar:
             inputs = to_model_inputs(batch, modalities, device)
             inputs["available"] = drop_modalities(inputs["available"], params.modality_dropout)
@@ -124,13 +145,15 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
             epoch_n += n
             bar.set_postfix(loss=f"{epoch_loss / epoch_n:.3f}", acc=f"{epoch_correct / epoch_n:.3f}",
                             samples_s=f"{epoch_n / (time.perf_counter() - tic):.0f}")
+        epoch_loss, epoch_correct, epoch_n = distributed.all_sum([epoch_loss, epoch_correct, epoch_n], device)
         seen += epoch_n
-        val_accuracy = accuracy(model, val_set, modalities, device)
+        val_accuracy = distributed.from_main(accuracy(model, val_set, modalities, device) if world.is_main else 0.0,
+                                             device)
         row = {"epoch": epoch, "train_loss": epoch_loss / epoch_n, "train_accuracy": epoch_correct / epoch_n,
                "val_accuracy": val_accuracy, "lr": schedule.get_last_lr()[0],
                "samples_per_s": epoch_n / (time.perf_counter() - tic)}
         history.append(row)
-        if on_epoch:
+        if on_epoch and world.is_main:
             on_epoch(epoch, row)
         if val_accuracy > best["val_accuracy"]:
             best = {"val_accuracy": val_accuracy, "epoch": epoch,
@@ -139,22 +162,25 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
             stalled = 0
         else:
             stalled += 1
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch, "best": best, "history": history}, tmp)
-        tmp.replace(checkpoint)
+        if world.is_main:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
+                        "history": history}, tmp)
+            tmp.replace(checkpoint)
         if stalled >= params.patience:
             break
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(best["state"], str(out_dir / WEIGHTS_FILE))
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
-    checkpoint.unlink(missing_ok=True)  # finished: the next run of this stage starts afresh
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(best["state"], str(out_dir / WEIGHTS_FILE))
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        checkpoint.unlink(missing_ok=True)  # finished: the next run of this stage starts afresh
     seconds = time.perf_counter() - started
     metrics = {"modalities": modalities, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
                "epochs_run": len(history), "parameters": n_params, "seconds": round(seconds, 1),
-               "samples_per_s": round(seen / seconds, 1), "device": device.type}
+               "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size}
     if device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {"metrics": metrics, "history": history}
