@@ -186,12 +186,36 @@ class TrainParams(Strict):
     threads: int = Field(0, ge=0, le=256)
 
 
+class Gates(Strict):
+    """Quality bars of the evaluate stage; null = not checked. A failed gate stops the pipeline."""
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    min_f1_macro: float | None = Field(None, ge=0.0, le=1.0)
+    min_fusion_gain: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class EvaluateParams(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0)
+    noise_levels: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)], min_length=2)
+    ece_bins: int = Field(15, ge=2, le=1000)
+    latency_runs: int = Field(50, ge=5, le=100_000)
+    gates: Gates = Gates()
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> "EvaluateParams":
+        levels = self.noise_levels
+        if any(not 0.0 <= x <= 1.0 for x in levels) or levels != sorted(set(levels)):
+            raise ValueError(f"noise_levels must be increasing, distinct, within 0..1 (got {levels})")
+        return self
+
+
 SECTIONS: dict[str, type[Strict]] = {
     "data": DataParams,
     "clean": CleanParams,
     "preprocess": PreprocessParams,
     "model": ModelParams,
     "train": TrainParams,
+    "evaluate": EvaluateParams,
 }
 
 

@@ -104,3 +104,20 @@ def repo(tmp_path) -> Path:
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, env=env, check=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """Built-in corpus of 240 samples through collect, clean and the three preprocess steps (in-process)."""
+    from mmpipe.data.clean import clean
+    from mmpipe.data.collect import collect
+    from mmpipe.features.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    for folder in ("raw", "clean", "features/image", "features/text", "features/audio"):
+        (root / folder).mkdir(parents=True)
+    collect(params.validate("data", {"n_samples": 240, "workers": 1, "builtin": {"tts_variants": 4}}), root / "raw")
+    clean(params.validate("clean", {"workers": 1}), root / "raw", root / "clean")
+    for m in ("image", "text", "audio"):
+        preprocess(m, params.validate("preprocess", {"workers": 1}), root / "clean", root / "features" / m)
+    return root

@@ -178,3 +178,39 @@ def test_torchrun_two_cpu_processes_train_like_one(repo):
     table = runs(repo)
     assert len(table) == n_runs + 1 and table["tags.dvc.stage"].iloc[-1] == "train"  # ... and logs
     assert not list((repo / ".checkpoints").rglob("*.pt"))
+
+
+def test_evaluate_writes_metrics_and_plots_and_an_unreachable_gate_stops_repro(repo):
+    set_params(repo, **TINY)
+    set_params(repo, evaluate={"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5})
+    full = dvc(repo, "repro")
+    assert full.returncode == 0, full.stdout + full.stderr
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert metrics["gates"] == {"passed": True, "failed": []}
+    shown = dvc(repo, "metrics", "show", "--json")
+    flat = json.loads(shown.stdout)
+    eval_metrics = next(iter(flat.values()))["data"]["metrics/eval.json"]["data"]
+    assert eval_metrics["test"]["accuracy"] == metrics["test"]["accuracy"]
+    html = dvc(repo, "plots", "show", "-o", "plots_html")
+    assert html.returncode == 0, html.stderr
+    page = (repo / "plots_html/index.html").read_text()
+    assert "Confusion matrix (test split)" in page and "robustness_audio_fused.csv" in page
+    assert "var spec = {};" not in page  # every plot renders (no baselines in the tiny profile: files absent)
+    assert (repo / "reports/eval.md").read_text().startswith("# Evaluation report")
+
+    set_params(repo, evaluate={"gates": {"min_accuracy": 0.999}})
+    gated = dvc(repo, "repro")
+    assert gated.returncode != 0
+    assert "error: quality gate evaluate.gates.min_accuracy failed: test accuracy is" in gated.stderr + gated.stdout
+    assert "Traceback" not in gated.stderr + gated.stdout
+    assert "Running stage 'train'" not in gated.stdout  # only evaluate re-ran
+    failed = json.loads((repo / "metrics/eval.json").read_text())["gates"]
+    assert failed["passed"] is False and len(failed["failed"]) == 1
+    assert "Quality gates failed" in (repo / "reports/eval.md").read_text()
+    assert runs(repo)["status"].iloc[-1] == "FAILED"
+
+    set_params(repo, evaluate={"gates": {"min_accuracy": 1.01}})
+    invalid = stage(repo, "evaluate")
+    assert invalid.returncode == 2
+    assert invalid.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml: evaluate.gates.min_accuracy: Input should be less than or equal to 1 (got 1.01)")

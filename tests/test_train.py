@@ -9,10 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmpipe import params
-from mmpipe.data.clean import clean
-from mmpipe.data.collect import collect
 from mmpipe.features.loader import FeatureSet
-from mmpipe.features.preprocess import preprocess
 from mmpipe.models.train import accuracy, load_model, train
 
 SMALL = params.ModelParams(dim=16, hidden=32, image_width=4, text_embed_dim=8, text_width=16, audio_width=4,
@@ -20,15 +17,8 @@ SMALL = params.ModelParams(dim=16, hidden=32, image_width=4, text_embed_dim=8, t
 
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    for folder in ("raw", "clean", "features/image", "features/text", "features/audio"):
-        (root / folder).mkdir(parents=True)
-    collect(params.validate("data", {"n_samples": 240, "workers": 1, "builtin": {"tts_variants": 4}}), root / "raw")
-    clean(params.validate("clean", {"workers": 1}), root / "raw", root / "clean")
-    for m in ("image", "text", "audio"):
-        preprocess(m, params.validate("preprocess", {"workers": 1}), root / "clean", root / "features" / m)
-    return root / "features"
+def features(tiny_corpus):
+    return tiny_corpus / "features"
 
 
 def run(features, out, checkpoints, epochs=2, fusion="concat", modalities=("image", "text", "audio"), on_epoch=None):

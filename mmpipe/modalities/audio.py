@@ -1,8 +1,12 @@
-"""Audio modality: validation and normalisation (clean), log-mel features (preprocess)."""
+"""Audio modality: validation and normalisation (clean), log-mel features (preprocess),
+corruptions for the robustness sweep (evaluate)."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -143,8 +147,20 @@ class Features:
             present[i] = True
         return batch, present
 
-    def transform(self, items: list[bytes | None], ids: list[str], device: str = "cpu") -> dict[str, np.ndarray]:
+    @classmethod
+    def from_state(cls, folder: Path, state: dict) -> "Features":
+        """The featurizer back from a preprocess output folder (same filter bank, same clip length)."""
+        cfg = SimpleNamespace(**{k: state[k] for k in ("seconds", "n_fft", "hop", "n_mels", "fmin", "fmax")})
+        features = cls(cfg, {"audio_sample_rate": state["sample_rate"]})
+        features.mel_filters = np.load(Path(folder) / state["mel_filters"])
+        return features
+
+    def transform(self, items: list[bytes | None], ids: list[str], device: str = "cpu",
+                  noise: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """``noise`` (evaluate's robustness sweep) maps the (n, n_samples) float32 clips of the present items."""
         batch, present = self.waveforms(items, ids)
+        if noise is not None and present.any():
+            batch[present] = noise(batch[present])
         out = np.zeros((len(items), *self.arrays[NAME][0]), np.float16)
         if present.any():
             if device == "cpu":
@@ -166,3 +182,20 @@ class Features:
 
     def save(self, folder) -> None:
         np.save(folder / "mel_filters.npy", self.mel_filters)
+
+
+# --------------------------------------------------------------------------- corruptions (evaluate)
+
+
+def white_noise(clips: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive white noise at a signal-to-noise ratio falling linearly with ``level``: 30 dB at
+    level 0+, -10 dB at level 1 (level 0 = unchanged). Signal power is each clip's own mean power."""
+    if level <= 0:
+        return clips
+    snr_db = 30.0 - 40.0 * level
+    power = np.mean(clips.astype(np.float64) ** 2, axis=1, keepdims=True)
+    sigma = np.sqrt(power / 10 ** (snr_db / 10)).astype(np.float32)
+    return clips + sigma * rng.standard_normal(clips.shape, dtype=np.float32)
+
+
+CORRUPTIONS = {"white_noise": white_noise}

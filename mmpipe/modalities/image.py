@@ -1,9 +1,13 @@
-"""Image modality: validation and normalisation (clean), fixed-size pixel features (preprocess)."""
+"""Image modality: validation and normalisation (clean), fixed-size pixel features (preprocess),
+corruptions for the robustness sweep (evaluate)."""
 
 from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -160,7 +164,14 @@ class Features:
         self.arrays = {NAME: ((channels, cfg.size, cfg.size), np.uint8)}
         self.stats = (NAME, (0, 2, 3), 1.0 / 255.0)  # array, axes reduced, scale before mean/std
 
-    def transform(self, items: list[bytes | None], ids: list[str]) -> dict[str, np.ndarray]:
+    @classmethod
+    def from_state(cls, folder: Path, state: dict) -> "Features":
+        """The fitted featurizer back from a preprocess output folder."""
+        return cls(SimpleNamespace(size=state["size"], mode=state["mode"], fit=state["fit"]), {})
+
+    def transform(self, items: list[bytes | None], ids: list[str],
+                  noise: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """``noise`` (evaluate's robustness sweep) maps the decoded (n, C, H, W) uint8 pixels of the present items."""
         shape, dtype = self.arrays[NAME]
         out = np.zeros((len(items), *shape), dtype)
         for i, data in enumerate(items):
@@ -172,6 +183,9 @@ class Features:
                 # (a 1-channel ``fast`` broadcasts into 3 channels: grey -> RGB replication)
             except (OSError, ValueError, SyntaxError) as exc:
                 raise PipelineError(f"sample {ids[i]}: image does not decode: {exc}") from None
+        present = np.array([data is not None for data in items], bool)
+        if noise is not None and present.any():
+            out[present] = noise(out[present])
         return {NAME: out}
 
     def state(self) -> dict:
@@ -179,3 +193,31 @@ class Features:
 
     def save(self, folder) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- corruptions (evaluate)
+
+
+def gaussian_noise(pixels: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian noise, standard deviation ``level`` x the full 0..255 range; level 0 = unchanged."""
+    if level <= 0:
+        return pixels
+    noisy = pixels.astype(np.float32) + rng.normal(0.0, 255.0 * level, pixels.shape).astype(np.float32)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def occlusion(pixels: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    """A black square covering a ``level`` share of each image's area, at a random place."""
+    if level <= 0:
+        return pixels
+    out = pixels.copy()
+    height, width = pixels.shape[-2:]
+    side_h, side_w = round(height * level ** 0.5), round(width * level ** 0.5)
+    tops = rng.integers(0, height - side_h + 1, len(out))
+    lefts = rng.integers(0, width - side_w + 1, len(out))
+    for image, top, left in zip(out, tops, lefts):
+        image[:, top:top + side_h, left:left + side_w] = 0
+    return out
+
+
+CORRUPTIONS = {"gaussian_noise": gaussian_noise, "occlusion": occlusion}

@@ -1,9 +1,14 @@
-"""Text modality: validation and normalisation (clean), token-id features (preprocess)."""
+"""Text modality: validation and normalisation (clean), token-id features (preprocess),
+corruptions for the robustness sweep (evaluate)."""
 
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +68,22 @@ class Features:
         self.tokenizer = Tokenizer.fit(train_texts, self.cfg.tokenizer, self.cfg.lowercase, self.cfg.vocab_size,
                                        self.cfg.min_freq, self.cfg.max_length)
 
-    def transform(self, items: list[str | None], ids: list[str]) -> dict[str, np.ndarray]:
+    @classmethod
+    def from_state(cls, folder: Path, state: dict) -> "Features":
+        """The fitted featurizer (tokenizer included) back from a preprocess output folder."""
+        features = cls(SimpleNamespace(max_length=state["max_length"]), {})
+        features.tokenizer = Tokenizer.load(Path(folder) / state["tokenizer"])
+        return features
+
+    def transform(self, items: list[str | None], ids: list[str],
+                  noise: Callable[[list[str]], list[str]] | None = None) -> dict[str, np.ndarray]:
+        """``noise`` (evaluate's robustness sweep) maps the list of present texts."""
+        if noise is not None:
+            present = [i for i, t in enumerate(items) if t is not None]
+            noisy = noise([items[i] for i in present])
+            items = list(items)
+            for i, t in zip(present, noisy):
+                items[i] = t
         token_ids, lengths = self.tokenizer.encode(items)
         return {NAME: token_ids, f"{NAME}_length": lengths}
 
@@ -73,3 +93,34 @@ class Features:
 
     def save(self, folder) -> None:
         self.tokenizer.save(folder / "tokenizer.json")
+
+
+# --------------------------------------------------------------------------- corruptions (evaluate)
+
+_LETTERS = np.array(list(string.ascii_lowercase))
+
+
+def typos(texts: list[str], level: float, rng: np.random.Generator) -> list[str]:
+    """Character corruption: each character is, with probability ``level``, replaced by a random
+    letter, deleted, or followed by an inserted random letter (one of the three at random)."""
+    if level <= 0:
+        return texts
+    out = []
+    for text in texts:
+        hit = rng.random(len(text)) < level
+        kind = rng.integers(0, 3, len(text))
+        letters = rng.choice(_LETTERS, (len(text), 2))
+        chars = []
+        for ch, h, k, (a, b) in zip(text, hit, kind, letters):
+            if not h:
+                chars.append(ch)
+            elif k == 0:  # replace
+                chars.append(a)
+            elif k == 2:  # insert after
+                chars += [ch, b]
+            # k == 1: delete
+        out.append("".join(chars))
+    return out
+
+
+CORRUPTIONS = {"typos": typos}

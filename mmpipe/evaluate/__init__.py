@@ -1,0 +1,1 @@
+"""Evaluation of trained models: metrics, missing modalities, robustness, latency, report."""

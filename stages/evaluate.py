@@ -1,0 +1,43 @@
+"""evaluate: the trained models on the test split -> metrics/eval.json, plots/eval/, reports/eval.md.
+
+Quality gates (evaluate.gates) are checked last: a failed gate ends the stage with one line per
+gate and a non-zero exit, after the metrics and the report are written, so that the user sees why
+and dvc repro goes no further (compress and export depend on this stage).
+"""
+
+from pathlib import Path
+
+from mmpipe import params, tracking
+from mmpipe.errors import PipelineError
+from mmpipe.evaluate.evaluate import evaluate, failed_gates
+from mmpipe.evaluate.report import report_markdown, write_plot_data
+from mmpipe.io import atomic_dir, write_bytes_atomic, write_json_atomic
+from mmpipe.stage import run_stage
+
+FEATURES, CLEAN, MODELS = Path("data/features"), Path("data/clean"), Path("models")
+METRICS, PLOTS, REPORT, FIGURES = Path("metrics/eval.json"), Path("plots/eval"), Path("reports/eval.md"), Path("reports/eval")
+
+
+def main() -> None:
+    cfg = params.load("evaluate")
+    with tracking.stage_run("evaluate", cfg) as run:
+        result = evaluate(cfg, FEATURES, CLEAN, MODELS)
+        metrics = result["metrics"]
+        failed = failed_gates(metrics, cfg.gates)
+        metrics["gates"] = {"passed": not failed, "failed": failed}
+        with atomic_dir(PLOTS) as plots:
+            write_plot_data(result["tables"], plots)
+        with atomic_dir(FIGURES) as figures:  # the report's PNGs, linked from reports/eval.md as eval/<name>.png
+            report = report_markdown(metrics, result["tables"], failed, figures, FIGURES.name)
+        write_bytes_atomic(REPORT, report.encode())
+        write_json_atomic(METRICS, metrics)
+        run.log_metrics_file(METRICS)
+        for path in (PLOTS, FIGURES, REPORT):
+            run.log_artifact(path)
+        if failed:
+            raise PipelineError("\n".join(failed))
+    print(f"evaluate: wrote {METRICS}, {PLOTS}/, {REPORT} (all quality gates pass)")
+
+
+if __name__ == "__main__":
+    run_stage(main)
