@@ -209,6 +209,30 @@ class EvaluateParams(Strict):
         return self
 
 
+class Prune(Strict):
+    method: Literal["none", "unstructured", "structured"] = "structured"
+    amount: float = Field(0.5, ge=0.0, lt=1.0)
+    finetune_epochs: int = Field(6, ge=0, le=1000)
+    finetune_lr: float = Field(1e-3, gt=0.0)
+    finetune_batch_size: int = Field(128, ge=1)
+
+
+class Quantize(Strict):
+    enabled: bool = True
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_samples: int = Field(256, ge=1)
+
+
+class CompressParams(Strict):
+    seed: int = Field(0, ge=0)
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    prefer: Literal["size", "latency"] = "size"
+    threads: int = Field(2, ge=0, le=256)
+    latency_runs: int = Field(50, ge=5, le=100_000)
+    prune: Prune = Prune()
+    quantize: Quantize = Quantize()
+
+
 SECTIONS: dict[str, type[Strict]] = {
     "data": DataParams,
     "clean": CleanParams,
@@ -216,6 +240,7 @@ SECTIONS: dict[str, type[Strict]] = {
     "model": ModelParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "compress": CompressParams,
 }
 
 

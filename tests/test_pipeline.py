@@ -17,7 +17,9 @@ from conftest import png_bytes, set_params, stage_env
 DVC = str(Path(sys.executable).parent / "dvc")
 TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6}}, "clean": {"min_per_class": 2},
         "model": {"dim": 16, "hidden": 16, "image_width": 4, "text_width": 8, "audio_width": 4},
-        "train": {"epochs": 1, "baselines": False}}
+        "train": {"epochs": 1, "baselines": False},
+        "evaluate": {"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5},
+        "compress": {"latency_runs": 5, "prune": {"finetune_epochs": 1}, "quantize": {"calibration_samples": 64}}}
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -180,31 +182,15 @@ def test_torchrun_two_cpu_processes_train_like_one(repo):
     assert not list((repo / ".checkpoints").rglob("*.pt"))
 
 
-def test_evaluate_writes_metrics_and_plots_and_an_unreachable_gate_stops_repro(repo):
+def test_unreachable_gate_stops_repro_before_compress_then_evaluate_and_compress_run(repo):
     set_params(repo, **TINY)
-    set_params(repo, evaluate={"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5})
-    full = dvc(repo, "repro")
-    assert full.returncode == 0, full.stdout + full.stderr
-    metrics = json.loads((repo / "metrics/eval.json").read_text())
-    assert metrics["gates"] == {"passed": True, "failed": []}
-    shown = dvc(repo, "metrics", "show", "--json")
-    flat = json.loads(shown.stdout)
-    eval_metrics = next(iter(flat.values()))["data"]["metrics/eval.json"]["data"]
-    assert eval_metrics["test"]["accuracy"] == metrics["test"]["accuracy"]
-    html = dvc(repo, "plots", "show", "-o", "plots_html")
-    assert html.returncode == 0, html.stderr
-    page = (repo / "plots_html/index.html").read_text()
-    assert "Confusion matrix (test split)" in page and "robustness_audio_fused.csv" in page
-    assert "var spec = {};" not in page  # every plot renders (no baselines in the tiny profile: files absent)
-    assert (repo / "reports/eval.md").read_text().startswith("# Evaluation report")
-
     set_params(repo, evaluate={"gates": {"min_accuracy": 0.999}})
     gated = dvc(repo, "repro")
     assert gated.returncode != 0
     assert "error: quality gate evaluate.gates.min_accuracy failed: test accuracy is" in gated.stderr + gated.stdout
     assert "Traceback" not in gated.stderr + gated.stdout
-    assert "Running stage 'train'" not in gated.stdout  # only evaluate re-ran
-    failed = json.loads((repo / "metrics/eval.json").read_text())["gates"]
+    assert "Running stage 'compress'" not in gated.stdout and not (repo / "artifacts/compressed").exists()
+    failed = json.loads((repo / "metrics/eval.json").read_text())["gates"]  # written before failing: the user sees why
     assert failed["passed"] is False and len(failed["failed"]) == 1
     assert "Quality gates failed" in (repo / "reports/eval.md").read_text()
     assert runs(repo)["status"].iloc[-1] == "FAILED"
@@ -214,3 +200,25 @@ def test_evaluate_writes_metrics_and_plots_and_an_unreachable_gate_stops_repro(r
     assert invalid.returncode == 2
     assert invalid.stderr.strip().splitlines()[-1] == (
         "error: params.yaml: evaluate.gates.min_accuracy: Input should be less than or equal to 1 (got 1.01)")
+
+    set_params(repo, evaluate={"gates": {"min_accuracy": None}})
+    passed = dvc(repo, "repro")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "Stage 'train' didn't change, skipping" in passed.stdout
+    assert "Running stage 'evaluate'" in passed.stdout and "Running stage 'compress'" in passed.stdout
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert metrics["gates"] == {"passed": True, "failed": []}
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    data = next(iter(shown.values()))["data"]
+    assert data["metrics/eval.json"]["data"]["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert data["metrics/compress.json"]["data"]["chosen"] in ("fp32", "pruned", "int8")
+    html = dvc(repo, "plots", "show", "-o", "plots_html")
+    assert html.returncode == 0, html.stderr
+    page = (repo / "plots_html/index.html").read_text()
+    assert "Confusion matrix (test split)" in page and "robustness_audio_fused.csv" in page
+    assert "var spec = {};" not in page  # every plot renders (no baselines in the tiny profile: files absent)
+    assert (repo / "reports/eval.md").read_text().startswith("# Evaluation report")
+
+    set_params(repo, compress={"max_accuracy_drop": 0.5})
+    again = dvc(repo, "repro")
+    assert "Running stage 'compress'" in again.stdout and "Running stage 'evaluate'" not in again.stdout

@@ -61,8 +61,13 @@ def accuracy(model: torch.nn.Module, data: FeatureSet, modalities: list[str], de
 
 
 def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path | None,
-          checkpoint_dir: Path, on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train one model on ``modalities``; write weights + config to ``out_dir`` (rank 0); return metrics."""
+          checkpoint_dir: Path | None, on_epoch: Callable[[int, dict], None] | None = None,
+          init_model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Train one model on ``modalities``; write weights + config to ``out_dir`` (rank 0); return metrics.
+
+    ``init_model`` fine-tunes that model instead of a fresh one (the compress stage, after pruning);
+    it is then returned with its best weights as ``result["model"]``. ``checkpoint_dir`` None: no resume.
+    """
     started = time.perf_counter()
     world = distributed.world()
     device = torch.device(resolve_device(params.device, "train.device"))
@@ -80,7 +85,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         val_set.to(device)
 
     config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.label_names)
-    model = build_model(config).to(device)
+    model = (init_model if init_model is not None else build_model(config)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if world.size > 1:  # gradients averaged over the ranks
@@ -104,10 +109,10 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
 
     # resume from the last epoch checkpoint of the same run (same config, data and params)
     run_key = hashlib.sha1(json.dumps([config, params.model_dump(), len(train_set)], sort_keys=True).encode()).hexdigest()[:16]
-    checkpoint = checkpoint_dir / f"{'+'.join(modalities)}-{run_key}.pt"
+    checkpoint = checkpoint_dir / f"{'+'.join(modalities)}-{run_key}.pt" if checkpoint_dir else None
     start_epoch, best, history = 0, {"val_accuracy": -1.0, "epoch": -1, "state": None}, []
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)  # safe loading: tensors and plain data only
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -162,7 +167,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
             stalled = 0
         else:
             stalled += 1
-        if world.is_main:
+        if world.is_main and checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -172,10 +177,11 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         if stalled >= params.patience:
             break
 
-    if world.is_main:
+    if world.is_main and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(best["state"], str(out_dir / WEIGHTS_FILE))
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    if world.is_main and checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # finished: the next run of this stage starts afresh
     seconds = time.perf_counter() - started
     metrics = {"modalities": modalities, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
@@ -183,7 +189,11 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size}
     if device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return {"metrics": metrics, "history": history}
+    result = {"metrics": metrics, "history": history}
+    if init_model is not None:
+        model.load_state_dict(best["state"])
+        result["model"] = model.cpu().eval()
+    return result
 
 
 def load_model(folder: Path):

@@ -1,0 +1,1 @@
+"""Compression of the trained fusion model: pruning, ONNX export, int8 quantization."""

@@ -1,0 +1,35 @@
+"""compress: models/fusion -> artifacts/compressed/ (fp32, pruned, int8 ONNX + the chosen model.onnx)
+and metrics/compress.json (accuracy, size, MACs, sparsity, latency of each variant; the choice)."""
+
+from pathlib import Path
+
+from mmpipe import params, tracking
+from mmpipe.compress.compress import compress
+from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.stage import run_stage
+
+FEATURES, MODEL, OUT, METRICS = Path("data/features"), Path("models/fusion"), Path("artifacts/compressed"), Path("metrics/compress.json")
+
+
+def main() -> None:
+    cfg = params.load("compress")
+    with tracking.stage_run("compress", cfg) as run:
+        steps = {}
+
+        def log(name: str, row: dict) -> None:  # fine-tuning epochs and int8 trials as MLflow step metrics
+            steps[name] = steps.get(name, -1) + 1
+            run.log_metrics({f"{name}.{k}": v for k, v in row.items()}, step=steps[name])
+
+        with atomic_dir(OUT) as out:
+            metrics = compress(cfg, FEATURES, MODEL, out, log)
+        write_json_atomic(METRICS, metrics)
+        run.log_metrics_file(METRICS)
+    chosen = metrics["variants"][metrics["chosen"]]
+    fp32 = metrics["variants"]["fp32"]
+    print(f"compress: chose {metrics['chosen']} — val accuracy {chosen['val_accuracy']:.4f} (fp32 {fp32['val_accuracy']:.4f}), "
+          f"{fp32['file_bytes'] / chosen['file_bytes']:.1f}x smaller, batch-32 "
+          f"{fp32['latency_ms']['batch_32']['p50'] / chosen['latency_ms']['batch_32']['p50']:.2f}x faster than fp32 ONNX")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,121 @@
+"""Compression: ONNX parity with PyTorch, pruning that really shrinks, int8 within an accuracy budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mmpipe import params
+from mmpipe.compress import prune, quantize
+from mmpipe.compress.compress import CHOSEN_FILE, compress
+from mmpipe.compress.onnx_model import export_onnx, input_names, onnx_feeds, run_logits, session
+from mmpipe.features.loader import FeatureSet
+from mmpipe.models.train import load_model, to_model_inputs, train
+
+SMALL = params.ModelParams(dim=16, hidden=32, image_width=8, text_embed_dim=8, text_width=16, audio_width=8,
+                           attention_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compress_model") / "fusion"
+    train(params.TrainParams(epochs=3, batch_size=32, device="cpu"), SMALL, tiny_corpus / "features",
+          ["image", "text", "audio"], out, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_batch(tiny_corpus):
+    data = FeatureSet(tiny_corpus / "features", split="test")
+    return data.get(np.arange(len(data)))
+
+
+def test_onnx_export_matches_pytorch_logits(model_dir, test_batch, tmp_path):
+    model = load_model(model_dir)
+    feeds = onnx_feeds(test_batch, model.modalities)
+    assert list(feeds) == input_names(model.modalities) == ["image", "text", "text_length", "audio", "available"]
+    export_onnx(model, feeds, tmp_path / "m.onnx")
+    onnx_logits = run_logits(session(tmp_path / "m.onnx"), feeds, batch_size=7)  # dynamic batch axis
+    with torch.no_grad():
+        torch_logits = model(to_model_inputs(test_batch, model.modalities, torch.device("cpu"))).numpy()
+    assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
+
+
+def test_structured_pruning_removes_channels_and_macs(model_dir, test_batch):
+    model = load_model(model_dir)
+    example = to_model_inputs(test_batch, model.modalities, torch.device("cpu"))
+    pruned = prune.structured(model, 0.5, example)
+    assert prune.macs(pruned, example) <= 0.7 * prune.macs(model, example)
+    convs = [m for m in pruned.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    assert all(c.out_channels % 8 == 0 for c in convs)  # kept in ONNX Runtime's blocks of 8
+    assert sum(c.out_channels for c in convs) < sum(c.out_channels for c in model.modules()
+                                                    if isinstance(c, (nn.Conv1d, nn.Conv2d)))
+    assert pruned.head[-1].out_features == 10 and pruned.placeholders.shape == model.placeholders.shape
+    with torch.no_grad():
+        assert pruned(example).shape == (len(test_batch["label"]), 10)
+
+
+def test_unstructured_pruning_zeroes_weights_keeps_shapes(model_dir):
+    model = load_model(model_dir)
+    pruned = prune.unstructured(model, 0.6)
+    assert prune.sparsity(model) < 0.01 and 0.4 < prune.sparsity(pruned) < 0.6  # protected layers stay dense
+    before, after = model.state_dict(), pruned.state_dict()
+    assert set(before) == set(after) and all(before[k].shape == after[k].shape for k in before)
+    assert not any("mask" in k for k in pruned.state_dict())  # pruning made permanent
+
+
+def test_int8_budget_keeps_the_most_sensitive_layers_in_fp32(model_dir, test_batch, tmp_path):
+    model = load_model(model_dir)
+    feeds = onnx_feeds(test_batch, model.modalities)
+    export_onnx(model, feeds, tmp_path / "fp32.onnx")
+    quantize.prepare(tmp_path / "fp32.onnx", tmp_path / "prepared.onnx")
+    calibration = [{k: v[:32] for k, v in feeds.items()}]
+    logits_of = lambda path: run_logits(session(path), feeds)  # noqa: E731
+    ranked = [node for node, _ in quantize.sensitivity(tmp_path / "prepared.onnx", calibration, "minmax", logits_of)]
+    assert sorted(ranked) == sorted(quantize.quantizable_nodes(tmp_path / "prepared.onnx")) and len(ranked) >= 8
+
+    # a stand-in accuracy that only fits once the two most sensitive nodes stay in fp32
+    def accuracy_of(path):
+        import onnx
+
+        graph = onnx.load(str(path)).graph
+        dequantized = {out for n in graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+        weight_is_int8 = {n.name: n.input[1] in dequantized for n in graph.node if n.name in ranked}
+        return 0.9 if not any(weight_is_int8[node] for node in ranked[:2]) else 0.5
+    trials = []
+    found = quantize.quantize_within_budget(tmp_path / "prepared.onnx", tmp_path / "int8.onnx", calibration, "minmax",
+                                            accuracy_of, logits_of, 0.9, 0.01, trials.append)
+    assert [t["excluded"] for t in trials][:3] == [[], ranked[:1], ranked[:2]]
+    assert found == {"excluded": ranked[:2], "accuracy": 0.9} and (tmp_path / "int8.onnx").exists()
+
+    none = quantize.quantize_within_budget(tmp_path / "prepared.onnx", tmp_path / "never.onnx", calibration, "minmax",
+                                           lambda path: 0.0, logits_of, 0.9, 0.01, lambda row: None)
+    assert none is None and not (tmp_path / "never.onnx").exists()  # nothing fits: fall back to fp32
+
+
+@pytest.mark.parametrize("method", ["structured", "unstructured"])
+def test_compress_measures_every_variant_and_chooses_within_budget(tiny_corpus, model_dir, tmp_path, method):
+    cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.05,
+                                       "prune": {"method": method, "finetune_epochs": 1},
+                                       "quantize": {"calibration_samples": 64}})
+    result = compress(cfg, tiny_corpus / "features", model_dir, tmp_path, progress=lambda line: None)
+    variants = result["variants"]
+    assert set(variants) >= {"fp32", "pruned"}
+    for v in variants.values():
+        assert set(v) >= {"val_accuracy", "test_accuracy", "file_bytes", "gzip_bytes", "parameters", "macs_per_sample",
+                          "sparsity", "latency_ms"}
+        assert set(v["latency_ms"]) == {"batch_1", "batch_32"} and v["gzip_bytes"] < v["file_bytes"]
+    if method == "unstructured":
+        assert variants["pruned"]["sparsity"] > 0.3 and variants["pruned"]["macs_per_sample"] == variants["fp32"]["macs_per_sample"]
+    else:
+        assert variants["pruned"]["macs_per_sample"] < variants["fp32"]["macs_per_sample"]
+    if "int8" in variants:
+        assert variants["int8"]["file_bytes"] < variants["fp32"]["file_bytes"] / 2.5
+    chosen = result["chosen"]
+    assert variants["fp32"]["val_accuracy"] - variants[chosen]["val_accuracy"] <= 0.05
+    assert chosen == min((n for n in variants if variants["fp32"]["val_accuracy"] - variants[n]["val_accuracy"] <= 0.05),
+                         key=lambda n: variants[n]["file_bytes"])  # prefer: size
+    assert (tmp_path / CHOSEN_FILE).read_bytes() == (tmp_path / f"{chosen}.onnx").read_bytes()
+    assert not (tmp_path / ".prepared.onnx").exists()
