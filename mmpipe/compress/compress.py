@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from mmpipe.compress import prune, quantize
-from mmpipe.compress.onnx_model import export_onnx, latency_ms, onnx_feeds, run_logits, session
+from mmpipe.compress.onnx_model import export_onnx, onnx_feeds, run_logits, session
 from mmpipe.features.loader import FeatureSet
 from mmpipe.params import ModelParams, TrainParams
+from mmpipe.timing import latency_ms
 from mmpipe.models.train import load_model, to_model_inputs, train
 
 CHOSEN_FILE = "model.onnx"

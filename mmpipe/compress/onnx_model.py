@@ -14,7 +14,6 @@ Normalisation lives inside the graph (it is part of the model), so the predictor
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,16 +76,3 @@ def run_logits(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch_s
     n = len(next(iter(feeds.values())))
     return np.concatenate([sess.run(["logits"], {k: v[i:i + batch_size] for k, v in feeds.items()})[0]
                            for i in range(0, n, batch_size)])
-
-
-def latency_ms(run, runs: int) -> dict[str, float]:
-    """p50/p95 of ``run()`` in milliseconds after warm-up."""
-    for _ in range(max(3, runs // 5)):
-        run()
-    times = []
-    for _ in range(runs):
-        tic = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - tic)
-    ms = np.array(times) * 1000
-    return {"p50": round(float(np.percentile(ms, 50)), 3), "p95": round(float(np.percentile(ms, 95)), 3)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from mmpipe.features.loader import FeatureSet
 from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.io import iter_row_groups
 from mmpipe.modalities import MODALITIES, NAMES
+from mmpipe.timing import latency_ms
 from mmpipe.models.train import CONFIG_FILE, load_model, to_model_inputs
 
 
@@ -97,20 +97,17 @@ def subsets(modalities: list[str]) -> list[tuple[str, ...]]:
 
 
 @torch.no_grad()
-def latency_ms(model: torch.nn.Module, tensors: dict, batch_size: int, runs: int, device: torch.device) -> dict:
-    """p50/p95 wall time of one forward pass at ``batch_size``, after warm-up."""
+def forward_latency_ms(model: torch.nn.Module, tensors: dict, batch_size: int, runs: int, device: torch.device) -> dict:
+    """p50/p95 of one forward pass of ``model`` at ``batch_size`` (CUDA: synchronised, so the time is the GPU's)."""
     take = np.resize(np.arange(len(tensors["label"])), batch_size)
     inputs = to_model_inputs({k: v[take] for k, v in tensors.items()}, model.modalities, device)
     model.eval()
-    times = []
-    for i in range(runs + max(3, runs // 5)):  # the first ones warm caches and allocators up
-        tic = time.perf_counter()
+
+    def forward() -> None:
         model(inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - tic)
-    measured = np.array(times[-runs:]) * 1000
-    return {"p50": round(float(np.percentile(measured, 50)), 3), "p95": round(float(np.percentile(measured, 95)), 3)}
+    return latency_ms(forward, runs)
 
 
 def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, split: str = "test",
@@ -179,7 +176,7 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
     metrics["efficiency"] = {
         "parameters": sum(p.numel() for p in fused.parameters()), "device": device.type,
         "threads": torch.get_num_threads(),
-        "latency_ms": {f"batch_{b}": latency_ms(fused, data.tensors, b, params.latency_runs, device)
+        "latency_ms": {f"batch_{b}": forward_latency_ms(fused, data.tensors, b, params.latency_runs, device)
                        for b in (1, 64)}}
 
     tables = {"confusion": report["confusion"], "predicted": report["predicted"], "labels": labels,
