@@ -132,8 +132,8 @@ def test_dvc_exp_run_in_temp_workspace_logs_to_the_main_store(repo):
     proc = dvc(repo, "exp", "run", "--temp", "-S", "clean.min_per_class=3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = runs(repo)  # the store of the main checkout, not of .dvc/tmp/exps/<tmp>
-    assert sorted(table["tags.dvc.stage"]) == ["clean", "collect", "evaluate", "preprocess@audio", "preprocess@image",
-                                               "preprocess@text", "train"]
+    assert sorted(table["tags.dvc.stage"]) == ["clean", "collect", "compress", "evaluate", "preprocess@audio",
+                                               "preprocess@image", "preprocess@text", "train"]
     assert table["tags.dvc.exp_name"].str.len().gt(0).all() and table["tags.dvc.exp_name"].nunique() == 1
     assert set(table["params.min_per_class"].dropna()) == {"3"}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
