@@ -10,7 +10,6 @@ training nor early stopping looked at. Writes reports/fusion_choices.json and pr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 from pathlib import Path

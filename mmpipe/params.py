@@ -233,6 +233,12 @@ class CompressParams(Strict):
     quantize: Quantize = Quantize()
 
 
+class ExportParams(Strict):
+    parity_samples: int = Field(256, ge=1)
+    max_abs_logit_diff: float = Field(1e-4, gt=0.0)
+    max_predictor_accuracy_gap: float = Field(0.005, ge=0.0, le=1.0)
+
+
 SECTIONS: dict[str, type[Strict]] = {
     "data": DataParams,
     "clean": CleanParams,
@@ -241,6 +247,7 @@ SECTIONS: dict[str, type[Strict]] = {
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "compress": CompressParams,
+    "export": ExportParams,
 }
 
 

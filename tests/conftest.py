@@ -121,3 +121,16 @@ def tiny_corpus(tmp_path_factory) -> Path:
     for m in ("image", "text", "audio"):
         preprocess(m, params.validate("preprocess", {"workers": 1}), root / "clean", root / "features" / m)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_corpus, tmp_path_factory) -> Path:
+    """A small fusion model trained 3 epochs on the tiny corpus: models/fusion-like folder."""
+    from mmpipe.models.train import train
+
+    out = tmp_path_factory.mktemp("tiny_model") / "fusion"
+    small = params.ModelParams(dim=16, hidden=32, image_width=8, text_embed_dim=8, text_width=16, audio_width=8,
+                               attention_heads=2)
+    train(params.TrainParams(epochs=3, batch_size=32, device="cpu"), small, tiny_corpus / "features",
+          ["image", "text", "audio"], out, None)
+    return out

@@ -12,18 +12,11 @@ from mmpipe.compress import prune, quantize
 from mmpipe.compress.compress import CHOSEN_FILE, compress
 from mmpipe.compress.onnx_model import export_onnx, input_names, onnx_feeds, run_logits, session
 from mmpipe.features.loader import FeatureSet
-from mmpipe.models.train import load_model, to_model_inputs, train
-
-SMALL = params.ModelParams(dim=16, hidden=32, image_width=8, text_embed_dim=8, text_width=16, audio_width=8,
-                           attention_heads=2)
-
+from mmpipe.models.train import load_model, to_model_inputs
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("compress_model") / "fusion"
-    train(params.TrainParams(epochs=3, batch_size=32, device="cpu"), SMALL, tiny_corpus / "features",
-          ["image", "text", "audio"], out, None)
-    return out
+def model_dir(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

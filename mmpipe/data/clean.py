@@ -300,7 +300,9 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
                 if per_class[label][s] == 0 and split_counts[s] > 0]
     for w in warnings:
         print(f"clean: warning: {w}")
+    # what later stages (and the deployment bundle) must reproduce of clean's normalisation
     dataset = {"labels": labels, "modalities": list(NAMES), "audio_sample_rate": params.audio.sample_rate,
+               "text_max_chars": params.text.max_chars,
                "samples": writer.rows, "splits": split_counts, "files": writer.files}
     write_json_atomic(out_dir / DATASET_FILE, dataset)
     seconds = time.perf_counter() - started

@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import hashlib
 import json
 import multiprocessing
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,6 @@ from urllib.parse import urljoin
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mmpipe.data import builtin

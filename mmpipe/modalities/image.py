@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyspng
 import simplejpeg
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from mmpipe.errors import PipelineError, RejectedInput
 from mmpipe.modalities.base import Cleaned
+from mmpipe.modalities.portable import load_pixels, normalize_image
 
 NAME = "image"
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -25,29 +26,6 @@ STORED_AS = pa.binary()
 INFO_COLUMNS = {"width": pa.int32(), "height": pa.int32()}
 INLINE = False
 PASS_THROUGH_FORMATS = {"PNG", "JPEG"}
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit 'L' or 'RGB' (transparency composited on white)."""
-    if img.mode in ("L", "RGB"):
-        return img
-    if img.mode == "1":
-        return img.convert("L")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit (and 32-bit int holding 16-bit data) scale by 257; floats are assumed 0..1 or 0..255.
-        if img.mode == "F":
-            scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
-        else:
-            scale = 1.0 / 257.0 if arr.max(initial=0.0) > 255 else 1.0
-        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))  # uint8 2-D -> L
-    has_alpha = img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (img.mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        flat = Image.alpha_composite(background, rgba)
-        return flat.convert("L" if img.mode in ("LA", "La") else "RGB")
-    return img.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, ...
 
 
 def clean(data: bytes, cfg) -> Cleaned:
@@ -75,11 +53,8 @@ def clean(data: bytes, cfg) -> Cleaned:
             f"image is {width}x{height}; sides must be within [{cfg.min_side}, {cfg.max_side}] (clean.image)",
         )
     original_mode = img.mode
-    # exif_transpose always copies; only call it when a rotation/flip is actually recorded.
-    rotated = img.getexif().get(ExifTags.Base.Orientation, 1) not in (1, None)
-    oriented = ImageOps.exif_transpose(img) if rotated else img
-    normalized = _to_8bit(oriented)
-    needs_encode = fmt not in PASS_THROUGH_FORMATS or rotated or normalized is not img
+    normalized, changed = normalize_image(img)
+    needs_encode = fmt not in PASS_THROUGH_FORMATS or changed
     info = {"width": normalized.width, "height": normalized.height, "mode": normalized.mode,
             "format": fmt, "original_mode": original_mode}
     if not needs_encode:
@@ -90,34 +65,6 @@ def clean(data: bytes, cfg) -> Cleaned:
 
 
 # --------------------------------------------------------------------------- features (preprocess)
-
-
-def to_square(img: Image.Image, size: int, fit: str) -> Image.Image:
-    """Resize keeping the aspect ratio, then pad (centred, black) or centre-crop to size x size."""
-    if img.size == (size, size):
-        return img
-    width, height = img.size
-    scale = size / (max(width, height) if fit == "pad" else min(width, height))
-    new = (max(1, round(width * scale)), max(1, round(height * scale)))
-    img = img.resize(new, Image.Resampling.BILINEAR)
-    if new == (size, size):
-        return img
-    if fit == "crop":
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    canvas = Image.new(img.mode, (size, size))
-    canvas.paste(img, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return canvas
-
-
-def load_pixels(data: bytes, size: int, mode: str, fit: str) -> np.ndarray:
-    """Encoded image -> (C, size, size) uint8 with Pillow; the deployment predictor runs this function."""
-    img = Image.open(io.BytesIO(data))
-    img.draft("L" if mode == "grayscale" else "RGB", (size, size))  # JPEG: decode at reduced scale when larger
-    img = to_square(img.convert("L" if mode == "grayscale" else "RGB"), size, fit)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
 
 PNG_MAGIC, JPEG_MAGIC = b"\x89PNG", b"\xff\xd8"
 

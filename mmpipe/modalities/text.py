@@ -3,9 +3,7 @@ corruptions for the robustness sweep (evaluate)."""
 
 from __future__ import annotations
 
-import re
 import string
-import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -15,6 +13,7 @@ import pyarrow as pa
 
 from mmpipe.errors import RejectedInput
 from mmpipe.modalities.base import Cleaned
+from mmpipe.modalities.portable import normalize
 from mmpipe.modalities.tokenizer import Tokenizer
 
 NAME = "text"
@@ -23,15 +22,6 @@ EXTENSIONS = (".txt",)
 STORED_AS = pa.string()
 INFO_COLUMNS = {"chars": pa.int32()}
 INLINE = True  # a manifest's text cell is the text itself
-_SPACES = re.compile(r"\s+")
-
-
-def normalize(text: str) -> str:
-    """NFC, control/format characters removed, whitespace runs collapsed to one space."""
-    text = unicodedata.normalize("NFC", text)
-    text = "".join(" " if ch in "\t\n\r\x0b\x0c" else ch for ch in text
-                   if ch in "\t\n\r\x0b\x0c" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co"))
-    return _SPACES.sub(" ", text).strip()
 
 
 def clean(data: bytes, cfg) -> Cleaned:

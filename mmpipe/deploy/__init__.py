@@ -1,0 +1,1 @@
+"""The deployment bundle: standalone predictor, manifest, model card, verification."""

@@ -1,0 +1,89 @@
+"""The deployment bundle: the chosen ONNX model (+ the fp32 one), the standalone predictor and the
+modules it ships as they are, the fitted preprocessing state, manifest.json and MODEL_CARD.md.
+
+Servable without this repository: the predictor needs only numpy, onnxruntime, soundfile and pillow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from mmpipe.features.preprocess import STATE_FILE
+
+PACKAGE = Path(__file__).resolve().parents[1]
+SHIPPED_CODE = [PACKAGE / "deploy" / "predict.py", PACKAGE / "modalities" / "portable.py",
+                PACKAGE / "modalities" / "logmel.py", PACKAGE / "modalities" / "tokenizer.py"]
+RUNTIME = {"numpy": "numpy", "onnxruntime": "onnxruntime", "soundfile": "soundfile", "pillow": "pillow"}
+ONNX_TYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32",
+              onnx.TensorProto.BOOL: "bool"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def input_spec(model: Path) -> list[dict[str, Any]]:
+    """Name, dtype and shape (``"batch"`` for the dynamic axis) of each graph input."""
+    graph = onnx.load(str(model)).graph
+    return [{"name": i.name, "dtype": ONNX_TYPES[i.type.tensor_type.elem_type],
+             "shape": ["batch" if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]}
+            for i in graph.input]
+
+
+def preprocessing(features_root: Path, dataset: dict, modalities: list[str]) -> tuple[dict, list[Path]]:
+    """Every parameter the predictor needs to reproduce clean + preprocess, and the state files to copy."""
+    states = {m: json.loads((features_root / m / STATE_FILE).read_text()) for m in modalities}
+    pre, files = {}, []
+    if "image" in states:
+        s = states["image"]
+        pre["image"] = {"size": s["size"], "mode": s["mode"], "fit": s["fit"], "resample": s["resample"],
+                        "normalisation": "inside the model (mean/std of the train split)"}
+    if "text" in states:
+        s = states["text"]
+        pre["text"] = {"tokenizer": s["tokenizer"], "kind": s["kind"], "lowercase": s["lowercase"],
+                       "max_length": s["max_length"], "max_chars": dataset["text_max_chars"],
+                       "vocab_size": s["vocab_size"]}
+        files.append(features_root / "text" / s["tokenizer"])
+    if "audio" in states:
+        s = states["audio"]
+        pre["audio"] = {k: s[k] for k in ("sample_rate", "seconds", "n_samples", "n_fft", "hop", "n_mels", "fmin",
+                                          "fmax", "log_eps", "mel_filters")}
+        pre["audio"]["normalisation"] = "inside the model (per-mel-bin mean/std of the train split)"
+        files.append(features_root / "audio" / s["mel_filters"])
+    return pre, files
+
+
+def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset: dict, modalities: list[str],
+          model_card: str, git_commit: str | None) -> dict[str, Any]:
+    """Write the bundle into ``out`` (an empty folder); return the manifest."""
+    shutil.copyfile(compressed / "model.onnx", out / "model.onnx")
+    shutil.copyfile(compressed / "fp32.onnx", out / "model_fp32.onnx")
+    pre, state_files = preprocessing(features_root, dataset, modalities)
+    for path in [*SHIPPED_CODE, *state_files]:
+        shutil.copyfile(path, out / path.name)
+    (out / "requirements.txt").write_text("".join(f"{name}=={metadata.version(dist)}\n" for name, dist in RUNTIME.items()))
+    (out / "MODEL_CARD.md").write_text(model_card)
+    manifest = {
+        "format": 1,
+        "labels": dataset["labels"],
+        "modalities": modalities,
+        "inputs": input_spec(out / "model.onnx"),
+        "output": {"name": "logits", "shape": ["batch", len(dataset["labels"])], "dtype": "float32"},
+        "models": {"shipped": {"file": "model.onnx", "variant": chosen}, "fp32": {"file": "model_fp32.onnx", "variant": "fp32"}},
+        "preprocessing": pre,
+        "predictor": {"command": "python predict.py [--image F] [--audio F] [--text S] | --manifest M.csv",
+                      "requirements": "requirements.txt"},
+        "versions": {"python": platform.python_version(), "git_commit": git_commit,
+                     **{dist: metadata.version(dist) for dist in ("torch", "onnx", "onnxruntime", "numpy")}},
+    }
+    manifest["files"] = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,39 @@
+"""export: artifacts/compressed + fitted preprocessing state -> artifacts/deploy/ (the self-contained
+bundle) and metrics/export.json (parity of ONNX vs PyTorch, int8 vs fp32 agreement, the standalone
+predictor's accuracy on the raw test files). A failed check ends the stage non-zero, after writing."""
+
+import json
+from pathlib import Path
+
+from mmpipe import params, tracking
+from mmpipe.deploy.export import export, failed_checks
+from mmpipe.errors import PipelineError
+from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.stage import run_stage
+
+OUT, METRICS = Path("artifacts/deploy"), Path("metrics/export.json")
+
+
+def main() -> None:
+    cfg = params.load("export")
+    with tracking.stage_run("export", cfg) as run:
+        with atomic_dir(OUT) as out:
+            checks = export(cfg, out, Path("artifacts/compressed"), Path("models/fusion"), Path("data/features"),
+                            Path("data/raw"), Path("data/clean"), json.loads(Path("metrics/eval.json").read_text()),
+                            json.loads(Path("metrics/compress.json").read_text()))
+            failed = failed_checks(checks, cfg)
+            if failed:  # keep the metrics so the user sees why; no bundle
+                write_json_atomic(METRICS, checks | {"passed": False, "failed": failed})
+                raise PipelineError("\n".join(failed))
+        write_json_atomic(METRICS, checks | {"passed": True, "failed": []})
+        run.log_metrics_file(METRICS)
+        run.log_artifact(OUT / "MODEL_CARD.md")
+        run.log_artifact(OUT / "manifest.json")
+    print(f"export: {OUT}/ ({checks['bundle_files']} files, {checks['bundle_bytes'] / 1e6:.2f} MB); ONNX vs PyTorch "
+          f"{checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.1e}; shipped {checks['shipped_variant']} vs unpruned fp32 "
+          f"top-1 agreement {checks['shipped_vs_fp32_top1_agreement']:.4f}; predictor on raw test files {checks['predictor_raw_test_accuracy']:.4f} "
+          f"(evaluate {checks['evaluate_test_accuracy']:.4f})")
+
+
+if __name__ == "__main__":
+    run_stage(main)

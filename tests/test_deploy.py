@@ -1,0 +1,141 @@
+"""The deployment bundle: built, verified against the pipeline, and run alone with only its four dependencies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import png_bytes
+from mmpipe import params
+from mmpipe.compress.compress import compress
+from mmpipe.deploy.export import export, failed_checks, load_predictor, raw_test_items
+from mmpipe.evaluate.evaluate import evaluate
+from mmpipe.features.loader import FeatureSet
+
+# Runs predict.py with imports limited to the standard library, the bundle's own modules and its four
+# runtime dependencies (with what they import themselves): anything else (torch, mmpipe, ...) fails.
+def runtime_modules(roots=("numpy", "onnxruntime", "soundfile", "pillow")) -> set[str]:
+    """Top-level modules of the four runtime distributions and of everything they require (installed metadata)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = set(), [canonicalize_name(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for text in metadata.requires(name) or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return {module for module, dists in metadata.packages_distributions().items()
+            if any(canonicalize_name(d) in seen for d in dists)}
+
+
+GUARD = r"""
+import importlib.abc, runpy, sys
+ALLOWED = set(%r) | {"logmel", "portable", "tokenizer", "_soundfile", "_cffi_backend"}
+class Guard(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top in ALLOWED:
+            return None
+        raise ImportError(f"the bundle imported {name}, which is not one of its dependencies")
+sys.meta_path.insert(0, Guard())
+sys.argv = ["predict.py", *sys.argv[1:]]
+runpy.run_path("predict.py", run_name="__main__")
+""" % sorted(runtime_modules())
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_corpus, tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    (root / "compressed").mkdir()
+    (root / "deploy").mkdir()
+    eval_cfg = params.validate("evaluate", {"device": "cpu", "noise_levels": [0.0, 1.0], "latency_runs": 5})
+    eval_metrics = evaluate(eval_cfg, tiny_corpus / "features", tiny_corpus / "clean", tiny_model.parent,
+                            progress=lambda line: None)["metrics"]
+    compress_cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.2,
+                                                "prune": {"finetune_epochs": 1}, "quantize": {"calibration_samples": 64}})
+    compress_metrics = compress(compress_cfg, tiny_corpus / "features", tiny_model, root / "compressed",
+                                progress=lambda line: None)
+    checks = export(params.ExportParams(), root / "deploy", root / "compressed", tiny_model, tiny_corpus / "features",
+                    tiny_corpus / "raw", tiny_corpus / "clean", eval_metrics, compress_metrics)
+    return {"folder": root / "deploy", "checks": checks, "eval": eval_metrics, "compress": compress_metrics}
+
+
+def test_bundle_reproduces_the_pipeline(bundle):
+    checks = bundle["checks"]
+    assert checks["fp32_onnx_vs_pytorch_max_abs_logit_diff"] <= 1e-4
+    # the predictor's own preprocessing of the raw files gives the evaluated accuracy
+    assert abs(checks["predictor_raw_test_accuracy_fp32"] - bundle["eval"]["test"]["accuracy"]) <= 0.005
+    chosen = bundle["compress"]["chosen"]
+    assert abs(checks["predictor_raw_test_accuracy"] - bundle["compress"]["variants"][chosen]["test_accuracy"]) <= 0.005
+    assert checks["predictor_input_errors"] == [] and failed_checks(checks, params.ExportParams()) == []
+
+
+def test_manifest_lists_every_file_with_its_checksum(bundle):
+    folder = bundle["folder"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {"manifest.json"}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert [i["name"] for i in manifest["inputs"]] == ["image", "text", "text_length", "audio", "available"]
+    assert all(i["shape"][0] == "batch" for i in manifest["inputs"])
+    assert manifest["preprocessing"]["audio"]["sample_rate"] == 16000 and manifest["labels"] == [str(d) for d in range(10)]
+    assert (folder / "requirements.txt").read_text().splitlines()[0].startswith("numpy==")
+    assert "Verification (export stage)" in (folder / "MODEL_CARD.md").read_text()
+
+
+def test_bundle_alone_with_only_its_dependencies_predicts_raw_files(bundle, tiny_corpus, tmp_path):
+    alone = tmp_path / "alone"
+    shutil.copytree(bundle["folder"], alone)
+    test = FeatureSet(tiny_corpus / "features", split="test")
+    modalities = ["image", "text", "audio"]
+    items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, modalities)
+    i = next(k for k, item in enumerate(items) if all(item[m] is not None for m in modalities))
+    (tmp_path / "x.png").write_bytes(items[i]["image"])
+    (tmp_path / "x.audio").write_bytes(items[i]["audio"])
+    args = ["--image", str(tmp_path / "x.png"), "--audio", str(tmp_path / "x.audio"), "--text", items[i]["text"].decode()]
+    proc = subprocess.run([sys.executable, "-I", "-c", GUARD, *args], cwd=alone, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert abs(sum(answer["probabilities"].values()) - 1) < 1e-4 and answer["label"] in answer["probabilities"]
+
+    predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"])
+    expected = predictor.predict([predictor.features(**items[i])])[0]
+    assert answer["label"] == expected["label"]
+
+    blocked = subprocess.run([sys.executable, "-I", "-c", GUARD.replace('runpy.run_path("predict.py", run_name="__main__")',
+                                                                         "import torch")], cwd=alone, capture_output=True,
+                             text=True, timeout=60)
+    assert blocked.returncode != 0 and "not one of its dependencies" in blocked.stderr  # the guard does guard
+
+
+def test_manifest_rows_with_bad_inputs_get_errors_and_the_rest_are_predicted(bundle, tmp_path):
+    (tmp_path / "good.png").write_bytes(png_bytes(size=(28, 28)))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "m.csv").write_text("id,image,audio,text\n"
+                                    "a,good.png,,seven\n"
+                                    "b,broken.png,,\n"
+                                    "c,missing.wav,,\n"
+                                    "d,,,\u200b \n"
+                                    "e,,,nine\n")
+    proc = subprocess.run([sys.executable, "-I", "-c", GUARD, "--manifest", str(tmp_path / "m.csv")],
+                          cwd=bundle["folder"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c", "d", "e"]
+    assert "label" in rows[0] and "label" in rows[4]
+    assert rows[1]["error"].startswith("image does not decode")
+    assert rows[2]["error"].startswith("missing.wav: cannot read")
+    assert rows[3]["error"] == "text is empty after normalisation"
