@@ -237,6 +237,8 @@ class ExportParams(Strict):
     parity_samples: int = Field(256, ge=1)
     max_abs_logit_diff: float = Field(1e-4, gt=0.0)
     max_predictor_accuracy_gap: float = Field(0.005, ge=0.0, le=1.0)
+    registered_model: str | None = Field("mmpipe-fusion", min_length=1)
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 SECTIONS: dict[str, type[Strict]] = {

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 from mmpipe import params, tracking
-from mmpipe.deploy.export import export, failed_checks
+from mmpipe.deploy.export import example_request, export, failed_checks, raw_test_items, register
+from mmpipe.features.loader import FeatureSet
 from mmpipe.errors import PipelineError
 from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.modalities import NAMES
 from mmpipe.stage import run_stage
 
 OUT, METRICS = Path("artifacts/deploy"), Path("metrics/export.json")
@@ -25,6 +27,11 @@ def main() -> None:
             if failed:  # keep the metrics so the user sees why; no bundle
                 write_json_atomic(METRICS, checks | {"passed": False, "failed": failed})
                 raise PipelineError("\n".join(failed))
+            if cfg.registered_model:  # served by `mlflow models serve -m models:/<name>@<alias>`
+                items = raw_test_items(Path("data/raw"), Path("data/clean"),
+                                       FeatureSet(Path("data/features"), split="test").sample_ids[:64],
+                                       list(NAMES))
+                checks["mlflow"] = register(out, cfg.registered_model, cfg.alias, example_request(items))
         write_json_atomic(METRICS, checks | {"passed": True, "failed": []})
         run.log_metrics_file(METRICS)
         run.log_artifact(OUT / "MODEL_CARD.md")

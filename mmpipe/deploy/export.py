@@ -14,7 +14,7 @@ import importlib.util
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
 from mmpipe.io import iter_row_groups
 from mmpipe.models.train import load_model, to_model_inputs
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def load_predictor(folder: Path):
@@ -202,3 +205,41 @@ def failed_checks(checks: dict, params) -> list[str]:
                       f"{checks['evaluate_test_accuracy']:.4f} in evaluate (> export.max_predictor_accuracy_gap "
                       f"{params.max_predictor_accuracy_gap})")
     return failed
+
+
+MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
+
+
+def example_request(items: list[dict]) -> "pd.DataFrame":
+    """An input example for the MLflow model: the first raw test sample that has all three modalities."""
+    import base64
+
+    import pandas as pd
+
+    item = next((it for it in items if all(it[m] is not None for m in ("image", "audio", "text"))), items[0])
+    return pd.DataFrame([{"image": base64.b64encode(item["image"]).decode() if item["image"] else "",
+                          "audio": base64.b64encode(item["audio"]).decode() if item["audio"] else "",
+                          "text": item["text"].decode("utf-8") if item["text"] else ""}])
+
+
+def register(folder: Path, name: str, alias: str, example: "pd.DataFrame") -> dict[str, Any]:
+    """Log the bundle as an MLflow pyfunc model in the active run, register it as ``name`` and point
+    ``alias`` at the new version. Returns the model URI and version."""
+    from importlib import metadata
+
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.tracking import MlflowClient
+    from mlflow.types.schema import ColSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", column, required=False) for column in ("image", "audio", "text")]),
+        outputs=Schema([ColSpec("string", column) for column in ("label", "probabilities", "error")]))
+    requirements = [f"{dist}=={metadata.version(dist)}" for dist in
+                    ("mlflow", "pandas", "numpy", "onnxruntime", "soundfile", "pillow")]
+    info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"bundle": str(folder)},
+                                   signature=signature, input_example=example, registered_model_name=name,
+                                   pip_requirements=requirements)
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(name, alias, version)
+    return {"registered_model": name, "version": version, "alias": alias, "model_uri": f"models:/{name}@{alias}"}
