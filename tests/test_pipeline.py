@@ -132,7 +132,7 @@ def test_dvc_exp_run_in_temp_workspace_logs_to_the_main_store(repo):
     proc = dvc(repo, "exp", "run", "--temp", "-S", "clean.min_per_class=3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = runs(repo)  # the store of the main checkout, not of .dvc/tmp/exps/<tmp>
-    assert sorted(table["tags.dvc.stage"]) == ["clean", "collect", "compress", "evaluate", "preprocess@audio",
+    assert sorted(table["tags.dvc.stage"]) == ["clean", "collect", "compress", "evaluate", "export", "preprocess@audio",
                                                "preprocess@image", "preprocess@text", "train"]
     assert table["tags.dvc.exp_name"].str.len().gt(0).all() and table["tags.dvc.exp_name"].nunique() == 1
     assert set(table["params.min_per_class"].dropna()) == {"3"}
@@ -221,4 +221,6 @@ def test_unreachable_gate_stops_repro_before_compress_then_evaluate_and_compress
 
     set_params(repo, compress={"max_accuracy_drop": 0.5})
     again = dvc(repo, "repro")
-    assert "Running stage 'compress'" in again.stdout and "Running stage 'evaluate'" not in again.stdout
+    assert "Running stage 'compress'" in again.stdout and "Running stage 'export'" in again.stdout
+    assert "Running stage 'evaluate'" not in again.stdout and "Running stage 'train'" not in again.stdout
+    assert (repo / "artifacts/deploy/predict.py").exists() and json.loads((repo / "metrics/export.json").read_text())["passed"]
