@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 from mmpipe import params, tracking
-from mmpipe.deploy.export import example_request, export, failed_checks, raw_test_items, register
-from mmpipe.features.loader import FeatureSet
+from mmpipe.deploy.export import export, failed_checks, register
 from mmpipe.errors import PipelineError
 from mmpipe.io import atomic_dir, write_json_atomic
-from mmpipe.modalities import NAMES
 from mmpipe.stage import run_stage
 
 OUT, METRICS = Path("artifacts/deploy"), Path("metrics/export.json")
@@ -20,7 +18,7 @@ def main() -> None:
     cfg = params.load("export")
     with tracking.stage_run("export", cfg) as run:
         with atomic_dir(OUT) as out:
-            checks = export(cfg, out, Path("artifacts/compressed"), Path("models/fusion"), Path("data/features"),
+            checks, example = export(cfg, out, Path("artifacts/compressed"), Path("models/fusion"), Path("data/features"),
                             Path("data/raw"), Path("data/clean"), json.loads(Path("metrics/eval.json").read_text()),
                             json.loads(Path("metrics/compress.json").read_text()))
             failed = failed_checks(checks, cfg)
@@ -28,10 +26,7 @@ def main() -> None:
                 write_json_atomic(METRICS, checks | {"passed": False, "failed": failed})
                 raise PipelineError("\n".join(failed))
             if cfg.registered_model:  # served by `mlflow models serve -m models:/<name>@<alias>`
-                items = raw_test_items(Path("data/raw"), Path("data/clean"),
-                                       FeatureSet(Path("data/features"), split="test").sample_ids[:64],
-                                       list(NAMES))
-                checks["mlflow"] = register(out, cfg.registered_model, cfg.alias, example_request(items))
+                checks["mlflow"] = register(out, cfg.registered_model, cfg.alias, example)
         write_json_atomic(METRICS, checks | {"passed": True, "failed": []})
         run.log_metrics_file(METRICS)
         run.log_artifact(OUT / "MODEL_CARD.md")

@@ -68,7 +68,7 @@ def bundle(tiny_corpus, tiny_model, tmp_path_factory):
                                                 "prune": {"finetune_epochs": 1}, "quantize": {"calibration_samples": 64}})
     compress_metrics = compress(compress_cfg, tiny_corpus / "features", tiny_model, root / "compressed",
                                 progress=lambda line: None)
-    checks = export(params.ExportParams(), root / "deploy", root / "compressed", tiny_model, tiny_corpus / "features",
+    checks, _ = export(params.ExportParams(), root / "deploy", root / "compressed", tiny_model, tiny_corpus / "features",
                     tiny_corpus / "raw", tiny_corpus / "clean", eval_metrics, compress_metrics)
     return {"folder": root / "deploy", "checks": checks, "eval": eval_metrics, "compress": compress_metrics}
 

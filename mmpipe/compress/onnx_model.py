@@ -41,10 +41,7 @@ class TensorArgsModel(nn.Module):
 
     def forward(self, image=None, text=None, text_length=None, audio=None, available=None) -> torch.Tensor:
         given = {"image": image, "text": text, "text_length": text_length, "audio": audio, "available": available}
-        batch = {k: v for k, v in given.items() if v is not None}
-        if "text" in batch:
-            batch["text_length"] = batch["text_length"].to(torch.int64)
-        return self.model(batch)
+        return self.model({k: v for k, v in given.items() if v is not None})
 
 
 def onnx_feeds(batch: dict[str, torch.Tensor], modalities: list[str]) -> dict[str, np.ndarray]:

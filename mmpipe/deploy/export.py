@@ -60,23 +60,23 @@ def raw_test_items(raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modal
     return [{m: raw[sid][m] if kept[sid][m] else None for m in modalities} for sid in sample_ids]
 
 
-def verify(folder: Path, model_dir: Path, features_root: Path, raw_dir: Path, clean_dir: Path, parity_samples: int,
+def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: list[dict], parity_samples: int,
            quantized_from: Path | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """``quantized_from``: the fp32 ONNX model the shipped int8 one was quantized from (None: not int8)."""
-    test = FeatureSet(features_root, split="test")
-    model = load_model(model_dir)
+    """Check the bundle in ``folder`` against the PyTorch ``model`` on the ``test`` split, whose raw
+    inputs are ``items`` (raw_test_items). ``quantized_from``: the fp32 ONNX model the shipped int8
+    one was quantized from (None: not int8)."""
     modalities = model.modalities
     batch = test.get(np.arange(min(parity_samples, len(test))))
     with torch.no_grad():
         torch_logits = model(to_model_inputs(batch, modalities, torch.device("cpu"))).numpy()
-    onnx_logits = run_logits(session(folder / "model_fp32.onnx"), onnx_feeds(batch, modalities))
+    fp32 = session(folder / "model_fp32.onnx")
+    onnx_logits = run_logits(fp32, onnx_feeds(batch, modalities))
     everything = onnx_feeds(test.get(np.arange(len(test))), modalities)
-    fp32_top1 = run_logits(session(folder / "model_fp32.onnx"), everything).argmax(axis=1)
+    fp32_top1 = run_logits(fp32, everything).argmax(axis=1)
     shipped_top1 = run_logits(session(folder / "model.onnx"), everything).argmax(axis=1)
     base_top1 = run_logits(session(quantized_from), everything).argmax(axis=1) if quantized_from else shipped_top1
 
     predict = load_predictor(folder)
-    items = raw_test_items(raw_dir, clean_dir, test.sample_ids, modalities)
     accuracy, errors = {}, []
     for which in ("shipped", "fp32"):
         predictor = predict.Predictor(folder, model=which)
@@ -165,15 +165,19 @@ def model_card(dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen
 
 
 def export(params, out: Path, compressed: Path, model_dir: Path, features_root: Path, raw_dir: Path,
-           clean_dir: Path, eval_metrics: dict, compress_metrics: dict) -> dict[str, Any]:
+           clean_dir: Path, eval_metrics: dict, compress_metrics: dict) -> tuple[dict[str, Any], "pd.DataFrame"]:
+    """Build and verify the bundle in ``out``. Returns the checks (metrics/export.json) and an input
+    example for the MLflow model (a raw test sample)."""
     dataset = json.loads((clean_dir / DATASET_FILE).read_text())
     chosen = compress_metrics["chosen"]
-    modalities = load_model(model_dir).modalities
+    model = load_model(model_dir)
+    modalities = model.modalities
+    test = FeatureSet(features_root, split="test")
+    items = raw_test_items(raw_dir, clean_dir, test.sample_ids, modalities)
     card = model_card(dataset, eval_metrics, compress_metrics, chosen)
     manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, card, git_commit())
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
-    checks = verify(out, model_dir, features_root, raw_dir, clean_dir, params.parity_samples,
-                    compressed / f"{base}.onnx" if base else None)
+    checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None)
     checks |= {"evaluate_test_accuracy": eval_metrics["test"]["accuracy"],
                "compress_test_accuracy_shipped": compress_metrics["variants"][chosen]["test_accuracy"],
                "shipped_variant": chosen, "bundle_files": len(manifest["files"]),
@@ -191,7 +195,7 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
                  f"{100 * checks['evaluate_test_accuracy']:.2f} %)\n")
     manifest["files"]["MODEL_CARD.md"] = bundle.sha256(out / "MODEL_CARD.md")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return checks
+    return checks, example_request(items)
 
 
 def failed_checks(checks: dict, params) -> list[str]:

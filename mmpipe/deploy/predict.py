@@ -34,8 +34,6 @@ import logmel  # noqa: E402
 import portable  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
-PASS_THROUGH_FORMATS = {"PNG", "JPEG"}  # image formats clean keeps as they are (when already 8-bit L/RGB)
-
 
 class InputError(Exception):
     """An input that cannot be turned into features (the message names the reason)."""
@@ -69,7 +67,7 @@ class Predictor:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"image does not decode: {exc}") from None
         normalized, changed = portable.normalize_image(img)
-        source = data if fmt in PASS_THROUGH_FORMATS and not changed else normalized
+        source = data if fmt in portable.PASS_THROUGH_FORMATS and not changed else normalized
         cfg = self.image
         return {"image": portable.load_pixels(source, cfg["size"], cfg["mode"], cfg["fit"])}
 

@@ -41,6 +41,7 @@ class SplitInputs:
         self.tensors = data.get(np.arange(len(data)))
         self.tensors.pop("index")
         self._raw: dict[str, list] = {}
+        self._featurizers: dict[str, object] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -65,11 +66,12 @@ class SplitInputs:
 
     def corrupted(self, modality: str, corruption: str, level: float, rng: np.random.Generator) -> dict:
         """The split's tensors with ``modality`` recomputed from its clean content under ``corruption``."""
-        folder = self.features_root / modality
         module = MODALITIES[modality]
-        features = module.Features.from_state(folder, json.loads((folder / STATE_FILE).read_text()))
+        if modality not in self._featurizers:
+            folder = self.features_root / modality
+            self._featurizers[modality] = module.Features.from_state(folder, json.loads((folder / STATE_FILE).read_text()))
         noise = module.CORRUPTIONS[corruption]
-        arrays = features.transform(self.raw(modality), [str(s) for s in self.sample_ids],
+        arrays = self._featurizers[modality].transform(self.raw(modality), [str(s) for s in self.sample_ids],
                                     noise=lambda x: noise(x, level, rng))
         return self.tensors | {name: torch.from_numpy(values) for name, values in arrays.items()}
 

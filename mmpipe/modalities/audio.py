@@ -16,6 +16,7 @@ import soxr
 from mmpipe.errors import PipelineError, RejectedInput
 from mmpipe.modalities import logmel
 from mmpipe.modalities.base import Cleaned
+from mmpipe.modalities.portable import fix_length
 
 NAME = "audio"
 EXTENSIONS = (".wav", ".flac")
@@ -142,8 +143,7 @@ class Features:
             if rate != self.sample_rate:
                 raise PipelineError(f"sample {ids[i]}: audio is at {rate} Hz, expected {self.sample_rate} Hz "
                                     f"(data/clean is inconsistent: re-run clean)")
-            n = min(len(clip), self.n_samples)
-            batch[i, :n] = clip[:n]  # cut or zero-pad the end to n_samples (librosa.util.fix_length)
+            batch[i] = fix_length(clip, self.n_samples)
             present[i] = True
         return batch, present
 

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmpipe.errors import PipelineError, RejectedInput
 from mmpipe.modalities.base import Cleaned
-from mmpipe.modalities.portable import load_pixels, normalize_image
+from mmpipe.modalities.portable import PASS_THROUGH_FORMATS, load_pixels, normalize_image
 
 NAME = "image"
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -25,7 +25,6 @@ EXTENSIONS = (".png", ".jpg", ".jpeg")
 STORED_AS = pa.binary()
 INFO_COLUMNS = {"width": pa.int32(), "height": pa.int32()}
 INLINE = False
-PASS_THROUGH_FORMATS = {"PNG", "JPEG"}
 
 
 def clean(data: bytes, cfg) -> Cleaned:

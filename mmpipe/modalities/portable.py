@@ -17,6 +17,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 _SPACES = re.compile(r"\s+")
+PASS_THROUGH_FORMATS = {"PNG", "JPEG"}  # image formats clean keeps as they are (when already 8-bit L/RGB)
 
 
 # --------------------------------------------------------------------------- image
