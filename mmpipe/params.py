@@ -221,6 +221,7 @@ class Quantize(Strict):
     enabled: bool = True
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_samples: int = Field(256, ge=1)
+    layers: Literal["all", "not_slower"] = "not_slower"
 
 
 class CompressParams(Strict):

@@ -88,11 +88,43 @@ def test_int8_budget_keeps_the_most_sensitive_layers_in_fp32(model_dir, test_bat
     assert none is None and not (tmp_path / "never.onnx").exists()  # nothing fits: fall back to fp32
 
 
-@pytest.mark.parametrize("method", ["structured", "unstructured"])
-def test_compress_measures_every_variant_and_chooses_within_budget(tiny_corpus, model_dir, tmp_path, method):
+def _int8_nodes(path) -> set[str]:
+    """Nodes of a QDQ model whose weight arrives through a DequantizeLinear, i.e. were quantized."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dequantized = {out for n in graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    return {n.name for n in graph.node if n.op_type in quantize.QUANTIZABLE and n.input[1] in dequantized}
+
+
+def test_latency_probe_keeps_the_layers_measured_slower_in_fp32(model_dir, test_batch, tmp_path):
+    model = load_model(model_dir)
+    feeds = onnx_feeds(test_batch, model.modalities)
+    export_onnx(model, feeds, tmp_path / "fp32.onnx")
+    prepared = tmp_path / "prepared.onnx"
+    quantize.prepare(tmp_path / "fp32.onnx", prepared)
+    calibration = [{k: v[:32] for k, v in feeds.items()}]
+    nodes = quantize.quantizable_nodes(prepared)
+    # a stand-in clock: every other layer is 1 ms faster in int8, the rest 1 ms slower, of 20 ms
+    saving = {node: (1.0 if i % 2 == 0 else -1.0) for i, node in enumerate(nodes)}
+    time_of = lambda path: 20.0 - sum(saving[n] for n in _int8_nodes(path))  # noqa: E731
+    gains = quantize.latency_gains(prepared, calibration, "minmax", time_of, rounds=1)
+    assert dict(gains) == {node: saved / 20.0 for node, saved in saving.items()}
+    faster = [node for node, saved in gains if saved >= -0.02]
+    logits_of = lambda path: run_logits(session(path), feeds)  # noqa: E731
+    trial = quantize.quantize_within_budget(prepared, tmp_path / "int8.onnx", calibration, "minmax", lambda p: 0.9,
+                                            logits_of, 0.9, 0.01, lambda row: None, candidates=faster)
+    assert trial == {"excluded": [], "accuracy": 0.9}
+    assert _int8_nodes(tmp_path / "int8.onnx") == set(faster) and 0 < len(faster) < len(nodes)
+    assert quantize.quantize_within_budget(prepared, tmp_path / "none.onnx", calibration, "minmax", lambda p: 0.9,
+                                           logits_of, 0.9, 0.01, lambda row: None, candidates=[]) is None
+
+
+@pytest.mark.parametrize("method,layers", [("structured", "not_slower"), ("unstructured", "all")])
+def test_compress_measures_every_variant_and_chooses_within_budget(tiny_corpus, model_dir, tmp_path, method, layers):
     cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.05,
                                        "prune": {"method": method, "finetune_epochs": 1},
-                                       "quantize": {"calibration_samples": 64}})
+                                       "quantize": {"calibration_samples": 64, "layers": layers}})
     result = compress(cfg, tiny_corpus / "features", model_dir, tmp_path, progress=lambda line: None)
     variants = result["variants"]
     assert set(variants) >= {"fp32", "pruned"}
@@ -104,8 +136,13 @@ def test_compress_measures_every_variant_and_chooses_within_budget(tiny_corpus, 
         assert variants["pruned"]["sparsity"] > 0.3 and variants["pruned"]["macs_per_sample"] == variants["fp32"]["macs_per_sample"]
     else:
         assert variants["pruned"]["macs_per_sample"] < variants["fp32"]["macs_per_sample"]
-    if "int8" in variants:
+    if layers == "all":  # every layer quantized unless the budget kept it in fp32
+        assert "int8" in variants and variants["int8"]["fp32_nodes_slower_in_int8"] == []
         assert variants["int8"]["file_bytes"] < variants["fp32"]["file_bytes"] / 2.5
+    elif "int8" in variants:  # the layers probed slower stay fp32; the file still shrinks
+        int8_nodes = _int8_nodes(tmp_path / "int8.onnx")
+        assert not int8_nodes & set(variants["int8"]["fp32_nodes_slower_in_int8"]) and int8_nodes
+        assert variants["int8"]["file_bytes"] < variants[variants["int8"]["from"]]["file_bytes"]
     chosen = result["chosen"]
     assert variants["fp32"]["val_accuracy"] - variants[chosen]["val_accuracy"] <= 0.05
     assert chosen == min((n for n in variants if variants["fp32"]["val_accuracy"] - variants[n]["val_accuracy"] <= 0.05),

@@ -1,6 +1,13 @@
 """int8 post-training static quantization in ONNX Runtime (QDQ, per-channel weights), with an
 accuracy budget: when int8 loses too much, the most sensitive layers stay in fp32 and it retries.
 
+Which layers are candidates is either all of them or, with ``layers: not_slower``, those whose int8
+form is not measured slower on this machine: on CPUs without VNNI, ONNX Runtime's int8 convolutions
+plus the layout changes around them can be slower than its blocked fp32 kernels (bench.int8_kernels),
+so quantizing everything makes the model smaller but slower. Each layer is quantized alone and timed
+against the fp32 model; per-layer effects are not strictly additive, so the final variant is
+measured again as a whole.
+
 Sensitivity is measured, not guessed: each quantizable node is quantized alone and ranked by how
 far the model's validation logits move from fp32 (mean squared difference). Retries keep the top
 1, 2, 4, ... nodes in fp32 until the accuracy drop fits the budget.
@@ -61,20 +68,41 @@ def sensitivity(prepared: Path, calibration: list[dict[str, np.ndarray]], method
     return sorted(scores, key=lambda item: -item[1])
 
 
+def latency_gains(prepared: Path, calibration: list[dict[str, np.ndarray]], method: str,
+                  time_of: Callable[[Path], float], rounds: int = 3) -> list[tuple[str, float]]:
+    """Quantizable nodes with the share of the fp32 model's time each saves when quantized alone
+    (negative: int8 is slower). The fp32 model is timed next to each candidate, ``rounds`` times, and
+    the median taken, so that drift in machine load cancels and one slow run does not decide."""
+    gains = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for node in quantizable_nodes(prepared):
+            single = Path(tmp) / "single.onnx"
+            quantize(prepared, single, calibration, method, include=[node])
+            pairs = [(time_of(prepared), time_of(single)) for _ in range(rounds)]
+            gains.append((node, round(float(np.median([(ref - q) / ref for ref, q in pairs])), 4)))
+    return gains
+
+
 def quantize_within_budget(prepared: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], method: str,
                            accuracy_of: Callable[[Path], float], logits_of: Callable[[Path], np.ndarray],
-                           fp32_accuracy: float, max_drop: float, log: Callable[[dict], None]) -> dict | None:
-    """Write the int8 model to ``out_path`` and return its trial record, or None when no trial fits."""
-    quantize(prepared, out_path, calibration, method)
+                           fp32_accuracy: float, max_drop: float, log: Callable[[dict], None],
+                           candidates: list[str] | None = None) -> dict | None:
+    """Write the int8 model to ``out_path`` and return its trial record, or None when no trial fits.
+
+    ``candidates``: the nodes that may be quantized (None: every quantizable node)."""
+    candidates = quantizable_nodes(prepared) if candidates is None else candidates
+    if not candidates:
+        return None
+    quantize(prepared, out_path, calibration, method, include=candidates)
     trial = {"excluded": [], "accuracy": accuracy_of(out_path)}
     log(trial)
     if fp32_accuracy - trial["accuracy"] <= max_drop:
         return trial
-    ranked = [node for node, _ in sensitivity(prepared, calibration, method, logits_of)]
+    ranked = [node for node, _ in sensitivity(prepared, calibration, method, logits_of) if node in candidates]
     keep = 1
     while keep < len(ranked):
         excluded = ranked[:keep]
-        quantize(prepared, out_path, calibration, method, exclude=excluded)
+        quantize(prepared, out_path, calibration, method, include=[n for n in candidates if n not in excluded])
         trial = {"excluded": excluded, "accuracy": accuracy_of(out_path)}
         log(trial)
         if fp32_accuracy - trial["accuracy"] <= max_drop:

@@ -1,0 +1,65 @@
+"""Latency of the compress stage's variants, timed side by side in interleaved rounds.
+
+The compress stage times each variant once, one after the other, so a burst of load on a shared
+machine can skew one figure. This benchmark times fp32 / pruned / int8 ONNX (artifacts/compressed/)
+and PyTorch eager fp32 (models/fusion) round-robin, ``--rounds`` times, at a fixed thread count, and
+reports the median latency and the median per-round speed-up against fp32 ONNX and PyTorch eager.
+
+    python -m bench.compressed_variants --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmpipe.compress.onnx_model import onnx_feeds, session
+from mmpipe.features.loader import FeatureSet
+from mmpipe.io import write_json_atomic
+from mmpipe.models.train import load_model, to_model_inputs
+from mmpipe.timing import latency_ms
+
+VARIANTS = Path("artifacts/compressed")
+REPORT = Path("reports/compressed_variants.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per variant per round")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(Path("models/fusion")).eval()
+    val = FeatureSet(Path("data/features"), split="val")
+    batch = val.get(np.arange(32))
+    feeds = onnx_feeds(batch, model.modalities)
+    eager_inputs = to_model_inputs(batch, model.modalities, torch.device("cpu"))
+    names = [n for n in ("fp32", "pruned", "int8") if (VARIANTS / f"{n}.onnx").exists()]
+    sessions = {n: session(VARIANTS / f"{n}.onnx", args.threads) for n in names}
+    timings: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for size in (1, 32):
+            fed = {k: v[:size] for k, v in feeds.items()}
+            for name, sess in sessions.items():
+                ms = latency_ms(lambda: sess.run(["logits"], fed), args.runs)["p50"]
+                timings.setdefault(f"{name}@{size}", []).append(ms)
+            with torch.no_grad():
+                ms = latency_ms(lambda: model({k: v[:size] for k, v in eager_inputs.items()}), args.runs)["p50"]
+            timings.setdefault(f"pytorch@{size}", []).append(ms)
+    t = {k: np.array(v) for k, v in timings.items()}
+    report = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+              "rounds": args.rounds, "median_ms": {k: round(float(np.median(v)), 3) for k, v in t.items()},
+              "speedup_vs_fp32_onnx_batch_32": {n: round(float(np.median(t["fp32@32"] / t[f"{n}@32"])), 2) for n in names},
+              "speedup_vs_pytorch_batch_1": {n: round(float(np.median(t["pytorch@1"] / t[f"{n}@1"])), 2) for n in names}}
+    write_json_atomic(REPORT, report)
+    for key, value in report.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
