@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test install ui bench
+.PHONY: repro test install ui bench pull push ci exps
 
 install: $(STAMP)
 
@@ -29,3 +29,22 @@ bench: $(STAMP)
 # MLflow UI on the project's tracking store (the SQLite file the stages write to).
 ui: $(STAMP)
 	mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --host 127.0.0.1 --port 5000
+
+# DVC remote (default: the folder ../mmpipe-dvc-remote; see README "CI and the run-cache").
+# pull: the data of dvc.lock and the run-cache (missing objects are fine on a first run).
+pull: $(STAMP)
+	dvc pull --run-cache --allow-missing
+
+# push: the data of dvc.lock, the run-cache, and every object the run-cache refers to.
+push: $(STAMP)
+	python tools/push_run_cache.py
+
+# What CI runs: restore what it can, run only what changed, share the results, report the change.
+ci: pull
+	dvc repro --pull
+	$(MAKE) push
+	dvc metrics diff --md HEAD
+
+# The experiments with their headline metrics (the columns of the MLflow pipeline rows).
+exps: $(STAMP)
+	dvc exp show --drop '.*' --keep 'Experiment|Created|State|model\.fusion|test\.accuracy|test\.f1_macro|fusion_gain|robustness\.[a-z]+\.relative|shipped\.(file_bytes|batch_32_p50_ms)'

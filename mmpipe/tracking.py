@@ -1,7 +1,10 @@
 """MLflow tracking for stage executions.
 
 One MLflow run per stage execution, tagged with the DVC stage, the DVC experiment, the git
-commit and a pipeline id. The default store is a SQLite file at an *absolute* path in the main
+commit and a pipeline id, and nested under one *pipeline run* per pipeline execution (same
+pipeline id): the row to compare in the MLflow UI. The pipeline run holds every parameter of
+params.yaml and the headline metrics of every stage (mmpipe.summary), refreshed from the metrics
+files each time a stage finishes, so stages DVC restored from its cache still fill it. The default store is a SQLite file at an *absolute* path in the main
 checkout, so runs started from DVC's temporary experiment workspaces (``.dvc/tmp/exps/...``)
 land in the same store. ``MLFLOW_TRACKING_URI`` overrides it (e.g. a remote server).
 """
@@ -15,15 +18,18 @@ import logging
 import os
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from mmpipe import summary
 from mmpipe.errors import PipelineError
 from mmpipe.io import flatten
 
 DEFAULT_EXPERIMENT = "mmpipe"
+PIPELINE_ROLE = "pipeline"  # tag mmpipe.role of the parent rows
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 _EXP_WORKSPACE = re.compile(r"^(.*?)/\.dvc/tmp/exps/")
@@ -179,9 +185,57 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
         "pipeline.id": pipeline_id(),
         "mmpipe.stage": stage,
     }
+    client = MlflowClient(uri)
+    parent_id = pipeline_run(client, experiment_id, tags)
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics
+        experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics,
+        parent_run_id=parent_id,
     ) as run:
-        flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(params_dict).items()}
+        flat = {k: _param_value(v) for k, v in flatten(params_dict).items()}
         mlflow.log_params(flat)
-        yield StageRun(run)
+        try:
+            yield StageRun(run)
+        except BaseException:
+            client.set_terminated(parent_id, "FAILED")
+            raise
+    update_pipeline_run(client, parent_id, stage)
+
+
+def _param_value(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def pipeline_run(client: Any, experiment_id: str, tags: dict[str, str], params_file: str = "params.yaml") -> str:
+    """Id of the pipeline run of ``tags["pipeline.id"]``; created, with every parameter of
+    ``params_file`` (``section.key``), when this is the execution's first stage."""
+    found = client.search_runs(
+        [experiment_id], f"tags.`pipeline.id` = '{tags['pipeline.id']}' and tags.`mmpipe.role` = '{PIPELINE_ROLE}'",
+        max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    import yaml
+    from mlflow.entities import Param
+
+    name = tags["dvc.exp_name"] or f"pipeline-{tags['git.commit'][:7]}-{tags['pipeline.id'][:6]}"
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={k: v for k, v in tags.items() if k not in ("dvc.stage", "mmpipe.stage")}
+                            | {"mmpipe.role": PIPELINE_ROLE})
+    with contextlib.suppress(OSError):
+        values = flatten(yaml.safe_load(Path(params_file).read_text()) or {})
+        params = [Param(k, str(_param_value(v))) for k, v in values.items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run.info.run_id, params=params[start:start + 100])
+    return run.info.run_id
+
+
+def update_pipeline_run(client: Any, run_id: str, stage: str, root: Path | None = None) -> None:
+    """Refresh the pipeline run's headline metrics from the metrics files of ``stage`` and the
+    stages before it, and mark it finished (a later stage may reopen it)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in summary.headline(root or Path.cwd(), stage).items()]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    client.set_terminated(run_id, "FINISHED")

@@ -24,12 +24,10 @@ def main() -> None:
             metrics = compress(cfg, FEATURES, MODEL, out, log)
         write_json_atomic(METRICS, metrics)
         run.log_metrics_file(METRICS)
-    chosen = metrics["variants"][metrics["chosen"]]
-    fp32 = metrics["variants"]["fp32"]
-    print(f"compress: chose {metrics['chosen']} — val accuracy {chosen['val_accuracy']:.4f} (fp32 {fp32['val_accuracy']:.4f}), "
-          f"{fp32['file_bytes'] / chosen['file_bytes']:.1f}x smaller, batch-32 "
-          f"{fp32['latency_ms']['batch_32']['p50'] / chosen['latency_ms']['batch_32']['p50']:.2f}x faster than fp32 ONNX")
-
+    shipped, fp32 = metrics["shipped"], metrics["variants"]["fp32"]
+    print(f"compress: chose {shipped['variant']} — val accuracy {shipped['val_accuracy']:.4f} (fp32 {fp32['val_accuracy']:.4f}), "
+          f"{shipped['smaller_than_fp32_onnx']:.1f}x smaller, batch-32 {shipped['faster_than_fp32_onnx_batch_32']:.2f}x "
+          f"faster than fp32 ONNX")
 
 if __name__ == "__main__":
     run_stage(main)

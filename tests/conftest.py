@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -95,15 +102,92 @@ def stage_env(repo: Path) -> dict[str, str]:
     return env
 
 
+# The tiny profile of the end-to-end tests: every stage runs, in about a minute on 2 cores.
+TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6}}, "clean": {"min_per_class": 2},
+        "model": {"dim": 16, "hidden": 16, "image_width": 4, "text_width": 8, "audio_width": 4},
+        "train": {"epochs": 1, "baselines": False},
+        "evaluate": {"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5},
+        "compress": {"latency_runs": 5, "prune": {"finetune_epochs": 1},
+                     "quantize": {"calibration_samples": 64, "layers": "all"}}}
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def git_commit(repo: Path, message: str) -> None:
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message]):
+        subprocess.run(cmd, cwd=repo, env=stage_env(repo), check=True, capture_output=True)
+
+
+def git_init(dest: Path) -> Path:
+    subprocess.run(["git", "init", "-q"], cwd=dest, env=stage_env(dest), check=True)
+    git_commit(dest, "copy")
+    return dest
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([DVC, *args], cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=900)
+
+
+def ran_stages(proc: subprocess.CompletedProcess) -> list[str]:
+    """Stages `dvc repro` actually ran (not skipped, not restored from the run-cache)."""
+    return [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage '")]
+
+
+def _search(repo: Path, role_filter: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["mmpipe"], filter_string=role_filter,
+                              order_by=["attributes.start_time ASC"])
+
+
+def runs(repo: Path):
+    """The stage runs in repo's MLflow store, oldest first (not the pipeline rows)."""
+    table = _search(repo, "")
+    if "tags.mmpipe.role" in table:
+        table = table[table["tags.mmpipe.role"] != "pipeline"].reset_index(drop=True)
+    return table
+
+
+def pipeline_rows(repo: Path):
+    """The pipeline rows (one per pipeline execution), oldest first."""
+    return _search(repo, "tags.`mmpipe.role` = 'pipeline'")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_server(cmd: list[str], ready_url: str, log_path: Path, env: dict[str, str], cwd: Path,
+                timeout_s: float = 180) -> Iterator[None]:
+    """Run a server process until ``ready_url`` answers 200; stop it afterwards."""
+    log = open(log_path, "w")
+    server = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "server did not come up: " + log_path.read_text()[-3000:]
+            time.sleep(1)
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
     """A git-initialised temporary copy of the repository (tiny profile set by each test)."""
-    dest = copy_repo(tmp_path / "repo")
-    env = stage_env(dest)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, env=env, check=True)
-    return dest
+    return git_init(copy_repo(tmp_path / "repo"))
 
 
 @pytest.fixture(scope="session")

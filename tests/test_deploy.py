@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import png_bytes
+from conftest import free_port, http_server, png_bytes
 from mmpipe import params
 from mmpipe.compress.compress import compress
 from mmpipe.deploy.export import export, failed_checks, load_predictor, raw_test_items
@@ -144,9 +144,6 @@ def test_manifest_rows_with_bad_inputs_get_errors_and_the_rest_are_predicted(bun
 
 def test_registered_model_answers_rest_requests_from_mlflow_models_serve(bundle, tiny_corpus, tmp_path):
     import os
-    import socket
-    import time
-    import urllib.error
     import urllib.request
 
     import mlflow
@@ -166,38 +163,19 @@ def test_registered_model_answers_rest_requests_from_mlflow_models_serve(bundle,
         mlflow.set_tracking_uri(previous)
     assert registered["model_uri"] == "models:/tiny-fusion@champion" and registered["version"] == "1"
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
         "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # uvicorn
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", registered["model_uri"], "--env-manager", "local",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, "server did not come up: " + (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
+    serve = [mlflow_cli, "models", "serve", "-m", registered["model_uri"], "--env-manager", "local",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with http_server(serve, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env, tmp_path):
         records = example_request(items).to_dict(orient="records") + [{"text": "nine"}, {"image": "not base64!"}]
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                          data=json.dumps({"dataframe_records": records}).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = json.loads(response.read())["predictions"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
     assert len(predictions) == 3
     predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"])
     import base64

@@ -98,3 +98,47 @@ def test_stage_script_reports_unreachable_server_without_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: MLflow tracking server http://127.0.0.1:")
     assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_stages_of_one_execution_share_a_pipeline_row_with_all_params_and_headline_metrics(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("clean: {min_per_class: 3}\nmodel: {fusion: gated, widths: [1, 2]}\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/clean.json").write_text(json.dumps({"kept": 90, "rejected_samples": 10, "seconds": 1.5}))
+    # a stale file of a *later* stage (from an earlier execution): not read when clean finishes
+    (tmp_path / "metrics/eval.json").write_text(json.dumps({"test": {"accuracy": 0.5}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-fusion")
+    with tracking.stage_run("clean", params.CleanParams(), system_metrics=False) as clean:
+        pass
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent_id = client.get_run(clean.run_id).data.tags["mlflow.parentRunId"]
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "exp-fusion" and parent.data.tags["mmpipe.role"] == "pipeline"
+    assert parent.data.params == {"clean.min_per_class": "3", "model.fusion": "gated", "model.widths": "[1, 2]"}
+    assert parent.data.metrics == {"clean.kept": 90.0, "clean.rejected_samples": 10.0}
+    assert parent.info.status == "FINISHED"
+
+    # evaluate finishes: its file is now current; the same row is reused and updated
+    (tmp_path / "metrics/eval.json").write_text(json.dumps({"test": {"accuracy": 0.93, "f1_macro": 0.92},
+                                                           "robustness": {"image": {"relative": 0.8}}}))
+    with tracking.stage_run("evaluate", {"seed": 0}, system_metrics=False) as evaluate:
+        pass
+    assert client.get_run(evaluate.run_id).data.tags["mlflow.parentRunId"] == parent_id
+    metrics = client.get_run(parent_id).data.metrics
+    assert metrics == {"clean.kept": 90.0, "clean.rejected_samples": 10.0, "evaluate.test.accuracy": 0.93,
+                       "evaluate.test.f1_macro": 0.92, "evaluate.robustness.image.relative": 0.8}
+
+    with pytest.raises(PipelineError):
+        with tracking.stage_run("compress", {"seed": 0}, system_metrics=False):
+            raise PipelineError("boom")
+    assert client.get_run(parent_id).info.status == "FAILED"
+    rows = client.search_runs([parent.info.experiment_id], "tags.`mmpipe.role` = 'pipeline'")
+    assert len(rows) == 1
+
+    # another experiment (or params.yaml, or commit) is another execution: another row
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-other")
+    with tracking.stage_run("clean", params.CleanParams(), system_metrics=False) as other:
+        pass
+    assert client.get_run(other.run_id).data.tags["mlflow.parentRunId"] != parent_id

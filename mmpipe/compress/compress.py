@@ -146,6 +146,14 @@ def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
     with torch.no_grad():
         pytorch = {f"batch_{b}": latency_ms(lambda b=b: eager({k: v[:b] for k, v in example.items()}),
                                             params.latency_runs) for b in (1, 32) if b <= len(example["label"])}
-    return {"variants": variants, "chosen": chosen, "prefer": params.prefer, "base_for_int8": base,
+    fp32, shipped = variants["fp32"], variants[chosen]
+    headline = {"variant": chosen, "file_bytes": shipped["file_bytes"], "gzip_bytes": shipped["gzip_bytes"],
+                "val_accuracy": shipped["val_accuracy"], "test_accuracy": shipped["test_accuracy"],
+                "batch_1_p50_ms": shipped["latency_ms"]["batch_1"]["p50"],
+                "batch_32_p50_ms": shipped["latency_ms"]["batch_32"]["p50"],
+                "smaller_than_fp32_onnx": round(fp32["file_bytes"] / shipped["file_bytes"], 2),
+                "faster_than_fp32_onnx_batch_32": round(fp32["latency_ms"]["batch_32"]["p50"]
+                                                        / shipped["latency_ms"]["batch_32"]["p50"], 2)}
+    return {"shipped": headline, "variants": variants, "chosen": chosen, "prefer": params.prefer, "base_for_int8": base,
             "pytorch_fp32_latency_ms": pytorch, "threads": params.threads,
             "max_accuracy_drop": params.max_accuracy_drop}

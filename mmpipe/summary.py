@@ -1,0 +1,55 @@
+"""The headline figures of a pipeline execution, read from the stages' metrics files.
+
+One MLflow row per pipeline execution (the parent run, mmpipe.tracking) carries these, so the
+MLflow UI compares executions on a handful of columns instead of hundreds. They are read from the
+metrics files, not from memory, so a stage that DVC restored from its cache still contributes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from mmpipe.io import flatten
+
+# Stages in DAG order (preprocess@<modality> counts as "preprocess"): a stage that just finished
+# may read its own file and those of the stages before it, which are current; later stages'
+# files may still be from an earlier execution.
+ORDER = ["collect", "clean", "preprocess", "train", "evaluate", "compress", "export"]
+
+# stage -> (metrics file, key patterns in the flattened file)
+HEADLINE: dict[str, tuple[str, list[str]]] = {
+    "collect": ("metrics/collect.json", ["samples"]),
+    "clean": ("metrics/clean.json", ["kept", "rejected_samples"]),
+    "train": ("metrics/train.json", ["fusion.val_accuracy", "fusion.seconds"]),
+    "evaluate": ("metrics/eval.json", ["test.accuracy", "test.f1_macro", "test.ece", "fusion_gain",
+                                       "robustness.*.relative"]),
+    "compress": ("metrics/compress.json", ["shipped.*"]),
+    "export": ("metrics/export.json", ["predictor_raw_test_accuracy", "int8_vs_its_fp32_top1_agreement",
+                                       "fp32_onnx_vs_pytorch_max_abs_logit_diff", "bundle_bytes"]),
+}
+
+
+def stage_family(stage: str) -> str:
+    return stage.split("@", 1)[0]
+
+
+def headline(root: Path, upto: str | None = None) -> dict[str, float]:
+    """``{"<stage>.<key>": value}`` from the metrics files of ``upto`` and the stages before it
+    (all stages when None); missing files and non-numeric values are skipped."""
+    last = ORDER.index(stage_family(upto)) if upto and stage_family(upto) in ORDER else len(ORDER) - 1
+    out: dict[str, float] = {}
+    for stage in ORDER[:last + 1]:
+        if stage not in HEADLINE:
+            continue
+        file, patterns = HEADLINE[stage]
+        try:
+            flat = flatten(json.loads((root / file).read_text()))
+        except (OSError, ValueError):
+            continue
+        for key, value in flat.items():
+            if any(fnmatch.fnmatchcase(key, p) for p in patterns) and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                out[f"{stage}.{key}"] = float(value)
+    return out

@@ -1,0 +1,47 @@
+"""The generated parts of the README stay true, and the CI example only calls what exists."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import yaml
+
+from conftest import DVC, ROOT, stage_env
+
+sys.path.insert(0, str(ROOT / "tools"))
+from params_reference import BEGIN, END, reference  # noqa: E402
+
+README = (ROOT / "README.md").read_text()
+
+
+def between(doc: str, begin: str, end: str) -> str:
+    return doc[doc.index(begin) + len(begin):doc.index(end)].strip()
+
+
+def test_readme_parameter_reference_is_generated_from_params_yaml():
+    expected = reference((ROOT / "params.yaml").read_text())
+    assert between(README, BEGIN, END) == expected, "run: python tools/params_reference.py --write README.md"
+    keys = re.findall(r"^\| `([\w.]+)` \|", expected, flags=re.M)
+    assert {"data.source", "model.fusion", "compress.quantize.layers", "export.alias"} <= set(keys)
+    undocumented = [line for line in expected.splitlines()[2:] if line.rstrip().endswith("|  |")]
+    assert not undocumented, "comment these keys in params.yaml: " + ", ".join(undocumented)
+
+
+def test_readme_dag_is_what_dvc_draws():
+    drawn = subprocess.run([DVC, "dag", "--mermaid"], cwd=ROOT, env=stage_env(ROOT), capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert between(README, "<!-- dag:begin -->", "<!-- dag:end -->") == f"```mermaid\n{drawn}\n```"
+
+
+def test_ci_example_calls_existing_make_targets_and_dvc_commands():
+    workflow = yaml.safe_load((ROOT / ".github/workflows/pipeline.yml").read_text())
+    steps = workflow["jobs"]["repro"]["steps"]
+    commands = " ".join(step.get("run", "") for step in steps)
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    assert set(re.findall(r"\bmake (\w+)", commands)) <= targets
+    assert {"pull", "push", "ci", "ui", "exps"} <= targets
+    order = [name for name in ("make pull", "dvc repro --pull", "make push", "dvc metrics diff") if name in commands]
+    assert order == ["make pull", "dvc repro --pull", "make push", "dvc metrics diff"]
+    assert [commands.index(name) for name in order] == sorted(commands.index(name) for name in order)

@@ -1,0 +1,230 @@
+"""The workflow on one real tiny pipeline: a quality gate stopping `dvc repro`, MLflow rows per
+execution, incremental re-runs, the MLflow server's REST API, the notebooks, and CI's run-cache
+restore in a fresh clone.
+
+The tests share one repository (module fixture: a `dvc repro` stopped by an unreachable gate, then
+a passing one) and run in file order; each leaves it in a state the next builds on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+from nbclient import NotebookClient
+
+from conftest import (ROOT, TINY, copy_repo, dvc, free_port, git_commit, git_init, http_server, pipeline_rows,
+                      ran_stages, runs, set_params, stage_env)
+from mmpipe import summary
+from mmpipe.io import flatten
+
+STAGES = ["collect", "clean", "preprocess@image", "preprocess@text", "preprocess@audio", "train", "evaluate",
+          "compress", "export"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> SimpleNamespace:
+    repo = git_init(copy_repo(tmp_path_factory.mktemp("workflow") / "repo"))
+    set_params(repo, **TINY)
+    set_params(repo, evaluate={"gates": {"min_accuracy": 0.999}})
+    git_commit(repo, "tiny profile")
+    gated = dvc(repo, "repro")
+    set_params(repo, evaluate={"gates": {"min_accuracy": None}})
+    passed = dvc(repo, "repro")
+    assert passed.returncode == 0, passed.stdout[-3000:] + passed.stderr[-3000:]
+    return SimpleNamespace(repo=repo, gated=gated, passed=passed)
+
+
+def headline_from_files(repo: Path) -> dict[str, float]:
+    return summary.headline(repo)
+
+
+def test_unreachable_gate_stops_repro_before_compress_then_evaluate_and_compress_run(tiny_run):
+    repo, gated, passed = tiny_run.repo, tiny_run.gated, tiny_run.passed
+    assert gated.returncode != 0
+    assert ran_stages(gated) == ["source", *STAGES[:-2]]
+    assert "error: quality gate evaluate.gates.min_accuracy failed: test accuracy is" in gated.stderr + gated.stdout
+    assert "Traceback" not in gated.stderr + gated.stdout
+    first = pipeline_rows(repo).iloc[0]
+    assert first["status"] == "FAILED" and first["params.evaluate.gates.min_accuracy"] == "0.999"
+    evaluate_runs = runs(repo).query("`tags.mmpipe.stage` == 'evaluate'")
+    assert list(evaluate_runs["status"]) == ["FAILED", "FINISHED"]
+
+    # relaxing the gate re-runs evaluate (its param changed), then compress and export
+    assert ran_stages(passed) == ["source", "evaluate", "compress", "export"]
+    assert "Stage 'train' didn't change, skipping" in passed.stdout
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert metrics["gates"] == {"passed": True, "failed": []}
+    assert (repo / "reports/eval.md").read_text().startswith("# Evaluation report")
+
+    set_params(repo, evaluate={"gates": {"min_accuracy": 1.01}})
+    invalid = subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=repo, env=stage_env(repo),
+                             capture_output=True, text=True, timeout=600)
+    set_params(repo, evaluate={"gates": {"min_accuracy": None}})
+    assert invalid.returncode == 2
+    assert invalid.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml: evaluate.gates.min_accuracy: Input should be less than or equal to 1 (got 1.01)")
+
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    data = next(iter(shown.values()))["data"]
+    assert data["metrics/eval.json"]["data"]["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert data["metrics/compress.json"]["data"]["chosen"] in ("fp32", "pruned", "int8")
+    html = dvc(repo, "plots", "show", "-o", "plots_html")
+    assert html.returncode == 0, html.stderr
+    page = (repo / "plots_html/index.html").read_text()
+    assert "Confusion matrix (test split)" in page and "robustness_audio_fused.csv" in page
+    assert "var spec = {};" not in page  # every plot renders (no baselines in the tiny profile: files absent)
+    shutil.rmtree(repo / "plots_html")
+
+
+def test_gated_run_is_failed_and_the_passing_run_has_a_complete_row(tiny_run):
+    repo = tiny_run.repo
+    rows = pipeline_rows(repo)
+    assert list(rows["status"]) == ["FAILED", "FINISHED"]  # one row per execution (params.yaml differs)
+    row = rows.iloc[-1]
+    params = flatten(yaml.safe_load((repo / "params.yaml").read_text()))
+    logged = {c.removeprefix("params."): row[c] for c in rows.columns if c.startswith("params.") and pd.notna(row[c])}
+    assert set(logged) == set(params) and logged["model.fusion"] == str(params["model.fusion"])
+    # collect .. train were skipped in this execution; their headline still comes from their files
+    expected = headline_from_files(repo)
+    assert {key.split(".")[0] for key in expected} == {"collect", "clean", "train", "evaluate", "compress", "export"}
+    for key, value in expected.items():
+        assert row[f"metrics.{key}"] == pytest.approx(value), key
+    children = runs(repo)
+    mine = children[children["tags.mlflow.parentRunId"] == row["run_id"]]
+    assert sorted(mine["tags.mmpipe.stage"]) == ["compress", "evaluate", "export"]
+    first = children[children["tags.mlflow.parentRunId"] == rows.iloc[0]["run_id"]]
+    assert sorted(first["tags.mmpipe.stage"]) == sorted(STAGES[:-2])
+    assert row["tags.git.commit"] == mine["tags.git.commit"].iloc[0] and len(row["tags.git.commit"]) == 40
+
+
+def test_compress_param_change_reruns_only_compress_and_export(tiny_run):
+    repo = tiny_run.repo
+    set_params(repo, compress={"max_accuracy_drop": 0.5})
+    again = dvc(repo, "repro")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert ran_stages(again) == ["source", "compress", "export"]
+    assert (repo / "artifacts/deploy/predict.py").exists() and json.loads((repo / "metrics/export.json").read_text())["passed"]
+
+
+def test_export_param_change_reruns_only_export_and_the_row_is_still_complete(tiny_run):
+    repo = tiny_run.repo
+    set_params(repo, export={"parity_samples": 64})
+    again = dvc(repo, "repro")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert ran_stages(again) == ["source", "export"]  # source only fingerprints the data; it always runs
+    for name in STAGES[:-1]:
+        assert f"Stage '{name}' didn't change, skipping" in again.stdout
+    rows = pipeline_rows(repo)
+    assert len(rows) == 4  # params.yaml changed: a new execution, a new row (gated, passed, compress, export)
+    latest = rows.iloc[-1]
+    assert latest["params.export.parity_samples"] == "64"
+    # the stages DVC skipped still fill the row, from their metrics files
+    for key, value in headline_from_files(repo).items():
+        assert latest[f"metrics.{key}"] == pytest.approx(value), key
+    children = runs(repo)
+    assert list(children[children["tags.mlflow.parentRunId"] == latest["run_id"]]["tags.mmpipe.stage"]) == ["export"]
+    git_commit(repo, "export parity on 64 samples")
+
+
+def test_mlflow_server_rest_api_lists_pipeline_rows_and_their_stage_runs(tiny_run, tmp_path):
+    repo = tiny_run.repo
+    port = free_port()
+    env = stage_env(repo)
+    server = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+              f"sqlite:///{repo / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+    def post(path: str, body: dict) -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    with http_server(server, f"http://127.0.0.1:{port}/health", tmp_path / "server.log", env, tmp_path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+                                    "?experiment_name=mmpipe", timeout=30) as response:
+            experiment_id = json.loads(response.read())["experiment"]["experiment_id"]
+        found = post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100,
+                                     "filter": "tags.`mmpipe.role` = 'pipeline'", "order_by": ["attributes.start_time ASC"]})
+        parents = found["runs"]
+        assert len(parents) == 4
+        gated, passed = parents[0], parents[1]
+        params = {p["key"]: p["value"] for p in passed["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in passed["data"]["metrics"]}
+        assert params["model.fusion"] == "concat" and params["data.n_samples"] == "200"
+        assert params["evaluate.gates.min_accuracy"] == "None"
+        assert {"evaluate.test.accuracy", "evaluate.test.f1_macro",  # no fusion gain: no baselines in the tiny profile
+                "compress.shipped.file_bytes", "compress.shipped.batch_32_p50_ms"} <= set(metrics)
+        assert {"evaluate.robustness.image.relative", "evaluate.robustness.text.relative",
+                "evaluate.robustness.audio.relative"} <= set(metrics)
+        assert gated["info"]["status"] == "FAILED"
+        assert not any(m["key"].startswith(("evaluate.", "compress.")) for m in gated["data"]["metrics"])
+        children = post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100,
+                                        "filter": f"tags.`mlflow.parentRunId` = '{gated['info']['run_id']}'"})["runs"]
+        stages = sorted({t["value"] for run in children for t in run["data"]["tags"] if t["key"] == "mmpipe.stage"})
+        assert stages == sorted(STAGES[:-2])  # every stage up to evaluate ran in the gated execution
+        train = next(run for run in children if {"key": "mmpipe.stage", "value": "train"} in run["data"]["tags"])
+        assert {p["key"] for p in train["data"]["params"]} >= {"train.epochs", "model.fusion"}
+
+
+@pytest.mark.parametrize("name", ["explore_data", "compare_experiments"])
+def test_notebook_executes_against_the_tiny_run(tiny_run, name):
+    repo = tiny_run.repo
+    notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    assert all(not cell.get("outputs") and not cell.get("execution_count") for cell in notebook.cells
+               if cell.cell_type == "code"), "commit notebooks without outputs"
+    previous = dict(os.environ)
+    os.environ.update({"MMPIPE_ROOT": str(repo)})
+    os.environ.pop("MPLBACKEND", None)  # the kernel must use the inline backend: figures become outputs
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(repo)}}).execute()  # raises on any failing cell
+    finally:
+        os.environ.clear()
+        os.environ.update(previous)
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    images = sum("image/png" in o.get("data", {}) for o in outputs)
+    if name == "explore_data":
+        assert f"project: {repo}" in text and "200 samples kept" in text
+        assert images >= 3 and any("<audio" in o.get("data", {}).get("text/html", "") for o in outputs)
+    else:
+        # the gated execution never reached compress: no size or latency
+        assert "4 pipeline executions" in text and "3 executions with accuracy, latency and size" in text
+        # evaluate ran in the first two executions only (the later ones re-ran compress / export)
+        assert "robustness curves for 2 of 4 executions" in text and images >= 2
+        assert "Downloading artifacts" not in text
+
+
+def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path):
+    repo = tiny_run.repo
+    pushed = subprocess.run([sys.executable, "tools/push_run_cache.py"], cwd=repo, env=stage_env(repo),
+                            capture_output=True, text=True, timeout=600)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert (repo.parent / "mmpipe-dvc-remote").is_dir()  # the default remote: a folder beside the checkout
+
+    clone = repo.parent / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, env=stage_env(repo))
+    (clone / "dvc.lock").unlink()  # nothing recorded: every stage has to come from the run-cache
+    pulled = dvc(clone, "pull", "--run-cache", "--allow-missing")
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    restored = dvc(clone, "repro", "--pull")
+    assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-3000:]
+    assert ran_stages(restored) == ["source"]
+    for name in STAGES:
+        assert f"Stage '{name}' is cached - skipping run, checking out outputs" in restored.stdout
+    for path in ("metrics/eval.json", "metrics/compress.json", "artifacts/deploy/model.onnx", "models/fusion/config.json"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    assert not (clone / "mlflow.db").exists()  # nothing ran, nothing was logged
+    shutil.rmtree(clone)
