@@ -157,9 +157,8 @@ def _experiment_id(client: Any, name: str) -> str:
         return experiment.experiment_id
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[StageRun]:
-    """Open the MLflow run of one stage execution; params are logged at once, flattened."""
+def _open_store() -> tuple[Any, str]:
+    """(client, experiment id) of the tracking store, or one-line PipelineError."""
     uri = tracking_uri()
     check_reachable(uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -169,23 +168,30 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    try:
+        experiment_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    except Exception as exc:  # store unusable: say so in one line
+        raise PipelineError(f"MLflow tracking store {uri} cannot be used: {str(exc).splitlines()[0]}") from None
+    return client, experiment_id
+
+
+def _execution_tags() -> dict[str, str]:
+    return {"dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""), "git.commit": git_commit(),
+            "pipeline.id": pipeline_id()}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage execution; params are logged at once, flattened."""
+    client, experiment_id = _open_store()
+    import mlflow
+
     if system_metrics:  # CPU/memory (and GPU via nvidia-ml-py) every few seconds
         mlflow.set_system_metrics_sampling_interval(5)
         mlflow.set_system_metrics_samples_before_logging(1)
-    try:
-        experiment_id = _experiment_id(MlflowClient(uri), os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-    except Exception as exc:  # store unusable: say so in one line
-        raise PipelineError(f"MLflow tracking store {uri} cannot be used: {str(exc).splitlines()[0]}") from None
-
     params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
-    tags = {
-        "dvc.stage": os.environ.get("DVC_STAGE", stage),
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "git.commit": git_commit(),
-        "pipeline.id": pipeline_id(),
-        "mmpipe.stage": stage,
-    }
-    client = MlflowClient(uri)
+    tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **_execution_tags(), "mmpipe.stage": stage}
     parent_id = pipeline_run(client, experiment_id, tags)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics,
@@ -199,6 +205,15 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
             client.set_terminated(parent_id, "FAILED")
             raise
     update_pipeline_run(client, parent_id, stage)
+
+
+def complete_pipeline_run() -> Any:
+    """Create or refresh this execution's pipeline run with the headline metrics of *every* stage,
+    and mark it finished: the summary stage, after the last stage, whether DVC ran or restored them."""
+    client, experiment_id = _open_store()
+    run_id = pipeline_run(client, experiment_id, _execution_tags())
+    update_pipeline_run(client, run_id, None)
+    return client.get_run(run_id)
 
 
 def _param_value(value: Any) -> Any:
@@ -229,9 +244,9 @@ def pipeline_run(client: Any, experiment_id: str, tags: dict[str, str], params_f
     return run.info.run_id
 
 
-def update_pipeline_run(client: Any, run_id: str, stage: str, root: Path | None = None) -> None:
+def update_pipeline_run(client: Any, run_id: str, stage: str | None, root: Path | None = None) -> None:
     """Refresh the pipeline run's headline metrics from the metrics files of ``stage`` and the
-    stages before it, and mark it finished (a later stage may reopen it)."""
+    stages before it (every stage: None), and mark it finished (a later stage may reopen it)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)

@@ -142,3 +142,21 @@ def test_stages_of_one_execution_share_a_pipeline_row_with_all_params_and_headli
     with tracking.stage_run("clean", params.CleanParams(), system_metrics=False) as other:
         pass
     assert client.get_run(other.run_id).data.tags["mlflow.parentRunId"] != parent_id
+
+
+def test_complete_pipeline_run_fills_the_row_from_every_metrics_file(tmp_path, monkeypatch):
+    """What the summary stage does after DVC restored every stage from its cache: no stage ran."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("model: {fusion: attention}\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/eval.json").write_text(json.dumps({"test": {"accuracy": 0.9}}))
+    (tmp_path / "metrics/compress.json").write_text(json.dumps({"shipped": {"file_bytes": 1234, "variant": "int8"}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    row = tracking.complete_pipeline_run()
+    assert row.info.status == "FINISHED" and row.data.params == {"model.fusion": "attention"}
+    assert row.data.metrics == {"evaluate.test.accuracy": 0.9, "compress.shipped.file_bytes": 1234.0}
+    assert row.info.run_name.startswith("pipeline-")
+    again = tracking.complete_pipeline_run()  # same execution (commit, params, experiment): same row
+    assert again.info.run_id == row.info.run_id

@@ -61,7 +61,7 @@ def test_unreachable_gate_stops_repro_before_compress_then_evaluate_and_compress
     assert list(evaluate_runs["status"]) == ["FAILED", "FINISHED"]
 
     # relaxing the gate re-runs evaluate (its param changed), then compress and export
-    assert ran_stages(passed) == ["source", "evaluate", "compress", "export"]
+    assert ran_stages(passed) == ["source", "evaluate", "compress", "export", "summary"]
     assert "Stage 'train' didn't change, skipping" in passed.stdout
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["gates"] == {"passed": True, "failed": []}
@@ -113,7 +113,7 @@ def test_compress_param_change_reruns_only_compress_and_export(tiny_run):
     set_params(repo, compress={"max_accuracy_drop": 0.5})
     again = dvc(repo, "repro")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert ran_stages(again) == ["source", "compress", "export"]
+    assert ran_stages(again) == ["source", "compress", "export", "summary"]
     assert (repo / "artifacts/deploy/predict.py").exists() and json.loads((repo / "metrics/export.json").read_text())["passed"]
 
 
@@ -122,7 +122,8 @@ def test_export_param_change_reruns_only_export_and_the_row_is_still_complete(ti
     set_params(repo, export={"parity_samples": 64})
     again = dvc(repo, "repro")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert ran_stages(again) == ["source", "export"]  # source only fingerprints the data; it always runs
+    # source (fingerprints the data) and summary (completes the MLflow row) always run; they are cheap
+    assert ran_stages(again) == ["source", "export", "summary"]
     for name in STAGES[:-1]:
         assert f"Stage '{name}' didn't change, skipping" in again.stdout
     rows = pipeline_rows(repo)
@@ -221,10 +222,15 @@ def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     restored = dvc(clone, "repro", "--pull")
     assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-3000:]
-    assert ran_stages(restored) == ["source"]
+    assert ran_stages(restored) == ["source", "summary"]
     for name in STAGES:
         assert f"Stage '{name}' is cached - skipping run, checking out outputs" in restored.stdout
     for path in ("metrics/eval.json", "metrics/compress.json", "artifacts/deploy/model.onnx", "models/fusion/config.json"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
-    assert not (clone / "mlflow.db").exists()  # nothing ran, nothing was logged
+    # no stage ran, so no stage runs were logged; the execution still has its complete row
+    assert runs(clone).empty
+    rows = pipeline_rows(clone)
+    assert len(rows) == 1 and rows["status"][0] == "FINISHED"
+    for key, value in headline_from_files(clone).items():
+        assert rows[f"metrics.{key}"][0] == pytest.approx(value), key
     shutil.rmtree(clone)
