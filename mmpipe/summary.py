@@ -31,6 +31,11 @@ HEADLINE: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# Outputs whose copy the pipeline run keeps as artifacts (local path -> artifact folder), so that
+# an execution's curves and report stay with its row even when DVC restored evaluate from its cache.
+ARTIFACTS = {"plots/eval": "eval", "reports/eval.md": "report"}
+
+
 def stage_family(stage: str) -> str:
     return stage.split("@", 1)[0]
 

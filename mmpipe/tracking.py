@@ -212,6 +212,12 @@ def complete_pipeline_run() -> Any:
     and mark it finished: the summary stage, after the last stage, whether DVC ran or restored them."""
     client, experiment_id = _open_store()
     run_id = pipeline_run(client, experiment_id, _execution_tags())
+    for local, folder in summary.ARTIFACTS.items():
+        path = Path(local)
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), folder)
+        elif path.is_file():
+            client.log_artifact(run_id, str(path), folder)
     update_pipeline_run(client, run_id, None)
     return client.get_run(run_id)
 

@@ -154,8 +154,12 @@ def test_complete_pipeline_run_fills_the_row_from_every_metrics_file(tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    (tmp_path / "plots/eval").mkdir(parents=True)
+    (tmp_path / "plots/eval/robustness_text_fused.csv").write_text("level,typos\n0.0,0.9\n1.0,0.5\n")
     row = tracking.complete_pipeline_run()
     assert row.info.status == "FINISHED" and row.data.params == {"model.fusion": "attention"}
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [a.path for a in client.list_artifacts(row.info.run_id, "eval")] == ["eval/robustness_text_fused.csv"]
     assert row.data.metrics == {"evaluate.test.accuracy": 0.9, "compress.shipped.file_bytes": 1234.0}
     assert row.info.run_name.startswith("pipeline-")
     again = tracking.complete_pipeline_run()  # same execution (commit, params, experiment): same row
