@@ -33,7 +33,8 @@ HEADLINE: dict[str, tuple[str, list[str]]] = {
 
 # Outputs whose copy the pipeline run keeps as artifacts (local path -> artifact folder), so that
 # an execution's curves and report stay with its row even when DVC restored evaluate from its cache.
-ARTIFACTS = {"plots/eval": "eval", "reports/eval.md": "report"}
+# The report links its figures as eval/<name>.png: they go next to it.
+ARTIFACTS = {"plots/eval": "eval", "reports/eval.md": "report", "reports/eval": "report/eval"}
 
 
 def stage_family(stage: str) -> str:

@@ -4,9 +4,11 @@ One MLflow run per stage execution, tagged with the DVC stage, the DVC experimen
 commit and a pipeline id, and nested under one *pipeline run* per pipeline execution (same
 pipeline id): the row to compare in the MLflow UI. The pipeline run holds every parameter of
 params.yaml and the headline metrics of every stage (mmpipe.summary), refreshed from the metrics
-files each time a stage finishes, so stages DVC restored from its cache still fill it. The default store is a SQLite file at an *absolute* path in the main
-checkout, so runs started from DVC's temporary experiment workspaces (``.dvc/tmp/exps/...``)
-land in the same store. ``MLFLOW_TRACKING_URI`` overrides it (e.g. a remote server).
+files each time a stage finishes, so stages DVC restored from its cache still fill it.
+
+The default store is a SQLite file at an *absolute* path in the main checkout, so runs started
+from DVC's temporary experiment workspaces (``.dvc/tmp/exps/...``) land in the same store.
+``MLFLOW_TRACKING_URI`` overrides it (e.g. a remote server).
 """
 
 from __future__ import annotations
@@ -191,8 +193,9 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
         mlflow.set_system_metrics_sampling_interval(5)
         mlflow.set_system_metrics_samples_before_logging(1)
     params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
-    tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **_execution_tags(), "mmpipe.stage": stage}
-    parent_id = pipeline_run(client, experiment_id, tags)
+    execution = _execution_tags()
+    tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **execution, "mmpipe.stage": stage}
+    parent_id = pipeline_run(client, experiment_id, execution)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics,
         parent_run_id=parent_id,
@@ -227,8 +230,8 @@ def _param_value(value: Any) -> Any:
 
 
 def pipeline_run(client: Any, experiment_id: str, tags: dict[str, str], params_file: str = "params.yaml") -> str:
-    """Id of the pipeline run of ``tags["pipeline.id"]``; created, with every parameter of
-    ``params_file`` (``section.key``), when this is the execution's first stage."""
+    """Id of the pipeline run of ``tags["pipeline.id"]`` (``tags``: the execution's, _execution_tags);
+    created, with every parameter of ``params_file`` (``section.key``), by the execution's first stage."""
     found = client.search_runs(
         [experiment_id], f"tags.`pipeline.id` = '{tags['pipeline.id']}' and tags.`mmpipe.role` = '{PIPELINE_ROLE}'",
         max_results=1)
@@ -239,9 +242,7 @@ def pipeline_run(client: Any, experiment_id: str, tags: dict[str, str], params_f
     from mlflow.entities import Param
 
     name = tags["dvc.exp_name"] or f"pipeline-{tags['git.commit'][:7]}-{tags['pipeline.id'][:6]}"
-    run = client.create_run(experiment_id, run_name=name,
-                            tags={k: v for k, v in tags.items() if k not in ("dvc.stage", "mmpipe.stage")}
-                            | {"mmpipe.role": PIPELINE_ROLE})
+    run = client.create_run(experiment_id, run_name=name, tags=tags | {"mmpipe.role": PIPELINE_ROLE})
     with contextlib.suppress(OSError):
         values = flatten(yaml.safe_load(Path(params_file).read_text()) or {})
         params = [Param(k, str(_param_value(v))) for k, v in values.items()]

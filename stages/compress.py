@@ -29,5 +29,6 @@ def main() -> None:
           f"{shipped['smaller_than_fp32_onnx']:.1f}x smaller, batch-32 {shipped['faster_than_fp32_onnx_batch_32']:.2f}x "
           f"faster than fp32 ONNX")
 
+
 if __name__ == "__main__":
     run_stage(main)

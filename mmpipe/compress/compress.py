@@ -39,23 +39,25 @@ def _feeds(data: FeatureSet, positions: np.ndarray, modalities: list[str]) -> di
     return onnx_feeds(data.get(positions), modalities)
 
 
-def _batch_ms(sess, feeds: dict[str, np.ndarray], runs: int) -> float:
-    return latency_ms(lambda: sess.run(["logits"], feeds), runs)["p50"]
+def _batch(feeds: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """A batch of exactly ``size`` rows (repeating the feeds' rows when there are fewer)."""
+    return {k: np.resize(v, (size, *v.shape[1:])) for k, v in feeds.items()}
+
+
+def _latency(sess, feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    return latency_ms(lambda: sess.run(["logits"], feeds), runs)
 
 
 def _describe(path: Path, model: torch.nn.Module, example: dict, feeds: dict[str, dict], labels: dict,
               threads: int, runs: int) -> dict[str, Any]:
     sess = session(path, threads)
     out = {split: float((run_logits(sess, f).argmax(axis=1) == labels[split]).mean()) for split, f in feeds.items()}
-    batch_1 = {k: v[:1] for k, v in feeds["val"].items()}
-    batch_32 = {k: np.resize(v, (32, *v.shape[1:])) for k, v in feeds["val"].items()}
     return {"val_accuracy": out["val"], "test_accuracy": out["test"],
             "file_bytes": path.stat().st_size, "gzip_bytes": len(gzip.compress(path.read_bytes(), mtime=0)),
             "parameters": sum(p.numel() for p in model.parameters()),
             "macs_per_sample": prune.macs(model, example) // len(example["label"]),
             "sparsity": round(prune.sparsity(model), 4),
-            "latency_ms": {"batch_1": latency_ms(lambda: sess.run(["logits"], batch_1), runs),
-                           "batch_32": latency_ms(lambda: sess.run(["logits"], batch_32), runs)}}
+            "latency_ms": {f"batch_{size}": _latency(sess, _batch(feeds["val"], size), runs) for size in (1, 32)}}
 
 
 def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
@@ -112,13 +114,12 @@ def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
     if params.quantize.enabled:
         prepared = out_dir / ".prepared.onnx"
         quantize.prepare(out_dir / f"{base}.onnx", prepared)
-        accuracy_of = lambda path: float((run_logits(session(path), feeds["val"]).argmax(axis=1)  # noqa: E731
-                                          == labels["val"]).mean())
         logits_of = lambda path: run_logits(session(path), feeds["val"])  # noqa: E731
+        accuracy_of = lambda path: float((logits_of(path).argmax(axis=1) == labels["val"]).mean())  # noqa: E731
         candidates, slower, gains = None, [], []
         if params.quantize.layers == "not_slower":
-            batch_32 = {k: np.resize(v, (32, *v.shape[1:])) for k, v in feeds["val"].items()}
-            time_of = lambda path: _batch_ms(session(path, params.threads), batch_32, params.latency_runs)  # noqa: E731
+            batch_32 = _batch(feeds["val"], 32)
+            time_of = lambda path: _latency(session(path, params.threads), batch_32, params.latency_runs)["p50"]  # noqa: E731
             gains = quantize.latency_gains(prepared, calibration, params.quantize.calibration, time_of)
             for step, (node, saved) in enumerate(gains):
                 log("int8_latency_probe", {"saved_share": saved, "step": step})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -55,16 +55,23 @@ def quantize(prepared: Path, out_path: Path, calibration: list[dict[str, np.ndar
                     nodes_to_quantize=include or [])
 
 
-def sensitivity(prepared: Path, calibration: list[dict[str, np.ndarray]], method: str,
-                logits_of: Callable[[Path], np.ndarray]) -> list[tuple[str, float]]:
-    """Quantizable nodes, most sensitive first, with the logit MSE each causes when quantized alone."""
-    reference = logits_of(prepared)
-    scores = []
+def _each_alone(prepared: Path, calibration: list[dict[str, np.ndarray]], method: str,
+                nodes: list[str]) -> Iterator[tuple[str, Path]]:
+    """Yield (node, a copy of the model with only that node quantized)."""
     with tempfile.TemporaryDirectory() as tmp:
-        for node in quantizable_nodes(prepared):
-            single = Path(tmp) / "single.onnx"
+        single = Path(tmp) / "single.onnx"
+        for node in nodes:
             quantize(prepared, single, calibration, method, include=[node])
-            scores.append((node, float(np.mean((logits_of(single) - reference) ** 2))))
+            yield node, single
+
+
+def sensitivity(prepared: Path, calibration: list[dict[str, np.ndarray]], method: str,
+                logits_of: Callable[[Path], np.ndarray], nodes: list[str] | None = None) -> list[tuple[str, float]]:
+    """``nodes`` (default: every quantizable node), most sensitive first, with the logit MSE each
+    causes when quantized alone."""
+    reference = logits_of(prepared)
+    scores = [(node, float(np.mean((logits_of(single) - reference) ** 2)))
+              for node, single in _each_alone(prepared, calibration, method, nodes or quantizable_nodes(prepared))]
     return sorted(scores, key=lambda item: -item[1])
 
 
@@ -74,12 +81,9 @@ def latency_gains(prepared: Path, calibration: list[dict[str, np.ndarray]], meth
     (negative: int8 is slower). The fp32 model is timed next to each candidate, ``rounds`` times, and
     the median taken, so that drift in machine load cancels and one slow run does not decide."""
     gains = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for node in quantizable_nodes(prepared):
-            single = Path(tmp) / "single.onnx"
-            quantize(prepared, single, calibration, method, include=[node])
-            pairs = [(time_of(prepared), time_of(single)) for _ in range(rounds)]
-            gains.append((node, round(float(np.median([(ref - q) / ref for ref, q in pairs])), 4)))
+    for node, single in _each_alone(prepared, calibration, method, quantizable_nodes(prepared)):
+        pairs = [(time_of(prepared), time_of(single)) for _ in range(rounds)]
+        gains.append((node, round(float(np.median([(ref - q) / ref for ref, q in pairs])), 4)))
     return gains
 
 
@@ -98,7 +102,7 @@ def quantize_within_budget(prepared: Path, out_path: Path, calibration: list[dic
     log(trial)
     if fp32_accuracy - trial["accuracy"] <= max_drop:
         return trial
-    ranked = [node for node, _ in sensitivity(prepared, calibration, method, logits_of) if node in candidates]
+    ranked = [node for node, _ in sensitivity(prepared, calibration, method, logits_of, candidates)]
     keep = 1
     while keep < len(ranked):
         excluded = ranked[:keep]
