@@ -62,7 +62,17 @@ class DataParams(Strict):
     fetch_threads: int = Field(8, ge=1, le=256)
     fetch_timeout_s: float = Field(30.0, gt=0)
     max_file_mb: float = Field(64.0, gt=0)
+    max_manifest_mb: float = Field(1024.0, gt=0)
+    allowed_protocols: list[str] = Field(default_factory=lambda: ["file", "http", "https"], min_length=1)
+    confine_to_root: bool = False
     builtin: BuiltinCorpus = BuiltinCorpus()
+
+    @model_validator(mode="after")
+    def _check_protocols(self) -> "DataParams":
+        bad = [p for p in self.allowed_protocols if not p or not p.replace("-", "").replace("+", "").isalnum()]
+        if bad:
+            raise ValueError(f"allowed_protocols must be protocol names such as file, http, https, s3 (got {bad})")
+        return self
 
 
 class SplitFractions(Strict):
@@ -81,18 +91,36 @@ class SplitFractions(Strict):
 class CleanImage(Strict):
     min_side: int = Field(8, ge=1)
     max_side: int = Field(4096, ge=1)
-    max_pixels: int = Field(16_777_216, ge=1)
+    max_pixels: int = Field(16_777_216, ge=1, le=89_478_485)  # at most Pillow's own decompression-bomb limit
+
+    @model_validator(mode="after")
+    def _check(self) -> "CleanImage":
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        return self
 
 
 class CleanAudio(Strict):
     sample_rate: int = Field(16000, ge=4000, le=192000)
     min_seconds: float = Field(0.1, ge=0.0)
-    max_seconds: float = Field(30.0, gt=0.0)
+    max_seconds: float = Field(30.0, gt=0.0, le=3600.0)
     silence_dbfs: float = Field(-60.0, le=0.0)
+    min_rate: int = Field(4000, ge=1)
+    max_rate: int = Field(384000, ge=1, le=1_000_000)
+    max_channels: int = Field(16, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CleanAudio":
+        if self.min_seconds > self.max_seconds:
+            raise ValueError(f"min_seconds ({self.min_seconds}) must not exceed max_seconds ({self.max_seconds})")
+        if self.min_rate > self.max_rate:
+            raise ValueError(f"min_rate ({self.min_rate}) must not exceed max_rate ({self.max_rate})")
+        return self
 
 
 class CleanText(Strict):
     max_chars: int = Field(1000, ge=1)
+    max_bytes: int = Field(1_000_000, ge=1)
 
 
 class CleanParams(Strict):
@@ -238,8 +266,13 @@ class ExportParams(Strict):
     parity_samples: int = Field(256, ge=1)
     max_abs_logit_diff: float = Field(1e-4, gt=0.0)
     max_predictor_accuracy_gap: float = Field(0.005, ge=0.0, le=1.0)
+    min_resample_agreement: float = Field(0.995, ge=0.0, le=1.0)
+    max_rows_per_request: int = Field(10_000, ge=1)
+    max_item_mb: float = Field(64.0, gt=0.0)
+    predict_batch_size: int = Field(64, ge=1, le=65536)
     registered_model: str | None = Field("mmpipe-fusion", min_length=1)
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    move_alias: Literal["gated", "always", "never"] = "gated"
 
 
 SECTIONS: dict[str, type[Strict]] = {

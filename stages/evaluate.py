@@ -24,7 +24,8 @@ def main() -> None:
         result = evaluate(cfg, FEATURES, CLEAN, MODELS)
         metrics = result["metrics"]
         failed = failed_gates(metrics, cfg.gates)
-        metrics["gates"] = {"passed": not failed, "failed": failed}
+        checked = {k: v for k, v in cfg.gates.model_dump().items() if v is not None}  # export's alias policy reads it
+        metrics["gates"] = {"checked": checked, "passed": not failed, "failed": failed}
         with atomic_dir(PLOTS) as plots:
             write_plot_data(result["tables"], plots)
         with atomic_dir(FIGURES) as figures:  # the report's PNGs, linked from reports/eval.md as eval/<name>.png

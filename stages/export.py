@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from mmpipe import params, tracking
-from mmpipe.deploy.export import export, failed_checks, register
+from mmpipe.deploy.export import alias_decision, export, failed_checks, register
 from mmpipe.errors import PipelineError
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.stage import run_stage
@@ -18,15 +18,20 @@ def main() -> None:
     cfg = params.load("export")
     with tracking.stage_run("export", cfg) as run:
         with atomic_dir(OUT) as out:
+            eval_metrics = json.loads(Path("metrics/eval.json").read_text())
             checks, example = export(cfg, out, Path("artifacts/compressed"), Path("models/fusion"), Path("data/features"),
-                            Path("data/raw"), Path("data/clean"), json.loads(Path("metrics/eval.json").read_text()),
-                            json.loads(Path("metrics/compress.json").read_text()))
+                                     Path("data/raw"), Path("data/clean"), eval_metrics,
+                                     json.loads(Path("metrics/compress.json").read_text()))
             failed = failed_checks(checks, cfg)
             if failed:  # keep the metrics so the user sees why; no bundle
                 write_json_atomic(METRICS, checks | {"passed": False, "failed": failed})
                 raise PipelineError("\n".join(failed))
             if cfg.registered_model:  # served by `mlflow models serve -m models:/<name>@<alias>`
-                checks["mlflow"] = register(out, cfg.registered_model, cfg.alias, example)
+                move, why = alias_decision(cfg.move_alias, eval_metrics)
+                checks["mlflow"] = register(out, cfg.registered_model, cfg.alias if move else None, example)
+                checks["mlflow"]["alias_moved"], checks["mlflow"]["alias_decision"] = move, why
+                print(f"export: registered {cfg.registered_model} version {checks['mlflow']['version']}; alias "
+                      f"'{cfg.alias}' {'moved to it' if move else 'not moved'}: {why}")
         write_json_atomic(METRICS, checks | {"passed": True, "failed": []})
         run.log_metrics_file(METRICS)
         run.log_artifact(OUT / "MODEL_CARD.md")

@@ -14,7 +14,7 @@ OUT = "data/source.json"
 
 def main() -> None:
     data = params.load("data")
-    write_json_atomic(OUT, fingerprint(data.source))
+    write_json_atomic(OUT, fingerprint(data))
 
 
 if __name__ == "__main__":

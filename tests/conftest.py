@@ -106,7 +106,7 @@ def stage_env(repo: Path) -> dict[str, str]:
 TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6}}, "clean": {"min_per_class": 2},
         "model": {"dim": 16, "hidden": 16, "image_width": 4, "text_width": 8, "audio_width": 4},
         "train": {"epochs": 1, "baselines": False},
-        "evaluate": {"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5},
+        "evaluate": {"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5, "gates": {"min_accuracy": None}},
         "compress": {"latency_runs": 5, "prune": {"finetune_epochs": 1},
                      "quantize": {"calibration_samples": 64, "layers": "all"}}}
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -218,3 +218,25 @@ def tiny_model(tiny_corpus, tmp_path_factory) -> Path:
     train(params.TrainParams(epochs=3, batch_size=32, device="cpu"), small, tiny_corpus / "features",
           ["image", "text", "audio"], out, None)
     return out
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_corpus, tiny_model, tmp_path_factory) -> dict:
+    """The deployment bundle of the tiny model: evaluate -> compress (pruned + int8) -> export, in-process."""
+    from mmpipe.compress.compress import compress
+    from mmpipe.deploy.export import export
+    from mmpipe.evaluate.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("export")
+    (root / "compressed").mkdir()
+    (root / "deploy").mkdir()
+    eval_cfg = params.validate("evaluate", {"device": "cpu", "noise_levels": [0.0, 1.0], "latency_runs": 5})
+    eval_metrics = evaluate(eval_cfg, tiny_corpus / "features", tiny_corpus / "clean", tiny_model.parent,
+                            progress=lambda line: None)["metrics"]
+    compress_cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.2,
+                                                "prune": {"finetune_epochs": 1}, "quantize": {"calibration_samples": 64}})
+    compress_metrics = compress(compress_cfg, tiny_corpus / "features", tiny_model, root / "compressed",
+                                progress=lambda line: None)
+    checks, _ = export(params.ExportParams(), root / "deploy", root / "compressed", tiny_model, tiny_corpus / "features",
+                       tiny_corpus / "raw", tiny_corpus / "clean", eval_metrics, compress_metrics)
+    return {"folder": root / "deploy", "checks": checks, "eval": eval_metrics, "compress": compress_metrics}

@@ -215,3 +215,38 @@ def test_both_text_and_text_file_is_a_conflict(tmp_path, data_params, clean_para
     _, kept, rejects = collect_and_clean(tmp_path, path, data_params, clean_params, min_per_class=1)
     assert rejects.code[0] == "conflict" and "both 'text' and 'text_file'" in rejects.reason[0]
     assert list(kept.text) == ["from file"]
+
+
+def validate_or_crash(rows, params):
+    """clean's batch validation, except that an image holding b"CRASH" kills the worker process, as a
+    decoder crashing in C (or the OS killing it) would."""
+    import os
+
+    if any(r.get("image") == b"CRASH" for r in rows):
+        os._exit(139)
+    return clean._validate_batch(rows, params)
+
+
+def test_a_decoder_crashing_its_worker_costs_only_that_item(tmp_path, clean_params):
+    import pyarrow as pa
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = []
+    for i in range(40):
+        row = {"sample_id": f"s{i:02d}", "source_row": i, "label": "ab"[i % 2], "split": None, "group": None,
+               "condition": None}
+        for m in ("image", "text", "audio"):
+            row.update({m: None, f"{m}_ref": None, f"{m}_error": None})
+        row["image"], row["text"] = (b"CRASH" if i == 21 else png_bytes(seed=i)), f"text {i}".encode()
+        rows.append(row)
+    pq.write_table(pa.Table.from_pylist(rows, schema=collect.raw_schema()), raw / "part-00000.parquet")
+    cfg = clean_params(workers=2, batch_rows=4)
+    results = [r for batch in clean._validated_batches(raw, cfg, validate=validate_or_crash) for r in batch]
+    assert [r["row"]["sample_id"] for r in results] == [f"s{i:02d}" for i in range(40)]  # all, in order
+    crashed = results[21]
+    assert crashed["rejects"] == [{"sample_id": "s21", "source_row": 21, "modality": "image", "code": "decoder_crashed",
+                                   "reason": "the image decoder crashed (killed its process) on this file", "ref": None,
+                                   "action": "modality_dropped"}]
+    assert crashed["row"]["text"] == "text 21" and not crashed["row"]["image_available"]
+    assert all(r["row"]["image_available"] and not r["rejects"] for k, r in enumerate(results) if k != 21)

@@ -172,14 +172,14 @@ def test_builtin_source_is_parallel_and_deterministic(tmp_path, data_params):
         assert part.read_bytes() == (outs[1] / part.name).read_bytes()
 
 
-def test_fingerprint_changes_with_content(media, tmp_path):
+def test_fingerprint_changes_with_content(media, tmp_path, data_params):
     path = tmp_path / "m.csv"
     pd.DataFrame({"label": ["x"], "image": ["media/a.png"]}).to_csv(path, index=False)
-    first = collect.fingerprint(str(path))
-    assert collect.fingerprint(str(path)) == first
+    first = collect.fingerprint(data_params(source=str(path)))
+    assert collect.fingerprint(data_params(source=str(path))) == first
     (media / "a.png").write_bytes(png_bytes(seed=99))
-    assert collect.fingerprint(str(path)) != first
-    assert json.dumps(collect.fingerprint("builtin:digits"))
+    assert collect.fingerprint(data_params(source=str(path))) != first
+    assert json.dumps(collect.fingerprint(data_params(source="builtin:digits")))
 
 
 def test_invalid_utf8_label_is_a_structural_error(tmp_path, data_params):
@@ -188,3 +188,72 @@ def test_invalid_utf8_label_is_a_structural_error(tmp_path, data_params):
     with pytest.raises(PipelineError) as info:
         run(data_params, path, tmp_path)
     assert str(info.value) == f"{path}: row 1: column 'label' is not valid UTF-8"
+
+
+# ---------------------------------------------------------------- manifests as users write them
+
+
+def test_nullable_dtype_parquet_empty_cells_are_missing_not_the_text_NA(media, tmp_path, data_params):
+    frame = pd.DataFrame({
+        "label": pd.array([1, 2, None], dtype="Int64"),
+        "image": pd.array(["media/a.png", None, "media/b.png"], dtype="string"),
+        "text": pd.array(["one", "two", None], dtype="string[pyarrow]"),
+        "split": pd.array([None, "train", None], dtype="string"),
+    })
+    frame.to_parquet(tmp_path / "m.parquet")
+    _, raw = run(data_params, tmp_path / "m.parquet", tmp_path)
+    assert list(raw.label[:2]) == ["1", "2"] and pd.isna(raw.label[2])
+    assert raw.image[1] is None and pd.isna(raw.image_ref[1]) and pd.isna(raw.image_error[1])
+    assert raw.text[2] is None and list(raw.split.fillna("-")) == ["-", "train", "-"]
+    assert not [v for column in raw.columns for v in raw[column].tolist() if v in ("<NA>", b"<NA>")]
+
+
+def test_jsonl_integer_labels_with_a_null_stay_integers(media, tmp_path, data_params):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"label": 1, "text": "a"}\n{"label": null, "text": "b"}\n\n{"label": 20, "text": "c", "id": 7}\n')
+    _, raw = run(data_params, path, tmp_path)
+    assert raw.label[0] == "1" and pd.isna(raw.label[1]) and raw.label[2] == "20" and raw.sample_id[2] == "7"
+    path.write_text('{"label": 1, "text": "a"}\n{"label": 2, "text": \n')
+    (tmp_path / "again").mkdir()
+    with pytest.raises(PipelineError) as info:
+        run(data_params, path, tmp_path / "again")
+    assert str(info.value).startswith(f"{path}: line 2: not valid JSON")
+
+
+def test_bad_path_cells_are_that_item_s_error(media, tmp_path, data_params):
+    """A NUL byte, invalid UTF-8 (non-UTF-8 CSV) in a path: one reject each, the other rows collected."""
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"label,image,text,caf\xe9\n"
+                     b"x,media/a\x00b.png,fine,1\n"
+                     b"y,media/caf\xe9.png,also fine,2\n"
+                     b"z,media/a.png,caf\xe9 latin-1,3\n")
+    metrics, raw = run(data_params, path, tmp_path)
+    assert raw.image_error[0].startswith("invalid_ref: reference contains a NUL byte")
+    assert raw.image_error[1].startswith("invalid_ref: reference is not valid UTF-8")
+    assert raw.image_ref[1].endswith("caf\\udce9.png")  # stored as valid UTF-8
+    assert raw.image[2] == (media / "a.png").read_bytes() and raw.text[2] == b"caf\xe9 latin-1"
+    assert metrics["fetch_errors"]["image"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_a_long_text_field_is_collected_then_truncated_by_clean(fmt, tmp_path, data_params, clean_params):
+    from mmpipe.data.clean import clean
+
+    long_text = "word " * 60_000  # 300 KB in one cell
+    rows = pd.DataFrame({"label": ["a", "a", "b", "b"], "text": [long_text, "short a", "short b", "other b"]})
+    path = tmp_path / f"m.{fmt}"
+    {"csv": lambda: rows.to_csv(path, index=False), "jsonl": lambda: rows.to_json(path, orient="records", lines=True),
+     "parquet": lambda: rows.to_parquet(path)}[fmt]()
+    _, raw = run(data_params, path, tmp_path)
+    assert raw.text[0] == long_text.encode()
+    (tmp_path / "clean").mkdir()
+    metrics = clean(clean_params(min_per_class=1), tmp_path / "raw", tmp_path / "clean")
+    assert metrics["kept"] == 4 and metrics["text_truncated"] == 1
+
+
+def test_duplicated_column_is_a_structural_error(tmp_path, data_params):
+    path = tmp_path / "m.csv"
+    path.write_text("label,text,text\nx,a,b\n")
+    with pytest.raises(PipelineError) as info:
+        run(data_params, path, tmp_path)
+    assert str(info.value) == f"{path}: manifest has the column 'text' more than once"

@@ -13,15 +13,14 @@ import pytest
 
 from conftest import free_port, http_server, png_bytes
 from mmpipe import params
-from mmpipe.compress.compress import compress
+from mmpipe.deploy.bundle import RUNTIME
 from mmpipe.deploy.export import export, failed_checks, load_predictor, raw_test_items
-from mmpipe.evaluate.evaluate import evaluate
 from mmpipe.features.loader import FeatureSet
 
-# Runs predict.py with imports limited to the standard library, the bundle's own modules and its four
+# Runs predict.py with imports limited to the standard library, the bundle's own modules and its five
 # runtime dependencies (with what they import themselves): anything else (torch, mmpipe, ...) fails.
-def runtime_modules(roots=("numpy", "onnxruntime", "soundfile", "pillow")) -> set[str]:
-    """Top-level modules of the four runtime distributions and of everything they require (installed metadata)."""
+def runtime_modules(roots=tuple(RUNTIME.values())) -> set[str]:
+    """Top-level modules of the runtime distributions and of everything they require (installed metadata)."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
@@ -56,23 +55,6 @@ runpy.run_path("predict.py", run_name="__main__")
 """ % sorted(runtime_modules())
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_corpus, tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    (root / "compressed").mkdir()
-    (root / "deploy").mkdir()
-    eval_cfg = params.validate("evaluate", {"device": "cpu", "noise_levels": [0.0, 1.0], "latency_runs": 5})
-    eval_metrics = evaluate(eval_cfg, tiny_corpus / "features", tiny_corpus / "clean", tiny_model.parent,
-                            progress=lambda line: None)["metrics"]
-    compress_cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.2,
-                                                "prune": {"finetune_epochs": 1}, "quantize": {"calibration_samples": 64}})
-    compress_metrics = compress(compress_cfg, tiny_corpus / "features", tiny_model, root / "compressed",
-                                progress=lambda line: None)
-    checks, _ = export(params.ExportParams(), root / "deploy", root / "compressed", tiny_model, tiny_corpus / "features",
-                    tiny_corpus / "raw", tiny_corpus / "clean", eval_metrics, compress_metrics)
-    return {"folder": root / "deploy", "checks": checks, "eval": eval_metrics, "compress": compress_metrics}
-
-
 def test_bundle_reproduces_the_pipeline(bundle):
     checks = bundle["checks"]
     assert checks["fp32_onnx_vs_pytorch_max_abs_logit_diff"] <= 1e-4
@@ -81,6 +63,25 @@ def test_bundle_reproduces_the_pipeline(bundle):
     chosen = bundle["compress"]["chosen"]
     assert abs(checks["predictor_raw_test_accuracy"] - bundle["compress"]["variants"][chosen]["test_accuracy"]) <= 0.005
     assert checks["predictor_input_errors"] == [] and failed_checks(checks, params.ExportParams()) == []
+    # audio as recordings come (22.05/44.1/48 kHz stereo, FLAC/WAV): the bundle computes the pipeline's
+    # very features (one resampler, one PCM16 conversion), so the predictions agree everywhere
+    parity = checks["resample_parity"]
+    assert set(parity) == {"22050", "44100", "48000"}
+    for rate, figures in parity.items():
+        assert figures["clips"] > 10 and figures["accepted_by_both"] == figures["clips"], rate
+        assert figures["top1_agreement"] == 1.0 and figures["max_abs_logmel_diff"] == 0.0, rate
+    failing = checks | {"resample_parity": {"44100": {**parity["44100"], "top1_agreement": 0.99}}}
+    assert failed_checks(failing, params.ExportParams()) == [
+        "export check failed: audio at 44100 Hz: the predictor and the pipeline agree on 0.9900 of test clips "
+        "(< export.min_resample_agreement 0.995)"]
+
+
+def test_model_card_describes_this_data_not_the_builtin_digits(bundle):
+    card = (bundle["folder"] / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: mmpipe-fusion — 10-class classifier from image + text + audio")
+    assert "digit" not in card.lower()
+    assert "python predict.py --image photo.jpg --text" in card
+    assert "of 0.1–30 s, 4,000–384,000 Hz, at most 16 channels" in card  # clean's rules, as shipped
 
 
 def test_manifest_lists_every_file_with_its_checksum(bundle):
@@ -137,7 +138,7 @@ def test_manifest_rows_with_bad_inputs_get_errors_and_the_rest_are_predicted(bun
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "c", "d", "e"]
     assert "label" in rows[0] and "label" in rows[4]
-    assert rows[1]["error"].startswith("image does not decode")
+    assert rows[1]["error"].startswith("not a readable image")
     assert rows[2]["error"].startswith("missing.wav: cannot read")
     assert rows[3]["error"] == "text is empty after normalisation"
 
@@ -183,3 +184,4 @@ def test_registered_model_answers_rest_requests_from_mlflow_models_serve(bundle,
     assert predictions[0]["label"] == predictor.predict([predictor.features(**first)])[0]["label"]
     assert predictions[1]["label"] in [str(d) for d in range(10)] and predictions[1]["error"] == ""
     assert predictions[2]["error"] == "image is not valid base64" and predictions[2]["label"] == ""
+

@@ -158,18 +158,31 @@ def test_shards_are_byte_identical_across_runs_and_worker_counts(corpus, feature
             assert f.read_bytes() == (tmp_path / m / f.name).read_bytes(), f.name
 
 
-def test_undecodable_feature_row_names_sample_and_modality(corpus, tmp_path):
+def test_undecodable_clean_item_is_listed_and_made_unavailable_not_fatal(corpus, tmp_path, capsys):
     broken = tmp_path / "clean"
     (broken / SAMPLES_DIR).mkdir(parents=True)
     (broken / "dataset.json").write_text((corpus / "dataset.json").read_text())
     table = pq.read_table(next((corpus / SAMPLES_DIR).glob("part-*.parquet")))
     rows = table.to_pylist()
-    victim = next(i for i, r in enumerate(rows) if r["audio_available"])
+    victim = next(i for i, r in enumerate(rows) if r["audio_available"] and r["split"] == "train")
     rows[victim]["audio"] = b"RIFF\x00\x00not really audio"
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), broken / SAMPLES_DIR / "part-00000.parquet")
-    with pytest.raises(PipelineError) as info:
-        run("audio", broken, tmp_path / "audio")
-    assert str(info.value).startswith(f"sample {rows[victim]['sample_id']}: audio does not decode")
+    metrics = run("audio", broken, tmp_path / "audio")
+    sid = rows[victim]["sample_id"]
+    assert metrics["decode_failed"] == 1 and metrics["decode_failed_samples"][sid].startswith("audio does not decode")
+    assert "at 0x" not in metrics["decode_failed_samples"][sid]  # no object addresses in messages
+    assert f"sample {sid}: audio does not decode" in capsys.readouterr().out
+    index = pq.read_table(tmp_path / "audio" / "index.parquet").to_pylist()
+    assert index[victim]["sample_id"] == sid and not index[victim]["available"]
+    assert metrics["available"] == sum(r["audio_available"] for r in rows) - 1
+    # the train statistics leave it out: they equal those of the data without the item
+    rows[victim]["audio"], rows[victim]["audio_available"] = None, False
+    (tmp_path / "without" / SAMPLES_DIR).mkdir(parents=True)
+    (tmp_path / "without" / "dataset.json").write_text((corpus / "dataset.json").read_text())
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "without" / SAMPLES_DIR / "part-00000.parquet")
+    run("audio", tmp_path / "without", tmp_path / "audio_without")
+    state = lambda folder: json.loads((folder / "state.json").read_text())  # noqa: E731
+    assert state(tmp_path / "audio")["mean"] == state(tmp_path / "audio_without")["mean"]
 
 
 def test_loader_joins_modalities_and_gathers_batches(corpus, features):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import png_bytes, tone, wav_bytes
 from mmpipe import params
-from mmpipe.errors import RejectedInput
+from mmpipe.modalities.portable import RejectedInput
 from mmpipe.modalities import audio, image, text
 
 IMG = params.CleanImage()

@@ -16,9 +16,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import hashlib
+import itertools
 import multiprocessing
 import time
 import unicodedata
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mmpipe.errors import PipelineError, RejectedInput
+from mmpipe.errors import PipelineError
+from mmpipe.modalities.portable import RejectedInput, describe
 from mmpipe.io import ROW_GROUP_ROWS, PartWriter, iter_row_groups, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, NAMES
 
@@ -126,6 +129,9 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
         except RejectedInput as exc:
             reject(m, exc.code, exc.message, ref)
             continue
+        except Exception as exc:  # unforeseen (the decoders map what they raise): still this item's problem only
+            reject(m, f"{m}_error", f"{m} could not be processed: {describe(exc)}", ref)
+            continue
         out[m] = cleaned.data.decode("utf-8") if module.STORED_AS == pa.string() else cleaned.data
         out[f"{m}_available"] = True
         out.update({f"{m}_{k}": cleaned.info.get(k) for k in module.INFO_COLUMNS})
@@ -162,23 +168,76 @@ def _raw_batches(raw_dir: Path, batch_rows: int) -> Iterator[list[dict[str, Any]
                 yield table.slice(start, batch_rows).to_pylist()
 
 
-def _validated_batches(raw_dir: Path, params) -> Iterator[list[dict[str, Any]]]:
-    """Validate batches in worker processes, in order, with a bounded number in flight."""
+def _spawn_pool(workers: int) -> cf.ProcessPoolExecutor:
+    # spawn: the parent holds pyarrow threads, which fork does not copy safely
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _validated_batches(raw_dir: Path, params, validate=_validate_batch) -> Iterator[list[dict[str, Any]]]:
+    """Validate batches in worker processes, in order, with a bounded number in flight.
+
+    A worker process that dies (a decoder crashing in C, the OS killing it) takes the batches in
+    flight with it: those are validated again by ``_isolated``, which finds the item at fault and
+    rejects it, and the rest of the data continues in a new pool. ``validate`` is the per-batch
+    function (tests pass one that crashes).
+    """
     workers = worker_count(params.workers)
     batches = _raw_batches(raw_dir, params.batch_rows)
     if workers == 1:
         for rows in batches:
-            yield _validate_batch(rows, params)
+            yield validate(rows, params)
         return
-    # spawn: the parent holds pyarrow threads, which fork does not copy safely
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending: collections.deque[cf.Future] = collections.deque()
-        for rows in batches:
-            pending.append(pool.submit(_validate_batch, rows, params))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    pool = _spawn_pool(workers)
+    pending: collections.deque[tuple[list, cf.Future]] = collections.deque()
+    try:
+        for rows in itertools.chain(batches, [None]):
+            if rows is not None:
+                pending.append((rows, pool.submit(validate, rows, params)))
+            while pending and (rows is None or len(pending) >= 2 * workers):
+                try:
+                    yield pending[0][1].result()
+                    pending.popleft()
+                except BrokenProcessPool:
+                    pool.shutdown(cancel_futures=True)
+                    while pending:
+                        yield _isolated(pending.popleft()[0], params, validate)
+                    pool = _spawn_pool(workers)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _isolated(rows: list[dict[str, Any]], params, validate) -> list[dict[str, Any]]:
+    """Validate ``rows`` in a fresh process; when it dies, halve the rows and retry each half, down to
+    the one sample that kills its process; there, the modality whose decoder crashes is rejected
+    (``decoder_crashed``) and the rest of the sample is validated as usual."""
+    with _spawn_pool(1) as pool:
+        try:
+            return pool.submit(validate, rows, params).result()
+        except BrokenProcessPool:
+            pass
+    if len(rows) > 1:
+        middle = len(rows) // 2
+        return _isolated(rows[:middle], params, validate) + _isolated(rows[middle:], params, validate)
+    row = dict(rows[0])
+    for m in NAMES:
+        if row.get(m) is None:
+            continue
+        alone = {**row, **{other: None for other in NAMES if other != m}}
+        with _spawn_pool(1) as pool:
+            try:
+                pool.submit(validate, [alone], params).result()
+                continue
+            except BrokenProcessPool:
+                pass
+        print(f"clean: warning: sample {row['sample_id']}: the {m} decoder crashed its worker process; "
+              f"{m} rejected (decoder_crashed)")
+        row[m], row[f"{m}_error"] = None, f"decoder_crashed: the {m} decoder crashed (killed its process) on this file"
+    if row == rows[0]:  # no modality crashes alone: the sample as a whole is rejected
+        return [{"row": None, "flags": {"label_stripped": False, "converted": [], "text_truncated": False},
+                 "rejects": [{"sample_id": row["sample_id"], "source_row": row["source_row"], "modality": "sample",
+                              "code": "decoder_crashed", "reason": "validating this sample crashed its worker process",
+                              "ref": None, "action": "sample_rejected"}]}]
+    return _isolated([row], params, validate)
 
 
 # --------------------------------------------------------------------------- decisions on the key table
@@ -303,6 +362,8 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     # what later stages (and the deployment bundle) must reproduce of clean's normalisation
     dataset = {"labels": labels, "modalities": list(NAMES), "audio_sample_rate": params.audio.sample_rate,
                "text_max_chars": params.text.max_chars,
+               # clean's per-item rules (bounds included): the bundle's predictor applies the same
+               "clean_rules": {m: getattr(params, m).model_dump(mode="json") for m in NAMES},
                "samples": writer.rows, "splits": split_counts, "files": writer.files}
     write_json_atomic(out_dir / DATASET_FILE, dataset)
     seconds = time.perf_counter() - started

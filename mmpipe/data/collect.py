@@ -3,27 +3,35 @@
 Output: a few ``part-NNNNN.parquet`` files holding metadata and the raw encoded bytes of every
 modality. Nothing is validated here beyond the source's structure: an item that cannot be
 fetched is recorded with its error (``<modality>_error``) so that ``clean`` lists it in the
-rejects; a source that cannot be read at all stops the stage with one line.
+rejects; a source that cannot be read at all stops the stage with one line. What a manifest may
+read (protocols, regular files, size, its root) is mmpipe.data.fetch's trust model.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
+import os
+import stat
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import urljoin
 
+import numpy as np
+
 import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
 from mmpipe.data import builtin
-from mmpipe.errors import PipelineError
+from mmpipe.data.fetch import FetchError, Policy, check, fetch, is_url, local_path
+from mmpipe.errors import PipelineError, redact
 from mmpipe.io import PartWriter, worker_count
 from mmpipe.modalities import MODALITIES, NAMES, by_extension
 
@@ -117,98 +125,97 @@ def _builtin_batches(params) -> Iterator[list[dict[str, Any]]]:
 # --------------------------------------------------------------------------- manifests and folders
 
 
-def _is_url(ref: str) -> bool:
-    return "://" in ref
-
-
-def _local_path(ref: str) -> Path | None:
-    """The local path behind a reference (plain path or file:// URL); None for remote URLs."""
-    if ref.startswith("file://"):
-        return Path(ref[len("file://"):])
-    return None if _is_url(ref) else Path(ref)
-
-
-class FileTooLarge(OSError):
-    """A referenced file is over data.max_file_mb."""
-
-
-def fetch(ref: str, timeout_s: float, max_bytes: int) -> bytes:
-    """Read one referenced file (local path or fsspec URL); raise OSError with a short reason."""
-    path = _local_path(ref)
-    if path is not None:
-        if not path.exists():
-            raise FileNotFoundError(f"file not found: {path}")
-        if not path.is_file():
-            raise IsADirectoryError(f"not a file: {path}")
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise FileTooLarge(f"file is {size / 1e6:.1f} MB > data.max_file_mb ({max_bytes / 1e6:g} MB): {path}")
-        return path.read_bytes()
-    import fsspec
-
-    kwargs: dict[str, Any] = {}
-    if ref.startswith(("http://", "https://")):
-        import aiohttp
-
-        kwargs["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
-    try:
-        with fsspec.open(ref, "rb", **kwargs) as fh:
-            data = fh.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"not found: {ref}") from None
-    except Exception as exc:  # fsspec backends raise their own types
-        raise OSError(f"cannot fetch {ref}: {type(exc).__name__}: {exc}") from None
-    if len(data) > max_bytes:
-        raise FileTooLarge(f"file is larger than data.max_file_mb ({max_bytes / 1e6:g} MB): {ref}")
-    return data
+def policy(params, root: str | None = None) -> Policy:
+    """The fetch policy of the data params; ``root``: the source's folder or base URL (used when
+    data.confine_to_root is on)."""
+    return Policy(max_bytes=int(params.max_file_mb * 1e6), timeout_s=params.fetch_timeout_s,
+                  allowed_protocols=tuple(params.allowed_protocols), root=root if params.confine_to_root else None)
 
 
 def _text(value: Any) -> str | None:
-    """A manifest cell as a string, or None when empty (NaN/None)."""
-    if value is None:
+    """A manifest cell as a string, or None when empty (None/NaN/pd.NA/NaT). Numbers read as floats
+    only because their column has a null (JSONL, Parquet) are written as the integers they are."""
+    if value is None or isinstance(value, (list, tuple, dict, np.ndarray)):
+        return None if value is None else json.dumps(value, default=str)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    if pd.isna(value):
         return None
-    if isinstance(value, float) and value != value:
-        return None
-    value = str(value)
-    return value
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
-def read_manifest(source: str) -> pd.DataFrame:
-    """Read a .csv/.parquet/.jsonl manifest (local or fsspec URL) with every cell as a string."""
+def _printable(value: Any) -> str:
+    """For messages: invalid UTF-8 (kept as surrogates) shown as escapes, never an encoding error."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _jsonl(data: bytes, source: str) -> pd.DataFrame:
+    """JSON Lines parsed line by line (pandas' reader turns an integer column with a null into floats)."""
+    records = []
+    for number, line in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PipelineError(f"{source}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise PipelineError(f"{source}: line {number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return pd.DataFrame(records, dtype=object)
+
+
+def read_manifest(source: str, params) -> pd.DataFrame:
+    """Read a .csv/.parquet/.jsonl manifest (local or URL, fetched under the data params' policy)."""
     suffix = Path(source.split("?")[0]).suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
-        raise PipelineError(f"{source}: unsupported manifest type '{suffix}' (expected {', '.join(MANIFEST_SUFFIXES)})")
-    import fsspec
-
+        raise PipelineError(f"{redact(source)}: unsupported manifest type '{suffix}' (expected {', '.join(MANIFEST_SUFFIXES)})")
+    manifest_policy = dataclasses.replace(policy(params), max_bytes=int(params.max_manifest_mb * 1e6))
     try:
-        with fsspec.open(source, "rb") as fh:
-            if suffix == ".csv":
-                # An empty CSV cell means "absent"; any other text is kept verbatim (labels with spaces
-                # too). Invalid UTF-8 is carried as surrogates so that clean can reject that one cell.
-                frame = pd.read_csv(fh, dtype=object, keep_default_na=False, na_values=[""],
-                                    encoding="utf-8", encoding_errors="surrogateescape")
-            elif suffix == ".parquet":
-                frame = pd.read_parquet(fh)
-            else:
-                frame = pd.read_json(fh, lines=True, dtype=False)
-    except FileNotFoundError:
-        raise PipelineError(f"data.source: {source} does not exist") from None
+        data = fetch(source, manifest_policy)
+    except FetchError as exc:
+        if exc.code == "not_found":
+            raise PipelineError(f"data.source: {redact(source)} does not exist") from None
+        reason = exc.reason.replace("data.max_file_mb", "data.max_manifest_mb")
+        raise PipelineError(f"data.source: cannot read the manifest: {reason}") from None
+    try:
+        if suffix == ".csv":
+            # An empty CSV cell means "absent"; any other text is kept verbatim (labels with spaces
+            # too). Invalid UTF-8 is carried as surrogates so that clean can reject that one cell.
+            # The header is read as a row: pandas cannot make column names of invalid UTF-8.
+            frame = pd.read_csv(io.BytesIO(data), dtype=object, keep_default_na=False, na_values=[""],
+                                encoding="utf-8", encoding_errors="surrogateescape", header=None)
+            frame.columns = [_printable(c) for c in frame.iloc[0]] if len(frame) else []
+            frame = frame.iloc[1:].reset_index(drop=True)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(io.BytesIO(data))
+        else:
+            frame = _jsonl(data, redact(source))
+    except PipelineError:
+        raise
     except Exception as exc:
-        raise PipelineError(f"{source}: cannot read manifest: {str(exc).splitlines()[0]}") from None
+        raise PipelineError(f"{redact(source)}: cannot read manifest: {_printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
+    frame.columns = [_printable(c) for c in frame.columns]
+    duplicated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if duplicated:
+        raise PipelineError(f"{redact(source)}: manifest has the column '{duplicated[0]}' more than once")
     if "label" not in frame.columns:
-        raise PipelineError(f"{source}: manifest has no 'label' column (columns: {', '.join(map(str, frame.columns))})")
+        raise PipelineError(f"{redact(source)}: manifest has no 'label' column (columns: {', '.join(frame.columns)})")
     unknown = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
     if unknown:
-        print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(map(str, unknown))}")
+        print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(unknown)}")
     if not any(c in frame.columns for c in (*NAMES, *FILE_COLUMNS)):
-        raise PipelineError(f"{source}: manifest has none of the modality columns {', '.join((*NAMES, *FILE_COLUMNS))}")
+        raise PipelineError(f"{redact(source)}: manifest has none of the modality columns {', '.join((*NAMES, *FILE_COLUMNS))}")
     return frame
 
 
 def _resolve(ref: str, base: str) -> str:
-    if _is_url(ref):
+    """A manifest reference made absolute: against the manifest's base URL or folder."""
+    if is_url(ref) or "\x00" in ref:  # (a NUL byte: left as is for fetch to refuse)
         return ref
-    if _is_url(base):
+    if is_url(base):
         return urljoin(base.rstrip("/") + "/", ref)
     path = Path(ref).expanduser()
     return str(path if path.is_absolute() else (Path(base) / path).resolve())
@@ -227,14 +234,19 @@ def _key_cell(source: str, row: int, column: str, value: Any) -> str | None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise PipelineError(f"{source}: row {row}: column '{column}' is not valid UTF-8") from None
+            raise PipelineError(f"{redact(source)}: row {row}: column '{column}' is not valid UTF-8") from None
     return text
 
 
-def manifest_rows(source: str) -> list[dict[str, Any]]:
+def manifest_base(source: str) -> str:
+    """The folder or base URL a manifest's relative references resolve against (and its root)."""
+    return source.rsplit("/", 1)[0] if is_url(source) else str(Path(source).resolve().parent)
+
+
+def manifest_rows(source: str, params) -> list[dict[str, Any]]:
     """One row spec per manifest row: refs resolved, inline content kept, ids given or derived."""
-    frame = read_manifest(source)
-    base = source.rsplit("/", 1)[0] if _is_url(source) else str(Path(source).resolve().parent)
+    frame = read_manifest(source, params)
+    base = manifest_base(source)
     specs = []
     columns = {c: frame[c].tolist() for c in frame.columns if c in MANIFEST_COLUMNS}
 
@@ -299,7 +311,7 @@ def folder_rows(root: Path) -> list[dict[str, Any]]:
     return specs
 
 
-def _materialize(spec: dict[str, Any], timeout_s: float, max_bytes: int) -> dict[str, Any]:
+def _materialize(spec: dict[str, Any], fetch_policy: Policy) -> dict[str, Any]:
     row = {k: spec[k] for k in ("sample_id", "source_row", "label", "split", "group")}
     row["condition"] = None
     for m in NAMES:
@@ -312,25 +324,22 @@ def _materialize(spec: dict[str, Any], timeout_s: float, max_bytes: int) -> dict
             elif kind == "conflict":
                 error = f"conflict: {value}"
             else:
-                ref = value
+                ref = redact(_printable(value))  # stored and shown: credentials out, valid UTF-8
                 try:
-                    content = fetch(value, timeout_s, max_bytes)
-                except FileNotFoundError as exc:
-                    error = f"not_found: {exc}"
-                except FileTooLarge as exc:
-                    error = f"too_large: {exc}"
-                except OSError as exc:
-                    error = f"fetch_error: {exc}"
-        row.update({m: content, f"{m}_ref": ref, f"{m}_error": error})
+                    content = fetch(value, fetch_policy)
+                except FetchError as exc:
+                    error = f"{exc.code}: {exc.reason}"
+                except Exception as exc:  # never one file's problem beyond its own row
+                    error = f"fetch_error: {redact(type(exc).__name__ + ': ' + str(exc))}"
+        row.update({m: content, f"{m}_ref": ref, f"{m}_error": error and _printable(error)})
     return row
 
 
-def _fetched_batches(specs: list[dict[str, Any]], params) -> Iterator[list[dict[str, Any]]]:
-    max_bytes = int(params.max_file_mb * 1e6)
-    with cf.ThreadPoolExecutor(params.fetch_threads) as pool:
+def _fetched_batches(specs: list[dict[str, Any]], fetch_policy: Policy, threads: int) -> Iterator[list[dict[str, Any]]]:
+    with cf.ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(specs), BATCH_ROWS):
             batch = specs[start:start + BATCH_ROWS]
-            yield list(pool.map(lambda s: _materialize(s, params.fetch_timeout_s, max_bytes), batch))
+            yield list(pool.map(lambda s: _materialize(s, fetch_policy), batch))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -344,9 +353,11 @@ def describe_source(source: str) -> tuple[str, Any]:
             raise PipelineError(f"data.source: unknown built-in corpus '{source}' "
                                 f"(available: {', '.join(BUILTIN_PREFIX + c for c in BUILTIN_CORPORA)})")
         return "builtin", name
-    if _is_url(source) and not source.startswith("file://"):
+    if is_url(source) and not source.startswith("file://"):
         return "manifest", source
-    path = _local_path(source).expanduser()
+    if "\x00" in source:
+        raise PipelineError("data.source: the path contains a NUL byte")
+    path = local_path(source).expanduser()
     if path.is_dir():
         return "folder", path.resolve()
     if path.is_file():
@@ -362,11 +373,12 @@ def collect(params, out_dir: Path) -> dict[str, Any]:
         total = params.n_samples
         batches: Iterable[list[dict[str, Any]]] = _builtin_batches(params)
     else:
-        specs = manifest_rows(where) if kind == "manifest" else folder_rows(where)
+        specs = manifest_rows(where, params) if kind == "manifest" else folder_rows(where)
         total = len(specs)
         if total == 0:
-            raise PipelineError(f"data.source: {params.source} holds no samples")
-        batches = _fetched_batches(specs, params)
+            raise PipelineError(f"data.source: {redact(params.source)} holds no samples")
+        root = manifest_base(where) if kind == "manifest" else str(where)
+        batches = _fetched_batches(specs, policy(params, root), params.fetch_threads)
     schema = raw_schema()
     writer = PartWriter(out_dir, schema, params.rows_per_file)
     stats = Stats()
@@ -378,7 +390,7 @@ def collect(params, out_dir: Path) -> dict[str, Any]:
     writer.close()
     seconds = time.perf_counter() - started
     return {
-        "source": params.source,
+        "source": redact(params.source),
         "source_kind": kind,
         "samples": writer.rows,
         "files": writer.files,
@@ -395,16 +407,30 @@ def collect(params, out_dir: Path) -> dict[str, Any]:
 
 
 def _file_digest(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "blake2b").hexdigest()[:32]
+    """Content digest of a regular file; for anything else (missing, FIFO, device, ...) what it is:
+    collect will refuse it, and opening a FIFO here must not block."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return "missing" if isinstance(exc, FileNotFoundError) else f"unreadable: {exc.strerror}"
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return "not a regular file"
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            return hashlib.file_digest(fh, "blake2b").hexdigest()[:32]
+        except OSError as exc:
+            return f"unreadable: {exc.strerror}"
 
 
-def fingerprint(source: str) -> dict[str, Any]:
-    """What the configured source currently holds, cheaply: content digests of local files.
+def fingerprint(params) -> dict[str, Any]:
+    """What the configured source (``params.source``) currently holds, cheaply: content digests of
+    local files, under the same policy as collect (refused references are listed as such).
 
     The ``source`` stage writes this before every run so that ``collect`` re-runs exactly when
     the user's data changed. Remote (URL) items are fingerprinted by their address only.
     """
+    source = params.source
     kind, where = describe_source(source)
     if kind == "builtin":
         return {"source": source, "kind": kind, "generator": builtin.__name__}
@@ -412,13 +438,19 @@ def fingerprint(source: str) -> dict[str, Any]:
         files = sorted(p for p in where.rglob("*") if p.is_file())
         return {"source": source, "kind": kind,
                 "files": {str(p.relative_to(where)): _file_digest(p) for p in files}}
-    if _is_url(where):
-        return {"source": source, "kind": kind, "manifest": where}
+    if is_url(where):
+        return {"source": redact(source), "kind": kind, "manifest": redact(where)}
     items = {}
-    for spec in manifest_rows(where):
+    item_policy = policy(params, manifest_base(where))
+    for spec in manifest_rows(where, params):
         for m in NAMES:
             if spec[m] is not None and spec[m][0] == "ref":
                 ref = spec[m][1]
-                local = _local_path(ref)
-                items[ref] = "url" if local is None else _file_digest(local) if local.is_file() else "missing"
+                try:
+                    check(ref, item_policy)
+                except FetchError as exc:
+                    items[redact(_printable(ref))] = f"refused: {exc.code}"
+                    continue
+                local = local_path(ref)
+                items[redact(ref)] = "url" if local is None else _file_digest(local)
     return {"source": source, "kind": kind, "manifest_digest": _file_digest(Path(where)), "items": items}

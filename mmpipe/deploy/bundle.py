@@ -1,7 +1,8 @@
 """The deployment bundle: the chosen ONNX model (+ the fp32 one), the standalone predictor and the
 modules it ships as they are, the fitted preprocessing state, manifest.json and MODEL_CARD.md.
 
-Servable without this repository: the predictor needs only numpy, onnxruntime, soundfile and pillow.
+Servable without this repository: the predictor needs only numpy, onnxruntime, soundfile, soxr and
+pillow.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 
 import onnx
 
+from mmpipe.errors import PipelineError
 from mmpipe.features.preprocess import STATE_FILE
 
 PACKAGE = Path(__file__).resolve().parents[1]
 SHIPPED_CODE = [PACKAGE / "deploy" / "predict.py", PACKAGE / "modalities" / "portable.py",
                 PACKAGE / "modalities" / "logmel.py", PACKAGE / "modalities" / "tokenizer.py"]
-RUNTIME = {"numpy": "numpy", "onnxruntime": "onnxruntime", "soundfile": "soundfile", "pillow": "pillow"}
+RUNTIME = {"numpy": "numpy", "onnxruntime": "onnxruntime", "soundfile": "soundfile", "soxr": "soxr", "pillow": "pillow"}
 ONNX_TYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32",
               onnx.TensorProto.BOOL: "bool"}
 
@@ -49,8 +51,7 @@ def preprocessing(features_root: Path, dataset: dict, modalities: list[str]) -> 
     if "text" in states:
         s = states["text"]
         pre["text"] = {"tokenizer": s["tokenizer"], "kind": s["kind"], "lowercase": s["lowercase"],
-                       "max_length": s["max_length"], "max_chars": dataset["text_max_chars"],
-                       "vocab_size": s["vocab_size"]}
+                       "max_length": s["max_length"], "vocab_size": s["vocab_size"]}
         files.append(features_root / "text" / s["tokenizer"])
     if "audio" in states:
         s = states["audio"]
@@ -62,8 +63,11 @@ def preprocessing(features_root: Path, dataset: dict, modalities: list[str]) -> 
 
 
 def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset: dict, modalities: list[str],
-          model_card: str, git_commit: str | None) -> dict[str, Any]:
-    """Write the bundle into ``out`` (an empty folder); return the manifest."""
+          model_card: str, git_commit: str | None, serving: dict[str, int]) -> dict[str, Any]:
+    """Write the bundle into ``out`` (an empty folder); return the manifest. ``serving``: the request
+    bounds (max_rows_per_request, max_item_bytes, batch_size)."""
+    if "clean_rules" not in dataset:
+        raise PipelineError("data/clean/dataset.json has no clean_rules (written by an older clean: re-run clean)")
     shutil.copyfile(compressed / "model.onnx", out / "model.onnx")
     shutil.copyfile(compressed / "fp32.onnx", out / "model_fp32.onnx")
     pre, state_files = preprocessing(features_root, dataset, modalities)
@@ -79,7 +83,11 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
         "output": {"name": "logits", "shape": ["batch", len(dataset["labels"])], "dtype": "float32"},
         "models": {"shipped": {"file": "model.onnx", "variant": chosen}, "fp32": {"file": "model_fp32.onnx", "variant": "fp32"}},
         "preprocessing": pre,
-        "predictor": {"command": "python predict.py [--image F] [--audio F] [--text S] | --manifest M.csv",
+        # clean's per-item rules (size bounds included): the predictor accepts and rejects what clean did
+        "clean": {m: dataset["clean_rules"][m] for m in modalities},
+        "serving": serving,
+        "predictor": {"command": "python predict.py " + " ".join(f"[--{m} {'S' if m == 'text' else 'F'}]" for m in modalities)
+                      + " | --manifest M.csv",
                       "requirements": "requirements.txt"},
         "versions": {"python": platform.python_version(), "git_commit": git_commit,
                      **{dist: metadata.version(dist) for dist in ("torch", "onnx", "onnxruntime", "numpy")}},

@@ -5,26 +5,37 @@ Verification (metrics/export.json):
 - shipped (e.g. int8) vs fp32 ONNX: top-1 agreement on the test split;
 - the standalone predictor, run on the **raw** test files (as collected, before clean) through its
   own preprocessing, with the shipped and the fp32 model: accuracy, next to the evaluate stage's
-  accuracy (PyTorch on the pipeline's features) and compress's test accuracy of the shipped variant.
+  accuracy (PyTorch on the pipeline's features) and compress's test accuracy of the shipped variant;
+- train/serve parity of audio at the rates recordings come in: each raw test clip converted to 22.05,
+  44.1 and 48 kHz stereo, then featurised by the pipeline (clean -> preprocess) and by the bundle's
+  predictor: the fp32 model's top-1 must agree on at least ``min_resample_agreement`` of them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import soundfile as sf
+import soxr
 import torch
 
+from mmpipe import params as params_module
 from mmpipe.compress.onnx_model import onnx_feeds, run_logits, session
 from mmpipe.data.clean import DATASET_FILE, SAMPLES_DIR
 from mmpipe.deploy import bundle
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
+from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.io import iter_row_groups
+from mmpipe.modalities import MODALITIES, NAMES
+from mmpipe.modalities.portable import RejectedInput
 from mmpipe.models.train import load_model, to_model_inputs
 
 if TYPE_CHECKING:
@@ -80,18 +91,10 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: list[d
     accuracy, errors = {}, []
     for which in ("shipped", "fp32"):
         predictor = predict.Predictor(folder, model=which)
-        samples = []
-        for sid, item in zip(test.sample_ids, items):
-            try:
-                samples.append(predictor.features(**item))
-            except predict.InputError as exc:
-                errors.append(f"{sid}: {exc}")
-                samples.append(predictor.features())  # counted as a miss below unless the model guesses right
-        labels = []
-        for start in range(0, len(samples), batch_size):
-            labels += [p["label"] for p in predictor.predict(samples[start:start + batch_size])]
-        names = test.label_names
-        accuracy[which] = float(np.mean([label == names[y] for label, y in zip(labels, test.labels)]))
+        results = list(predictor.predict_rows(items, batch_size))
+        errors += [f"{sid}: {r['error']}" for sid, r in zip(test.sample_ids, results) if "error" in r]
+        names = test.label_names  # a row the predictor cannot read counts as a miss
+        accuracy[which] = float(np.mean([r.get("label") == names[y] for r, y in zip(results, test.labels)]))
     return {"parity_samples": len(batch["label"]),
             "fp32_onnx_vs_pytorch_max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
             "shipped_vs_fp32_top1_agreement": float((fp32_top1 == shipped_top1).mean()),
@@ -101,6 +104,67 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: list[d
             "predictor_input_errors": sorted(set(errors))}
 
 
+# Rates and encodings recordings usually come in, for the audio train/serve parity check.
+PARITY_RATES = {22050: ("FLAC", "PCM_16"), 44100: ("WAV", "PCM_16"), 48000: ("WAV", "PCM_24")}
+
+
+def as_recording(raw: bytes, rate: int) -> bytes:
+    """A raw test clip as a typical recording: resampled to ``rate`` (soxr, very high quality),
+    stereo (right channel at half the gain), encoded as PARITY_RATES says."""
+    samples, source_rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    mono = soxr.resample(samples.mean(axis=1), source_rate, rate, quality="VHQ")
+    fmt, subtype = PARITY_RATES[rate]
+    out = io.BytesIO()
+    sf.write(out, np.clip(np.stack([mono, 0.5 * mono], axis=1), -1.0, 1.0), rate, format=fmt, subtype=subtype)
+    return out.getvalue()
+
+
+def resample_parity(folder: Path, features_root: Path, dataset: dict, test: FeatureSet, items: list[dict],
+                    modalities: list[str]) -> dict[str, Any]:
+    """Audio at 22.05/44.1/48 kHz stereo through the pipeline (clean's conversion, preprocess's
+    log-mel) and through the bundle's predictor: per rate, the share of clips on which the fp32 model
+    (same image/text inputs) gives the same top-1, and the largest log-mel difference."""
+    positions = np.array([i for i, item in enumerate(items) if item.get("audio") is not None], np.int64)
+    if "audio" not in modalities or not len(positions):
+        return {}
+    predict = load_predictor(folder)
+    predictor = predict.Predictor(folder, model="fp32")
+    fp32 = session(folder / "model_fp32.onnx")
+    rules = params_module.CleanAudio(**dataset["clean_rules"]["audio"])
+    state = json.loads((features_root / "audio" / STATE_FILE).read_text())
+    featurizer = MODALITIES["audio"].Features.from_state(features_root / "audio", state)
+    feeds = onnx_feeds(test.get(positions), modalities)
+    ids = [str(test.sample_ids[i]) for i in positions]
+    column = modalities.index("audio")
+    out = {}
+    for rate in PARITY_RATES:
+        clips = [as_recording(items[i]["audio"], rate) for i in positions]
+        cleaned = []
+        for clip in clips:
+            try:
+                cleaned.append(MODALITIES["audio"].clean(clip, rules).data)
+            except RejectedInput:
+                cleaned.append(None)
+        pipeline = featurizer.transform(cleaned, ids)["audio"].astype(np.float32)
+        served, accepted = np.zeros_like(pipeline), np.zeros(len(clips), bool)
+        for k, clip in enumerate(clips):
+            try:
+                served[k], accepted[k] = predictor.features(audio=clip)["audio"], True
+            except predict.InputError:
+                pass
+        both = accepted & np.array([c is not None for c in cleaned])
+        tops = []
+        for mel, ok in ((pipeline, both), (served, both)):
+            available = feeds["available"].copy()
+            available[:, column] &= ok
+            tops.append(run_logits(fp32, feeds | {"audio": mel, "available": available}).argmax(axis=1))
+        agree = (tops[0] == tops[1]) & (accepted == np.array([c is not None for c in cleaned]))
+        out[str(rate)] = {"clips": len(clips), "accepted_by_both": int(both.sum()),
+                          "top1_agreement": float(agree.mean()),
+                          "max_abs_logmel_diff": float(np.abs(pipeline[both] - served[both]).max(initial=0.0))}
+    return out
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -108,16 +172,32 @@ def git_commit() -> str | None:
         return None
 
 
-def model_card(dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str) -> str:
+def model_card(dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str, modalities: list[str],
+               name: str | None) -> str:
+    """The bundle's MODEL_CARD.md: what this model classifies, from what, how well, and its limits —
+    all read from this run's data (labels, modalities, clean's rules) and metrics."""
     t, v = eval_metrics["test"], compress_metrics["variants"]
-    shipped = v[chosen]
+    shipped, labels, rules = v[chosen], dataset["labels"], dataset["clean_rules"]
+    shown = ", ".join(labels[:20]) + (f", … ({len(labels) - 20} more)" if len(labels) > 20 else "")
+    example = {"image": "--image photo.jpg", "audio": "--audio clip.wav", "text": '--text "a short description"'}
+    accepts = {
+        "image": f"images (PNG, JPEG, BMP, GIF, TIFF, WebP) with sides of {rules['image']['min_side']}–"
+                 f"{rules['image']['max_side']} pixels and at most {rules['image']['max_pixels']:,} pixels",
+        "audio": f"audio (WAV, FLAC, …) of {rules['audio']['min_seconds']:g}–{rules['audio']['max_seconds']:g} s, "
+                 f"{rules['audio']['min_rate']:,}–{rules['audio']['max_rate']:,} Hz, at most "
+                 f"{rules['audio']['max_channels']} channels, not silent; converted to mono "
+                 f"{rules['audio']['sample_rate']:,} Hz",
+        "text": f"UTF-8 text of at most {rules['text']['max_bytes']:,} bytes, cut to {rules['text']['max_chars']:,} "
+                "characters after normalisation",
+    }
     lines = [
-        "# Model card: multimodal digit classifier (image + text + audio)",
+        f"# Model card: {name or 'mmpipe fusion model'} — {len(labels)}-class classifier from "
+        + " + ".join(modalities),
         "",
         "## What it does",
-        f"Classifies a sample into one of {len(dataset['labels'])} classes ({', '.join(dataset['labels'])}) from any "
-        "subset of: an image, a short text, an audio clip. Missing modalities are allowed (the model was trained "
-        "with random modality dropout and has a learned placeholder for each).",
+        f"Classifies a sample into one of {len(labels)} classes ({shown}) from any non-empty subset of: "
+        + ", ".join(f"an {m}" if m[0] in "aeiou" else f"a {m}" for m in modalities) + ". Missing modalities "
+        "are allowed (the model was trained with random modality dropout and has a learned placeholder for each).",
         "",
         "## Data",
         f"{dataset['samples']:,} samples after cleaning (splits: "
@@ -146,18 +226,19 @@ def model_card(dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen
         f"({compress_metrics['threads']} threads). `model_fp32.onnx` is the unpruned fp32 export "
         f"({v['fp32']['file_bytes'] / 1e6:.2f} MB).",
         "",
-        "## Limits",
-        "- Trained on the data named in the pipeline's `data.source`; inputs unlike it (other languages, image styles, "
+        "## Inputs and limits",
+        "The predictor checks every input under the rules the training data was cleaned with "
+        "(`manifest.json` → `clean`) and answers an error for that input instead of a prediction:",
+        *[f"- {m}: {accepts[m]}." for m in modalities],
+        "- Only these classes can be predicted; inputs unlike the training data (other languages, image styles, "
         "recording conditions) are outside what was measured.",
-        "- Audio is resampled by the predictor with an FFT resampler, the pipeline used soxr: features differ "
-        "slightly for files not at the training sample rate (the verification below measures the effect).",
         "- Probabilities are not perfectly calibrated (ECE above).",
         "",
         "## Use",
         "```",
         "pip install -r requirements.txt",
-        "python predict.py --image digit.png --audio digit.wav --text seven",
-        "python predict.py --manifest samples.csv",
+        "python predict.py " + " ".join(example[m] for m in modalities),
+        "python predict.py --manifest samples.csv   # columns " + ", ".join(modalities) + " (and optional id)",
         "```",
         "",
     ]
@@ -174,10 +255,16 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     modalities = model.modalities
     test = FeatureSet(features_root, split="test")
     items = raw_test_items(raw_dir, clean_dir, test.sample_ids, modalities)
-    card = model_card(dataset, eval_metrics, compress_metrics, chosen)
-    manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, card, git_commit())
+    if "clean_rules" not in dataset:
+        raise PipelineError(f"{clean_dir / DATASET_FILE} has no clean_rules (written by an older clean: re-run clean)")
+    card = model_card(dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model)
+    serving = {"max_rows_per_request": params.max_rows_per_request, "max_item_bytes": int(params.max_item_mb * 1e6),
+               "batch_size": params.predict_batch_size}
+    manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, card, git_commit(), serving)
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
-    checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None)
+    checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None,
+                    params.predict_batch_size)
+    checks["resample_parity"] = resample_parity(out, features_root, dataset, test, items, modalities)
     checks |= {"evaluate_test_accuracy": eval_metrics["test"]["accuracy"],
                "compress_test_accuracy_shipped": compress_metrics["variants"][chosen]["test_accuracy"],
                "shipped_variant": chosen, "bundle_files": len(manifest["files"]),
@@ -192,7 +279,10 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
                     if checks["int8_vs_its_fp32_top1_agreement"] is not None else "") + "\n"
                  f"- this predictor on the raw test files: {100 * checks['predictor_raw_test_accuracy']:.2f} % "
                  f"(fp32 model: {100 * checks['predictor_raw_test_accuracy_fp32']:.2f} %; evaluate stage: "
-                 f"{100 * checks['evaluate_test_accuracy']:.2f} %)\n")
+                 f"{100 * checks['evaluate_test_accuracy']:.2f} %)\n"
+                 + "".join(f"- audio at {int(rate) / 1000:g} kHz stereo: this predictor and the pipeline agree on "
+                           f"{100 * r['top1_agreement']:.2f} % of {r['clips']} test clips (same resampler, soxr)\n"
+                           for rate, r in checks["resample_parity"].items()))
     manifest["files"]["MODEL_CARD.md"] = bundle.sha256(out / "MODEL_CARD.md")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return checks, example_request(items)
@@ -203,6 +293,11 @@ def failed_checks(checks: dict, params) -> list[str]:
     if checks["fp32_onnx_vs_pytorch_max_abs_logit_diff"] > params.max_abs_logit_diff:
         failed.append(f"export check failed: fp32 ONNX differs from PyTorch by {checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.2e} "
                       f"(> export.max_abs_logit_diff {params.max_abs_logit_diff})")
+    for rate, parity in checks["resample_parity"].items():
+        if parity["top1_agreement"] < params.min_resample_agreement:
+            failed.append(f"export check failed: audio at {rate} Hz: the predictor and the pipeline agree on "
+                          f"{parity['top1_agreement']:.4f} of test clips (< export.min_resample_agreement "
+                          f"{params.min_resample_agreement})")
     if abs(checks["predictor_gap_vs_evaluate"]) > params.max_predictor_accuracy_gap:
         failed.append(f"export check failed: the predictor on raw test files scores "
                       f"{checks['predictor_raw_test_accuracy_fp32']:.4f} with the fp32 model vs "
@@ -220,15 +315,36 @@ def example_request(items: list[dict]) -> "pd.DataFrame":
 
     import pandas as pd
 
-    item = next((it for it in items if all(it[m] is not None for m in ("image", "audio", "text"))), items[0])
-    return pd.DataFrame([{"image": base64.b64encode(item["image"]).decode() if item["image"] else "",
-                          "audio": base64.b64encode(item["audio"]).decode() if item["audio"] else "",
-                          "text": item["text"].decode("utf-8") if item["text"] else ""}])
+    item = next((it for it in items if all(it.get(m) is not None for m in NAMES)), items[0])
+    return pd.DataFrame([{m: "" if item.get(m) is None else item[m].decode("utf-8") if MODALITIES[m].INLINE
+                          else base64.b64encode(item[m]).decode() for m in NAMES}])
 
 
-def register(folder: Path, name: str, alias: str, example: "pd.DataFrame") -> dict[str, Any]:
-    """Log the bundle as an MLflow pyfunc model in the active run, register it as ``name`` and point
-    ``alias`` at the new version. Returns the model URI and version."""
+def alias_decision(policy: str, eval_metrics: dict, cwd: Path | None = None) -> tuple[bool, str]:
+    """Whether export may point the registry alias at the new version (export.move_alias), and why.
+
+    ``gated`` (default): only when at least one quality gate is configured (evaluate.gates) — a failed
+    gate stops the pipeline before export, so it passed — and the run is the main workspace, not one
+    of DVC's temporary experiment workspaces (``dvc exp run --queue/--temp``). ``always`` / ``never``.
+    """
+    if policy == "never":
+        return False, "export.move_alias is never"
+    if policy == "always":
+        return True, "export.move_alias is always"
+    gates = eval_metrics.get("gates", {})
+    if not gates.get("checked"):
+        return False, "no quality gate is configured (evaluate.gates): nothing vouches for this model"
+    if not gates.get("passed"):
+        return False, "a quality gate failed"
+    where = Path(cwd or os.getcwd()).resolve().as_posix() + "/"
+    if "/.dvc/tmp/exps/" in where:
+        return False, "this run is a DVC experiment in a temporary workspace (queue/temp), not the main workspace"
+    return True, "quality gates " + ", ".join(f"{k} >= {v}" for k, v in gates["checked"].items()) + " passed in the main workspace"
+
+
+def register(folder: Path, name: str, alias: str | None, example: "pd.DataFrame") -> dict[str, Any]:
+    """Log the bundle as an MLflow pyfunc model in the active run, register it as ``name`` and, when
+    ``alias`` is given, point it at the new version. Returns the model URI and version."""
     from importlib import metadata
 
     import mlflow
@@ -237,13 +353,15 @@ def register(folder: Path, name: str, alias: str, example: "pd.DataFrame") -> di
     from mlflow.types.schema import ColSpec, Schema
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", column, required=False) for column in ("image", "audio", "text")]),
+        inputs=Schema([ColSpec("string", column, required=False) for column in NAMES]),
         outputs=Schema([ColSpec("string", column) for column in ("label", "probabilities", "error")]))
     requirements = [f"{dist}=={metadata.version(dist)}" for dist in
-                    ("mlflow", "pandas", "numpy", "onnxruntime", "soundfile", "pillow")]
+                    ("mlflow", "pandas", "numpy", "onnxruntime", "soundfile", "soxr", "pillow")]
     info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"bundle": str(folder)},
                                    signature=signature, input_example=example, registered_model_name=name,
                                    pip_requirements=requirements)
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(name, alias, version)
-    return {"registered_model": name, "version": version, "alias": alias, "model_uri": f"models:/{name}@{alias}"}
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version)
+    return {"registered_model": name, "version": version, "alias": alias,
+            "model_uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"}

@@ -5,6 +5,11 @@ so that a JSON request can carry them) and ``text``; an empty or missing cell me
 missing. Output: one row per input row with ``label``, ``probabilities`` (a JSON object as text)
 and ``error``: either the first two are set and ``error`` is empty, or the reverse.
 
+Serving is bounded: at most ``serving.max_rows_per_request`` rows per request (manifest.json; a
+larger request gets that error on every row), at most ``serving.max_item_bytes`` per file, every
+input checked by the bundle's predictor under clean's rules, rows predicted a batch at a time. A
+bad row never fails the request.
+
     mlflow models serve -m "models:/<name>@<alias>" --env-manager local
     curl -X POST localhost:5000/invocations -H 'Content-Type: application/json' \
          -d '{"dataframe_records": [{"text": "seven", "image": "<base64 PNG>"}]}'
@@ -17,12 +22,14 @@ import binascii
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any, Iterator
 
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 COLUMNS = ("image", "audio", "text")
+OUTPUT = ["label", "probabilities", "error"]
 
 
 class BundleModel(PythonModel):
@@ -33,31 +40,45 @@ class BundleModel(PythonModel):
         spec.loader.exec_module(self.predict_module)
         self.predictor = self.predict_module.Predictor(folder)
 
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        rows, ready = [], []
-        for i, record in enumerate(model_input.to_dict(orient="records")):
+    def _inputs(self, record: dict[str, Any]) -> dict:
+        """One request row -> the predictor's raw inputs; InputError for a cell that cannot be one."""
+        InputError = self.predict_module.InputError
+        max_bytes = self.predictor.serving["max_item_bytes"]
+        given: dict[str, Any] = {}
+        for column in COLUMNS:
+            value = record.get(column)
+            if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+                continue
+            if column == "text":
+                given[column] = str(value)
+                continue
+            if not isinstance(value, str):
+                raise InputError(f"{column} must be base64 text, got {type(value).__name__}")
+            if len(value) > 4 * (max_bytes // 3 + 1):  # judged before decoding
+                raise InputError(f"{column} is larger than the bundle's limit of {max_bytes:,} bytes per input")
             try:
-                given = {}
-                for column in COLUMNS:
-                    value = record.get(column)
-                    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
-                        continue
-                    if column == "text":
-                        given[column] = str(value)
-                    else:
-                        try:
-                            given[column] = base64.b64decode(value, validate=True)
-                        except (binascii.Error, ValueError, TypeError):
-                            raise self.predict_module.InputError(f"{column} is not valid base64") from None
-                ready.append((i, self.predictor.features(**given)))
-                rows.append({"label": "", "probabilities": "", "error": ""})
-            except self.predict_module.InputError as exc:
-                rows.append({"label": "", "probabilities": "", "error": str(exc)})
-        if ready:
-            for (i, _), prediction in zip(ready, self.predictor.predict([f for _, f in ready])):
-                rows[i] = {"label": prediction["label"], "probabilities": json.dumps(prediction["probabilities"]),
-                           "error": ""}
-        return pd.DataFrame(rows, columns=["label", "probabilities", "error"])
+                given[column] = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError(f"{column} is not valid base64") from None
+        return given
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        limit = self.predictor.serving["max_rows_per_request"]
+        if len(model_input) > limit:  # answered per row: an exception would echo the whole request back
+            error = f"request has {len(model_input):,} rows > {limit:,} per request (export.max_rows_per_request); send it in parts"
+            return pd.DataFrame({"label": "", "probabilities": "", "error": [error] * len(model_input)}, columns=OUTPUT)
+
+        def rows() -> Iterator[dict | Exception]:
+            for record in model_input.to_dict(orient="records"):
+                try:
+                    yield self._inputs(record)
+                except self.predict_module.InputError as exc:
+                    yield exc
+
+        out = [{"label": "", "probabilities": "", "error": result["error"]} if "error" in result else
+               {"label": result["label"], "probabilities": json.dumps(result["probabilities"]), "error": ""}
+               for result in self.predictor.predict_rows(rows())]
+        return pd.DataFrame(out, columns=OUTPUT)
 
 
 mlflow.models.set_model(BundleModel())

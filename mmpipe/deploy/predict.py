@@ -1,31 +1,35 @@
 #!/usr/bin/env python3
 """Standalone predictor of the deployment bundle: raw image / audio files and text in, JSON out.
 
-Needs only numpy, onnxruntime, soundfile and pillow (requirements.txt next to this file) and the
-files of this folder. Any modality may be left out.
+Needs only numpy, onnxruntime, soundfile, soxr and pillow (requirements.txt next to this file) and
+the files of this folder. Any modality may be left out, not all of them.
 
-    python predict.py --image digit.png --audio digit.wav --text "seven"
+    python predict.py --image photo.jpg --audio clip.wav --text "a short description"
     python predict.py --manifest samples.csv      # columns image, audio, text (and optional id);
                                                   # paths relative to the CSV; one JSON line per row
     python predict.py ... --model fp32            # the fp32 model instead of the shipped one
 
-A row whose input cannot be read prints {"error": ...} for that row; the other rows are still
-predicted; the exit status is then 1.
+Every input is checked under the rules the training data was cleaned with (manifest.json: clean):
+sizes from the header before decoding, bounded decoding, and any failure to read one input becomes
+that row's {"error": ...}; the other rows are still predicted, and the exit status is then 1. Rows
+are read and predicted a batch at a time, so memory does not grow with the length of the manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
-import io
+import itertools
 import json
+import os
+import stat
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnxruntime as ort
-import soundfile as sf
-from PIL import Image, UnidentifiedImageError
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the shipped helper modules next to this file
@@ -33,6 +37,8 @@ sys.path.insert(0, str(HERE))  # the shipped helper modules next to this file
 import logmel  # noqa: E402
 import portable  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+
+MODALITY_ARGS = ("image", "audio", "text")
 
 
 class InputError(Exception):
@@ -50,6 +56,8 @@ class Predictor:
         self.session = ort.InferenceSession(str(self.folder / file), options, providers=["CPUExecutionProvider"])
         self.inputs = {i["name"]: i for i in self.manifest["inputs"]}
         self.modalities = self.manifest["modalities"]
+        self.rules = self.manifest["clean"]  # clean's per-item rules: the same bounds, the same rejections
+        self.serving = self.manifest["serving"]
         pre = self.manifest["preprocessing"]
         self.image, self.text, self.audio = pre.get("image"), pre.get("text"), pre.get("audio")
         if self.text:
@@ -60,55 +68,43 @@ class Predictor:
     # ------------------------------------------------------------------ one modality each: raw -> features
 
     def image_features(self, data: bytes) -> dict[str, np.ndarray]:
-        try:
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"image does not decode: {exc}") from None
-        normalized, changed = portable.normalize_image(img)
-        source = data if fmt in portable.PASS_THROUGH_FORMATS and not changed else normalized
+        normalized, facts = portable.decode_image(data, self.rules["image"])
+        # clean kept PNG/JPEG files as they were: load those bytes as preprocess did (JPEG draft scaling)
+        source = data if facts["format"] in portable.PASS_THROUGH_FORMATS and not facts["changed"] else normalized
         cfg = self.image
         return {"image": portable.load_pixels(source, cfg["size"], cfg["mode"], cfg["fit"])}
 
     def text_features(self, text: str | bytes) -> dict[str, np.ndarray]:
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8-sig")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"text is not valid UTF-8 (offset {exc.start})") from None
-        text = portable.normalize(text)
-        if not text:
-            raise InputError("text is empty after normalisation")
-        text = text[: self.text["max_chars"]].rstrip()
+        text, _ = portable.decode_text(text, self.rules["text"])
         ids, lengths = self.tokenizer.encode([text])
         return {"text": ids[0].astype(np.int64), "text_length": np.int64(lengths[0])}
 
     def audio_features(self, data: bytes) -> dict[str, np.ndarray]:
         cfg = self.audio
-        try:
-            samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-            raise InputError(f"audio does not decode: {str(exc).strip() or type(exc).__name__}") from None
-        if len(samples) == 0 or not np.isfinite(samples).all():
-            raise InputError("audio is empty or has NaN/infinite samples")
-        mono = portable.resample(samples.mean(axis=1), rate, cfg["sample_rate"])
+        mono, _ = portable.decode_audio(data, self.rules["audio"])
         # clean stores 16-bit PCM; preprocess stores the log-mel as float16: reproduce both roundings
-        mono = np.rint(np.clip(mono, -1.0, 1.0) * 32767.0).astype(np.float32) / 32768.0
-        clip = portable.fix_length(mono, cfg["n_samples"])
+        clip = portable.fix_length(portable.as_pcm16(mono), cfg["n_samples"])
         mel = logmel.log_mel(clip[None], self.mel_filters, cfg["n_fft"], cfg["hop"])[0]
         return {"audio": mel.astype(np.float16).astype(np.float32)}
 
     # ------------------------------------------------------------------ samples -> predictions
 
     def features(self, image: bytes | None = None, audio: bytes | None = None, text: str | bytes | None = None):
-        """One sample's model inputs (no batch axis); modalities left out are marked unavailable."""
+        """One sample's model inputs (no batch axis); modalities left out are marked unavailable.
+        Raises InputError (one line) when an input cannot be used or none is given."""
         given = {"image": image, "audio": audio, "text": text}
+        if all(given[m] is None for m in self.modalities):
+            raise InputError(f"no input: give at least one of {', '.join(self.modalities)}")
         out, available = {}, []
         for m in self.modalities:
             value = given[m]
             if value is not None:
-                out |= getattr(self, f"{m}_features")(value)
+                try:
+                    out |= getattr(self, f"{m}_features")(value)
+                except portable.RejectedInput as exc:
+                    raise InputError(exc.message) from None
+                except Exception as exc:  # never one input's failure beyond its own row
+                    raise InputError(f"{m} could not be processed: {portable.describe(exc)}") from None
             available.append(value is not None)
         for name, spec in self.inputs.items():  # zeros where a modality is missing: the model ignores them
             if name not in out and name != "available":
@@ -126,15 +122,83 @@ class Predictor:
         return [{"label": labels[int(p.argmax())], "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)}}
                 for p in probs]
 
+    def predict_rows(self, rows: Iterable[dict | InputError], batch_size: int | None = None) -> Iterator[dict]:
+        """Rows of raw inputs ({"image": bytes, "audio": bytes, "text": str}, any of them None; or the
+        InputError met while reading that row) -> one result per row, in order: {"label",
+        "probabilities"} or {"error"}. Rows are turned into features and predicted ``batch_size`` at a
+        time, so memory stays bounded however many rows come."""
+        rows = iter(rows)
+        while chunk := list(itertools.islice(rows, batch_size or self.serving["batch_size"])):
+            results: list[dict] = []
+            ready: list[tuple[int, dict]] = []
+            for row in chunk:
+                try:
+                    if isinstance(row, InputError):
+                        raise row
+                    ready.append((len(results), self.features(**row)))
+                    results.append({})
+                except InputError as exc:
+                    results.append({"error": str(exc)})
+            if ready:
+                for (i, _), prediction in zip(ready, self.predict([f for _, f in ready])):
+                    results[i] = prediction
+            yield from results
 
-def _read(path: str | None, base: Path) -> bytes | None:
+
+def read_file(path: str | None, base: Path, max_bytes: int) -> bytes | None:
+    """A file named on the command line or in a manifest: a regular file of at most ``max_bytes``."""
     if not path:
         return None
     file = Path(path) if Path(path).is_absolute() else base / path
     try:
-        return file.read_bytes()
+        with open(file, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise InputError(f"{path}: not a regular file")
+            if info.st_size > max_bytes:
+                raise InputError(f"{path}: {info.st_size:,} bytes > the bundle's limit of {max_bytes:,} bytes per input")
+            data = fh.read(max_bytes + 1)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise InputError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{path}: more than the bundle's limit of {max_bytes:,} bytes per input")
+    return data
+
+
+def manifest_rows(path: str, max_bytes: int) -> Iterator[tuple[dict, dict | InputError]]:
+    """(identity, raw inputs or the InputError of that row) for each row of a CSV manifest, lazily."""
+    base = Path(path).resolve().parent
+    csv.field_size_limit(2**31 - 1)  # long text cells are judged by clean.text.max_bytes, not by the CSV reader
+    try:
+        fh = open(path, newline="", encoding="utf-8-sig", errors="strict")
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        try:
+            columns = set(reader.fieldnames or [])
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+        if not columns & set(MODALITY_ARGS):
+            raise InputError(f"{path}: needs at least one of the columns {', '.join(MODALITY_ARGS)}")
+        for number in itertools.count(1):
+            ident = {"row": number}
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except (csv.Error, UnicodeDecodeError) as exc:  # one bad line is that row's error
+                yield ident, InputError(f"{path}: row {number}: not readable as CSV ({exc})")
+                if isinstance(exc, UnicodeDecodeError):
+                    return  # the decoder cannot resynchronise: the rest of the file is unreadable
+                continue
+            if row.get("id"):
+                ident["id"] = row["id"]
+            try:
+                yield ident, {"image": read_file(row.get("image"), base, max_bytes),
+                              "audio": read_file(row.get("audio"), base, max_bytes), "text": row.get("text") or None}
+            except InputError as exc:
+                yield ident, exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,45 +208,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", help="the text itself")
     parser.add_argument("--manifest", help="CSV with columns image, audio, text (and optional id)")
     parser.add_argument("--model", default="shipped", help="shipped (default) or fp32")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="rows predicted at a time")
     args = parser.parse_args(argv)
     predictor = Predictor(model=args.model)
+    max_bytes = predictor.serving["max_item_bytes"]
 
     if args.manifest:
-        base = Path(args.manifest).resolve().parent
-        try:
-            with open(args.manifest, newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.DictReader(fh))
-        except OSError as exc:
-            print(json.dumps({"error": f"{args.manifest}: cannot read ({exc.strerror or exc})"}))
-            return 1
-        if rows and not {"image", "audio", "text"} & set(rows[0]):
-            print(json.dumps({"error": f"{args.manifest}: needs at least one of the columns image, audio, text"}))
-            return 1
+        pairs = manifest_rows(args.manifest, max_bytes)
     else:
         if not (args.image or args.audio or args.text):
             parser.error("give --image, --audio and/or --text, or --manifest")
-        base, rows = Path.cwd(), [{"image": args.image, "audio": args.audio, "text": args.text}]
-
-    results: list[dict | None] = [None] * len(rows)
-    ready: list[tuple[int, dict]] = []
-    for i, row in enumerate(rows):
-        ident = {"row": i + 1} | ({"id": row["id"]} if row.get("id") else {})
         try:
-            ready.append((i, predictor.features(image=_read(row.get("image"), base), audio=_read(row.get("audio"), base),
-                                                text=row.get("text") or None)))
-            results[i] = ident
+            single: dict | InputError = {"image": read_file(args.image, Path.cwd(), max_bytes),
+                                         "audio": read_file(args.audio, Path.cwd(), max_bytes), "text": args.text}
         except InputError as exc:
-            results[i] = ident | {"error": str(exc)}
-    for start in range(0, len(ready), args.batch_size):
-        chunk = ready[start:start + args.batch_size]
-        for (i, _), prediction in zip(chunk, predictor.predict([f for _, f in chunk])):
-            results[i] |= prediction
-    for result in results:
-        if not args.manifest:
-            result.pop("row", None)
-        print(json.dumps(result, ensure_ascii=False))
-    return 1 if any("error" in r for r in results) else 0
+            single = exc
+        pairs = iter([({}, single)])
+    failed = False
+    try:
+        first = next(pairs)
+    except InputError as exc:  # the manifest itself cannot be read
+        print(json.dumps({"error": str(exc)}, ensure_ascii=False))
+        return 1
+    except StopIteration:
+        return 0
+    pairs = itertools.chain([first], pairs)
+    idents: collections.deque[dict] = collections.deque()  # of the rows read but not yet printed
+
+    def inputs() -> Iterator[dict | InputError]:
+        for ident, row in pairs:
+            idents.append(ident)
+            yield row
+
+    for result in predictor.predict_rows(inputs(), args.batch_size):
+        failed |= "error" in result
+        print(json.dumps(idents.popleft() | result, ensure_ascii=False))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

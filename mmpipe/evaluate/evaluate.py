@@ -71,9 +71,14 @@ class SplitInputs:
             folder = self.features_root / modality
             self._featurizers[modality] = module.Features.from_state(folder, json.loads((folder / STATE_FILE).read_text()))
         noise = module.CORRUPTIONS[corruption]
+        errors: dict[int, str] = {}  # items that do not decode: unavailable, as preprocess made them
         arrays = self._featurizers[modality].transform(self.raw(modality), [str(s) for s in self.sample_ids],
-                                    noise=lambda x: noise(x, level, rng))
-        return self.tensors | {name: torch.from_numpy(values) for name, values in arrays.items()}
+                                                       noise=lambda x: noise(x, level, rng), errors=errors)
+        tensors = self.tensors | {name: torch.from_numpy(values) for name, values in arrays.items()}
+        if errors:
+            tensors["available"] = tensors["available"].clone()
+            tensors["available"][list(errors), NAMES.index(modality)] = False
+        return tensors
 
 
 @torch.no_grad()

@@ -11,12 +11,11 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import soundfile as sf
-import soxr
 
-from mmpipe.errors import PipelineError, RejectedInput
+from mmpipe.errors import PipelineError
 from mmpipe.modalities import logmel
-from mmpipe.modalities.base import Cleaned
-from mmpipe.modalities.portable import fix_length
+from mmpipe.modalities.base import Cleaned, item_failed
+from mmpipe.modalities.portable import decode_audio, describe, fix_length, to_pcm16
 
 NAME = "audio"
 EXTENSIONS = (".wav", ".flac")
@@ -24,19 +23,6 @@ EXTENSIONS = (".wav", ".flac")
 STORED_AS = pa.binary()
 INFO_COLUMNS = {"seconds": pa.float32()}
 INLINE = False
-
-
-def decode(data: bytes) -> tuple[np.ndarray, int, sf._SoundFileInfo]:
-    """Decode WAV/FLAC/OGG/... bytes to float32 (frames, channels)."""
-    if not data:
-        raise RejectedInput("audio_empty", "audio file is empty (0 bytes)")
-    try:
-        info = sf.info(io.BytesIO(data))
-        samples, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        detail = str(exc).replace("<_io.BytesIO object>", "").strip() or type(exc).__name__
-        raise RejectedInput("audio_decode_error", f"audio does not decode: {detail}") from None
-    return samples, sample_rate, info
 
 
 def pcm16_wav(data: bytes) -> tuple[np.ndarray, int] | None:
@@ -64,42 +50,19 @@ def pcm16_wav(data: bytes) -> tuple[np.ndarray, int] | None:
 
 
 def encode_wav(samples: np.ndarray, sample_rate: int) -> bytes:
+    """Mono float samples -> PCM16 WAV bytes (the integer conversion is portable.to_pcm16's)."""
     out = io.BytesIO()
-    sf.write(out, samples, sample_rate, format="WAV", subtype="PCM_16")
+    sf.write(out, to_pcm16(samples), sample_rate, format="WAV", subtype="PCM_16")
     return out.getvalue()
 
 
-def to_mono(samples: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
-    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
-    if sample_rate != target_rate:
-        mono = soxr.resample(mono, sample_rate, target_rate, quality="HQ")
-    return np.clip(mono, -1.0, 1.0).astype(np.float32)
-
-
 def clean(data: bytes, cfg) -> Cleaned:
-    """Decode, reject empty/NaN/silent/out-of-bounds clips, convert to mono PCM16 WAV at cfg.sample_rate."""
-    samples, sample_rate, sf_info = decode(data)
-    frames = samples.shape[0]
-    if frames == 0:
-        raise RejectedInput("audio_empty", "audio has no samples")
-    if not np.isfinite(samples).all():
-        raise RejectedInput("audio_nonfinite", "audio contains NaN or infinite samples")
-    seconds = frames / sample_rate
-    if not cfg.min_seconds <= seconds <= cfg.max_seconds:
-        raise RejectedInput(
-            "audio_duration_out_of_bounds",
-            f"audio lasts {seconds:.3f}s; must be within [{cfg.min_seconds}, {cfg.max_seconds}]s (clean.audio)",
-        )
-    mono = to_mono(samples, sample_rate, cfg.sample_rate)
-    rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
-    dbfs = 20.0 * np.log10(rms) if rms > 0 else -np.inf
-    if dbfs < cfg.silence_dbfs:
-        raise RejectedInput("audio_silent", f"audio is silent (RMS {dbfs:.1f} dBFS < clean.audio.silence_dbfs={cfg.silence_dbfs})")
-    info = {"seconds": round(seconds, 6), "original_rate": sample_rate, "original_channels": sf_info.channels,
-            "original_format": f"{sf_info.format}/{sf_info.subtype}"}
-    already_normal = (sf_info.format == "WAV" and sf_info.subtype == "PCM_16"
-                      and sf_info.channels == 1 and sample_rate == cfg.sample_rate)
-    if already_normal:
+    """Decode under clean.audio's bounds (portable.decode_audio: empty, NaN, silent and out-of-bounds
+    clips rejected), convert to mono PCM16 WAV at cfg.sample_rate (kept as is when it already is)."""
+    mono, facts = decode_audio(data, cfg.model_dump())
+    info = {k: facts[k] for k in ("seconds", "original_rate", "original_channels", "original_format")}
+    if facts["original_format"] == "WAV/PCM_16" and facts["original_channels"] == 1 \
+            and facts["original_rate"] == cfg.sample_rate:
         return Cleaned(data, converted=False, info=info)
     return Cleaned(encode_wav(mono, cfg.sample_rate), converted=True, info=info)
 
@@ -125,20 +88,23 @@ class Features:
         self.arrays = {NAME: ((cfg.n_mels, n_frames), np.float16)}
         self.stats = (NAME, (0, 2), 1.0)
 
-    def waveforms(self, items: list[bytes | None], ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """-> (B, n_samples) float32 clips and a (B,) mask of the present ones."""
+    def waveforms(self, items: list[bytes | None], ids: list[str],
+                  errors: dict[int, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (B, n_samples) float32 clips and a (B,) mask of the present ones (an item that does not
+        decode is recorded in ``errors`` and left out of the mask: base.item_failed)."""
         batch = np.zeros((len(items), self.n_samples), np.float32)
         present = np.zeros(len(items), bool)
         for i, data in enumerate(items):
             if data is None:
                 continue
-            decoded = pcm16_wav(data)
-            if decoded is None:
-                try:
+            try:
+                decoded = pcm16_wav(data)
+                if decoded is None:
                     clip, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-                except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-                    raise PipelineError(f"sample {ids[i]}: audio does not decode: {exc}") from None
-                decoded = clip.mean(axis=1), rate
+                    decoded = clip.mean(axis=1), rate
+            except Exception as exc:
+                item_failed(errors, i, ids[i], f"audio does not decode: {describe(exc)}")
+                continue
             clip, rate = decoded
             if rate != self.sample_rate:
                 raise PipelineError(f"sample {ids[i]}: audio is at {rate} Hz, expected {self.sample_rate} Hz "
@@ -156,9 +122,10 @@ class Features:
         return features
 
     def transform(self, items: list[bytes | None], ids: list[str], device: str = "cpu",
-                  noise: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                  noise: Callable[[np.ndarray], np.ndarray] | None = None,
+                  errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
         """``noise`` (evaluate's robustness sweep) maps the (n, n_samples) float32 clips of the present items."""
-        batch, present = self.waveforms(items, ids)
+        batch, present = self.waveforms(items, ids, errors)
         if noise is not None and present.any():
             batch[present] = noise(batch[present])
         out = np.zeros((len(items), *self.arrays[NAME][0]), np.float16)

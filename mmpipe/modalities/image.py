@@ -4,7 +4,6 @@ corruptions for the robustness sweep (evaluate)."""
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -13,11 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyspng
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
 
-from mmpipe.errors import PipelineError, RejectedInput
-from mmpipe.modalities.base import Cleaned
-from mmpipe.modalities.portable import PASS_THROUGH_FORMATS, load_pixels, normalize_image
+from mmpipe.modalities.base import Cleaned, item_failed
+from mmpipe.modalities.portable import PASS_THROUGH_FORMATS, decode_image, describe, load_pixels
 
 NAME = "image"
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -28,35 +25,11 @@ INLINE = False
 
 
 def clean(data: bytes, cfg) -> Cleaned:
-    """Decode fully, check size bounds, convert to 8-bit L/RGB; re-encode as PNG only when needed."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            width, height = img.size
-            if width * height > cfg.max_pixels:
-                raise RejectedInput("image_too_large", f"image is {width}x{height} > clean.image.max_pixels={cfg.max_pixels}")
-            img.load()  # full decode: truncated or corrupt files fail here
-    except RejectedInput:
-        raise
-    except UnidentifiedImageError:
-        raise RejectedInput("image_decode_error", "not a readable image (unknown or corrupt format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RejectedInput("image_too_large", f"image too large to decode safely: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise RejectedInput("image_decode_error", f"image does not decode: {exc}") from None
-    if min(width, height) < cfg.min_side or max(width, height) > cfg.max_side:
-        raise RejectedInput(
-            "image_size_out_of_bounds",
-            f"image is {width}x{height}; sides must be within [{cfg.min_side}, {cfg.max_side}] (clean.image)",
-        )
-    original_mode = img.mode
-    normalized, changed = normalize_image(img)
-    needs_encode = fmt not in PASS_THROUGH_FORMATS or changed
-    info = {"width": normalized.width, "height": normalized.height, "mode": normalized.mode,
-            "format": fmt, "original_mode": original_mode}
-    if not needs_encode:
+    """Decode under clean.image's bounds (portable.decode_image), convert to 8-bit L/RGB; re-encode as
+    PNG only when needed."""
+    normalized, facts = decode_image(data, cfg.model_dump())
+    info = {k: facts[k] for k in ("width", "height", "mode", "format", "original_mode")}
+    if facts["format"] in PASS_THROUGH_FORMATS and not facts["changed"]:
         return Cleaned(data, converted=False, info=info)
     out = io.BytesIO()
     normalized.save(out, format="PNG")
@@ -88,7 +61,7 @@ def decode_fast(data: bytes, size: int, channels: int) -> np.ndarray | None:
             pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB")
         else:
             return None
-    except (ValueError, RuntimeError):
+    except Exception:  # whatever these decoders make of a file, Pillow's path decides
         return None
     if pixels.shape[:2] != (size, size):
         return None
@@ -116,10 +89,13 @@ class Features:
         return cls(SimpleNamespace(size=state["size"], mode=state["mode"], fit=state["fit"]), {})
 
     def transform(self, items: list[bytes | None], ids: list[str],
-                  noise: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """``noise`` (evaluate's robustness sweep) maps the decoded (n, C, H, W) uint8 pixels of the present items."""
+                  noise: Callable[[np.ndarray], np.ndarray] | None = None,
+                  errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
+        """``noise`` (evaluate's robustness sweep) maps the decoded (n, C, H, W) uint8 pixels of the present
+        items. An item that does not decode stays all zeros and is recorded in ``errors`` (base.item_failed)."""
         shape, dtype = self.arrays[NAME]
         out = np.zeros((len(items), *shape), dtype)
+        present = np.array([data is not None for data in items], bool)
         for i, data in enumerate(items):
             if data is None:
                 continue
@@ -127,9 +103,9 @@ class Features:
                 fast = decode_fast(data, self.cfg.size, shape[0])
                 out[i] = fast if fast is not None else load_pixels(data, self.cfg.size, self.cfg.mode, self.cfg.fit)
                 # (a 1-channel ``fast`` broadcasts into 3 channels: grey -> RGB replication)
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise PipelineError(f"sample {ids[i]}: image does not decode: {exc}") from None
-        present = np.array([data is not None for data in items], bool)
+            except Exception as exc:
+                item_failed(errors, i, ids[i], f"image does not decode: {describe(exc)}")
+                present[i] = False
         if noise is not None and present.any():
             out[present] = noise(out[present])
         return {NAME: out}

@@ -11,9 +11,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from mmpipe.errors import RejectedInput
 from mmpipe.modalities.base import Cleaned
-from mmpipe.modalities.portable import normalize
+from mmpipe.modalities.portable import decode_text
 from mmpipe.modalities.tokenizer import Tokenizer
 
 NAME = "text"
@@ -25,17 +24,8 @@ INLINE = True  # a manifest's text cell is the text itself
 
 
 def clean(data: bytes, cfg) -> Cleaned:
-    try:
-        raw = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        bad = data[exc.start:exc.start + 1].hex()
-        raise RejectedInput("text_not_utf8", f"text is not valid UTF-8 (byte 0x{bad} at offset {exc.start})") from None
-    text = normalize(raw)
-    if not text:
-        raise RejectedInput("text_empty", "text is empty after normalisation")
-    info = {"chars": len(text), "truncated": len(text) > cfg.max_chars}
-    if info["truncated"]:
-        text = text[: cfg.max_chars].rstrip()
+    """Decode and normalise under clean.text's rules (portable.decode_text); cut to max_chars."""
+    text, info = decode_text(data, cfg.model_dump())
     out = text.encode("utf-8")
     return Cleaned(out, converted=out != data, info=info)
 
@@ -66,8 +56,10 @@ class Features:
         return features
 
     def transform(self, items: list[str | None], ids: list[str],
-                  noise: Callable[[list[str]], list[str]] | None = None) -> dict[str, np.ndarray]:
-        """``noise`` (evaluate's robustness sweep) maps the list of present texts."""
+                  noise: Callable[[list[str]], list[str]] | None = None,
+                  errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
+        """``noise`` (evaluate's robustness sweep) maps the list of present texts. (Clean text always
+        tokenizes: ``errors``, where the other featurizers record items that do not decode, stays empty.)"""
         if noise is not None:
             present = [i for i, t in enumerate(items) if t is not None]
             noisy = noise([items[i] for i in present])
