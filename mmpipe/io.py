@@ -1,11 +1,14 @@
-"""Output helpers: atomic writes (a killed stage leaves nothing half-written), Parquet part files
+"""Output helpers: atomic writes (a killed stage leaves nothing half-written, and what it left aside
+is removed by the next run), Parquet part files
 and row-group reading (memory bounded by a row group), nested-dict flattening."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,12 +26,42 @@ def _umask() -> int:
     return mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove what writers of ``final`` killed mid-way left next to it — ``.<name>.tmp-<pid>-*`` and
+    ``.<name>.old-<pid>`` whose process is gone (a live writer's are kept) — and say so."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(?:(?P<pid>\d+)(?:-.*)?|.*)")
+    removed = []
+    for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.*")):
+        match = pattern.fullmatch(path.name)
+        if match is None or (match["pid"] and _alive(int(match["pid"]))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        print(f"removed {path}: left behind by a run that was killed")
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename."""
+    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename. Temporary
+    siblings of killed earlier runs are removed first."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
@@ -47,7 +80,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    remove_stale_temporaries(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

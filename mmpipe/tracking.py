@@ -9,25 +9,34 @@ files each time a stage finishes, so stages DVC restored from its cache still fi
 The default store is a SQLite file at an *absolute* path in the main checkout, so runs started
 from DVC's temporary experiment workspaces (``.dvc/tmp/exps/...``) land in the same store.
 ``MLFLOW_TRACKING_URI`` overrides it (e.g. a remote server).
+
+Robustness: the SQLite store is created by one process at a time (a file lock: ``dvc queue start
+--jobs N`` on a fresh clone starts N stages at once); calls are retried with backoff on transient
+errors, and per-epoch metrics are best effort (a failing tracking server never stops training: the
+metrics files hold the numbers); runs that a killed stage left RUNNING are marked KILLED when the
+stage next runs; credentials in the tracking URI never appear in a message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 from mmpipe import summary
-from mmpipe.errors import PipelineError
+from mmpipe.errors import PipelineError, redact
 from mmpipe.io import flatten
 
 DEFAULT_EXPERIMENT = "mmpipe"
@@ -57,15 +66,21 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, in one line, when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    parts = urllib.parse.urlsplit(uri)
+    url = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""),
+                                                 path=parts.path.rstrip("/") + "/health"))
+    shown = redact(uri)
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             if resp.status >= 500:
-                raise PipelineError(f"MLflow tracking server {uri} answered {resp.status} on /health")
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                raise PipelineError(f"MLflow tracking server {shown} answered {resp.status} on /health")
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise PipelineError(f"MLflow tracking server {shown} answered {exc.code} on /health") from None
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise PipelineError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it or unset MLFLOW_TRACKING_URI"
+            f"MLflow tracking server {shown} is unreachable ({redact(str(reason))}); start it or unset MLFLOW_TRACKING_URI"
         ) from None
 
 
@@ -108,19 +123,46 @@ def numeric_leaves(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+RETRIES, BACKOFF_S = 3, 1.0  # our own retries, on top of MLflow's HTTP ones: also for SQLite "database is locked"
+
+
+def retrying(what: str, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, retried with exponential backoff; then one PipelineError line (redacted)."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:  # MLflow, HTTP and SQLAlchemy errors alike
+            if attempt == RETRIES:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise PipelineError(f"MLflow: could not {what} after {RETRIES + 1} attempts: {redact(first)}") from None
+            time.sleep(BACKOFF_S * 2 ** attempt)
+
+
 class StageRun:
     """Handle on the active MLflow run of a stage."""
 
     def __init__(self, run: Any):
         self.run = run
         self.run_id = run.info.run_id
+        self._step_warned = False
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Log numeric leaves. Step metrics (per epoch, per trial) are best effort: after the retries a
+        failure prints one warning and the work goes on (the stage's metrics files hold the numbers)."""
         import mlflow
 
         leaves = numeric_leaves(metrics)
-        if leaves:
-            mlflow.log_metrics(leaves, step=step)
+        if not leaves:
+            return
+        if step is None:
+            retrying("log metrics", mlflow.log_metrics, leaves)
+            return
+        try:
+            retrying(f"log step {step} metrics", mlflow.log_metrics, leaves, step=step)
+        except PipelineError as exc:
+            if not self._step_warned:
+                print(f"warning: {exc}; continuing without them (the stage's metrics files are complete)")
+                self._step_warned = True
 
     def log_metrics_file(self, path: str | os.PathLike) -> None:
         self.log_metrics(json.loads(Path(path).read_text()))
@@ -131,9 +173,9 @@ class StageRun:
 
         path = Path(path)
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+            retrying(f"log {path}", mlflow.log_artifacts, str(path), artifact_path=artifact_path or path.name)
         elif path.exists():
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            retrying(f"log {path}", mlflow.log_artifact, str(path), artifact_path=artifact_path)
 
 
 def _quiet_mlflow_logs() -> None:
@@ -159,23 +201,81 @@ def _experiment_id(client: Any, name: str) -> str:
         return experiment.experiment_id
 
 
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store: one process at a time opens (and so creates or migrates) the file. Two
+    processes creating a fresh store at once otherwise race in its schema migrations and fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _open_store() -> tuple[Any, str]:
     """(client, experiment id) of the tracking store, or one-line PipelineError."""
     uri = tracking_uri()
     check_reachable(uri)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # bounded: about 1 + 2 + 4 s of backoff per call before our own retries take over
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     _quiet_mlflow_logs()
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
     try:
-        experiment_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        with store_lock(uri):
+            mlflow.set_tracking_uri(uri)
+            client = MlflowClient(uri)
+            experiment_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     except Exception as exc:  # store unusable: say so in one line
-        raise PipelineError(f"MLflow tracking store {uri} cannot be used: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"MLflow tracking store {redact(uri)} cannot be used: {redact(first)}") from None
     return client, experiment_id
+
+
+def _process_tags() -> dict[str, str]:
+    """Which process holds a run RUNNING: so that a later stage can tell a live run from an abandoned one."""
+    import psutil
+
+    return {"mmpipe.host": socket.gethostname(), "mmpipe.pid": str(os.getpid()),
+            "mmpipe.process_start": f"{psutil.Process().create_time():.3f}"}
+
+
+def _holder_alive(tags: dict[str, str]) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(int(tags["mmpipe.pid"]))
+        return abs(process.create_time() - float(tags["mmpipe.process_start"])) < 1.0
+    except (KeyError, ValueError, psutil.Error):
+        return False
+
+
+def close_abandoned_runs(client: Any, experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the runs of ``stage`` (and pipeline rows) left RUNNING on this host by a process that
+    no longer exists: a stage killed by a signal, the OOM killer or a power cut never closes its run."""
+    found = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`mmpipe.host` = "
+                               f"'{socket.gethostname()}'", max_results=1000)
+    closed = []
+    for run in found:
+        tags = run.data.tags
+        if tags.get("mmpipe.stage") != stage and tags.get("mmpipe.role") != PIPELINE_ROLE:
+            continue
+        if _holder_alive(tags):
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        print(f"mlflow: run {run.info.run_id} ({run.info.run_name}) was left RUNNING by a process that was killed: "
+              "marked KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def _execution_tags() -> dict[str, str]:
@@ -193,15 +293,16 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
         mlflow.set_system_metrics_sampling_interval(5)
         mlflow.set_system_metrics_samples_before_logging(1)
     params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
+    retrying("close runs left RUNNING by killed stages", close_abandoned_runs, client, experiment_id, stage)
     execution = _execution_tags()
-    tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **execution, "mmpipe.stage": stage}
-    parent_id = pipeline_run(client, experiment_id, execution)
+    tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **execution, "mmpipe.stage": stage, **_process_tags()}
+    parent_id = retrying("open the pipeline run", pipeline_run, client, experiment_id, execution)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics,
         parent_run_id=parent_id,
     ) as run:
         flat = {k: _param_value(v) for k, v in flatten(params_dict).items()}
-        mlflow.log_params(flat)
+        retrying("log params", mlflow.log_params, flat)
         try:
             yield StageRun(run)
         except BaseException:
@@ -237,12 +338,14 @@ def pipeline_run(client: Any, experiment_id: str, tags: dict[str, str], params_f
         max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
+        for key, value in _process_tags().items():  # the stage now holding the row open
+            client.set_tag(found[0].info.run_id, key, value)
         return found[0].info.run_id
     import yaml
     from mlflow.entities import Param
 
     name = tags["dvc.exp_name"] or f"pipeline-{tags['git.commit'][:7]}-{tags['pipeline.id'][:6]}"
-    run = client.create_run(experiment_id, run_name=name, tags=tags | {"mmpipe.role": PIPELINE_ROLE})
+    run = client.create_run(experiment_id, run_name=name, tags=tags | {"mmpipe.role": PIPELINE_ROLE} | _process_tags())
     with contextlib.suppress(OSError):
         values = flatten(yaml.safe_load(Path(params_file).read_text()) or {})
         params = [Param(k, str(_param_value(v))) for k, v in values.items()]

@@ -1,8 +1,9 @@
 """train: the fusion model on data/features (+ one single-modality baseline per modality).
 
 Writes models/fusion/ and models/baseline_<modality>/ (model.safetensors + config.json),
-metrics/train.json and per-epoch curves under plots/train/. Killed mid-way, it resumes from the
-last epoch checkpoint in .checkpoints/ (outside DVC's outputs).
+metrics/train.json and per-epoch curves under plots/train/. Killed mid-way, it resumes exactly
+from the last epoch checkpoint in .checkpoints/ (outside DVC's outputs), and models it had finished
+are taken from there, not trained again.
 
 Data-parallel on several GPUs (or CPU processes): torchrun --standalone --nproc_per_node=N -m stages.train
 """
@@ -15,7 +16,7 @@ from mmpipe.device import resolve_device
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.modalities import NAMES
 from mmpipe.models.distributed import process_group
-from mmpipe.models.train import train
+from mmpipe.models.train import clear_checkpoints, train
 from mmpipe.stage import run_stage
 
 FEATURES, CHECKPOINTS = Path("data/features"), Path(".checkpoints/train")
@@ -34,7 +35,7 @@ def main() -> None:
 
 
 def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
-    results = {}
+    results, finished = {}, []
     with tracking.stage_run("train", {"train": cfg.model_dump(), "model": model_cfg.model_dump()}) as run:
         with atomic_dir(Path("models")) as models, atomic_dir(PLOTS) as plots:
             for name, modalities in runs.items():
@@ -43,6 +44,7 @@ def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
 
                 result = train(cfg, model_cfg, FEATURES, modalities, models / name, CHECKPOINTS, log_epoch)
                 results[name] = result["metrics"]
+                finished.append(result["checkpoint"])
                 with open(plots / f"{name}.csv", "w", newline="") as fh:
                     writer = csv.DictWriter(fh, fieldnames=list(result["history"][0]))
                     writer.writeheader()
@@ -52,6 +54,7 @@ def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
                       f"({m['epochs_run']} epochs, {m['parameters']:,} parameters, {m['samples_per_s']:.0f} samples/s "
                       f"on {m['device']}, {m['seconds']:.0f}s)")
         write_json_atomic(METRICS, results)
+        clear_checkpoints(finished)  # every model is written: a re-run trains afresh
         run.log_metrics_file(METRICS)
         run.log_artifact(PLOTS)
 

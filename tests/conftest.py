@@ -161,8 +161,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def http_server(cmd: list[str], ready_url: str, log_path: Path, env: dict[str, str], cwd: Path,
-                timeout_s: float = 180) -> Iterator[None]:
-    """Run a server process until ``ready_url`` answers 200; stop it afterwards."""
+                timeout_s: float = 180) -> Iterator[subprocess.Popen]:
+    """Run a server process until ``ready_url`` answers 200; yield it; stop it afterwards."""
     log = open(log_path, "w")
     server = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -177,7 +177,7 @@ def http_server(cmd: list[str], ready_url: str, log_path: Path, env: dict[str, s
                 pass
             assert time.monotonic() < deadline, "server did not come up: " + log_path.read_text()[-3000:]
             time.sleep(1)
-        yield
+        yield server
     finally:
         server.terminate()
         server.wait(timeout=30)

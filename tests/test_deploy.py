@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, http_server, png_bytes
+from conftest import png_bytes
 from mmpipe import params
 from mmpipe.deploy.bundle import RUNTIME
-from mmpipe.deploy.export import export, failed_checks, load_predictor, raw_test_items
+from mmpipe.deploy.export import failed_checks, load_predictor, raw_test_items
 from mmpipe.features.loader import FeatureSet
 
 # Runs predict.py with imports limited to the standard library, the bundle's own modules and its five
@@ -141,47 +141,3 @@ def test_manifest_rows_with_bad_inputs_get_errors_and_the_rest_are_predicted(bun
     assert rows[1]["error"].startswith("not a readable image")
     assert rows[2]["error"].startswith("missing.wav: cannot read")
     assert rows[3]["error"] == "text is empty after normalisation"
-
-
-def test_registered_model_answers_rest_requests_from_mlflow_models_serve(bundle, tiny_corpus, tmp_path):
-    import os
-    import urllib.request
-
-    import mlflow
-
-    from mmpipe.deploy.export import example_request, register
-
-    previous = mlflow.get_tracking_uri()
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(store)
-    try:
-        experiment = mlflow.create_experiment("serve-test", artifact_location=(tmp_path / "artifacts").as_uri())
-        test = FeatureSet(tiny_corpus / "features", split="test")
-        items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, ["image", "text", "audio"])
-        with mlflow.start_run(experiment_id=experiment):
-            registered = register(bundle["folder"], "tiny-fusion", "champion", example_request(items))
-    finally:
-        mlflow.set_tracking_uri(previous)
-    assert registered["model_uri"] == "models:/tiny-fusion@champion" and registered["version"] == "1"
-
-    port = free_port()
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
-        "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # uvicorn
-    serve = [mlflow_cli, "models", "serve", "-m", registered["model_uri"], "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with http_server(serve, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env, tmp_path):
-        records = example_request(items).to_dict(orient="records") + [{"text": "nine"}, {"image": "not base64!"}]
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"dataframe_records": records}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = json.loads(response.read())["predictions"]
-    assert len(predictions) == 3
-    predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"])
-    import base64
-    first = {k: (base64.b64decode(v) if k != "text" else v) or None for k, v in records[0].items()}
-    assert predictions[0]["label"] == predictor.predict([predictor.features(**first)])[0]["label"]
-    assert predictions[1]["label"] in [str(d) for d in range(10)] and predictions[1]["error"] == ""
-    assert predictions[2]["error"] == "image is not valid base64" and predictions[2]["label"] == ""
-

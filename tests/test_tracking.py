@@ -164,3 +164,82 @@ def test_complete_pipeline_run_fills_the_row_from_every_metrics_file(tmp_path, m
     assert row.info.run_name.startswith("pipeline-")
     again = tracking.complete_pipeline_run()  # same execution (commit, params, experiment): same row
     assert again.info.run_id == row.info.run_id
+
+
+# ---------------------------------------------------------------- crashes, concurrency, flaky servers
+
+
+def test_processes_creating_a_fresh_store_at_once_all_succeed(tmp_path):
+    """What `dvc queue start --jobs N` does on a fresh clone: N stages open a store that does not exist yet."""
+    from conftest import ROOT
+
+    env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONPATH": str(ROOT)}
+    code = "from mmpipe import tracking; client, experiment = tracking._open_store(); print(experiment)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, created once
+
+
+def test_runs_left_running_by_a_killed_stage_are_closed_as_killed(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from conftest import ROOT
+
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom mmpipe import tracking, params\n"
+         "with tracking.stage_run('clean', params.CleanParams(), system_metrics=False) as run:\n"
+         "    print(run.run_id, flush=True)\n    time.sleep(600)\n"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    run_id = victim.stdout.readline().strip()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    assert mlflow.get_run(run_id).info.status == "RUNNING"  # nobody closed it
+    with tracking.stage_run("collect", {"source": "x"}, system_metrics=False) as other:
+        pass
+    assert mlflow.get_run(run_id).info.status == "RUNNING"  # another stage's run: left alone
+    with tracking.stage_run("clean", params.CleanParams(), system_metrics=False) as live:
+        assert mlflow.get_run(run_id).info.status == "KILLED"  # the stage ran again: closed
+        # a run whose process is alive (this one) is never touched
+        client, experiment = tracking._open_store()
+        assert tracking.close_abandoned_runs(client, experiment, "clean") == []
+        assert mlflow.get_run(live.run_id).info.status == "RUNNING"
+    assert mlflow.get_run(other.run_id).info.status == "FINISHED"
+
+
+def test_a_failing_tracking_call_per_epoch_does_not_stop_the_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "BACKOFF_S", 0.01)
+    calls = []
+
+    def flaky(metrics, step=None, **kwargs):  # what a tracking server answering 503 does to the client
+        calls.append(step)
+        raise ConnectionError("503 Service Unavailable from https://bob:secret@tracking.example/api")
+    with tracking.stage_run("train", {"epochs": 3}, system_metrics=False) as run:
+        monkeypatch.setattr(mlflow, "log_metrics", flaky)
+        for epoch in range(3):
+            run.log_metrics({"loss": 1.0 / (epoch + 1)}, step=epoch)  # best effort: no exception
+        with pytest.raises(PipelineError) as info:  # final metrics: retried, then one line
+            run.log_metrics({"accuracy": 0.9})
+    assert len(calls) == 4 * (tracking.RETRIES + 1)  # every call retried, with backoff
+    assert str(info.value).startswith(f"MLflow: could not log metrics after {tracking.RETRIES + 1} attempts: 503")
+    assert "secret" not in str(info.value) and "***" in str(info.value)
+    out = capsys.readouterr().out
+    assert out.count("warning: MLflow: could not log step") == 1  # said once, not per epoch
+
+
+def test_credentials_in_the_tracking_uri_never_appear_in_messages():
+    uri = f"http://alice:hunter2@127.0.0.1:{closed_port()}/?token=xyz"
+    with pytest.raises(PipelineError) as info:
+        tracking.check_reachable(uri, timeout_s=2)
+    assert "hunter2" not in str(info.value) and "xyz" not in str(info.value)
+    assert str(info.value).startswith("MLflow tracking server http://***@127.0.0.1:")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from mmpipe import params
 from mmpipe.features.loader import FeatureSet
-from mmpipe.models.train import accuracy, load_model, train
+from mmpipe.models.train import accuracy, clear_checkpoints, load_model, train
 
 SMALL = params.ModelParams(dim=16, hidden=32, image_width=4, text_embed_dim=8, text_width=16, audio_width=4,
                            attention_heads=2)
@@ -52,7 +52,40 @@ def test_killed_training_resumes_from_last_epoch(features, tmp_path):
     assert [r["val_accuracy"] for r in resumed["history"]] == [r["val_accuracy"] for r in straight["history"]]
     a, b = load_file(str(tmp_path / "straight/model.safetensors")), load_file(str(tmp_path / "resumed/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not list((tmp_path / "ck2").glob("*.pt"))  # finished runs leave no checkpoint
+    # finished: its checkpoint now holds the finished model, which a re-run takes instead of training
+    [finished] = list((tmp_path / "ck2").glob("*.pt"))
+    assert torch.load(finished, weights_only=True)["finished"] and resumed["checkpoint"] == finished
+    epochs_seen.clear()
+    again = run(features, tmp_path / "again", tmp_path / "ck2", epochs=3, on_epoch=lambda e, r: epochs_seen.append(e))
+    assert epochs_seen == [] and again["metrics"] == resumed["metrics"] and again["history"] == resumed["history"]
+    assert (tmp_path / "again/model.safetensors").read_bytes() == (tmp_path / "resumed/model.safetensors").read_bytes()
+    clear_checkpoints([again["checkpoint"]])  # what the stage does once every output is written
+    assert not list((tmp_path / "ck2").glob("*.pt"))
+
+
+def test_resume_after_a_non_improving_epoch_is_exact(features, tmp_path):
+    """The early-stopping counter and every RNG survive a kill: a run killed right after an epoch that did
+    not improve stops at the same epoch, with the same weights, as the run that was never killed."""
+    cfg = params.TrainParams(epochs=12, batch_size=32, device="cpu", patience=2, lr=0.02)
+    straight = train(cfg, SMALL, features, ["image", "text", "audio"], tmp_path / "straight", tmp_path / "ck1")
+    history = [r["val_accuracy"] for r in straight["history"]]
+    # killed after the next-to-last epoch: with patience 2, early stopping ended the run after two epochs
+    # without improvement, so that epoch did not improve and the counter stood at 1 when it was killed
+    kill_after = len(history) - 2
+    assert len(history) < cfg.epochs and history[kill_after] <= max(history[:kill_after]), history  # preconditions
+
+    def die(epoch, row):
+        if epoch == kill_after + 1:  # the checkpoint of the non-improving epoch is on disk by now
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, SMALL, features, ["image", "text", "audio"], tmp_path / "killed", tmp_path / "ck2", die)
+    saved = torch.load(next((tmp_path / "ck2").glob("*.pt")), weights_only=True)
+    assert saved["epoch"] == kill_after and saved["stalled"] >= 1
+    resumed = train(cfg, SMALL, features, ["image", "text", "audio"], tmp_path / "killed", tmp_path / "ck2")
+    assert resumed["metrics"]["epochs_run"] == straight["metrics"]["epochs_run"]
+    assert [r["val_accuracy"] for r in resumed["history"]] == history
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in straight["history"]]
+    assert (tmp_path / "killed/model.safetensors").read_bytes() == (tmp_path / "straight/model.safetensors").read_bytes()
 
 
 def test_saved_model_rebuilds_and_scores_the_same(features, tmp_path):

@@ -61,7 +61,7 @@ def test_unreachable_gate_stops_repro_before_compress_then_evaluate_and_compress
     assert ran_stages(passed) == ["source", "evaluate", "compress", "export", "summary"]
     assert "Stage 'train' didn't change, skipping" in passed.stdout
     metrics = json.loads((repo / "metrics/eval.json").read_text())
-    assert metrics["gates"] == {"passed": True, "failed": []}
+    assert metrics["gates"] == {"checked": {}, "passed": True, "failed": []}
     assert (repo / "reports/eval.md").read_text().startswith("# Evaluation report")
 
     set_params(repo, evaluate={"gates": {"min_accuracy": 1.01}})
@@ -233,3 +233,64 @@ def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path)
     for key, value in summary.headline(clone).items():
         assert rows[f"metrics.{key}"][0] == pytest.approx(value), key
     shutil.rmtree(clone)
+
+
+def repro_killed_when(repo: Path, condition, timeout_s: float = 900) -> str:
+    """`dvc repro`, killed with SIGKILL (dvc and the stage: the whole process group) as soon as
+    ``condition(output so far)`` holds; returns the output. Fails if the run ends first."""
+    import signal
+    import threading
+    import time
+
+    from conftest import DVC
+
+    env = stage_env(repo) | {"PYTHONUNBUFFERED": "1"}  # the stage's lines arrive as they are printed
+    proc = subprocess.Popen([DVC, "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s
+    while not condition("".join(lines)):
+        assert proc.poll() is None, "the run ended before the kill: " + "".join(lines)[-3000:]
+        assert time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reader.join(timeout=10)
+    return "".join(lines)
+
+
+def test_kill_9_during_clean_train_and_export_then_repro_finishes_as_if_never_killed(tiny_run, tmp_path):
+    repo = git_init(copy_repo(tmp_path / "repo"))
+    set_params(repo, **TINY)
+    set_params(repo, train={"baselines": True}, export={"registered_model": None})
+    git_commit(repo, "tiny profile with baselines")
+
+    def writing(pattern):
+        return lambda output: any(repo.glob(pattern))
+
+    repro_killed_when(repo, writing("data/.clean.tmp-*"))  # clean half-way through its part files
+    assert any(repo.glob("data/.clean.tmp-*")) and not (repo / "data/clean").exists()
+    second = repro_killed_when(repo, lambda output: "train[fusion]: val accuracy" in output)  # during baseline_image
+    assert "removed " in second and ".clean.tmp-" in second  # what the killed clean left
+    third = repro_killed_when(repo, writing("artifacts/.deploy.tmp-*"))
+    assert "train[image+text+audio]: already trained by an interrupted run of this stage" in third
+    last = dvc(repo, "repro")
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert ran_stages(last) == ["source", "export", "summary"]
+
+    # nothing half-written is left, in the data, the models, the artifacts or the checkpoints
+    leftovers = [p for p in repo.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == [] and not list((repo / ".checkpoints").rglob("*.pt"))
+    # the deterministic stages' outputs are those of the uninterrupted tiny run
+    killed, straight = (yaml.safe_load((r / "dvc.lock").read_text())["stages"] for r in (repo, tiny_run.repo))
+    for name in ("collect", "clean", "preprocess@image", "preprocess@text", "preprocess@audio"):
+        assert killed[name]["outs"][0]["md5"] == straight[name]["outs"][0]["md5"], name
+    fusion = "models/fusion/model.safetensors"
+    assert (repo / fusion).read_bytes() == (tiny_run.repo / fusion).read_bytes()
+    # the runs of the killed stages were closed as KILLED when those stages ran again
+    table = runs(repo)
+    assert not (table["status"] == "RUNNING").any() and not (pipeline_rows(repo)["status"] == "RUNNING").any()
+    killed_stages = set(table.loc[table["status"] == "KILLED", "tags.mmpipe.stage"])
+    assert killed_stages == {"clean", "train", "export"}

@@ -41,6 +41,43 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def rng_state(device: torch.device) -> dict:
+    """Every random generator the loop may draw from, as tensors and plain data (safe to torch.load)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def data_digest(features_root: Path) -> str:
+    """Identity of the feature sets (each modality's index and fitted state): a checkpoint resumes only
+    on the very data it was trained on."""
+    digest = hashlib.sha1()
+    for folder in sorted(p for p in Path(features_root).iterdir() if p.is_dir()):
+        for name in ("index.parquet", "state.json"):
+            if (folder / name).exists():
+                digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def clear_checkpoints(paths) -> None:
+    """Remove the (finished) checkpoints of models whose outputs are now safely written."""
+    for path in paths:
+        if path is not None:
+            Path(path).unlink(missing_ok=True)
+
+
 def to_model_inputs(batch: dict[str, torch.Tensor], modalities: list[str], device: torch.device) -> dict:
     """Move a loader batch to ``device`` and keep the availability columns of ``modalities``."""
     columns = [NAMES.index(m) for m in modalities]
@@ -67,6 +104,12 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
 
     ``init_model`` fine-tunes that model instead of a fresh one (the compress stage, after pruning);
     it is then returned with its best weights as ``result["model"]``. ``checkpoint_dir`` None: no resume.
+
+    With ``checkpoint_dir``, every epoch saves everything needed to continue exactly (weights,
+    optimiser, schedule, grad scaler, every RNG, history, best weights, early-stopping counter), and a
+    finished model stays there as a *finished* checkpoint (``result["checkpoint"]``) until the caller
+    has written its outputs and calls ``clear_checkpoints``: a stage killed while training a later
+    model then reuses this one instead of training it again.
     """
     started = time.perf_counter()
     world = distributed.world()
@@ -107,22 +150,35 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
 
-    # resume from the last epoch checkpoint of the same run (same config, data and params)
-    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), len(train_set)], sort_keys=True).encode()).hexdigest()[:16]
-    checkpoint = checkpoint_dir / f"{'+'.join(modalities)}-{run_key}.pt" if checkpoint_dir else None
-    start_epoch, best, history = 0, {"val_accuracy": -1.0, "epoch": -1, "state": None}, []
+    # resume from the last epoch checkpoint of the same run (same config, params and data)
+    name = "+".join(modalities)
+    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), data_digest(features_root)],
+                                      sort_keys=True).encode()).hexdigest()[:16]
+    checkpoint = checkpoint_dir / f"{name}-{run_key}.pt" if checkpoint_dir else None
+    start_epoch, best, history, stalled = 0, {"val_accuracy": -1.0, "epoch": -1, "state": None}, [], 0
+    seen = 0  # samples this process trained on (throughput)
+    finished = None
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)  # safe loading: tensors and plain data only
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        torch.set_rng_state(saved["rng"])
-        start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
-        if world.is_main:
-            print(f"train[{'+'.join(modalities)}]: resuming after epoch {saved['epoch']} from {checkpoint}")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # safe loading: tensors and plain data only
+        if saved.get("finished"):
+            finished, best, history = saved["metrics"], saved["best"], saved["history"]
+            start_epoch = params.epochs  # nothing left to train
+            if world.is_main:
+                print(f"train[{name}]: already trained by an interrupted run of this stage ({checkpoint}): not retrained")
+        else:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
+            scaler.load_state_dict(saved["scaler"])
+            set_rng_state(saved["rng"], device)
+            start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
+            stalled = saved["stalled"]
+            if world.is_main:
+                print(f"train[{name}]: resuming after epoch {saved['epoch']} from {checkpoint}")
 
-    seen, stalled = 0, 0
     for epoch in range(start_epoch, params.epochs):
+        if stalled >= params.patience:  # early stopping, checked first: a resumed run stops where the original did
+            break
         step_model.train()
         epoch_loss, epoch_correct, epoch_n, tic = 0.0, 0, 0, time.perf_counter()
         if world.size > 1:  # each rank draws its own augmentation and modality dropout; per epoch, so resume is exact
@@ -168,32 +224,39 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         else:
             stalled += 1
         if world.is_main and checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
-                        "history": history}, tmp)
-            tmp.replace(checkpoint)
-        if stalled >= params.patience:
-            break
+            _save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                               "rng": rng_state(device), "epoch": epoch, "best": best, "history": history,
+                               "stalled": stalled})
 
     if world.is_main and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(best["state"], str(out_dir / WEIGHTS_FILE))
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
-    if world.is_main and checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)  # finished: the next run of this stage starts afresh
-    seconds = time.perf_counter() - started
-    metrics = {"modalities": modalities, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
-               "epochs_run": len(history), "parameters": n_params, "seconds": round(seconds, 1),
-               "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size}
-    if device.type == "cuda":
-        metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    result = {"metrics": metrics, "history": history}
+    if finished is None:
+        seconds = time.perf_counter() - started
+        metrics = {"modalities": modalities, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
+                   "epochs_run": len(history), "parameters": n_params, "seconds": round(seconds, 1),
+                   "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size}
+        if device.type == "cuda":
+            metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        metrics = finished
+    if world.is_main and checkpoint is not None and finished is None:
+        # kept (small: the best weights) until the caller's outputs are written: clear_checkpoints
+        _save(checkpoint, {"finished": True, "best": best, "history": history, "metrics": metrics})
+    result = {"metrics": metrics, "history": history, "checkpoint": checkpoint}
     if init_model is not None:
         model.load_state_dict(best["state"])
         result["model"] = model.cpu().eval()
     return result
+
+
+def _save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a kill leaves the previous checkpoint, never half of one
 
 
 def load_model(folder: Path):
