@@ -228,3 +228,28 @@ def test_credentials_never_reach_stored_refs_or_messages(tmp_path, data_params):
     assert row["image_error"].startswith("fetch_error: cannot fetch https://127.0.0.1:9/a.png?X-Amz-Signature=***: ")
     assert redact("postgresql://u:pw@db/x") == "postgresql://***@db/x"
     assert redact("GET https://h/x?sig=a1:b2&n=1: refused") == "GET https://h/x?sig=***&n=1: refused"
+
+
+def test_folder_source_lists_what_it_cannot_read_and_keeps_to_its_root(tmp_path, data_params):
+    root, outside = tmp_path / "ds", tmp_path / "elsewhere"
+    (root / "cat").mkdir(parents=True)
+    outside.mkdir()
+    (root / "cat" / "a.png").write_bytes(png_bytes(seed=1))
+    (outside / "b.png").write_bytes(png_bytes(seed=2))
+    (root / "cat" / "b.png").symlink_to(outside / "b.png")
+    os.mkfifo(root / "cat" / "c.wav")
+    (root / "cat" / "d.png").symlink_to(tmp_path / "missing.png")  # dangling
+    for confine in (False, True):
+        out = tmp_path / f"raw-{confine}"
+        out.mkdir()
+        metrics = collect.collect(data_params(source=str(root), confine_to_root=confine), out)
+        rows = {r["sample_id"]: r for r in pq.read_table(next(out.glob("part-*.parquet"))).to_pylist()}
+        assert sorted(rows) == ["cat/a", "cat/b", "cat/c", "cat/d"] and metrics["samples"] == 4  # none skipped
+        assert rows["cat/a"]["image"] is not None
+        assert rows["cat/c"]["audio_error"].startswith("fetch_error: not a regular file (a FIFO)")
+        if confine:  # both links point out of the folder
+            assert rows["cat/b"]["image_error"].startswith("not_allowed: outside the manifest's root")
+            assert rows["cat/d"]["image_error"].startswith("not_allowed: outside the manifest's root")
+        else:
+            assert rows["cat/d"]["image_error"].startswith("not_found")
+            assert rows["cat/b"]["image"] == (outside / "b.png").read_bytes()

@@ -285,7 +285,7 @@ def folder_rows(root: Path) -> list[dict[str, Any]]:
     """``<root>/<label>/<stem>.<ext>``: files sharing a stem are one sample."""
     samples: dict[tuple[str, str], dict[str, list[Path]]] = {}
     ignored = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if not p.is_dir()):  # FIFOs, dangling links: rejected by fetch, not skipped
         rel = path.relative_to(root)
         modality = by_extension(path.suffix)
         if len(rel.parts) != 2 or modality is None or path.name.startswith("."):
@@ -435,7 +435,7 @@ def fingerprint(params) -> dict[str, Any]:
     if kind == "builtin":
         return {"source": source, "kind": kind, "generator": builtin.__name__}
     if kind == "folder":
-        files = sorted(p for p in where.rglob("*") if p.is_file())
+        files = sorted(p for p in where.rglob("*") if not p.is_dir())
         return {"source": source, "kind": kind,
                 "files": {str(p.relative_to(where)): _file_digest(p) for p in files}}
     if is_url(where):
