@@ -66,10 +66,13 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, in one line, when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    parts = urllib.parse.urlsplit(uri)
-    url = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""),
-                                                 path=parts.path.rstrip("/") + "/health"))
     shown = redact(uri)
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")  # no user:password@ in the request
+    except (TypeError, ValueError):
+        raise PipelineError(f"MLFLOW_TRACKING_URI {shown} is not a valid URL (e.g. http://host:5000)") from None
+    url = urllib.parse.urlunsplit(parts._replace(netloc=host, path=parts.path.rstrip("/") + "/health"))
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             if resp.status >= 500:

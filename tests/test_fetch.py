@@ -188,13 +188,19 @@ def test_only_regular_files_are_read(tmp_path):
     assert time.monotonic() - started < 5  # the FIFO did not block
 
 
-def test_confine_to_root_keeps_a_manifest_to_its_folder(tmp_path, data_params):
+def root_with_a_link_out(tmp_path: Path, sub: str) -> tuple[Path, Path]:
+    """<root>/<sub>/ok.png, and <root>/<sub>/link.png: a symlink to <outside>/secret.png."""
     root, outside = tmp_path / "dataset", tmp_path / "private"
-    (root / "img").mkdir(parents=True)
+    (root / sub).mkdir(parents=True)
     outside.mkdir()
-    (root / "img" / "ok.png").write_bytes(png_bytes(seed=1))
+    (root / sub / "ok.png").write_bytes(png_bytes(seed=1))
     (outside / "secret.png").write_bytes(png_bytes(seed=2))
-    (root / "img" / "link.png").symlink_to(outside / "secret.png")
+    (root / sub / "link.png").symlink_to(outside / "secret.png")
+    return root, outside
+
+
+def test_confine_to_root_keeps_a_manifest_to_its_folder(tmp_path, data_params):
+    root, outside = root_with_a_link_out(tmp_path, "img")
     (root / "img" / "inner.png").symlink_to(root / "img" / "ok.png")
     refs = ["img/ok.png", "img/inner.png", "img/link.png", "../private/secret.png", str(outside / "secret.png"),
             "/proc/self/environ", "http://127.0.0.1:9/x.png"]
@@ -231,25 +237,20 @@ def test_credentials_never_reach_stored_refs_or_messages(tmp_path, data_params):
 
 
 def test_folder_source_lists_what_it_cannot_read_and_keeps_to_its_root(tmp_path, data_params):
-    root, outside = tmp_path / "ds", tmp_path / "elsewhere"
-    (root / "cat").mkdir(parents=True)
-    outside.mkdir()
-    (root / "cat" / "a.png").write_bytes(png_bytes(seed=1))
-    (outside / "b.png").write_bytes(png_bytes(seed=2))
-    (root / "cat" / "b.png").symlink_to(outside / "b.png")
-    os.mkfifo(root / "cat" / "c.wav")
-    (root / "cat" / "d.png").symlink_to(tmp_path / "missing.png")  # dangling
+    root, outside = root_with_a_link_out(tmp_path, "cat")
+    os.mkfifo(root / "cat" / "pipe.wav")
+    (root / "cat" / "dangling.png").symlink_to(tmp_path / "missing.png")
     for confine in (False, True):
         out = tmp_path / f"raw-{confine}"
         out.mkdir()
         metrics = collect.collect(data_params(source=str(root), confine_to_root=confine), out)
         rows = {r["sample_id"]: r for r in pq.read_table(next(out.glob("part-*.parquet"))).to_pylist()}
-        assert sorted(rows) == ["cat/a", "cat/b", "cat/c", "cat/d"] and metrics["samples"] == 4  # none skipped
-        assert rows["cat/a"]["image"] is not None
-        assert rows["cat/c"]["audio_error"].startswith("fetch_error: not a regular file (a FIFO)")
+        assert sorted(rows) == ["cat/dangling", "cat/link", "cat/ok", "cat/pipe"] and metrics["samples"] == 4
+        assert rows["cat/ok"]["image"] is not None  # (none skipped: every file is a row, read or rejected)
+        assert rows["cat/pipe"]["audio_error"].startswith("fetch_error: not a regular file (a FIFO)")
         if confine:  # both links point out of the folder
-            assert rows["cat/b"]["image_error"].startswith("not_allowed: outside the manifest's root")
-            assert rows["cat/d"]["image_error"].startswith("not_allowed: outside the manifest's root")
+            assert rows["cat/link"]["image_error"].startswith("not_allowed: outside the manifest's root")
+            assert rows["cat/dangling"]["image_error"].startswith("not_allowed: outside the manifest's root")
         else:
-            assert rows["cat/d"]["image_error"].startswith("not_found")
-            assert rows["cat/b"]["image"] == (outside / "b.png").read_bytes()
+            assert rows["cat/dangling"]["image_error"].startswith("not_found")
+            assert rows["cat/link"]["image"] == (outside / "secret.png").read_bytes()

@@ -24,7 +24,6 @@ from typing import Any, Iterable, Iterator
 from urllib.parse import urljoin
 
 import numpy as np
-
 import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
