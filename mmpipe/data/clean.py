@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mmpipe.errors import PipelineError
-from mmpipe.modalities.portable import RejectedInput, describe
 from mmpipe.io import ROW_GROUP_ROWS, PartWriter, iter_row_groups, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, NAMES
+from mmpipe.modalities.portable import RejectedInput, describe
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",

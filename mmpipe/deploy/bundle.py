@@ -17,7 +17,6 @@ from typing import Any
 
 import onnx
 
-from mmpipe.errors import PipelineError
 from mmpipe.features.preprocess import STATE_FILE
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -66,8 +65,6 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
           model_card: str, git_commit: str | None, serving: dict[str, int]) -> dict[str, Any]:
     """Write the bundle into ``out`` (an empty folder); return the manifest. ``serving``: the request
     bounds (max_rows_per_request, max_item_bytes, batch_size)."""
-    if "clean_rules" not in dataset:
-        raise PipelineError("data/clean/dataset.json has no clean_rules (written by an older clean: re-run clean)")
     shutil.copyfile(compressed / "model.onnx", out / "model.onnx")
     shutil.copyfile(compressed / "fp32.onnx", out / "model_fp32.onnx")
     pre, state_files = preprocessing(features_root, dataset, modalities)

@@ -145,7 +145,9 @@ def resample_parity(folder: Path, features_root: Path, dataset: dict, test: Feat
                 cleaned.append(MODALITIES["audio"].clean(clip, rules).data)
             except RejectedInput:
                 cleaned.append(None)
-        pipeline = featurizer.transform(cleaned, ids)["audio"].astype(np.float32)
+        undecodable: dict[int, str] = {}
+        pipeline = featurizer.transform(cleaned, ids, errors=undecodable)["audio"].astype(np.float32)
+        cleaned = [None if k in undecodable else c for k, c in enumerate(cleaned)]
         served, accepted = np.zeros_like(pipeline), np.zeros(len(clips), bool)
         for k, clip in enumerate(clips):
             try:

@@ -166,21 +166,26 @@ def read_file(path: str | None, base: Path, max_bytes: int) -> bytes | None:
 
 
 def manifest_rows(path: str, max_bytes: int) -> Iterator[tuple[dict, dict | InputError]]:
-    """(identity, raw inputs or the InputError of that row) for each row of a CSV manifest, lazily."""
-    base = Path(path).resolve().parent
+    """(identity, raw inputs or the InputError of that row) for each row of a CSV manifest, read lazily.
+    A manifest that cannot be read at all raises InputError here, before any row."""
     csv.field_size_limit(2**31 - 1)  # long text cells are judged by clean.text.max_bytes, not by the CSV reader
+    fh = None
     try:
         fh = open(path, newline="", encoding="utf-8-sig", errors="strict")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    with fh:
         reader = csv.DictReader(fh)
-        try:
-            columns = set(reader.fieldnames or [])
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: not a readable CSV file ({exc})") from None
-        if not columns & set(MODALITY_ARGS):
-            raise InputError(f"{path}: needs at least one of the columns {', '.join(MODALITY_ARGS)}")
+        columns = set(reader.fieldnames or [])
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        if fh is not None:
+            fh.close()
+        raise InputError(f"{path}: not a readable CSV file ({getattr(exc, 'strerror', None) or exc})") from None
+    if not columns & set(MODALITY_ARGS):
+        fh.close()
+        raise InputError(f"{path}: needs at least one of the columns {', '.join(MODALITY_ARGS)}")
+    return _rows(fh, reader, path, Path(path).resolve().parent, max_bytes)
+
+
+def _rows(fh, reader: csv.DictReader, path: str, base: Path, max_bytes: int) -> Iterator[tuple[dict, dict | InputError]]:
+    with fh:
         for number in itertools.count(1):
             ident = {"row": number}
             try:
@@ -214,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     max_bytes = predictor.serving["max_item_bytes"]
 
     if args.manifest:
-        pairs = manifest_rows(args.manifest, max_bytes)
+        try:
+            pairs = manifest_rows(args.manifest, max_bytes)
+        except InputError as exc:  # the manifest itself cannot be read
+            print(json.dumps({"error": str(exc)}, ensure_ascii=False))
+            return 1
     else:
         if not (args.image or args.audio or args.text):
             parser.error("give --image, --audio and/or --text, or --manifest")
@@ -225,14 +234,6 @@ def main(argv: list[str] | None = None) -> int:
             single = exc
         pairs = iter([({}, single)])
     failed = False
-    try:
-        first = next(pairs)
-    except InputError as exc:  # the manifest itself cannot be read
-        print(json.dumps({"error": str(exc)}, ensure_ascii=False))
-        return 1
-    except StopIteration:
-        return 0
-    pairs = itertools.chain([first], pairs)
     idents: collections.deque[dict] = collections.deque()  # of the rows read but not yet printed
 
     def inputs() -> Iterator[dict | InputError]:

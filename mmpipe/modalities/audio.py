@@ -14,7 +14,7 @@ import soundfile as sf
 
 from mmpipe.errors import PipelineError
 from mmpipe.modalities import logmel
-from mmpipe.modalities.base import Cleaned, item_failed
+from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import decode_audio, describe, fix_length, to_pcm16
 
 NAME = "audio"
@@ -89,9 +89,9 @@ class Features:
         self.stats = (NAME, (0, 2), 1.0)
 
     def waveforms(self, items: list[bytes | None], ids: list[str],
-                  errors: dict[int, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  errors: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
         """-> (B, n_samples) float32 clips and a (B,) mask of the present ones (an item that does not
-        decode is recorded in ``errors`` and left out of the mask: base.item_failed)."""
+        decode is recorded in ``errors``, position -> reason, and left out of the mask)."""
         batch = np.zeros((len(items), self.n_samples), np.float32)
         present = np.zeros(len(items), bool)
         for i, data in enumerate(items):
@@ -103,7 +103,7 @@ class Features:
                     clip, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
                     decoded = clip.mean(axis=1), rate
             except Exception as exc:
-                item_failed(errors, i, ids[i], f"audio does not decode: {describe(exc)}")
+                errors[i] = f"audio does not decode: {describe(exc)}"
                 continue
             clip, rate = decoded
             if rate != self.sample_rate:
@@ -123,7 +123,7 @@ class Features:
 
     def transform(self, items: list[bytes | None], ids: list[str], device: str = "cpu",
                   noise: Callable[[np.ndarray], np.ndarray] | None = None,
-                  errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
+                  *, errors: dict[int, str]) -> dict[str, np.ndarray]:
         """``noise`` (evaluate's robustness sweep) maps the (n, n_samples) float32 clips of the present items."""
         batch, present = self.waveforms(items, ids, errors)
         if noise is not None and present.any():

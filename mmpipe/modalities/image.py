@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyspng
 import simplejpeg
 
-from mmpipe.modalities.base import Cleaned, item_failed
+from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import PASS_THROUGH_FORMATS, decode_image, describe, load_pixels
 
 NAME = "image"
@@ -90,9 +90,10 @@ class Features:
 
     def transform(self, items: list[bytes | None], ids: list[str],
                   noise: Callable[[np.ndarray], np.ndarray] | None = None,
-                  errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
+                  *, errors: dict[int, str]) -> dict[str, np.ndarray]:
         """``noise`` (evaluate's robustness sweep) maps the decoded (n, C, H, W) uint8 pixels of the present
-        items. An item that does not decode stays all zeros and is recorded in ``errors`` (base.item_failed)."""
+        items. An item that does not decode stays all zeros and is recorded in ``errors`` (position ->
+        reason): the caller makes it unavailable and lists it."""
         shape, dtype = self.arrays[NAME]
         out = np.zeros((len(items), *shape), dtype)
         present = np.array([data is not None for data in items], bool)
@@ -104,7 +105,7 @@ class Features:
                 out[i] = fast if fast is not None else load_pixels(data, self.cfg.size, self.cfg.mode, self.cfg.fit)
                 # (a 1-channel ``fast`` broadcasts into 3 channels: grey -> RGB replication)
             except Exception as exc:
-                item_failed(errors, i, ids[i], f"image does not decode: {describe(exc)}")
+                errors[i] = f"image does not decode: {describe(exc)}"
                 present[i] = False
         if noise is not None and present.any():
             out[present] = noise(out[present])

@@ -57,7 +57,7 @@ class Features:
 
     def transform(self, items: list[str | None], ids: list[str],
                   noise: Callable[[list[str]], list[str]] | None = None,
-                  errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
+                  *, errors: dict[int, str]) -> dict[str, np.ndarray]:
         """``noise`` (evaluate's robustness sweep) maps the list of present texts. (Clean text always
         tokenizes: ``errors``, where the other featurizers record items that do not decode, stays empty.)"""
         if noise is not None:
