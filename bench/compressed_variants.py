@@ -20,7 +20,7 @@ import torch
 from mmpipe.compress.onnx_model import onnx_feeds, session
 from mmpipe.features.loader import FeatureSet
 from mmpipe.io import write_json_atomic
-from mmpipe.models.train import load_model, to_model_inputs
+from mmpipe.models.model_io import load_model, to_model_inputs
 from mmpipe.timing import latency_ms
 
 VARIANTS = Path("artifacts/compressed")
@@ -37,7 +37,7 @@ def main() -> None:
     model = load_model(Path("models/fusion")).eval()
     val = FeatureSet(Path("data/features"), split="val")
     batch = val.get(np.arange(32))
-    feeds = onnx_feeds(batch, model.modalities)
+    feeds = onnx_feeds(batch, model)
     eager_inputs = to_model_inputs(batch, model.modalities, torch.device("cpu"))
     names = [n for n in ("fp32", "pruned", "int8") if (VARIANTS / f"{n}.onnx").exists()]
     sessions = {n: session(VARIANTS / f"{n}.onnx", args.threads) for n in names}

@@ -19,8 +19,9 @@ import torch
 from mmpipe import params
 from mmpipe.features.loader import FeatureSet
 from mmpipe.io import write_json_atomic
-from mmpipe.modalities import NAMES
-from mmpipe.models.train import accuracy, load_model, train
+from mmpipe.modalities import names
+from mmpipe.models.model_io import load_model
+from mmpipe.models.train import accuracy, train
 
 FEATURES, REPORT = Path("data/features"), Path("reports/fusion_choices.json")
 
@@ -32,9 +33,9 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg, model_cfg = params.load("train"), params.load("model")
-    runs = {f"fusion_{f}": (f, list(NAMES)) for f in args.fusions}
+    runs = {f"fusion_{f}": (f, list(names())) for f in args.fusions}
     if args.baselines:
-        runs |= {f"baseline_{m}": (model_cfg.fusion, [m]) for m in NAMES}
+        runs |= {f"baseline_{m}": (model_cfg.fusion, [m]) for m in names()}
     test = FeatureSet(FEATURES, split="test")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

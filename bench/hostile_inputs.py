@@ -25,6 +25,7 @@ import numpy as np
 import soundfile as sf
 
 from mmpipe import params
+from mmpipe.modalities import audio
 from mmpipe.deploy.export import load_predictor
 from mmpipe.modalities import portable
 from mmpipe.modalities.portable import RejectedInput
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--out", default="reports/bench_hostile.json")
     args = parser.parse_args()
-    rules = params.CleanAudio().model_dump()
+    rules = audio.Clean().model_dump()
     report: dict = {"machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}"}
 
     recording = flac(10.0, 48000, 2)

@@ -4,7 +4,7 @@
 
 Builds a built-in corpus of N samples (collect + clean, not timed), then on the same samples:
 
-  preprocess_audio_speedup  stage path (batched log-mel in worker processes) vs per file
+  preprocess_audio_speedup  stage path (batched log-mel in worker threads) vs per file
                             librosa.load + librosa.feature.melspectrogram + np.save
   preprocess_image_speedup  stage path vs per file PIL open + resize + np.save
   loader_samples_per_s      one epoch of shuffled batches of 256 from the memory-mapped shards
@@ -84,7 +84,7 @@ def main() -> None:
                 image_files[i].write_bytes(row["image"])
 
         for modality, files, baseline in (
-                ("audio", audio_files, lambda p, o: naive.audio_file_features(p, o, dataset["audio_sample_rate"], prep.audio)),
+                ("audio", audio_files, lambda p, o: naive.audio_file_features(p, o, dataset["clean_rules"]["audio"]["sample_rate"], prep.audio)),
                 ("image", image_files, lambda p, o: naive.image_file_features(p, o, prep.image))):
             naive_s, _ = timed(lambda: [baseline(p, work / f"naive/{modality}/{i}.npy") for i, p in files.items()])
             ours_s, metrics = timed(preprocess, modality, prep, work / "clean", work / f"features/{modality}")
@@ -101,7 +101,7 @@ def main() -> None:
         features = FeatureSet(work / "features", split=None)
         loader_s, seen = timed(lambda: sum(len(b["label"]) for b in features.batches(256, shuffle=True)))
         tokenizer = Tokenizer.load(work / "features/text/tokenizer.json")
-        dataset_naive = naive.RawBytesDataset(rows, dataset["labels"], prep, dataset["audio_sample_rate"], tokenizer)
+        dataset_naive = naive.RawBytesDataset(rows, dataset["labels"], prep, dataset["clean_rules"]["audio"]["sample_rate"], tokenizer)
         loader = torch.utils.data.DataLoader(dataset_naive, batch_size=256, shuffle=True, num_workers=os.cpu_count())
         naive_loader_s, naive_seen = timed(lambda: sum(len(b["label"]) for b in loader))
         results.update({

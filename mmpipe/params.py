@@ -10,50 +10,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
+from mmpipe.data.builtin import BuiltinCorpus
 from mmpipe.errors import PipelineError
+from mmpipe.modalities import MODALITIES
+from mmpipe.schema import Strict
 
 PARAMS_FILE = "params.yaml"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PerModality(Strict):
-    """One probability per modality of the built-in corpus."""
-
-    image: float = Field(ge=0.0, le=1.0)
-    text: float = Field(ge=0.0, le=1.0)
-    audio: float = Field(ge=0.0, le=1.0)
-
-
-class BuiltinCorpus(Strict):
-    image_size: int = Field(32, ge=16, le=256)
-    audio_sample_rate: int = Field(16000, ge=8000, le=48000)
-    tts_variants: int = Field(64, ge=1, le=10000)
-    p_missing: PerModality = PerModality(image=0.15, text=0.15, audio=0.15)
-    p_degraded: PerModality = PerModality(image=0.10, text=0.10, audio=0.10)
-    p_jpeg: float = Field(0.2, ge=0.0, le=1.0)
-    p_flac: float = Field(0.3, ge=0.0, le=1.0)
-    snr_db: tuple[float, float] = (5.0, 30.0)
-    degraded_snr_db: tuple[float, float] = (-15.0, -5.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "BuiltinCorpus":
-        for m in ("image", "text", "audio"):
-            total = getattr(self.p_missing, m) + getattr(self.p_degraded, m)
-            if total > 1.0:
-                raise ValueError(f"p_missing.{m} + p_degraded.{m} = {total:g} must be <= 1")
-        for name in ("snr_db", "degraded_snr_db"):
-            lo, hi = getattr(self, name)
-            if lo > hi:
-                raise ValueError(f"{name} must be [low, high] with low <= high, got [{lo}, {hi}]")
-        return self
-
-
-class DataParams(Strict):
+class DataBase(Strict):
     source: str = "builtin:digits"
     n_samples: int = Field(4000, ge=10, le=10_000_000)
     seed: int = Field(0, ge=0)
@@ -68,7 +35,7 @@ class DataParams(Strict):
     builtin: BuiltinCorpus = BuiltinCorpus()
 
     @model_validator(mode="after")
-    def _check_protocols(self) -> "DataParams":
+    def _check_protocols(self) -> "DataBase":
         bad = [p for p in self.allowed_protocols if not p or not p.replace("-", "").replace("+", "").isalnum()]
         if bad:
             raise ValueError(f"allowed_protocols must be protocol names such as file, http, https, s3 (got {bad})")
@@ -88,110 +55,33 @@ class SplitFractions(Strict):
         return self
 
 
-class CleanImage(Strict):
-    min_side: int = Field(8, ge=1)
-    max_side: int = Field(4096, ge=1)
-    max_pixels: int = Field(16_777_216, ge=1, le=89_478_485)  # at most Pillow's own decompression-bomb limit
-
-    @model_validator(mode="after")
-    def _check(self) -> "CleanImage":
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
-        return self
-
-
-class CleanAudio(Strict):
-    sample_rate: int = Field(16000, ge=4000, le=192000)
-    min_seconds: float = Field(0.1, ge=0.0)
-    max_seconds: float = Field(30.0, gt=0.0, le=3600.0)
-    silence_dbfs: float = Field(-60.0, le=0.0)
-    min_rate: int = Field(4000, ge=1)
-    max_rate: int = Field(384000, ge=1, le=1_000_000)
-    max_channels: int = Field(16, ge=1, le=256)
-
-    @model_validator(mode="after")
-    def _check(self) -> "CleanAudio":
-        if self.min_seconds > self.max_seconds:
-            raise ValueError(f"min_seconds ({self.min_seconds}) must not exceed max_seconds ({self.max_seconds})")
-        if self.min_rate > self.max_rate:
-            raise ValueError(f"min_rate ({self.min_rate}) must not exceed max_rate ({self.max_rate})")
-        return self
-
-
-class CleanText(Strict):
-    max_chars: int = Field(1000, ge=1)
-    max_bytes: int = Field(1_000_000, ge=1)
-
-
-class CleanParams(Strict):
+class CleanBase(Strict):
     seed: int = Field(0, ge=0)
     split: SplitFractions = SplitFractions()
     min_per_class: int = Field(5, ge=1)
     on_bad_modality: Literal["keep_sample", "drop_sample"] = "keep_sample"
     workers: int = Field(0, ge=0, le=256)
     batch_rows: int = Field(512, ge=1)
-    image: CleanImage = CleanImage()
-    audio: CleanAudio = CleanAudio()
-    text: CleanText = CleanText()
 
 
-class PreprocessImage(Strict):
-    size: int = Field(32, ge=8, le=1024)
-    mode: Literal["rgb", "grayscale"] = "rgb"
-    fit: Literal["pad", "crop"] = "pad"
-
-
-class PreprocessText(Strict):
-    tokenizer: Literal["char", "word"] = "char"
-    vocab_size: int = Field(512, ge=3, le=1_000_000)
-    lowercase: bool = True
-    max_length: int = Field(48, ge=1, le=100_000)
-    min_freq: int = Field(2, ge=1)
-
-
-class PreprocessAudio(Strict):
-    seconds: float = Field(1.5, gt=0.0, le=600.0)
-    n_mels: int = Field(64, ge=1, le=512)
-    n_fft: int = Field(512, ge=16, le=16384)
-    hop: int = Field(160, ge=1)
-    fmin: float = Field(20.0, ge=0.0)
-    fmax: float = Field(8000.0, gt=0.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "PreprocessAudio":
-        if self.fmin >= self.fmax:
-            raise ValueError(f"fmin ({self.fmin}) must be below fmax ({self.fmax})")
-        if self.hop > self.n_fft:
-            raise ValueError(f"hop ({self.hop}) must not exceed n_fft ({self.n_fft})")
-        return self
-
-
-class PreprocessParams(Strict):
+class PreprocessBase(Strict):
     workers: int = Field(0, ge=0, le=256)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shard_rows: int = Field(16384, ge=1)
     batch_rows: int = Field(512, ge=1)
-    image: PreprocessImage = PreprocessImage()
-    text: PreprocessText = PreprocessText()
-    audio: PreprocessAudio = PreprocessAudio()
 
 
-class ModelParams(Strict):
+class ModelBase(Strict):
     fusion: Literal["concat", "gated", "attention"] = "concat"
     dim: int = Field(128, ge=8, le=4096)
     hidden: int = Field(256, ge=8, le=16384)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    augment: bool = True
-    image_width: int = Field(24, ge=4, le=512)
-    text_embed_dim: int = Field(64, ge=4, le=4096)
-    text_width: int = Field(128, ge=4, le=4096)
-    text_token_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    audio_width: int = Field(16, ge=4, le=512)
+    augment: bool = True  # training-time augmentation of every encoder that has one
     attention_layers: int = Field(2, ge=1, le=24)
     attention_heads: int = Field(4, ge=1, le=64)
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> "ModelParams":
+    def _heads_divide_dim(self) -> "ModelBase":
         if self.dim % self.attention_heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of attention_heads ({self.attention_heads})")
         return self
@@ -266,7 +156,7 @@ class ExportParams(Strict):
     parity_samples: int = Field(256, ge=1)
     max_abs_logit_diff: float = Field(1e-4, gt=0.0)
     max_predictor_accuracy_gap: float = Field(0.005, ge=0.0, le=1.0)
-    min_resample_agreement: float = Field(0.995, ge=0.0, le=1.0)
+    min_conversion_agreement: float = Field(0.995, ge=0.0, le=1.0)
     max_rows_per_request: int = Field(10_000, ge=1)
     max_item_mb: float = Field(64.0, gt=0.0)
     predict_batch_size: int = Field(64, ge=1, le=65536)
@@ -275,16 +165,41 @@ class ExportParams(Strict):
     move_alias: Literal["gated", "always", "never"] = "gated"
 
 
-SECTIONS: dict[str, type[Strict]] = {
-    "data": DataParams,
-    "clean": CleanParams,
-    "preprocess": PreprocessParams,
-    "model": ModelParams,
-    "train": TrainParams,
-    "evaluate": EvaluateParams,
-    "compress": CompressParams,
-    "export": ExportParams,
-}
+FIXED: dict[str, type[Strict]] = {"train": TrainParams, "evaluate": EvaluateParams, "compress": CompressParams,
+                                  "export": ExportParams}
+# Sections with a subsection per registered modality (model's are under model.encoders).
+PER_MODALITY: dict[str, type[Strict]] = {"data": DataBase, "clean": CleanBase, "preprocess": PreprocessBase,
+                                         "model": ModelBase}
+_built: dict[tuple, type[Strict]] = {}
+
+
+def schema(section: str) -> type[Strict]:
+    """The schema of ``section``: fixed, or assembled from the registry (each modality module's
+    ``PARAMS[section]`` as the subsection named after it)."""
+    if section in FIXED:
+        return FIXED[section]
+    key = (section, tuple((m, id(module)) for m, module in MODALITIES.items()))
+    if key not in _built:
+        fields: dict[str, Any] = {m: (module.PARAMS[section], module.PARAMS[section]())
+                                  for m, module in MODALITIES.items() if section in module.PARAMS}
+        if section == "model":
+            encoders = create_model("Encoders", __base__=Strict, **fields)
+            fields = {"encoders": (encoders, encoders())}
+        base = PER_MODALITY[section]
+        _built[key] = create_model(base.__name__.replace("Base", "Params"), __base__=base, **fields)
+    return _built[key]
+
+
+def __getattr__(name: str) -> type[Strict]:
+    """``params.CleanParams`` and the like: the registry-assembled schemas."""
+    for section, base in PER_MODALITY.items():
+        if name == base.__name__.replace("Base", "Params"):
+            return schema(section)
+    raise AttributeError(name)
+
+
+def sections() -> tuple[str, ...]:
+    return (*PER_MODALITY, *FIXED)
 
 
 def _describe(err: dict[str, Any], section: str) -> str:
@@ -300,13 +215,13 @@ def _describe(err: dict[str, Any], section: str) -> str:
 
 def validate(section: str, raw: Any, file: str = PARAMS_FILE):
     """Validate one section's raw mapping; raise PipelineError with one line per problem."""
-    schema = SECTIONS[section]
+    section_schema = schema(section)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise PipelineError(f"{file}: {section}: expected a mapping, got {type(raw).__name__}")
     try:
-        return schema.model_validate(raw)
+        return section_schema.model_validate(raw)
     except ValidationError as exc:
         lines = [f"{file}: {_describe(e, section)}" for e in exc.errors()]
         raise PipelineError("\n".join(lines)) from None

@@ -14,7 +14,7 @@ from pathlib import Path
 from mmpipe import params, tracking
 from mmpipe.device import resolve_device
 from mmpipe.io import atomic_dir, write_json_atomic
-from mmpipe.modalities import NAMES
+from mmpipe.features.loader import feature_modalities
 from mmpipe.models.distributed import process_group
 from mmpipe.models.train import clear_checkpoints, train
 from mmpipe.stage import run_stage
@@ -25,7 +25,8 @@ METRICS, PLOTS = Path("metrics/train.json"), Path("plots/train")
 
 def main() -> None:
     cfg, model_cfg = params.load("train"), params.load("model")
-    runs = {"fusion": list(NAMES)} | ({f"baseline_{m}": [m] for m in NAMES} if cfg.baselines else {})
+    present = list(feature_modalities(FEATURES))  # the registered modalities the data has
+    runs = {"fusion": present} | ({f"baseline_{m}": [m] for m in present} if cfg.baselines else {})
     with process_group(resolve_device(cfg.device, "train.device")) as world:
         if world.is_main:
             train_and_write(cfg, model_cfg, runs)

@@ -54,7 +54,7 @@ def wav_bytes(samples: np.ndarray | None = None, rate: int = 16000, fmt: str = "
 def _section_factory(section: str):
     """make(**overrides) -> the validated section, defaults + overrides, one worker (fast tests)."""
     def make(**overrides):
-        base = params.SECTIONS[section]().model_dump()
+        base = params.schema(section)().model_dump()
         base.update({"workers": 1, **overrides})
         return params.validate(section, base)
     return make
@@ -104,7 +104,7 @@ def stage_env(repo: Path) -> dict[str, str]:
 
 # The tiny profile of the end-to-end tests: every stage runs, in about a minute on 2 cores.
 TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6}}, "clean": {"min_per_class": 2},
-        "model": {"dim": 16, "hidden": 16, "image_width": 4, "text_width": 8, "audio_width": 4},
+        "model": {"dim": 16, "hidden": 16, "encoders": {"image": {"width": 4}, "text": {"width": 8}, "audio": {"width": 4}}},
         "train": {"epochs": 1, "baselines": False},
         "evaluate": {"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5, "gates": {"min_accuracy": None}},
         "compress": {"latency_runs": 5, "prune": {"finetune_epochs": 1},
@@ -213,8 +213,7 @@ def tiny_model(tiny_corpus, tmp_path_factory) -> Path:
     from mmpipe.models.train import train
 
     out = tmp_path_factory.mktemp("tiny_model") / "fusion"
-    small = params.ModelParams(dim=16, hidden=32, image_width=8, text_embed_dim=8, text_width=16, audio_width=8,
-                               attention_heads=2)
+    small = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={"image": {"width": 8}, "text": {"embed_dim": 8, "width": 16}, "audio": {"width": 8}})
     train(params.TrainParams(epochs=3, batch_size=32, device="cpu"), small, tiny_corpus / "features",
           ["image", "text", "audio"], out, None)
     return out

@@ -248,7 +248,7 @@ def test_a_long_text_field_is_collected_then_truncated_by_clean(fmt, tmp_path, d
     assert raw.text[0] == long_text.encode()
     (tmp_path / "clean").mkdir()
     metrics = clean(clean_params(min_per_class=1), tmp_path / "raw", tmp_path / "clean")
-    assert metrics["kept"] == 4 and metrics["text_truncated"] == 1
+    assert metrics["kept"] == 4 and metrics["truncated"] == 1
 
 
 def test_duplicated_column_is_a_structural_error(tmp_path, data_params):

@@ -10,9 +10,9 @@ from torch import nn
 from mmpipe import params
 from mmpipe.compress import prune, quantize
 from mmpipe.compress.compress import CHOSEN_FILE, compress
-from mmpipe.compress.onnx_model import export_onnx, input_names, onnx_feeds, run_logits, session
+from mmpipe.compress.onnx_model import export_onnx, input_dtypes, onnx_feeds, run_logits, session
 from mmpipe.features.loader import FeatureSet
-from mmpipe.models.train import load_model, to_model_inputs
+from mmpipe.models.model_io import load_model, to_model_inputs
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model):
@@ -27,8 +27,9 @@ def test_batch(tiny_corpus):
 
 def test_onnx_export_matches_pytorch_logits(model_dir, test_batch, tmp_path):
     model = load_model(model_dir)
-    feeds = onnx_feeds(test_batch, model.modalities)
-    assert list(feeds) == input_names(model.modalities) == ["image", "text", "text_length", "audio", "available"]
+    feeds = onnx_feeds(test_batch, model)
+    assert list(feeds) == list(input_dtypes(model)) == ["image", "text", "text_length", "audio", "available"]
+    assert [str(v.dtype) for v in feeds.values()] == ["uint8", "int64", "int64", "float32", "bool"]
     export_onnx(model, feeds, tmp_path / "m.onnx")
     onnx_logits = run_logits(session(tmp_path / "m.onnx"), feeds, batch_size=7)  # dynamic batch axis
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_unstructured_pruning_zeroes_weights_keeps_shapes(model_dir):
 
 def test_int8_budget_keeps_the_most_sensitive_layers_in_fp32(model_dir, test_batch, tmp_path):
     model = load_model(model_dir)
-    feeds = onnx_feeds(test_batch, model.modalities)
+    feeds = onnx_feeds(test_batch, model)
     export_onnx(model, feeds, tmp_path / "fp32.onnx")
     quantize.prepare(tmp_path / "fp32.onnx", tmp_path / "prepared.onnx")
     calibration = [{k: v[:32] for k, v in feeds.items()}]
@@ -99,7 +100,7 @@ def _int8_nodes(path) -> set[str]:
 
 def test_latency_probe_keeps_the_layers_measured_slower_in_fp32(model_dir, test_batch, tmp_path):
     model = load_model(model_dir)
-    feeds = onnx_feeds(test_batch, model.modalities)
+    feeds = onnx_feeds(test_batch, model)
     export_onnx(model, feeds, tmp_path / "fp32.onnx")
     prepared = tmp_path / "prepared.onnx"
     quantize.prepare(tmp_path / "fp32.onnx", prepared)

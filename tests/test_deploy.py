@@ -42,7 +42,7 @@ def runtime_modules(roots=tuple(RUNTIME.values())) -> set[str]:
 
 GUARD = r"""
 import importlib.abc, runpy, sys
-ALLOWED = set(%r) | {"logmel", "portable", "tokenizer", "_soundfile", "_cffi_backend"}
+ALLOWED = set(%r) | {"inputs", "logmel", "portable", "tokenizer", "_soundfile", "_cffi_backend"}
 class Guard(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         top = name.split(".")[0]
@@ -65,22 +65,23 @@ def test_bundle_reproduces_the_pipeline(bundle):
     assert checks["predictor_input_errors"] == [] and failed_checks(checks, params.ExportParams()) == []
     # audio as recordings come (22.05/44.1/48 kHz stereo, FLAC/WAV): the bundle computes the pipeline's
     # very features (one resampler, one PCM16 conversion), so the predictions agree everywhere
-    parity = checks["resample_parity"]
-    assert set(parity) == {"22050", "44100", "48000"}
-    for rate, figures in parity.items():
-        assert figures["clips"] > 10 and figures["accepted_by_both"] == figures["clips"], rate
-        assert figures["top1_agreement"] == 1.0 and figures["max_abs_logmel_diff"] == 0.0, rate
-    failing = checks | {"resample_parity": {"44100": {**parity["44100"], "top1_agreement": 0.99}}}
+    parity = checks["conversion_parity"]
+    assert list(parity) == ["audio"] and set(parity["audio"]) == {"22.05 kHz stereo", "44.1 kHz stereo", "48 kHz stereo"}
+    for variant, figures in parity["audio"].items():
+        assert figures["items"] > 10 and figures["accepted_by_both"] == figures["items"], variant
+        assert figures["top1_agreement"] == 1.0 and figures["max_abs_input_diff"] == 0.0, variant
+    failing = checks | {"conversion_parity": {"audio": {"44.1 kHz stereo": {**parity["audio"]["44.1 kHz stereo"],
+                                                                             "top1_agreement": 0.99}}}}
     assert failed_checks(failing, params.ExportParams()) == [
-        "export check failed: audio at 44100 Hz: the predictor and the pipeline agree on 0.9900 of test clips "
-        "(< export.min_resample_agreement 0.995)"]
+        "export check failed: audio as 44.1 kHz stereo: the predictor and the pipeline agree on 0.9900 of test "
+        "items (< export.min_conversion_agreement 0.995)"]
 
 
 def test_model_card_describes_this_data_not_the_builtin_digits(bundle):
     card = (bundle["folder"] / "MODEL_CARD.md").read_text()
     assert card.startswith("# Model card: mmpipe-fusion — 10-class classifier from image + text + audio")
     assert "digit" not in card.lower()
-    assert "python predict.py --image photo.jpg --text" in card
+    assert "python predict.py --image FILE --text" in card
     assert "of 0.1–30 s, 4,000–384,000 Hz, at most 16 channels" in card  # clean's rules, as shipped
 
 

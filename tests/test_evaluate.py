@@ -18,8 +18,7 @@ from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.modalities import MODALITIES, audio, image, text
 from mmpipe.models.train import train
 
-SMALL = params.ModelParams(dim=16, hidden=32, image_width=4, text_embed_dim=8, text_width=16, audio_width=4,
-                           attention_heads=2)
+SMALL = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={"image": {"width": 4}, "text": {"embed_dim": 8, "width": 16}, "audio": {"width": 4}})
 
 
 def test_ece_of_an_overconfident_model():

@@ -141,7 +141,7 @@ def test_vocabulary_comes_from_train_only(tmp_path):
     samples = [{"sample_id": f"{s}{i}", "source_row": n, "label": "a", "split": s, "text": t, "text_available": True}
                for n, (s, i, t) in enumerate((s, i, t) for s, ts in texts.items() for i, t in enumerate(ts))]
     pq.write_table(pa.Table.from_pylist(samples), clean_dir / SAMPLES_DIR / "part-00000.parquet")
-    (clean_dir / "dataset.json").write_text(json.dumps({"labels": ["a"], "audio_sample_rate": 16000}))
+    (clean_dir / "dataset.json").write_text(json.dumps({"labels": ["a"], "clean_rules": {"audio": {"sample_rate": 16000}}}))
     prep = params.PreprocessParams(workers=1, text={"min_freq": 1})
     run("text", clean_dir, tmp_path / "text", prep)
     tokenizer = Tokenizer.load(tmp_path / "text/tokenizer.json")
@@ -196,8 +196,8 @@ def test_loader_joins_modalities_and_gathers_batches(corpus, features):
     assert batch["text"].shape == (3, 48) and batch["text_length"].shape == (3,)
     labels = train.label_names
     assert [labels[i] for i in batch["label"]] == [expected[i]["label"] for i in (3, 0, 7)]
-    assert batch["available"].tolist() == [[expected[i][f"{m}_available"] for m in ("image", "text", "audio")]
-                                           for i in (3, 0, 7)]
+    for m in ("image", "text", "audio"):
+        assert batch[f"available.{m}"].tolist() == [expected[i][f"{m}_available"] for i in (3, 0, 7)]
     global_rows = [rows.index(expected[i]) for i in (3, 0, 7)]
     assert np.array_equal(batch["image"].numpy(), row_features(features / "image", "image", global_rows))
     seen = np.concatenate([b["index"].numpy() for b in train.batches(64, shuffle=True, seed=1)])

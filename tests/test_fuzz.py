@@ -18,7 +18,7 @@ from conftest import tone
 from mmpipe import params
 from mmpipe.data.clean import validate_sample
 from mmpipe.deploy.export import load_predictor
-from mmpipe.modalities import NAMES
+from mmpipe.modalities import names
 
 N_MUTANTS = {"image": 1200, "audio": 900, "text": 300}  # 2,400 in all
 
@@ -125,7 +125,7 @@ def test_every_mutant_through_clean_ends_as_a_kept_item_or_a_reject_with_a_reaso
     outcomes = {"kept": 0, "rejected": 0}
     for k, (modality, data) in enumerate(all_mutants):
         row = {"sample_id": f"fuzz-{k}", "source_row": k, "label": "x", "split": None, "group": None,
-               "condition": None, **{f"{m}{suffix}": None for m in NAMES for suffix in ("", "_ref", "_error")}}
+               "condition": None, **{f"{m}{suffix}": None for m in names() for suffix in ("", "_ref", "_error")}}
         row[modality] = data
         result = validate_sample(row, cfg)  # must not raise, whatever the bytes
         if result["row"] is not None and result["row"][f"{modality}_available"]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import io
+import re
+import tokenize
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +17,13 @@ from PIL import Image
 from conftest import png_bytes, tone, wav_bytes
 from mmpipe import params
 from mmpipe.modalities.portable import RejectedInput
-from mmpipe.modalities import audio, image, text
+from mmpipe.modalities import MODALITIES, audio, image, names, register, text
+from mmpipe.modalities.base import Featurizer, Modality, model_dtype
+from mmpipe.schema import Strict
 
-IMG = params.CleanImage()
-AUD = params.CleanAudio()
-TXT = params.CleanText()
+IMG = image.Clean()
+AUD = audio.Clean()
+TXT = text.Clean()
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -91,7 +98,7 @@ def test_size_bounds():
         image.clean(png_bytes("RGB", size=(4, 40)), IMG)
     assert info.value.code == "image_size_out_of_bounds" and "4x40" in info.value.message
     with pytest.raises(RejectedInput) as info:
-        image.clean(png_bytes("RGB", size=(100, 100)), params.CleanImage(max_pixels=5000))
+        image.clean(png_bytes("RGB", size=(100, 100)), image.Clean(max_pixels=5000))
     assert info.value.code == "image_too_large"
 
 
@@ -186,5 +193,65 @@ def test_empty_text_is_rejected(raw):
 
 
 def test_long_text_is_truncated():
-    out = text.clean(b"a" * 50, params.CleanText(max_chars=10))
+    out = text.clean(b"a" * 50, text.Clean(max_chars=10))
     assert out.data == b"a" * 10 and out.info["truncated"]
+
+
+# --------------------------------------------------------------------------- the seam
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_registered_module_satisfies_the_modality_interface(name):
+    module = MODALITIES[name]
+    assert isinstance(module, Modality) and module.NAME == name
+    assert set(module.PARAMS) <= {"data", "clean", "preprocess", "model"} and {"clean", "preprocess", "model"} <= set(module.PARAMS)
+    for schema in module.PARAMS.values():
+        assert issubclass(schema, Strict)
+        schema()  # every field has a default: a new modality never breaks an existing params.yaml
+    dataset = {"labels": ["a", "b"], "clean_rules": {name: module.PARAMS["clean"]().model_dump(mode="json")}}
+    features = module.Features(module.PARAMS["preprocess"](), dataset)
+    assert isinstance(features, Featurizer)
+    assert features.arrays and all(isinstance(shape, tuple) for shape, _ in features.arrays.values())
+    for _, dtype in features.arrays.values():
+        assert model_dtype(dtype) in (np.uint8, np.bool_, np.int64, np.float32)
+    assert module.CORRUPTIONS and all(callable(f) for f in module.CORRUPTIONS.values())
+    code, cls = module.PREDICTOR_INPUT
+    assert Path(code).is_file() and f"class {cls}(" in Path(code).read_text()
+    line = module.describe_rules(dataset["clean_rules"][name])
+    assert isinstance(line, str) and line and "\n" not in line
+
+
+def test_registering_a_module_checks_the_interface():
+    incomplete = types.ModuleType("half_a_modality")
+    incomplete.NAME = "half"
+    with pytest.raises(TypeError, match="half_a_modality is not a modality module: it lacks CORRUPTIONS"):
+        register(incomplete)
+    assert "half" not in MODALITIES
+
+
+# the built-in corpus generator is a dataset of particular modalities: it names its own columns
+NAMING_ALLOWED = {"mmpipe/data/builtin.py", "mmpipe/data/tts.py"}
+
+
+def test_no_module_outside_modalities_names_a_modality():
+    """Everything outside mmpipe/modalities/ derives modalities from the registry: no string literal
+    there is a modality's name (or a flag / column made of it)."""
+    root = Path(__file__).resolve().parents[1]
+    words = set(names())
+    offenders = []
+    for path in sorted([*(root / "mmpipe").rglob("*.py"), *(root / "stages").glob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("mmpipe/modalities/") or rel in NAMING_ALLOWED:
+            continue
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if token.type != tokenize.STRING:
+                continue
+            try:
+                value = ast.literal_eval(token.string)
+            except (ValueError, SyntaxError):  # f-strings: their literal parts
+                value = token.string
+            value = value if isinstance(value, str) else ""
+            parts = set(re.split(r"[^a-z]+", value)) if len(value) < 40 else set()
+            if value in words or value.lstrip("-") in words or (parts & words and re.fullmatch(r"[a-z_\-{}\[\]\"' .]*", value)):
+                offenders.append(f"{rel}:{token.start[0]}: {token.string}")
+    assert not offenders, "\n".join(offenders)

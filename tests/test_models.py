@@ -12,7 +12,7 @@ from mmpipe.models.fusion import FUSIONS, build_model, drop_modalities, model_co
 
 STATES = {
     "image": {"arrays": {"image": {"shape": [3, 32, 32]}}, "mean": [0.5] * 3, "std": [0.25] * 3},
-    "text": {"arrays": {"text": {"shape": [48]}}, "vocab_size": 50},
+    "text": {"arrays": {"text": {"shape": [48]}, "text_length": {"shape": []}}, "vocab_size": 50},
     "audio": {"arrays": {"audio": {"shape": [64, 151]}}, "mean": [-5.0] * 64, "std": [2.0] * 64},
 }
 LABELS = [str(d) for d in range(10)]
@@ -28,7 +28,7 @@ def batch(n=6, seed=0):
 
 
 def model(fusion, modalities=("image", "text", "audio")):
-    cfg = params.ModelParams(fusion=fusion, dim=32, hidden=32, image_width=8, audio_width=4, text_width=16)
+    cfg = params.ModelParams(fusion=fusion, dim=32, hidden=32, encoders={"image": {"width": 8}, "text": {"width": 16}, "audio": {"width": 4}})
     config = model_config(list(modalities), STATES, cfg.model_dump(), LABELS)
     torch.manual_seed(0)
     return build_model(json.loads(json.dumps(config))).eval()  # the config survives JSON

@@ -11,16 +11,16 @@ from mmpipe.errors import PipelineError
 from mmpipe.io import flatten
 
 
-@pytest.mark.parametrize("section", sorted(params.SECTIONS))
+@pytest.mark.parametrize("section", params.sections())
 def test_committed_params_validate(section):
     params.load(section, ROOT / "params.yaml")
 
 
-@pytest.mark.parametrize("section", sorted(params.SECTIONS))
+@pytest.mark.parametrize("section", params.sections())
 def test_params_yaml_spells_out_every_key(section):
     # DVC tracks values in params.yaml, not schema defaults: every key must be written there.
     written = flatten(yaml.safe_load((ROOT / "params.yaml").read_text())[section])
-    schema = flatten(params.SECTIONS[section]().model_dump(mode="json"))
+    schema = flatten(params.schema(section)().model_dump(mode="json"))
     assert sorted(written) == sorted(schema)
 
 

@@ -37,7 +37,7 @@ def test_dvc_repro_clean_then_noop_then_only_changed_stage(repo):
     kept = pq.read_table(clean[0])
     assert kept.num_rows == 200 and set(kept.column("split").to_pylist()) == {"train", "val", "test"}
     dataset = json.loads((repo / "data/clean/dataset.json").read_text())
-    assert dataset["labels"] == [str(d) for d in range(10)] and dataset["audio_sample_rate"] == 16000
+    assert dataset["labels"] == [str(d) for d in range(10)] and dataset["clean_rules"]["audio"]["sample_rate"] == 16000
     collect_metrics = json.loads((repo / "metrics/collect.json").read_text())
     clean_metrics = json.loads((repo / "metrics/clean.json").read_text())
     assert collect_metrics["samples"] == 200 and clean_metrics["kept"] == 200

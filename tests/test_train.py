@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from mmpipe import params
 from mmpipe.features.loader import FeatureSet
-from mmpipe.models.train import accuracy, clear_checkpoints, load_model, train
+from mmpipe.models.model_io import load_model
+from mmpipe.models.train import accuracy, clear_checkpoints, train
 
-SMALL = params.ModelParams(dim=16, hidden=32, image_width=4, text_embed_dim=8, text_width=16, audio_width=4,
-                           attention_heads=2)
+SMALL = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={"image": {"width": 4}, "text": {"embed_dim": 8, "width": 16}, "audio": {"width": 4}})
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from mmpipe.compress.onnx_model import export_onnx, onnx_feeds, run_logits, sess
 from mmpipe.features.loader import FeatureSet
 from mmpipe.params import ModelParams, TrainParams
 from mmpipe.timing import latency_ms
-from mmpipe.models.train import load_model, to_model_inputs, train
+from mmpipe.models.model_io import load_model, to_model_inputs
+from mmpipe.models.train import train
 
 CHOSEN_FILE = "model.onnx"
 # quantize.layers: not_slower keeps a layer in fp32 when int8 costs more than 2 % of the batch time; layers
@@ -35,8 +36,8 @@ CHOSEN_FILE = "model.onnx"
 MAX_INT8_SLOWDOWN = 0.02
 
 
-def _feeds(data: FeatureSet, positions: np.ndarray, modalities: list[str]) -> dict[str, np.ndarray]:
-    return onnx_feeds(data.get(positions), modalities)
+def _feeds(data: FeatureSet, positions: np.ndarray, model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return onnx_feeds(data.get(positions), model)
 
 
 def _batch(feeds: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -69,13 +70,13 @@ def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
     model = load_model(model_dir)
     modalities = model.modalities
     splits = {s: FeatureSet(features_root, split=s) for s in ("train", "val", "test")}
-    feeds = {s: _feeds(splits[s], np.arange(len(splits[s])), modalities) for s in ("val", "test")}
+    feeds = {s: _feeds(splits[s], np.arange(len(splits[s])), model) for s in ("val", "test")}
     labels = {s: splits[s].labels for s in ("val", "test")}
     example = to_model_inputs(splits["val"].get(np.arange(min(32, len(splits["val"])))), modalities, torch.device("cpu"))
     rng = np.random.default_rng(params.seed)
     picks = np.sort(rng.choice(len(splits["train"]), min(params.quantize.calibration_samples, len(splits["train"])),
                                replace=False))
-    calibration = [_feeds(splits["train"], picks[i:i + 32], modalities) for i in range(0, len(picks), 32)]
+    calibration = [_feeds(splits["train"], picks[i:i + 32], model) for i in range(0, len(picks), 32)]
 
     variants: dict[str, dict] = {}
     models = {"fp32": model}

@@ -1,15 +1,15 @@
 """The fusion model as an ONNX graph: export, the input contract, and running it in ONNX Runtime.
 
 Input contract of every exported model (what the deployment predictor feeds), batch axis dynamic:
+the arrays of each of the model's modalities, in the model's modality order and each modality's
+array order (its featurizer's ``arrays``: name -> shape, stored dtype), entering with
+``model_dtype(stored)`` (8-bit pixels stay uint8, integers int64, floats float32), then
 
-    image        uint8   (B, C, H, W)   pixels as preprocess stores them
-    text         int64   (B, L)         token ids (tokenizer.json)
-    text_length  int64   (B,)
-    audio        float32 (B, M, T)      log-mel (logmel.py + mel_filters.npy)
     available    bool    (B, n)         one column per modality of the model, in its order
 
-Only the arrays of the model's own modalities are inputs. Output: ``logits`` (B, n_classes).
-Normalisation lives inside the graph (it is part of the model), so the predictor feeds raw features.
+With the built-in modalities: image uint8 (B, C, H, W), text int64 (B, L), text_length int64 (B,),
+audio float32 (B, M, T). Output: ``logits`` (B, n_classes). Normalisation lives inside the graph
+(it is part of the model), so the predictor feeds raw features.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mmpipe.models.train import to_model_inputs
+from mmpipe.modalities.base import model_dtype
+from mmpipe.models.model_io import to_model_inputs
 
-ONNX_DTYPES = {"image": np.uint8, "text": np.int64, "text_length": np.int64, "audio": np.float32, "available": np.bool_}
-ARRAYS_OF = {"image": ["image"], "text": ["text", "text_length"], "audio": ["audio"]}
-
-
-def input_names(modalities: list[str]) -> list[str]:
-    return [name for m in modalities for name in ARRAYS_OF[m]] + ["available"]
+def input_dtypes(model: nn.Module) -> dict[str, np.dtype]:
+    """The graph's inputs of ``model`` (a FusionModel), in order, with their dtypes."""
+    states = model.config["states"]
+    dtypes = {name: model_dtype(states[m]["arrays"][name]["dtype"]) for m in model.modalities for name in model.arrays[m]}
+    return dtypes | {"available": np.dtype(np.bool_)}
 
 
 class TensorArgsModel(nn.Module):
@@ -37,27 +37,26 @@ class TensorArgsModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.names = input_names(model.modalities)
+        self.names = list(input_dtypes(model))
 
-    def forward(self, image=None, text=None, text_length=None, audio=None, available=None) -> torch.Tensor:
-        given = {"image": image, "text": text, "text_length": text_length, "audio": audio, "available": available}
-        return self.model({k: v for k, v in given.items() if v is not None})
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(dict(zip(self.names, tensors)))
 
 
-def onnx_feeds(batch: dict[str, torch.Tensor], modalities: list[str]) -> dict[str, np.ndarray]:
-    """A loader batch as the model's ONNX inputs (dtypes of the contract, availability of its modalities)."""
-    inputs = to_model_inputs(batch, modalities, torch.device("cpu"))
-    return {name: inputs[name].numpy().astype(ONNX_DTYPES[name], copy=False) for name in input_names(modalities)}
+def onnx_feeds(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, np.ndarray]:
+    """A loader batch as ``model``'s ONNX inputs (dtypes of the contract, availability of its modalities)."""
+    inputs = to_model_inputs(batch, model.modalities, torch.device("cpu"))
+    return {name: inputs[name].numpy().astype(dtype, copy=False) for name, dtype in input_dtypes(model).items()}
 
 
 def export_onnx(model: nn.Module, example: dict[str, np.ndarray], path: Path) -> None:
     """Export ``model`` (eval mode, CPU) to one self-contained ONNX file with a dynamic batch axis."""
     wrapper = TensorArgsModel(model.cpu()).eval()
-    kwargs = {name: torch.from_numpy(example[name]) for name in wrapper.names}
+    args = tuple(torch.from_numpy(example[name]) for name in wrapper.names)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    torch.onnx.export(wrapper, (), str(path), kwargs=kwargs, dynamo=True, external_data=False, optimize=True,
+    torch.onnx.export(wrapper, args, str(path), dynamo=True, external_data=False, optimize=True,
                       verbose=False, input_names=wrapper.names, output_names=["logits"],
-                      dynamic_shapes={name: {0: batch} for name in kwargs})
+                      dynamic_shapes=(tuple({0: batch} for _ in args),))
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:

@@ -27,11 +27,49 @@ import numpy as np
 import soundfile as sf
 import soxr
 from PIL import Image
+from pydantic import Field, model_validator
 
 from mmpipe.data import tts
+from mmpipe.schema import Strict
 
 LABELS = tuple(str(d) for d in range(10))
 STATES = ("clean", "degraded", "missing")
+
+
+# --------------------------------------------------------------------------- params (data.builtin)
+
+
+class PerModality(Strict):
+    """One probability per modality of the built-in corpus."""
+
+    image: float = Field(ge=0.0, le=1.0)
+    text: float = Field(ge=0.0, le=1.0)
+    audio: float = Field(ge=0.0, le=1.0)
+
+
+class BuiltinCorpus(Strict):
+    image_size: int = Field(32, ge=16, le=256)
+    audio_sample_rate: int = Field(16000, ge=8000, le=48000)
+    tts_variants: int = Field(64, ge=1, le=10000)
+    p_missing: PerModality = PerModality(image=0.15, text=0.15, audio=0.15)
+    p_degraded: PerModality = PerModality(image=0.10, text=0.10, audio=0.10)
+    p_jpeg: float = Field(0.2, ge=0.0, le=1.0)
+    p_flac: float = Field(0.3, ge=0.0, le=1.0)
+    snr_db: tuple[float, float] = (5.0, 30.0)
+    degraded_snr_db: tuple[float, float] = (-15.0, -5.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "BuiltinCorpus":
+        for m in ("image", "text", "audio"):
+            total = getattr(self.p_missing, m) + getattr(self.p_degraded, m)
+            if total > 1.0:
+                raise ValueError(f"p_missing.{m} + p_degraded.{m} = {total:g} must be <= 1")
+        for name in ("snr_db", "degraded_snr_db"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name} must be [low, high] with low <= high, got [{lo}, {hi}]")
+        return self
+
 
 WORDS = {
     "en": "zero one two three four five six seven eight nine".split(),

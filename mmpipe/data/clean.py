@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mmpipe.errors import PipelineError
 from mmpipe.io import ROW_GROUP_ROWS, PartWriter, iter_row_groups, worker_count, write_json_atomic
-from mmpipe.modalities import MODALITIES, NAMES
+from mmpipe.modalities import MODALITIES, names
 from mmpipe.modalities.portable import RejectedInput, describe
 
 SPLITS = ("train", "val", "test")
@@ -44,7 +44,7 @@ _PASS1_FILE = ".validated.parquet"
 REJECT_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string()),
     pa.field("source_row", pa.int64()),
-    pa.field("modality", pa.string()),  # image/text/audio, or label/split/sample for whole-sample problems
+    pa.field("modality", pa.string()),  # a modality, or label/split/sample for whole-sample problems
     pa.field("code", pa.string()),
     pa.field("reason", pa.string()),
     pa.field("ref", pa.string()),
@@ -92,7 +92,7 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
     rejects: list[dict[str, Any]] = []
     out: dict[str, Any] = {"sample_id": sid, "source_row": source_row, "group": row.get("group"),
                            "condition": row.get("condition")}
-    flags = {"label_stripped": False, "converted": [], "text_truncated": False}
+    flags = {"label_stripped": False, "converted": [], "truncated": False}
 
     def reject(modality: str, code: str, reason: str, ref: str | None = None) -> None:
         rejects.append({"sample_id": sid, "source_row": source_row, "modality": modality, "code": code,
@@ -138,11 +138,11 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
         if cleaned.converted:
             flags["converted"].append(m)
         if cleaned.info.get("truncated"):
-            flags["text_truncated"] = True
+            flags["truncated"] = True
 
     modality_rejects = [r for r in rejects if r["modality"] in MODALITIES]
     sample_problem = any(r["modality"] not in MODALITIES for r in rejects)
-    if not sample_problem and not any(out[f"{m}_available"] for m in NAMES):
+    if not sample_problem and not any(out[f"{m}_available"] for m in names()):
         reject("sample", "no_usable_modality", "no modality is usable")
         sample_problem = True
     if not sample_problem and modality_rejects and params.on_bad_modality == "drop_sample":
@@ -219,10 +219,10 @@ def _isolated(rows: list[dict[str, Any]], params, validate) -> list[dict[str, An
         middle = len(rows) // 2
         return _isolated(rows[:middle], params, validate) + _isolated(rows[middle:], params, validate)
     row = dict(rows[0])
-    for m in NAMES:
+    for m in names():
         if row.get(m) is None:
             continue
-        alone = {**row, **{other: None for other in NAMES if other != m}}
+        alone = {**row, **{other: None for other in names() if other != m}}
         with _spawn_pool(1) as pool:
             try:
                 pool.submit(validate, [alone], params).result()
@@ -233,7 +233,7 @@ def _isolated(rows: list[dict[str, Any]], params, validate) -> list[dict[str, An
               f"{m} rejected (decoder_crashed)")
         row[m], row[f"{m}_error"] = None, f"decoder_crashed: the {m} decoder crashed (killed its process) on this file"
     if row == rows[0]:  # no modality crashes alone: the sample as a whole is rejected
-        return [{"row": None, "flags": {"label_stripped": False, "converted": [], "text_truncated": False},
+        return [{"row": None, "flags": {"label_stripped": False, "converted": [], "truncated": False},
                  "rejects": [{"sample_id": row["sample_id"], "source_row": row["source_row"], "modality": "sample",
                               "code": "decoder_crashed", "reason": "validating this sample crashed its worker process",
                               "ref": None, "action": "sample_rejected"}]}]
@@ -309,7 +309,7 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
             for res in results:
                 rejects.extend(res["rejects"])
                 counters["label_stripped"] += res["flags"]["label_stripped"]
-                counters["text_truncated"] += res["flags"]["text_truncated"]
+                counters["truncated"] += res["flags"]["truncated"]
                 converted.update(res["flags"]["converted"])
                 row = res["row"]
                 if row is not None:
@@ -344,7 +344,7 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
         writer.write(table)
         for label, split in zip(table.column("label").to_pylist(), split_column.to_pylist()):
             per_class[label][split] += 1
-        for m in NAMES:
+        for m in names():
             available[m] += sum(table.column(f"{m}_available").to_pylist())
     writer.close()
     pass1_path.unlink()
@@ -360,10 +360,9 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     for w in warnings:
         print(f"clean: warning: {w}")
     # what later stages (and the deployment bundle) must reproduce of clean's normalisation
-    dataset = {"labels": labels, "modalities": list(NAMES), "audio_sample_rate": params.audio.sample_rate,
-               "text_max_chars": params.text.max_chars,
-               # clean's per-item rules (bounds included): the bundle's predictor applies the same
-               "clean_rules": {m: getattr(params, m).model_dump(mode="json") for m in NAMES},
+    dataset = {"labels": labels, "modalities": list(names()),
+               # clean's per-item rules (bounds included): the featurizers and the bundle's predictor follow them
+               "clean_rules": {m: getattr(params, m).model_dump(mode="json") for m in names()},
                "samples": writer.rows, "splits": split_counts, "files": writer.files}
     write_json_atomic(out_dir / DATASET_FILE, dataset)
     seconds = time.perf_counter() - started
@@ -374,10 +373,10 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
         "reject_rows": len(rejects),
         "rejects_by_code": dict(sorted(collections.Counter(r["code"] for r in rejects).items())),
         "rejects_by_modality": dict(sorted(collections.Counter(r["modality"] for r in rejects).items())),
-        "available": {m: available[m] for m in NAMES},
-        "converted": {m: converted[m] for m in NAMES},
+        "available": {m: available[m] for m in names()},
+        "converted": {m: converted[m] for m in names()},
         "labels_stripped": counters["label_stripped"],
-        "text_truncated": counters["text_truncated"],
+        "truncated": counters["truncated"],
         "split": split_counts,
         "per_class": {label: {s: per_class[label][s] for s in SPLITS} for label in labels},
         "warnings": len(warnings),

@@ -32,14 +32,21 @@ from mmpipe.data import builtin
 from mmpipe.data.fetch import FetchError, Policy, check, fetch, is_url, local_path
 from mmpipe.errors import PipelineError, redact
 from mmpipe.io import PartWriter, worker_count
-from mmpipe.modalities import MODALITIES, NAMES, by_extension
+from mmpipe.modalities import MODALITIES, by_extension, names
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA = ("digits",)
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl")
-# Inline modalities (text) may instead name a file in a "<modality>_file" column.
-FILE_COLUMNS = {f"{m}_file": m for m, module in MODALITIES.items() if module.INLINE}
-MANIFEST_COLUMNS = ("label", "id", "split", "group", *NAMES, *FILE_COLUMNS)
+KEY_COLUMNS = ("label", "id", "split", "group")
+
+
+def file_columns() -> dict[str, str]:
+    """Inline modalities (text) may instead name a file in a "<modality>_file" column."""
+    return {f"{m}_file": m for m, module in MODALITIES.items() if module.INLINE}
+
+
+def manifest_columns() -> tuple[str, ...]:
+    return (*KEY_COLUMNS, *names(), *file_columns())
 BATCH_ROWS = 512
 
 
@@ -52,7 +59,7 @@ def raw_schema() -> pa.Schema:
         pa.field("group", pa.string()),
         pa.field("condition", pa.string()),
     ]
-    for m in NAMES:
+    for m in names():
         fields += [pa.field(m, pa.binary()), pa.field(f"{m}_ref", pa.string()), pa.field(f"{m}_error", pa.string())]
     return pa.schema(fields)
 
@@ -69,7 +76,7 @@ class Stats:
     def add(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             self.per_label[str(row["label"])] += 1
-            for m in NAMES:
+            for m in names():
                 if row.get(m) is not None:
                     self.present[m] += 1
                     self.bytes[m] += len(row[m])
@@ -94,8 +101,8 @@ def _builtin_rows(indices: list[int], seed: int, cfg) -> list[dict[str, Any]]:
         s = builtin.make_sample(i, seed, cfg, _BANK)
         row = {"sample_id": f"digits-{i:07d}", "source_row": i, "label": s.label, "split": None,
                "group": s.group, "condition": s.condition}
-        for m in NAMES:
-            content = getattr(s, m)
+        for m in names():
+            content = getattr(s, m, None)
             row.update({m: content, f"{m}_ref": None if content is None else "builtin:digits", f"{m}_error": None})
         rows.append(row)
     return rows
@@ -202,11 +209,11 @@ def read_manifest(source: str, params) -> pd.DataFrame:
         raise PipelineError(f"{redact(source)}: manifest has the column '{duplicated[0]}' more than once")
     if "label" not in frame.columns:
         raise PipelineError(f"{redact(source)}: manifest has no 'label' column (columns: {', '.join(frame.columns)})")
-    unknown = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
+    unknown = [c for c in frame.columns if c not in manifest_columns()]
     if unknown:
         print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(unknown)}")
-    if not any(c in frame.columns for c in (*NAMES, *FILE_COLUMNS)):
-        raise PipelineError(f"{redact(source)}: manifest has none of the modality columns {', '.join((*NAMES, *FILE_COLUMNS))}")
+    if not any(c in frame.columns for c in (*names(), *file_columns())):
+        raise PipelineError(f"{redact(source)}: manifest has none of the modality columns {', '.join((*names(), *file_columns()))}")
     return frame
 
 
@@ -247,14 +254,14 @@ def manifest_rows(source: str, params) -> list[dict[str, Any]]:
     frame = read_manifest(source, params)
     base = manifest_base(source)
     specs = []
-    columns = {c: frame[c].tolist() for c in frame.columns if c in MANIFEST_COLUMNS}
+    columns = {c: frame[c].tolist() for c in frame.columns if c in manifest_columns()}
 
     def cell(column: str, i: int) -> str | None:
         return _text(columns[column][i]) if column in columns else None
 
     for i in range(len(frame)):
-        cells = {m: cell(m, i) for m in NAMES}
-        files = {m: cell(c, i) for c, m in FILE_COLUMNS.items()}
+        cells = {m: cell(m, i) for m in names()}
+        files = {m: cell(c, i) for c, m in file_columns().items()}
         label = _key_cell(source, i, "label", columns["label"][i])
         given_id = _key_cell(source, i, "id", columns["id"][i]) if "id" in columns else None
         spec = {
@@ -300,7 +307,7 @@ def folder_rows(root: Path) -> list[dict[str, Any]]:
     specs = []
     for i, ((label, stem), files) in enumerate(sorted(samples.items())):
         spec = {"sample_id": f"{label}/{stem}", "source_row": i, "label": label, "split": None, "group": None}
-        for m in NAMES:
+        for m in names():
             found = files.get(m, [])
             if len(found) > 1:
                 spec[m] = ("conflict", f"several {m} files share this stem: {', '.join(p.name for p in found)}")
@@ -313,7 +320,7 @@ def folder_rows(root: Path) -> list[dict[str, Any]]:
 def _materialize(spec: dict[str, Any], fetch_policy: Policy) -> dict[str, Any]:
     row = {k: spec[k] for k in ("sample_id", "source_row", "label", "split", "group")}
     row["condition"] = None
-    for m in NAMES:
+    for m in names():
         item = spec[m]
         content = ref = error = None
         if item is not None:
@@ -394,9 +401,9 @@ def collect(params, out_dir: Path) -> dict[str, Any]:
         "samples": writer.rows,
         "files": writer.files,
         "per_label": dict(sorted(stats.per_label.items())),
-        "present": {m: stats.present[m] for m in NAMES},
-        "fetch_errors": {m: stats.errors[m] for m in NAMES},
-        "bytes": {m: stats.bytes[m] for m in NAMES},
+        "present": {m: stats.present[m] for m in names()},
+        "fetch_errors": {m: stats.errors[m] for m in names()},
+        "bytes": {m: stats.bytes[m] for m in names()},
         "seconds": round(seconds, 3),
         "samples_per_s": round(writer.rows / seconds, 1) if seconds > 0 else None,
     }
@@ -442,7 +449,7 @@ def fingerprint(params) -> dict[str, Any]:
     items = {}
     item_policy = policy(params, manifest_base(where))
     for spec in manifest_rows(where, params):
-        for m in NAMES:
+        for m in names():
             if spec[m] is not None and spec[m][0] == "ref":
                 ref = spec[m][1]
                 try:

@@ -18,10 +18,14 @@ from typing import Any
 import onnx
 
 from mmpipe.features.preprocess import STATE_FILE
+from mmpipe.modalities import MODALITIES
 
 PACKAGE = Path(__file__).resolve().parents[1]
+# the predictor and the helpers every modality's input class may import (see modalities/inputs.py)
 SHIPPED_CODE = [PACKAGE / "deploy" / "predict.py", PACKAGE / "modalities" / "portable.py",
                 PACKAGE / "modalities" / "logmel.py", PACKAGE / "modalities" / "tokenizer.py"]
+# preprocess's bookkeeping, and what lives inside the model (normalisation): not the predictor's business
+NOT_SHIPPED_STATE = ("modality", "samples", "shard_rows", "shards", "labels", "mean", "std", "stats_of")
 RUNTIME = {"numpy": "numpy", "onnxruntime": "onnxruntime", "soundfile": "soundfile", "soxr": "soxr", "pillow": "pillow"}
 ONNX_TYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32",
               onnx.TensorProto.BOOL: "bool"}
@@ -39,25 +43,18 @@ def input_spec(model: Path) -> list[dict[str, Any]]:
             for i in graph.input]
 
 
-def preprocessing(features_root: Path, dataset: dict, modalities: list[str]) -> tuple[dict, list[Path]]:
-    """Every parameter the predictor needs to reproduce clean + preprocess, and the state files to copy."""
-    states = {m: json.loads((features_root / m / STATE_FILE).read_text()) for m in modalities}
+def preprocessing(features_root: Path, modalities: list[str]) -> tuple[dict, list[Path]]:
+    """Per modality: its fitted state as the predictor needs it, and its input class (file, class,
+    array names); plus the files to copy (the state's files and the input classes' modules)."""
     pre, files = {}, []
-    if "image" in states:
-        s = states["image"]
-        pre["image"] = {"size": s["size"], "mode": s["mode"], "fit": s["fit"], "resample": s["resample"],
-                        "normalisation": "inside the model (mean/std of the train split)"}
-    if "text" in states:
-        s = states["text"]
-        pre["text"] = {"tokenizer": s["tokenizer"], "kind": s["kind"], "lowercase": s["lowercase"],
-                       "max_length": s["max_length"], "vocab_size": s["vocab_size"]}
-        files.append(features_root / "text" / s["tokenizer"])
-    if "audio" in states:
-        s = states["audio"]
-        pre["audio"] = {k: s[k] for k in ("sample_rate", "seconds", "n_samples", "n_fft", "hop", "n_mels", "fmin",
-                                          "fmax", "log_eps", "mel_filters")}
-        pre["audio"]["normalisation"] = "inside the model (per-mel-bin mean/std of the train split)"
-        files.append(features_root / "audio" / s["mel_filters"])
+    for m in modalities:
+        state = json.loads((features_root / m / STATE_FILE).read_text())
+        module = MODALITIES[m]
+        code, cls = module.PREDICTOR_INPUT
+        pre[m] = {k: v for k, v in state.items() if k not in NOT_SHIPPED_STATE}
+        pre[m]["input"] = {"file": Path(code).name, "class": cls, "arrays": list(state["arrays"])}
+        files += [features_root / m / name for name in module.Features.state_files(state)]
+        files.append(Path(code))
     return pre, files
 
 
@@ -67,8 +64,8 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
     bounds (max_rows_per_request, max_item_bytes, batch_size)."""
     shutil.copyfile(compressed / "model.onnx", out / "model.onnx")
     shutil.copyfile(compressed / "fp32.onnx", out / "model_fp32.onnx")
-    pre, state_files = preprocessing(features_root, dataset, modalities)
-    for path in [*SHIPPED_CODE, *state_files]:
+    pre, state_files = preprocessing(features_root, modalities)
+    for path in dict.fromkeys([*SHIPPED_CODE, *state_files]):
         shutil.copyfile(path, out / path.name)
     (out / "requirements.txt").write_text("".join(f"{name}=={metadata.version(dist)}\n" for name, dist in RUNTIME.items()))
     (out / "MODEL_CARD.md").write_text(model_card)
@@ -83,7 +80,7 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
         # clean's per-item rules (size bounds included): the predictor accepts and rejects what clean did
         "clean": {m: dataset["clean_rules"][m] for m in modalities},
         "serving": serving,
-        "predictor": {"command": "python predict.py " + " ".join(f"[--{m} {'S' if m == 'text' else 'F'}]" for m in modalities)
+        "predictor": {"command": "python predict.py " + " ".join(f"[--{m} ...]" for m in modalities)
                       + " | --manifest M.csv",
                       "requirements": "requirements.txt"},
         "versions": {"python": platform.python_version(), "git_commit": git_commit,

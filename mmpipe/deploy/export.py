@@ -6,15 +6,15 @@ Verification (metrics/export.json):
 - the standalone predictor, run on the **raw** test files (as collected, before clean) through its
   own preprocessing, with the shipped and the fp32 model: accuracy, next to the evaluate stage's
   accuracy (PyTorch on the pipeline's features) and compress's test accuracy of the shipped variant;
-- train/serve parity of audio at the rates recordings come in: each raw test clip converted to 22.05,
-  44.1 and 48 kHz stereo, then featurised by the pipeline (clean -> preprocess) and by the bundle's
-  predictor: the fp32 model's top-1 must agree on at least ``min_resample_agreement`` of them.
+- train/serve parity on the re-encodings users bring (a modality's ``PARITY_VARIANTS``; audio: each
+  raw test clip converted to 22.05, 44.1 and 48 kHz stereo), featurised by the pipeline (clean ->
+  preprocess) and by the bundle's predictor: the fp32 model's top-1 must agree on at least
+  ``min_conversion_agreement`` of them.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -22,11 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 
-from mmpipe import params as params_module
 from mmpipe.compress.onnx_model import onnx_feeds, run_logits, session
 from mmpipe.data.clean import DATASET_FILE, SAMPLES_DIR
 from mmpipe.deploy import bundle
@@ -34,9 +31,9 @@ from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
 from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.io import iter_row_groups
-from mmpipe.modalities import MODALITIES, NAMES
+from mmpipe.modalities import MODALITIES
 from mmpipe.modalities.portable import RejectedInput
-from mmpipe.models.train import load_model, to_model_inputs
+from mmpipe.models.model_io import load_model, to_model_inputs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,8 +78,8 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: list[d
     with torch.no_grad():
         torch_logits = model(to_model_inputs(batch, modalities, torch.device("cpu"))).numpy()
     fp32 = session(folder / "model_fp32.onnx")
-    onnx_logits = run_logits(fp32, onnx_feeds(batch, modalities))
-    everything = onnx_feeds(test.get(np.arange(len(test))), modalities)
+    onnx_logits = run_logits(fp32, onnx_feeds(batch, model))
+    everything = onnx_feeds(test.get(np.arange(len(test))), model)
     fp32_top1 = run_logits(fp32, everything).argmax(axis=1)
     shipped_top1 = run_logits(session(folder / "model.onnx"), everything).argmax(axis=1)
     base_top1 = run_logits(session(quantized_from), everything).argmax(axis=1) if quantized_from else shipped_top1
@@ -104,66 +101,61 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: list[d
             "predictor_input_errors": sorted(set(errors))}
 
 
-# Rates and encodings recordings usually come in, for the audio train/serve parity check.
-PARITY_RATES = {22050: ("FLAC", "PCM_16"), 44100: ("WAV", "PCM_16"), 48000: ("WAV", "PCM_24")}
-
-
-def as_recording(raw: bytes, rate: int) -> bytes:
-    """A raw test clip as a typical recording: resampled to ``rate`` (soxr, very high quality),
-    stereo (right channel at half the gain), encoded as PARITY_RATES says."""
-    samples, source_rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
-    mono = soxr.resample(samples.mean(axis=1), source_rate, rate, quality="VHQ")
-    fmt, subtype = PARITY_RATES[rate]
-    out = io.BytesIO()
-    sf.write(out, np.clip(np.stack([mono, 0.5 * mono], axis=1), -1.0, 1.0), rate, format=fmt, subtype=subtype)
-    return out.getvalue()
-
-
-def resample_parity(folder: Path, features_root: Path, dataset: dict, test: FeatureSet, items: list[dict],
-                    modalities: list[str]) -> dict[str, Any]:
-    """Audio at 22.05/44.1/48 kHz stereo through the pipeline (clean's conversion, preprocess's
-    log-mel) and through the bundle's predictor: per rate, the share of clips on which the fp32 model
-    (same image/text inputs) gives the same top-1, and the largest log-mel difference."""
-    positions = np.array([i for i, item in enumerate(items) if item.get("audio") is not None], np.int64)
-    if "audio" not in modalities or not len(positions):
-        return {}
+def conversion_parity(folder: Path, features_root: Path, dataset: dict, model: torch.nn.Module, test: FeatureSet,
+                      items: list[dict]) -> dict[str, dict[str, Any]]:
+    """For each modality with ``PARITY_VARIANTS`` and each variant: the raw test items re-encoded, then
+    featurised by the pipeline (clean's conversion, preprocess's featurizer) and by the bundle's
+    predictor; the share of items on which the fp32 model (other modalities' inputs unchanged) gives
+    the same top-1, and the largest difference of the model's inputs."""
     predict = load_predictor(folder)
     predictor = predict.Predictor(folder, model="fp32")
     fp32 = session(folder / "model_fp32.onnx")
-    rules = params_module.CleanAudio(**dataset["clean_rules"]["audio"])
-    state = json.loads((features_root / "audio" / STATE_FILE).read_text())
-    featurizer = MODALITIES["audio"].Features.from_state(features_root / "audio", state)
-    feeds = onnx_feeds(test.get(positions), modalities)
-    ids = [str(test.sample_ids[i]) for i in positions]
-    column = modalities.index("audio")
-    out = {}
-    for rate in PARITY_RATES:
-        clips = [as_recording(items[i]["audio"], rate) for i in positions]
-        cleaned = []
-        for clip in clips:
-            try:
-                cleaned.append(MODALITIES["audio"].clean(clip, rules).data)
-            except RejectedInput:
-                cleaned.append(None)
-        undecodable: dict[int, str] = {}
-        pipeline = featurizer.transform(cleaned, ids, errors=undecodable)["audio"].astype(np.float32)
-        cleaned = [None if k in undecodable else c for k, c in enumerate(cleaned)]
-        served, accepted = np.zeros_like(pipeline), np.zeros(len(clips), bool)
-        for k, clip in enumerate(clips):
-            try:
-                served[k], accepted[k] = predictor.features(audio=clip)["audio"], True
-            except predict.InputError:
-                pass
-        both = accepted & np.array([c is not None for c in cleaned])
-        tops = []
-        for mel, ok in ((pipeline, both), (served, both)):
-            available = feeds["available"].copy()
-            available[:, column] &= ok
-            tops.append(run_logits(fp32, feeds | {"audio": mel, "available": available}).argmax(axis=1))
-        agree = (tops[0] == tops[1]) & (accepted == np.array([c is not None for c in cleaned]))
-        out[str(rate)] = {"clips": len(clips), "accepted_by_both": int(both.sum()),
-                          "top1_agreement": float(agree.mean()),
-                          "max_abs_logmel_diff": float(np.abs(pipeline[both] - served[both]).max(initial=0.0))}
+    out: dict[str, dict[str, Any]] = {}
+    for column, m in enumerate(model.modalities):
+        module = MODALITIES[m]
+        positions = np.array([i for i, item in enumerate(items) if item.get(m) is not None], np.int64)
+        if not getattr(module, "PARITY_VARIANTS", None) or not len(positions):
+            continue
+        rules = module.PARAMS["clean"](**dataset["clean_rules"][m])
+        state = json.loads((features_root / m / STATE_FILE).read_text())
+        featurizer = module.Features.from_state(features_root / m, state)
+        arrays = list(state["arrays"])
+        feeds = onnx_feeds(test.get(positions), model)
+        ids = [str(test.sample_ids[i]) for i in positions]
+        out[m] = {}
+        for variant, encode in module.PARITY_VARIANTS.items():
+            converted = [encode(items[i][m]) for i in positions]
+            cleaned = []
+            for item in converted:
+                try:
+                    cleaned.append(module.clean(item, rules).data)
+                except RejectedInput:
+                    cleaned.append(None)
+            undecodable: dict[int, str] = {}
+            pipeline = featurizer.transform(cleaned, ids, errors=undecodable)
+            pipeline_ok = np.array([c is not None and k not in undecodable for k, c in enumerate(cleaned)])
+            served = {name: np.zeros_like(values) for name, values in pipeline.items()}
+            served_ok = np.zeros(len(converted), bool)
+            for k, item in enumerate(converted):
+                try:
+                    arrays_k = predictor.features(**{m: item})
+                except predict.InputError:
+                    continue
+                for name in arrays:
+                    served[name][k] = arrays_k[name]
+                served_ok[k] = True
+            both = pipeline_ok & served_ok
+            tops = []
+            for values in (pipeline, served):
+                available = feeds["available"].copy()
+                available[:, column] &= both
+                given = {name: values[name].astype(feeds[name].dtype) for name in arrays}
+                tops.append(run_logits(fp32, feeds | given | {"available": available}).argmax(axis=1))
+            agree = (tops[0] == tops[1]) & (pipeline_ok == served_ok)
+            diff = max((float(np.abs(pipeline[n][both].astype(np.float64) - served[n][both]).max(initial=0.0))
+                        for n in arrays), default=0.0)
+            out[m][variant] = {"items": len(converted), "accepted_by_both": int(both.sum()),
+                               "top1_agreement": float(agree.mean()), "max_abs_input_diff": diff}
     return out
 
 
@@ -174,24 +166,15 @@ def git_commit() -> str | None:
         return None
 
 
-def model_card(dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str, modalities: list[str],
-               name: str | None) -> str:
+def model_card(folder: Path, dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
+               modalities: list[str], name: str | None) -> str:
     """The bundle's MODEL_CARD.md: what this model classifies, from what, how well, and its limits —
     all read from this run's data (labels, modalities, clean's rules) and metrics."""
     t, v = eval_metrics["test"], compress_metrics["variants"]
     shipped, labels, rules = v[chosen], dataset["labels"], dataset["clean_rules"]
     shown = ", ".join(labels[:20]) + (f", … ({len(labels) - 20} more)" if len(labels) > 20 else "")
-    example = {"image": "--image photo.jpg", "audio": "--audio clip.wav", "text": '--text "a short description"'}
-    accepts = {
-        "image": f"images (PNG, JPEG, BMP, GIF, TIFF, WebP) with sides of {rules['image']['min_side']}–"
-                 f"{rules['image']['max_side']} pixels and at most {rules['image']['max_pixels']:,} pixels",
-        "audio": f"audio (WAV, FLAC, …) of {rules['audio']['min_seconds']:g}–{rules['audio']['max_seconds']:g} s, "
-                 f"{rules['audio']['min_rate']:,}–{rules['audio']['max_rate']:,} Hz, at most "
-                 f"{rules['audio']['max_channels']} channels, not silent; converted to mono "
-                 f"{rules['audio']['sample_rate']:,} Hz",
-        "text": f"UTF-8 text of at most {rules['text']['max_bytes']:,} bytes, cut to {rules['text']['max_chars']:,} "
-                "characters after normalisation",
-    }
+    predictor = load_predictor(folder).Predictor(folder, model="fp32")
+    example = {"file": "FILE", "string": '"…"', "record": "'{\"…\": …}'"}
     lines = [
         f"# Model card: {name or 'mmpipe fusion model'} — {len(labels)}-class classifier from "
         + " + ".join(modalities),
@@ -231,7 +214,7 @@ def model_card(dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen
         "## Inputs and limits",
         "The predictor checks every input under the rules the training data was cleaned with "
         "(`manifest.json` → `clean`) and answers an error for that input instead of a prediction:",
-        *[f"- {m}: {accepts[m]}." for m in modalities],
+        *[f"- {m}: {MODALITIES[m].describe_rules(rules[m])}." for m in modalities],
         "- Only these classes can be predicted; inputs unlike the training data (other languages, image styles, "
         "recording conditions) are outside what was measured.",
         "- Probabilities are not perfectly calibrated (ECE above).",
@@ -239,8 +222,9 @@ def model_card(dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen
         "## Use",
         "```",
         "pip install -r requirements.txt",
-        "python predict.py " + " ".join(example[m] for m in modalities),
-        "python predict.py --manifest samples.csv   # columns " + ", ".join(modalities) + " (and optional id)",
+        "python predict.py " + " ".join(f"--{m} {example[predictor.readers[m].KIND]}" for m in modalities),
+        "python predict.py --manifest samples.csv   # columns " + ", ".join(predictor.request_columns())
+        + " (any of them; and optional id)",
         "```",
         "",
     ]
@@ -259,21 +243,21 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     items = raw_test_items(raw_dir, clean_dir, test.sample_ids, modalities)
     if "clean_rules" not in dataset:
         raise PipelineError(f"{clean_dir / DATASET_FILE} has no clean_rules (written by an older clean: re-run clean)")
-    card = model_card(dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model)
     serving = {"max_rows_per_request": params.max_rows_per_request, "max_item_bytes": int(params.max_item_mb * 1e6),
                "batch_size": params.predict_batch_size}
-    manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, card, git_commit(), serving)
+    manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, "", git_commit(), serving)
+    card = model_card(out, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model)
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
     checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None,
                     params.predict_batch_size)
-    checks["resample_parity"] = resample_parity(out, features_root, dataset, test, items, modalities)
+    checks["conversion_parity"] = conversion_parity(out, features_root, dataset, model, test, items)
     checks |= {"evaluate_test_accuracy": eval_metrics["test"]["accuracy"],
                "compress_test_accuracy_shipped": compress_metrics["variants"][chosen]["test_accuracy"],
                "shipped_variant": chosen, "bundle_files": len(manifest["files"]),
                "bundle_bytes": sum((out / name).stat().st_size for name in manifest["files"])}
     checks["predictor_gap_vs_evaluate"] = checks["predictor_raw_test_accuracy_fp32"] - checks["evaluate_test_accuracy"]
-    with open(out / "MODEL_CARD.md", "a") as fh:
-        fh.write("## Verification (export stage)\n\n"
+    with open(out / "MODEL_CARD.md", "w") as fh:
+        fh.write(card + "## Verification (export stage)\n\n"
                  f"- fp32 ONNX vs PyTorch, {checks['parity_samples']} test samples: max |logit difference| "
                  f"{checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.2e}\n"
                  f"- shipped vs unpruned fp32 top-1 agreement (test): {100 * checks['shipped_vs_fp32_top1_agreement']:.2f} %"
@@ -282,12 +266,12 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
                  f"- this predictor on the raw test files: {100 * checks['predictor_raw_test_accuracy']:.2f} % "
                  f"(fp32 model: {100 * checks['predictor_raw_test_accuracy_fp32']:.2f} %; evaluate stage: "
                  f"{100 * checks['evaluate_test_accuracy']:.2f} %)\n"
-                 + "".join(f"- audio at {int(rate) / 1000:g} kHz stereo: this predictor and the pipeline agree on "
-                           f"{100 * r['top1_agreement']:.2f} % of {r['clips']} test clips (same resampler, soxr)\n"
-                           for rate, r in checks["resample_parity"].items()))
+                 + "".join(f"- {m} as {variant}: this predictor and the pipeline agree on "
+                           f"{100 * r['top1_agreement']:.2f} % of {r['items']} test items\n"
+                           for m, variants in checks["conversion_parity"].items() for variant, r in variants.items()))
     manifest["files"]["MODEL_CARD.md"] = bundle.sha256(out / "MODEL_CARD.md")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return checks, example_request(items)
+    return checks, example_request(out, items)
 
 
 def failed_checks(checks: dict, params) -> list[str]:
@@ -295,11 +279,12 @@ def failed_checks(checks: dict, params) -> list[str]:
     if checks["fp32_onnx_vs_pytorch_max_abs_logit_diff"] > params.max_abs_logit_diff:
         failed.append(f"export check failed: fp32 ONNX differs from PyTorch by {checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.2e} "
                       f"(> export.max_abs_logit_diff {params.max_abs_logit_diff})")
-    for rate, parity in checks["resample_parity"].items():
-        if parity["top1_agreement"] < params.min_resample_agreement:
-            failed.append(f"export check failed: audio at {rate} Hz: the predictor and the pipeline agree on "
-                          f"{parity['top1_agreement']:.4f} of test clips (< export.min_resample_agreement "
-                          f"{params.min_resample_agreement})")
+    for m, variants in checks["conversion_parity"].items():
+        for variant, parity in variants.items():
+            if parity["top1_agreement"] < params.min_conversion_agreement:
+                failed.append(f"export check failed: {m} as {variant}: the predictor and the pipeline agree on "
+                              f"{parity['top1_agreement']:.4f} of test items (< export.min_conversion_agreement "
+                              f"{params.min_conversion_agreement})")
     if abs(checks["predictor_gap_vs_evaluate"]) > params.max_predictor_accuracy_gap:
         failed.append(f"export check failed: the predictor on raw test files scores "
                       f"{checks['predictor_raw_test_accuracy_fp32']:.4f} with the fp32 model vs "
@@ -311,15 +296,26 @@ def failed_checks(checks: dict, params) -> list[str]:
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
 
 
-def example_request(items: list[dict]) -> "pd.DataFrame":
-    """An input example for the MLflow model: the first raw test sample that has all three modalities."""
+def example_request(folder: Path, items: list[dict]) -> "pd.DataFrame":
+    """An input example for the MLflow model: the first raw test sample that has every modality, as
+    the request columns of the bundle's predictor."""
     import base64
 
     import pandas as pd
 
-    item = next((it for it in items if all(it.get(m) is not None for m in NAMES)), items[0])
-    return pd.DataFrame([{m: "" if item.get(m) is None else item[m].decode("utf-8") if MODALITIES[m].INLINE
-                          else base64.b64encode(item[m]).decode() for m in NAMES}])
+    columns = load_predictor(folder).Predictor(folder, model="fp32").request_columns()
+    item = next((it for it in items if all(v is not None for v in it.values())), items[0])
+    row: dict[str, Any] = {}
+    for column, (m, kind) in columns.items():
+        value = item.get(m)
+        if kind == "record":
+            value = json.loads(value) if value is not None else {}
+            row[column] = None if value.get(column) is None else str(value[column])
+        elif value is None:
+            row[column] = ""
+        else:
+            row[column] = value.decode("utf-8") if kind == "string" else base64.b64encode(value).decode()
+    return pd.DataFrame([row], columns=list(columns))
 
 
 def alias_decision(policy: str, eval_metrics: dict, cwd: Path | None = None) -> tuple[bool, str]:
@@ -355,7 +351,7 @@ def register(folder: Path, name: str, alias: str | None, example: "pd.DataFrame"
     from mlflow.types.schema import ColSpec, Schema
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", column, required=False) for column in NAMES]),
+        inputs=Schema([ColSpec("string", column, required=False) for column in example.columns]),
         outputs=Schema([ColSpec("string", column) for column in ("label", "probabilities", "error")]))
     requirements = [f"{dist}=={metadata.version(dist)}" for dist in
                     ("mlflow", "pandas", "numpy", "onnxruntime", "soundfile", "soxr", "pillow")]

@@ -1,8 +1,9 @@
 """The deployment bundle as an MLflow pyfunc model ("models from code": MLflow loads this file).
 
-Input: a DataFrame with any of the columns ``image`` and ``audio`` (the file bytes, base64-encoded,
-so that a JSON request can carry them) and ``text``; an empty or missing cell means the modality is
-missing. Output: one row per input row with ``label``, ``probabilities`` (a JSON object as text)
+Input: a DataFrame with any of the bundle predictor's request columns (``Predictor.request_columns``):
+one per file modality (image, audio: the file bytes, base64-encoded, so that a JSON request can carry
+them), one per text modality (the text), one per field of a record modality (tabular: its columns);
+an empty or missing cell means that input is missing. Output: one row per input row with ``label``, ``probabilities`` (a JSON object as text)
 and ``error``: either the first two are set and ``error`` is empty, or the reverse.
 
 Serving is bounded: at most ``serving.max_rows_per_request`` rows per request (manifest.json; a
@@ -28,7 +29,6 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-COLUMNS = ("image", "audio", "text")
 OUTPUT = ["label", "probabilities", "error"]
 
 
@@ -45,21 +45,23 @@ class BundleModel(PythonModel):
         InputError = self.predict_module.InputError
         max_bytes = self.predictor.serving["max_item_bytes"]
         given: dict[str, Any] = {}
-        for column in COLUMNS:
+        for column, (modality, kind) in self.predictor.request_columns().items():
             value = record.get(column)
             if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
                 continue
-            if column == "text":
-                given[column] = str(value)
-                continue
-            if not isinstance(value, str):
-                raise InputError(f"{column} must be base64 text, got {type(value).__name__}")
-            if len(value) > 4 * (max_bytes // 3 + 1):  # judged before decoding
-                raise InputError(f"{column} is larger than the bundle's limit of {max_bytes:,} bytes per input")
-            try:
-                given[column] = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise InputError(f"{column} is not valid base64") from None
+            if kind == "string":
+                given[modality] = str(value)
+            elif kind == "record":
+                given.setdefault(modality, {})[column] = value
+            else:
+                if not isinstance(value, str):
+                    raise InputError(f"{column} must be base64 text, got {type(value).__name__}")
+                if len(value) > 4 * (max_bytes // 3 + 1):  # judged before decoding
+                    raise InputError(f"{column} is larger than the bundle's limit of {max_bytes:,} bytes per input")
+                try:
+                    given[modality] = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise InputError(f"{column} is not valid base64") from None
         return given
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

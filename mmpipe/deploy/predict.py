@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Standalone predictor of the deployment bundle: raw image / audio files and text in, JSON out.
+"""Standalone predictor of the deployment bundle: raw inputs of the model's modalities in, JSON out.
 
 Needs only numpy, onnxruntime, soundfile, soxr and pillow (requirements.txt next to this file) and
-the files of this folder. Any modality may be left out, not all of them.
+the files of this folder. Any modality may be left out, not all of them. One flag per modality of
+the model (manifest.json: modalities; ``--help`` lists them): a file, a text, or a JSON object.
 
     python predict.py --image photo.jpg --audio clip.wav --text "a short description"
-    python predict.py --manifest samples.csv      # columns image, audio, text (and optional id);
-                                                  # paths relative to the CSV; one JSON line per row
+    python predict.py --manifest samples.csv      # a column per modality (a record modality: its
+                                                  # own columns) and optional id; paths relative
+                                                  # to the CSV; one JSON line per row
     python predict.py ... --model fp32            # the fp32 model instead of the shipped one
 
 Every input is checked under the rules the training data was cleaned with (manifest.json: clean):
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import importlib
 import itertools
 import json
 import os
@@ -34,11 +37,7 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the shipped helper modules next to this file
 
-import logmel  # noqa: E402
 import portable  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
-
-MODALITY_ARGS = ("image", "audio", "text")
 
 
 class InputError(Exception):
@@ -58,49 +57,42 @@ class Predictor:
         self.modalities = self.manifest["modalities"]
         self.rules = self.manifest["clean"]  # clean's per-item rules: the same bounds, the same rejections
         self.serving = self.manifest["serving"]
-        pre = self.manifest["preprocessing"]
-        self.image, self.text, self.audio = pre.get("image"), pre.get("text"), pre.get("audio")
-        if self.text:
-            self.tokenizer = Tokenizer.load(self.folder / self.text["tokenizer"])
-        if self.audio:
-            self.mel_filters = np.load(self.folder / self.audio["mel_filters"])
+        self.readers = {m: self._reader(m, self.manifest["preprocessing"][m]) for m in self.modalities}
 
-    # ------------------------------------------------------------------ one modality each: raw -> features
+    def _reader(self, modality: str, pre: dict):
+        """The modality's input class (raw input -> arrays), from a module shipped in this folder."""
+        spec = pre["input"]
+        if spec["file"] not in self.manifest["files"] or not spec["file"].endswith(".py"):
+            raise ValueError(f"manifest.json: {modality}'s input module {spec['file']!r} is not a file of this bundle")
+        cls = getattr(importlib.import_module(spec["file"][:-3]), spec["class"])
+        return cls(spec["arrays"], pre, self.rules[modality], self.folder)
 
-    def image_features(self, data: bytes) -> dict[str, np.ndarray]:
-        normalized, facts = portable.decode_image(data, self.rules["image"])
-        # clean kept PNG/JPEG files as they were: load those bytes as preprocess did (JPEG draft scaling)
-        source = data if facts["format"] in portable.PASS_THROUGH_FORMATS and not facts["changed"] else normalized
-        cfg = self.image
-        return {"image": portable.load_pixels(source, cfg["size"], cfg["mode"], cfg["fit"])}
-
-    def text_features(self, text: str | bytes) -> dict[str, np.ndarray]:
-        text, _ = portable.decode_text(text, self.rules["text"])
-        ids, lengths = self.tokenizer.encode([text])
-        return {"text": ids[0].astype(np.int64), "text_length": np.int64(lengths[0])}
-
-    def audio_features(self, data: bytes) -> dict[str, np.ndarray]:
-        cfg = self.audio
-        mono, _ = portable.decode_audio(data, self.rules["audio"])
-        # clean stores 16-bit PCM; preprocess stores the log-mel as float16: reproduce both roundings
-        clip = portable.fix_length(portable.as_pcm16(mono), cfg["n_samples"])
-        mel = logmel.log_mel(clip[None], self.mel_filters, cfg["n_fft"], cfg["hop"])[0]
-        return {"audio": mel.astype(np.float16).astype(np.float32)}
+    def request_columns(self) -> dict[str, tuple[str, str]]:
+        """Manifest / request column -> (modality, kind): a file or text modality has its own column,
+        a record modality one column per field (its ``columns``)."""
+        out = {}
+        for m, reader in self.readers.items():
+            for column in (reader.columns if reader.KIND == "record" else [m]):
+                out[column] = (m, reader.KIND)
+        return out
 
     # ------------------------------------------------------------------ samples -> predictions
 
-    def features(self, image: bytes | None = None, audio: bytes | None = None, text: str | bytes | None = None):
-        """One sample's model inputs (no batch axis); modalities left out are marked unavailable.
-        Raises InputError (one line) when an input cannot be used or none is given."""
-        given = {"image": image, "audio": audio, "text": text}
-        if all(given[m] is None for m in self.modalities):
+    def features(self, **given):
+        """One sample's model inputs (no batch axis) from raw inputs keyed by modality (bytes of a file,
+        a text, a record's mapping); modalities left out are marked unavailable. Raises InputError (one
+        line) when an input cannot be used or none is given."""
+        unknown = sorted(set(given) - set(self.modalities))
+        if unknown:
+            raise InputError(f"unknown input {unknown[0]!r}: this model takes {', '.join(self.modalities)}")
+        if all(given.get(m) is None for m in self.modalities):
             raise InputError(f"no input: give at least one of {', '.join(self.modalities)}")
         out, available = {}, []
         for m in self.modalities:
-            value = given[m]
+            value = given.get(m)
             if value is not None:
                 try:
-                    out |= getattr(self, f"{m}_features")(value)
+                    out |= self.readers[m].features(value)
                 except portable.RejectedInput as exc:
                     raise InputError(exc.message) from None
                 except Exception as exc:  # never one input's failure beyond its own row
@@ -123,8 +115,8 @@ class Predictor:
                 for p in probs]
 
     def predict_rows(self, rows: Iterable[dict | InputError], batch_size: int | None = None) -> Iterator[dict]:
-        """Rows of raw inputs ({"image": bytes, "audio": bytes, "text": str}, any of them None; or the
-        InputError met while reading that row) -> one result per row, in order: {"label",
+        """Rows of raw inputs (``features``' keyword arguments, any of them None; or the InputError met
+        while reading that row) -> one result per row, in order: {"label",
         "probabilities"} or {"error"}. Rows are turned into features and predicted ``batch_size`` at a
         time, so memory stays bounded however many rows come."""
         rows = iter(rows)
@@ -165,7 +157,24 @@ def read_file(path: str | None, base: Path, max_bytes: int) -> bytes | None:
     return data
 
 
-def manifest_rows(path: str, max_bytes: int) -> Iterator[tuple[dict, dict | InputError]]:
+def row_inputs(row: dict, columns: dict[str, tuple[str, str]], base: Path, max_bytes: int) -> dict:
+    """One manifest row -> raw inputs keyed by modality (``Predictor.request_columns``: which column
+    feeds which modality, and how)."""
+    given: dict = {}
+    for column, (modality, kind) in columns.items():
+        value = row.get(column)
+        if value in (None, ""):
+            continue
+        if kind == "file":
+            given[modality] = read_file(value, base, max_bytes)
+        elif kind == "string":
+            given[modality] = value
+        else:
+            given.setdefault(modality, {})[column] = value
+    return given
+
+
+def manifest_rows(path: str, columns: dict[str, tuple[str, str]], max_bytes: int) -> Iterator[tuple[dict, dict | InputError]]:
     """(identity, raw inputs or the InputError of that row) for each row of a CSV manifest, read lazily.
     A manifest that cannot be read at all raises InputError here, before any row."""
     csv.field_size_limit(2**31 - 1)  # long text cells are judged by clean.text.max_bytes, not by the CSV reader
@@ -173,18 +182,19 @@ def manifest_rows(path: str, max_bytes: int) -> Iterator[tuple[dict, dict | Inpu
     try:
         fh = open(path, newline="", encoding="utf-8-sig", errors="strict")
         reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or [])
+        header = set(reader.fieldnames or [])
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         if fh is not None:
             fh.close()
         raise InputError(f"{path}: not a readable CSV file ({getattr(exc, 'strerror', None) or exc})") from None
-    if not columns & set(MODALITY_ARGS):
+    if not header & set(columns):
         fh.close()
-        raise InputError(f"{path}: needs at least one of the columns {', '.join(MODALITY_ARGS)}")
-    return _rows(fh, reader, path, Path(path).resolve().parent, max_bytes)
+        raise InputError(f"{path}: needs at least one of the columns {', '.join(columns)}")
+    return _rows(fh, reader, path, Path(path).resolve().parent, columns, max_bytes)
 
 
-def _rows(fh, reader: csv.DictReader, path: str, base: Path, max_bytes: int) -> Iterator[tuple[dict, dict | InputError]]:
+def _rows(fh, reader: csv.DictReader, path: str, base: Path, columns: dict[str, tuple[str, str]],
+          max_bytes: int) -> Iterator[tuple[dict, dict | InputError]]:
     with fh:
         for number in itertools.count(1):
             ident = {"row": number}
@@ -200,36 +210,53 @@ def _rows(fh, reader: csv.DictReader, path: str, base: Path, max_bytes: int) -> 
             if row.get("id"):
                 ident["id"] = row["id"]
             try:
-                yield ident, {"image": read_file(row.get("image"), base, max_bytes),
-                              "audio": read_file(row.get("audio"), base, max_bytes), "text": row.get("text") or None}
+                yield ident, row_inputs(row, columns, base, max_bytes)
             except InputError as exc:
                 yield ident, exc
 
 
+def cli_input(kind: str, value: str, max_bytes: int):
+    """A command-line value as a raw input: a file's bytes, the text itself, or a JSON object."""
+    if kind == "file":
+        return read_file(value, Path.cwd(), max_bytes)
+    if kind == "string":
+        return value
+    try:
+        record = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not a JSON object ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Predict the class of one sample or of a manifest of samples.")
-    parser.add_argument("--image", help="image file (PNG, JPEG, ...)")
-    parser.add_argument("--audio", help="audio file (WAV, FLAC, ...)")
-    parser.add_argument("--text", help="the text itself")
-    parser.add_argument("--manifest", help="CSV with columns image, audio, text (and optional id)")
     parser.add_argument("--model", default="shipped", help="shipped (default) or fp32")
+    known, _ = parser.parse_known_args(argv)
+    predictor = Predictor(model=known.model)
+    helps = {"file": "file (path)", "string": "the string itself", "record": "a JSON object of its fields"}
+    for m, reader in predictor.readers.items():
+        parser.add_argument(f"--{m}", help=f"{m}: {helps[reader.KIND]}")
+    columns = predictor.request_columns()
+    parser.add_argument("--manifest", help=f"CSV with the columns {', '.join(columns)} (any of them) and optional id")
     parser.add_argument("--batch-size", type=int, default=None, help="rows predicted at a time")
     args = parser.parse_args(argv)
-    predictor = Predictor(model=args.model)
     max_bytes = predictor.serving["max_item_bytes"]
 
     if args.manifest:
         try:
-            pairs = manifest_rows(args.manifest, max_bytes)
+            pairs = manifest_rows(args.manifest, columns, max_bytes)
         except InputError as exc:  # the manifest itself cannot be read
             print(json.dumps({"error": str(exc)}, ensure_ascii=False))
             return 1
     else:
-        if not (args.image or args.audio or args.text):
-            parser.error("give --image, --audio and/or --text, or --manifest")
+        given = {m: getattr(args, m) for m in predictor.modalities if getattr(args, m) is not None}
+        if not given:
+            parser.error("give " + ", ".join(f"--{m}" for m in predictor.modalities) + " (any of them), or --manifest")
         try:
-            single: dict | InputError = {"image": read_file(args.image, Path.cwd(), max_bytes),
-                                         "audio": read_file(args.audio, Path.cwd(), max_bytes), "text": args.text}
+            single: dict | InputError = {m: cli_input(predictor.readers[m].KIND, value, max_bytes)
+                                         for m, value in given.items()}
         except InputError as exc:
             single = exc
         pairs = iter([({}, single)])

@@ -21,12 +21,12 @@ from mmpipe.data.clean import SAMPLES_DIR
 from mmpipe.device import resolve_device
 from mmpipe.errors import PipelineError
 from mmpipe.evaluate.metrics import area_under, classification
-from mmpipe.features.loader import FeatureSet
+from mmpipe.features.loader import FeatureSet, available_key
 from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.io import iter_row_groups
-from mmpipe.modalities import MODALITIES, NAMES
+from mmpipe.modalities import MODALITIES
 from mmpipe.timing import latency_ms
-from mmpipe.models.train import CONFIG_FILE, load_model, to_model_inputs
+from mmpipe.models.model_io import CONFIG_FILE, load_model, to_model_inputs
 
 
 class SplitInputs:
@@ -76,8 +76,9 @@ class SplitInputs:
                                                        noise=lambda x: noise(x, level, rng), errors=errors)
         tensors = self.tensors | {name: torch.from_numpy(values) for name, values in arrays.items()}
         if errors:
-            tensors["available"] = tensors["available"].clone()
-            tensors["available"][list(errors), NAMES.index(modality)] = False
+            key = available_key(modality)
+            tensors[key] = tensors[key].clone()
+            tensors[key][list(errors)] = False
         return tensors
 
 
@@ -98,7 +99,7 @@ def accuracy_of(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def subsets(modalities: list[str]) -> list[tuple[str, ...]]:
-    """The non-empty subsets, smallest first, in registry order (image, text, audio, image+text, ...)."""
+    """The 2^n - 1 non-empty subsets, smallest first, in registry order (a, b, c, a+b, ...)."""
     return [c for k in range(1, len(modalities) + 1) for c in itertools.combinations(modalities, k)]
 
 
@@ -126,14 +127,15 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
     if not (models_dir / "fusion" / CONFIG_FILE).exists():
         raise PipelineError(f"{models_dir / 'fusion'}: no trained fusion model (run the train stage)")
     fused = load_model(models_dir / "fusion").to(device)
-    baselines = {m: load_model(models_dir / f"baseline_{m}").to(device) for m in NAMES
+    baselines = {m: load_model(models_dir / f"baseline_{m}").to(device) for m in fused.modalities
                  if (models_dir / f"baseline_{m}" / CONFIG_FILE).exists()}
     labels = data.labels
 
     # headline metrics of the fused model, and of each baseline
     probs = predict(fused, data.tensors, device)
     report = classification(probs, labels, data.label_names, params.ece_bins)
-    metrics: dict[str, Any] = {"split": split, "test": report["summary"], "per_class": report["per_class"]}
+    metrics: dict[str, Any] = {"split": split, "modalities": list(fused.modalities), "test": report["summary"],
+                               "per_class": report["per_class"]}
     metrics["baselines"] = {m: {"accuracy": accuracy_of(predict(model, data.tensors, device), labels)}
                             for m, model in baselines.items()}
     best = max(metrics["baselines"], key=lambda m: metrics["baselines"][m]["accuracy"], default=None)
@@ -145,8 +147,8 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
     # missing modalities: the fused model with only a subset available (where the sample has it)
     metrics["missing"], missing_rows = {}, []
     for subset in subsets(fused.modalities):
-        keep = torch.tensor([m in subset for m in NAMES])
-        masked = data.tensors | {"available": data.tensors["available"] & keep}
+        masked = data.tensors | {available_key(m): torch.zeros_like(data.tensors[available_key(m)])
+                                 for m in fused.modalities if m not in subset}
         name = "+".join(subset)
         metrics["missing"][name] = {"accuracy": accuracy_of(predict(fused, masked, device), labels)}
         missing_rows.append({"modalities": name, "accuracy": metrics["missing"][name]["accuracy"]})

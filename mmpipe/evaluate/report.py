@@ -99,7 +99,7 @@ def report_markdown(metrics: dict, tables: dict, gates_failed: list[str], figure
     lines = [
         "# Evaluation report",
         "",
-        f"The fused model (image + text + audio) and the single-modality baselines, scored on the "
+        f"The fused model ({' + '.join(metrics['modalities'])}) and the single-modality baselines, scored on the "
         f"**{metrics['split']}** split ({t['samples']:,} samples) that neither training nor early stopping saw.",
         "",
         "## Verdict",

@@ -4,7 +4,9 @@ Batches are gathered with index arrays (one fancy-index per shard and array, no 
 returned as torch tensors:
 
     image (B, C, H, W) uint8   text (B, L) int32   text_length (B,) int32   audio (B, M, T) float16
-    available (B, n_modalities) bool   label (B,) int64   index (B,) int64 (position in the split)
+    available.<modality> (B,) bool (one per modality)   label (B,) int64   index (B,) int64 (position in the split)
+
+(in the built-in layout; the arrays are whatever each modality's featurizer declares).
 
 Normalisation (mean/std from ``state``) belongs to the model, so the same raw tensors serve any model.
 ``to(device)`` holds the whole split on that device (e.g. a GPU) when it fits.
@@ -22,13 +24,34 @@ import torch
 
 from mmpipe.errors import PipelineError
 from mmpipe.features.preprocess import INDEX_FILE, STATE_FILE, shard_path
-from mmpipe.modalities import NAMES
+from mmpipe.modalities import names
+
+
+def available_key(modality: str) -> str:
+    """The batch key of a modality's availability column."""
+    return f"available.{modality}"
+
+
+def feature_modalities(root: str | Path) -> tuple[str, ...]:
+    """The registered modalities that preprocess built features for (a disabled one's folder holds a
+    state saying so), in registry order."""
+    found = []
+    for m in names():
+        state = Path(root) / m / STATE_FILE
+        if not state.exists():
+            raise PipelineError(f"{state} not found (run the preprocess@{m} stage)")
+        if json.loads(state.read_text()).get("enabled", True):
+            found.append(m)
+    if not found:
+        raise PipelineError(f"{root}: no modality has features")
+    return tuple(found)
 
 
 class FeatureSet:
     def __init__(self, root: str | Path = "data/features", split: str | None = "train",
-                 modalities: tuple[str, ...] = NAMES):
-        self.root, self.split, self.modalities = Path(root), split, tuple(modalities)
+                 modalities: tuple[str, ...] | None = None):
+        self.root, self.split = Path(root), split
+        self.modalities = tuple(modalities) if modalities is not None else feature_modalities(root)
         self.state: dict[str, dict] = {}
         self._shards: dict[str, list[np.ndarray]] = {}
         self._shard_rows: dict[str, int] = {}
@@ -87,7 +110,8 @@ class FeatureSet:
             return {name: values[index] for name, values in self._device_arrays.items()} | {"index": index}
         rows = self.rows[positions]
         batch = {name: torch.from_numpy(self._gather(name, rows)) for name in self._shards}
-        batch["available"] = torch.from_numpy(self.available[positions])
+        for k, m in enumerate(self.modalities):
+            batch[available_key(m)] = torch.from_numpy(np.ascontiguousarray(self.available[positions, k]))
         batch["label"] = torch.from_numpy(self.labels[positions])
         batch["index"] = torch.from_numpy(positions)
         return batch

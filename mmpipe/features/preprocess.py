@@ -192,6 +192,14 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
     label_index = {label: i for i, label in enumerate(dataset["labels"])}
     files = sorted((clean_dir / SAMPLES_DIR).glob("part-*.parquet"))
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+    if not any(pq.read_table(p, columns=[f"{modality}_available"]).column(0).to_numpy().any() for p in files):
+        # the data has none of it (a user's data without audio, say): a cheap no-op, and every later
+        # stage leaves the modality out (the loader reads ``enabled``)
+        print(f"preprocess {modality}: no sample has this modality: not a model input")
+        write_json_atomic(out_dir / STATE_FILE, {"modality": modality, "enabled": False, "samples": total,
+                                                 "labels": dataset["labels"]})
+        return {"modality": modality, "enabled": False, "samples": total, "available": 0, "decode_failed": 0,
+                "bytes": 0, "device": "cpu", "seconds": round(time.perf_counter() - started, 3), "samples_per_s": None}
     features = module.Features(getattr(params, modality), dataset)
 
     if hasattr(features, "fit"):
@@ -230,7 +238,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
     index["label_index"] = [label_index[label] for label in index["label"]]
     index["shard"], index["row"] = (positions // params.shard_rows).tolist(), (positions % params.shard_rows).tolist()
     pq.write_table(pa.table(index, schema=INDEX_SCHEMA), out_dir / INDEX_FILE, compression="zstd")
-    state = {"modality": modality, "samples": total, "shard_rows": params.shard_rows,
+    state = {"modality": modality, "enabled": True, "samples": total, "shard_rows": params.shard_rows,
              "shards": runner.shards, "labels": dataset["labels"],
              "arrays": {name: {"shape": list(shape), "dtype": np.dtype(dtype).name}
                         for name, (shape, dtype) in features.arrays.items()},
@@ -246,6 +254,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
     available = sum(index["available"])
     return {
         "modality": modality,
+        "enabled": True,
         "samples": total,
         "available": available,
         "decode_failed": len(failed),  # kept by clean yet not decodable here: listed, made unavailable

@@ -1,5 +1,5 @@
-"""Audio modality: validation and normalisation (clean), log-mel features (preprocess),
-corruptions for the robustness sweep (evaluate)."""
+"""Audio modality: its params, validation and normalisation (clean), log-mel features (preprocess),
+corruptions for the robustness sweep (evaluate), its encoder and its predictor input."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import soundfile as sf
+import soxr
+from pydantic import Field, model_validator
 
 from mmpipe.errors import PipelineError
-from mmpipe.modalities import logmel
+from mmpipe.modalities import inputs, logmel
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import decode_audio, describe, fix_length, to_pcm16
+from mmpipe.schema import Strict
 
 NAME = "audio"
 EXTENSIONS = (".wav", ".flac")
@@ -23,6 +26,58 @@ EXTENSIONS = (".wav", ".flac")
 STORED_AS = pa.binary()
 INFO_COLUMNS = {"seconds": pa.float32()}
 INLINE = False
+PREDICTOR_INPUT = (Path(inputs.__file__), "AudioInput")
+
+
+# --------------------------------------------------------------------------- params
+
+
+class Clean(Strict):
+    sample_rate: int = Field(16000, ge=4000, le=192000)
+    min_seconds: float = Field(0.1, ge=0.0)
+    max_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    silence_dbfs: float = Field(-60.0, le=0.0)
+    min_rate: int = Field(4000, ge=1)
+    max_rate: int = Field(384000, ge=1, le=1_000_000)
+    max_channels: int = Field(16, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Clean":
+        if self.min_seconds > self.max_seconds:
+            raise ValueError(f"min_seconds ({self.min_seconds}) must not exceed max_seconds ({self.max_seconds})")
+        if self.min_rate > self.max_rate:
+            raise ValueError(f"min_rate ({self.min_rate}) must not exceed max_rate ({self.max_rate})")
+        return self
+
+
+class Preprocess(Strict):
+    seconds: float = Field(1.5, gt=0.0, le=600.0)
+    n_mels: int = Field(64, ge=1, le=512)
+    n_fft: int = Field(512, ge=16, le=16384)
+    hop: int = Field(160, ge=1)
+    fmin: float = Field(20.0, ge=0.0)
+    fmax: float = Field(8000.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Preprocess":
+        if self.fmin >= self.fmax:
+            raise ValueError(f"fmin ({self.fmin}) must be below fmax ({self.fmax})")
+        if self.hop > self.n_fft:
+            raise ValueError(f"hop ({self.hop}) must not exceed n_fft ({self.n_fft})")
+        return self
+
+
+class Encoder(Strict):
+    width: int = Field(16, ge=4, le=512)
+
+
+PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
+
+
+def describe_rules(rules: dict) -> str:
+    return (f"audio (WAV, FLAC, …) of {rules['min_seconds']:g}–{rules['max_seconds']:g} s, {rules['min_rate']:,}–"
+            f"{rules['max_rate']:,} Hz, at most {rules['max_channels']} channels, not silent; converted to mono "
+            f"{rules['sample_rate']:,} Hz")
 
 
 def pcm16_wav(data: bytes) -> tuple[np.ndarray, int] | None:
@@ -78,7 +133,7 @@ class Features:
 
     def __init__(self, cfg, dataset: dict):
         self.cfg = cfg
-        self.sample_rate = int(dataset["audio_sample_rate"])
+        self.sample_rate = int(dataset["clean_rules"][NAME]["sample_rate"])
         if cfg.fmax > self.sample_rate / 2:
             raise PipelineError(f"params.yaml: preprocess.audio.fmax={cfg.fmax} exceeds half the sample rate "
                                 f"({self.sample_rate / 2:g} Hz, clean.audio.sample_rate)")
@@ -87,6 +142,9 @@ class Features:
         n_frames = logmel.frames(self.n_samples, cfg.n_fft, cfg.hop)
         self.arrays = {NAME: ((cfg.n_mels, n_frames), np.float16)}
         self.stats = (NAME, (0, 2), 1.0)
+
+    def fit(self, train_values: list) -> None:
+        pass  # the mean/std are preprocess's running statistics (``stats``)
 
     def waveforms(self, items: list[bytes | None], ids: list[str],
                   errors: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,13 +175,13 @@ class Features:
     def from_state(cls, folder: Path, state: dict) -> "Features":
         """The featurizer back from a preprocess output folder (same filter bank, same clip length)."""
         cfg = SimpleNamespace(**{k: state[k] for k in ("seconds", "n_fft", "hop", "n_mels", "fmin", "fmax")})
-        features = cls(cfg, {"audio_sample_rate": state["sample_rate"]})
+        features = cls(cfg, {"clean_rules": {NAME: {"sample_rate": state["sample_rate"]}}})
         features.mel_filters = np.load(Path(folder) / state["mel_filters"])
         return features
 
-    def transform(self, items: list[bytes | None], ids: list[str], device: str = "cpu",
+    def transform(self, items: list[bytes | None], ids: list[str],
                   noise: Callable[[np.ndarray], np.ndarray] | None = None,
-                  *, errors: dict[int, str]) -> dict[str, np.ndarray]:
+                  *, errors: dict[int, str], device: str = "cpu") -> dict[str, np.ndarray]:
         """``noise`` (evaluate's robustness sweep) maps the (n, n_samples) float32 clips of the present items."""
         batch, present = self.waveforms(items, ids, errors)
         if noise is not None and present.any():
@@ -150,6 +208,10 @@ class Features:
     def save(self, folder) -> None:
         np.save(folder / "mel_filters.npy", self.mel_filters)
 
+    @staticmethod
+    def state_files(state: dict) -> list[str]:
+        return [state["mel_filters"]]
+
 
 # --------------------------------------------------------------------------- corruptions (evaluate)
 
@@ -166,3 +228,34 @@ def white_noise(clips: np.ndarray, level: float, rng: np.random.Generator) -> np
 
 
 CORRUPTIONS = {"white_noise": white_noise}
+
+
+# --------------------------------------------------------------------------- train/serve parity (export)
+
+# Rates and encodings recordings usually come in (rate -> soundfile format, subtype).
+PARITY_RATES = {22050: ("FLAC", "PCM_16"), 44100: ("WAV", "PCM_16"), 48000: ("WAV", "PCM_24")}
+
+
+def as_recording(raw: bytes, rate: int) -> bytes:
+    """A raw clip as a typical recording: resampled to ``rate`` (soxr, very high quality), stereo
+    (right channel at half the gain), encoded as PARITY_RATES says."""
+    samples, source_rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    mono = soxr.resample(samples.mean(axis=1), source_rate, rate, quality="VHQ")
+    fmt, subtype = PARITY_RATES[rate]
+    out = io.BytesIO()
+    sf.write(out, np.clip(np.stack([mono, 0.5 * mono], axis=1), -1.0, 1.0), rate, format=fmt, subtype=subtype)
+    return out.getvalue()
+
+
+# Re-encodings of a raw item users commonly bring: export checks that the bundle's predictor and the
+# pipeline (clean -> preprocess) give the model the same input for them (optional in a modality).
+PARITY_VARIANTS = {f"{rate / 1000:g} kHz stereo": (lambda raw, rate=rate: as_recording(raw, rate)) for rate in PARITY_RATES}
+
+
+# --------------------------------------------------------------------------- encoder (train)
+
+
+def build_encoder(state: dict, cfg: Encoder, model):
+    from mmpipe.models.encoders import SpectrogramCNN  # torch only where a model is built
+
+    return SpectrogramCNN(state["mean"], state["std"], model.dim, cfg.width, model.augment)

@@ -1,20 +1,23 @@
-"""Image modality: validation and normalisation (clean), fixed-size pixel features (preprocess),
-corruptions for the robustness sweep (evaluate)."""
+"""Image modality: its params, validation and normalisation (clean), fixed-size pixel features
+(preprocess), corruptions for the robustness sweep (evaluate), its encoder and its predictor input."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyspng
 import simplejpeg
+from pydantic import Field, model_validator
 
+from mmpipe.modalities import inputs
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import PASS_THROUGH_FORMATS, decode_image, describe, load_pixels
+from mmpipe.schema import Strict
 
 NAME = "image"
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -22,6 +25,40 @@ EXTENSIONS = (".png", ".jpg", ".jpeg")
 STORED_AS = pa.binary()
 INFO_COLUMNS = {"width": pa.int32(), "height": pa.int32()}
 INLINE = False
+PREDICTOR_INPUT = (Path(inputs.__file__), "ImageInput")
+
+
+# --------------------------------------------------------------------------- params
+
+
+class Clean(Strict):
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(4096, ge=1)
+    max_pixels: int = Field(16_777_216, ge=1, le=89_478_485)  # at most Pillow's own decompression-bomb limit
+
+    @model_validator(mode="after")
+    def _check(self) -> "Clean":
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        return self
+
+
+class Preprocess(Strict):
+    size: int = Field(32, ge=8, le=1024)
+    mode: Literal["rgb", "grayscale"] = "rgb"
+    fit: Literal["pad", "crop"] = "pad"
+
+
+class Encoder(Strict):
+    width: int = Field(24, ge=4, le=512)
+
+
+PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
+
+
+def describe_rules(rules: dict) -> str:
+    return (f"images (PNG, JPEG, BMP, GIF, TIFF, WebP) with sides of {rules['min_side']}–{rules['max_side']} pixels "
+            f"and at most {rules['max_pixels']:,} pixels")
 
 
 def clean(data: bytes, cfg) -> Cleaned:
@@ -88,9 +125,12 @@ class Features:
         """The fitted featurizer back from a preprocess output folder."""
         return cls(SimpleNamespace(size=state["size"], mode=state["mode"], fit=state["fit"]), {})
 
+    def fit(self, train_values: list) -> None:
+        pass  # the mean/std are preprocess's running statistics (``stats``)
+
     def transform(self, items: list[bytes | None], ids: list[str],
                   noise: Callable[[np.ndarray], np.ndarray] | None = None,
-                  *, errors: dict[int, str]) -> dict[str, np.ndarray]:
+                  *, errors: dict[int, str], device: str = "cpu") -> dict[str, np.ndarray]:
         """``noise`` (evaluate's robustness sweep) maps the decoded (n, C, H, W) uint8 pixels of the present
         items. An item that does not decode stays all zeros and is recorded in ``errors`` (position ->
         reason): the caller makes it unavailable and lists it."""
@@ -116,6 +156,10 @@ class Features:
 
     def save(self, folder) -> None:
         pass
+
+    @staticmethod
+    def state_files(state: dict) -> list[str]:
+        return []
 
 
 # --------------------------------------------------------------------------- corruptions (evaluate)
@@ -144,3 +188,13 @@ def occlusion(pixels: np.ndarray, level: float, rng: np.random.Generator) -> np.
 
 
 CORRUPTIONS = {"gaussian_noise": gaussian_noise, "occlusion": occlusion}
+
+
+# --------------------------------------------------------------------------- encoder (train)
+
+
+def build_encoder(state: dict, cfg: Encoder, model):
+    from mmpipe.models.encoders import PixelCNN  # torch only where a model is built
+
+    channels = state["arrays"][NAME]["shape"][0]
+    return PixelCNN(channels, state["mean"], state["std"], model.dim, cfg.width, model.augment)

@@ -1,19 +1,22 @@
-"""Text modality: validation and normalisation (clean), token-id features (preprocess),
-corruptions for the robustness sweep (evaluate)."""
+"""Text modality: its params, validation and normalisation (clean), token-id features (preprocess),
+corruptions for the robustness sweep (evaluate), its encoder and its predictor input."""
 
 from __future__ import annotations
 
 import string
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
+from mmpipe.modalities import inputs
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import decode_text
 from mmpipe.modalities.tokenizer import Tokenizer
+from mmpipe.schema import Strict
 
 NAME = "text"
 EXTENSIONS = (".txt",)
@@ -21,6 +24,37 @@ EXTENSIONS = (".txt",)
 STORED_AS = pa.string()
 INFO_COLUMNS = {"chars": pa.int32()}
 INLINE = True  # a manifest's text cell is the text itself
+PREDICTOR_INPUT = (Path(inputs.__file__), "TextInput")
+LENGTH = f"{NAME}_length"  # the second array: tokens before padding
+
+
+# --------------------------------------------------------------------------- params
+
+
+class Clean(Strict):
+    max_chars: int = Field(1000, ge=1)
+    max_bytes: int = Field(1_000_000, ge=1)
+
+
+class Preprocess(Strict):
+    tokenizer: Literal["char", "word"] = "char"
+    vocab_size: int = Field(512, ge=3, le=1_000_000)
+    lowercase: bool = True
+    max_length: int = Field(48, ge=1, le=100_000)
+    min_freq: int = Field(2, ge=1)
+
+
+class Encoder(Strict):
+    embed_dim: int = Field(64, ge=4, le=4096)
+    width: int = Field(128, ge=4, le=4096)
+    token_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
+
+
+def describe_rules(rules: dict) -> str:
+    return f"UTF-8 text of at most {rules['max_bytes']:,} bytes, cut to {rules['max_chars']:,} characters"
 
 
 def clean(data: bytes, cfg) -> Cleaned:
@@ -41,7 +75,7 @@ class Features:
     def __init__(self, cfg, dataset: dict):
         self.cfg = cfg
         self.tokenizer: Tokenizer | None = None
-        self.arrays = {NAME: ((cfg.max_length,), np.int32), f"{NAME}_length": ((), np.int32)}
+        self.arrays = {NAME: ((cfg.max_length,), np.int32), LENGTH: ((), np.int32)}
         self.stats = None
 
     def fit(self, train_texts: list[str]) -> None:
@@ -57,7 +91,7 @@ class Features:
 
     def transform(self, items: list[str | None], ids: list[str],
                   noise: Callable[[list[str]], list[str]] | None = None,
-                  *, errors: dict[int, str]) -> dict[str, np.ndarray]:
+                  *, errors: dict[int, str], device: str = "cpu") -> dict[str, np.ndarray]:
         """``noise`` (evaluate's robustness sweep) maps the list of present texts. (Clean text always
         tokenizes: ``errors``, where the other featurizers record items that do not decode, stays empty.)"""
         if noise is not None:
@@ -67,7 +101,7 @@ class Features:
             for i, t in zip(present, noisy):
                 items[i] = t
         token_ids, lengths = self.tokenizer.encode(items)
-        return {NAME: token_ids, f"{NAME}_length": lengths}
+        return {NAME: token_ids, LENGTH: lengths}
 
     def state(self) -> dict:
         return {"tokenizer": "tokenizer.json", "vocab_size": len(self.tokenizer.vocab), "kind": self.cfg.tokenizer,
@@ -75,6 +109,10 @@ class Features:
 
     def save(self, folder) -> None:
         self.tokenizer.save(folder / "tokenizer.json")
+
+    @staticmethod
+    def state_files(state: dict) -> list[str]:
+        return [state["tokenizer"]]
 
 
 # --------------------------------------------------------------------------- corruptions (evaluate)
@@ -106,3 +144,12 @@ def typos(texts: list[str], level: float, rng: np.random.Generator) -> list[str]
 
 
 CORRUPTIONS = {"typos": typos}
+
+
+# --------------------------------------------------------------------------- encoder (train)
+
+
+def build_encoder(state: dict, cfg: Encoder, model):
+    from mmpipe.models.encoders import TokenCNN  # torch only where a model is built
+
+    return TokenCNN(state["vocab_size"], model.dim, cfg.embed_dim, cfg.width, cfg.token_dropout)

@@ -1,5 +1,6 @@
-"""One encoder per modality, keyed by modality name (``ENCODERS``), each mapping its raw feature
-tensors to a ``dim``-vector. Normalisation (mean/std fitted on train by preprocess) lives inside
+"""Encoder architectures, each mapping raw feature tensors to a ``dim``-vector. A modality module
+picks one in its ``build_encoder`` (this module knows no modality: an architecture serves any
+input of its shape). Normalisation (mean/std fitted on train by preprocess) lives inside
 the encoder as buffers, so an exported model takes the raw tensors the predictor computes.
 Training-time augmentation lives here too, active only in ``train()`` mode.
 
@@ -20,7 +21,7 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-class ImageEncoder(nn.Module):
+class PixelCNN(nn.Module):
     """uint8 (B, C, H, W) -> (B, dim): a small VGG-style CNN; random affine jitter while training."""
 
     def __init__(self, channels: int, mean: list[float], std: list[float], dim: int, width: int = 24,
@@ -47,14 +48,14 @@ class ImageEncoder(nn.Module):
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image.float() / 255.0 - self.mean) / self.std
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.float() / 255.0 - self.mean) / self.std
         if self.training and self.augment:
             x = self._jitter(x)
         return self.out(self.features(x))
 
 
-class TextEncoder(nn.Module):
+class TokenCNN(nn.Module):
     """int32 token ids (B, L) + lengths (B,) -> (B, dim): embedding, two 1-D convolutions, masked max-pool."""
 
     def __init__(self, vocab_size: int, dim: int, embed_dim: int = 64, width: int = 128, token_dropout: float = 0.1):
@@ -65,21 +66,21 @@ class TextEncoder(nn.Module):
         self.out = nn.Linear(width, dim)
         self.token_dropout = token_dropout
 
-    def forward(self, text: torch.Tensor, text_length: torch.Tensor) -> torch.Tensor:
-        tokens = text.long()
+    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        tokens = token_ids.long()
         if self.training and self.token_dropout > 0:  # replace random tokens by <unk> (id 1)
             drop = (torch.rand(tokens.shape, device=tokens.device) < self.token_dropout) & (tokens > 1)
             tokens = torch.where(drop, torch.ones_like(tokens), tokens)
         x = self.embed(tokens).transpose(1, 2)  # (B, E, L)
         x = F.relu(self.conv2(F.relu(self.conv1(x))))
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        valid = positions[None, :] < text_length.long().clamp(min=1)[:, None]  # at least one position
+        valid = positions[None, :] < lengths.long().clamp(min=1)[:, None]  # at least one position
         x = x.masked_fill(~valid[:, None, :], torch.finfo(x.dtype).min).amax(dim=2)
         return self.out(x)
 
 
-class AudioEncoder(nn.Module):
-    """float16 log-mel (B, M, T) -> (B, dim): 2-D CNN; SpecAugment time/frequency masks while training."""
+class SpectrogramCNN(nn.Module):
+    """float16 spectrogram (B, M, T) -> (B, dim): 2-D CNN; SpecAugment time/frequency masks while training."""
 
     def __init__(self, mean: list[float], std: list[float], dim: int, width: int = 16, augment: bool = True,
                  freq_mask: int = 8, time_mask: int = 20):
@@ -100,23 +101,8 @@ class AudioEncoder(nn.Module):
             conv_block(4 * width, 8 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out = nn.Linear(8 * width, dim)
 
-    def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        x = (audio.float().unsqueeze(1) - self.mean) / self.std  # (B, 1, M, T)
+    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        x = (spectrogram.float().unsqueeze(1) - self.mean) / self.std  # (B, 1, M, T)
         if self.training and self.augment:
             x = self.time_masking(self.freq_masking(x))  # masked cells become 0 = the mean
         return self.out(self.features(x))
-
-
-def build_encoder(modality: str, state: dict, cfg) -> nn.Module:
-    """The encoder of ``modality`` from its preprocess state (state.json) and model params."""
-    if modality == "image":
-        channels = state["arrays"]["image"]["shape"][0]
-        return ImageEncoder(channels, state["mean"], state["std"], cfg.dim, cfg.image_width, cfg.augment)
-    if modality == "text":
-        return TextEncoder(state["vocab_size"], cfg.dim, cfg.text_embed_dim, cfg.text_width, cfg.text_token_dropout)
-    if modality == "audio":
-        return AudioEncoder(state["mean"], state["std"], cfg.dim, cfg.audio_width, cfg.augment)
-    raise ValueError(f"no encoder for modality {modality!r}")
-
-
-ENCODERS = {"image": ImageEncoder, "text": TextEncoder, "audio": AudioEncoder}

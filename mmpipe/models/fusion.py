@@ -19,17 +19,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpipe.models.encoders import build_encoder
+from mmpipe.modalities import MODALITIES
 
 FUSIONS = ("concat", "gated", "attention")
 
 
 def model_config(modalities: list[str], states: dict[str, dict], model_params: dict[str, Any],
                  labels: list[str]) -> dict[str, Any]:
-    """The JSON config of a model: its modalities, their fitted state, the model params, labels."""
-    keep = ("arrays", "mean", "std", "vocab_size")
+    """The JSON config of a model: its modalities, their fitted state (what their encoders are built
+    from), the model params (a JSON-able mapping), labels."""
     return {"modalities": list(modalities), "labels": list(labels), "model": dict(model_params),
-            "states": {m: {k: states[m][k] for k in keep if k in states[m]} for m in modalities}}
+            "states": {m: states[m] for m in modalities}}
+
+
+def build_encoder(modality: str, state: dict, model_params: dict[str, Any]) -> nn.Module:
+    """``modality``'s encoder from its module's factory, its fitted state and its ``model.encoders`` params."""
+    module = MODALITIES[modality]
+    section = module.PARAMS["model"](**model_params.get("encoders", {}).get(modality, {}))
+    return module.build_encoder(state, section, SimpleNamespace(**model_params))
 
 
 class FusionModel(nn.Module):
@@ -42,7 +49,10 @@ class FusionModel(nn.Module):
         if self.fusion not in FUSIONS:
             raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         n, dim, n_classes = len(self.modalities), cfg.dim, len(config["labels"])
-        self.encoders = nn.ModuleDict({m: build_encoder(m, config["states"][m], cfg) for m in self.modalities})
+        self.encoders = nn.ModuleDict({m: build_encoder(m, config["states"][m], config["model"])
+                                       for m in self.modalities})
+        # each encoder takes its modality's arrays positionally, in the featurizer's order
+        self.arrays = {m: list(config["states"][m]["arrays"]) for m in self.modalities}
         self.placeholders = nn.Parameter(torch.zeros(n, dim))
         if self.fusion == "concat":
             fused = n * dim
@@ -62,10 +72,8 @@ class FusionModel(nn.Module):
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, n_modalities, dim): each encoder's vector, or the placeholder where unavailable."""
         vectors = []
-        for i, m in enumerate(self.modalities):
-            encoder = self.encoders[m]
-            vector = encoder(batch["text"], batch["text_length"]) if m == "text" else encoder(batch[m])
-            vectors.append(vector)
+        for m in self.modalities:
+            vectors.append(self.encoders[m](*(batch[name] for name in self.arrays[m])))
         stacked = torch.stack(vectors, dim=1)
         available = batch["available"].bool()
         return torch.where(available[..., None], stacked, self.placeholders[None].to(stacked.dtype))

@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -28,9 +27,7 @@ from mmpipe.device import resolve_device
 from mmpipe.features.loader import FeatureSet
 from mmpipe.models import distributed
 from mmpipe.models.fusion import build_model, drop_modalities, model_config
-from mmpipe.modalities import NAMES
-
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+from mmpipe.models.model_io import save_model, to_model_inputs
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -76,14 +73,6 @@ def clear_checkpoints(paths) -> None:
     for path in paths:
         if path is not None:
             Path(path).unlink(missing_ok=True)
-
-
-def to_model_inputs(batch: dict[str, torch.Tensor], modalities: list[str], device: torch.device) -> dict:
-    """Move a loader batch to ``device`` and keep the availability columns of ``modalities``."""
-    columns = [NAMES.index(m) for m in modalities]
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    moved["available"] = moved["available"][:, columns]
-    return moved
 
 
 @torch.no_grad()
@@ -230,9 +219,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                                "stalled": stalled})
 
     if world.is_main and out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(best["state"], str(out_dir / WEIGHTS_FILE))
-        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        save_model(out_dir, best["state"], config)
     if finished is None:
         seconds = time.perf_counter() - started
         metrics = {"modalities": modalities, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
@@ -257,14 +244,3 @@ def _save(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)  # atomic: a kill leaves the previous checkpoint, never half of one
-
-
-def load_model(folder: Path):
-    """Rebuild a trained model from ``folder`` (config.json + model.safetensors), in eval mode."""
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    model = build_model(config)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    return model.eval()
-

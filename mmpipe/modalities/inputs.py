@@ -1,0 +1,81 @@
+"""The bundle predictor's inputs: one class per kind of modality that turns one raw input into the
+model's arrays (no batch axis), exactly as clean + preprocess did. Shipped as is in the deployment
+bundle next to portable.py, logmel.py and tokenizer.py; needs nothing of this package.
+
+A modality module names its class in ``PREDICTOR_INPUT``; the bundle's manifest records it
+(``preprocessing.<modality>.input``), and the predictor builds each modality's input from it with
+
+    cls(arrays, state, rules, folder)
+
+``arrays``: the modality's array names (in the model's order); ``state``: its fitted preprocess
+state; ``rules``: clean's rules for it; ``folder``: where the state's files are. ``KIND`` says how a
+raw input arrives: ``file`` (bytes: a path on the command line or in a manifest, base64 over REST),
+``string`` (the text itself), ``record`` (a JSON object; in a manifest or REST request, the columns
+``columns`` of the row).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__:  # inside mmpipe
+    from . import logmel, portable
+    from .tokenizer import Tokenizer
+else:  # in the bundle: the helper modules sit next to this file
+    import logmel  # type: ignore[no-redef]
+    import portable  # type: ignore[no-redef]
+    from tokenizer import Tokenizer  # type: ignore[no-redef]
+
+
+class Input:
+    KIND = "file"
+
+    def __init__(self, arrays: list[str], state: dict[str, Any], rules: dict[str, Any], folder: Path):
+        self.arrays, self.state, self.rules, self.folder = arrays, state, rules, Path(folder)
+
+    @property
+    def columns(self) -> list[str]:
+        """The manifest / request columns of a ``record`` input."""
+        return []
+
+    def features(self, value: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class ImageInput(Input):
+    def features(self, value: bytes) -> dict[str, np.ndarray]:
+        normalized, facts = portable.decode_image(value, self.rules)
+        # clean kept PNG/JPEG files as they were: load those bytes as preprocess did (JPEG draft scaling)
+        source = value if facts["format"] in portable.PASS_THROUGH_FORMATS and not facts["changed"] else normalized
+        s = self.state
+        return {self.arrays[0]: portable.load_pixels(source, s["size"], s["mode"], s["fit"])}
+
+
+class TextInput(Input):
+    KIND = "string"
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.tokenizer = Tokenizer.load(self.folder / self.state["tokenizer"])
+
+    def features(self, value: str | bytes) -> dict[str, np.ndarray]:
+        text, _ = portable.decode_text(value, self.rules)
+        ids, lengths = self.tokenizer.encode([text])
+        return {self.arrays[0]: ids[0], self.arrays[1]: np.int64(lengths[0])}
+
+
+class AudioInput(Input):
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.mel_filters = np.load(self.folder / self.state["mel_filters"])
+
+    def features(self, value: bytes) -> dict[str, np.ndarray]:
+        s = self.state
+        mono, _ = portable.decode_audio(value, self.rules)
+        # clean stores 16-bit PCM; preprocess stores the log-mel as float16: reproduce both roundings
+        clip = portable.fix_length(portable.as_pcm16(mono), s["n_samples"])
+        mel = logmel.log_mel(clip[None], self.mel_filters, s["n_fft"], s["hop"])[0]
+        return {self.arrays[0]: mel.astype(np.float16)}

@@ -1,0 +1,39 @@
+"""A trained model on disk (config.json + model.safetensors) and the tensors it takes.
+
+Here, not in the trainer: evaluate, compress and export load models and feed them but never train.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmpipe.features.loader import available_key
+from mmpipe.models.fusion import build_model
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def save_model(folder: Path, weights: dict[str, torch.Tensor], config: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+
+
+def load_model(folder: Path):
+    """Rebuild a trained model from ``folder`` (config.json + model.safetensors), in eval mode."""
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    model = build_model(config)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return model.eval()
+
+
+def to_model_inputs(batch: dict[str, torch.Tensor], modalities: list[str], device: torch.device) -> dict:
+    """A loader batch on ``device``, with ``available`` (B, len(modalities)): the availability of
+    ``modalities``, in that order (the loader keeps one column per modality of the data)."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if not k.startswith("available.")}
+    moved["available"] = torch.stack([batch[available_key(m)] for m in modalities], dim=1).to(device, non_blocking=True)
+    return moved
