@@ -147,7 +147,7 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb
         test = FeatureSet(tiny_corpus / "features", split="test")
         items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, ["image", "text", "audio"])
         with mlflow.start_run(experiment_id=experiment):
-            registered = register(bundle["folder"], "tiny-fusion", "champion", example_request(bundle["folder"], items))
+            registered = register(bundle["folder"], "tiny-fusion", "champion", example_request(load_predictor(bundle["folder"]).Predictor(bundle["folder"]), items))
     finally:
         mlflow.set_tracking_uri(previous)
     assert registered["model_uri"] == "models:/tiny-fusion@champion" and registered["version"] == "1"
@@ -160,7 +160,7 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with http_server(serve, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env, tmp_path) as server:
         # ordinary requests
-        records = example_request(bundle["folder"], items).to_dict(orient="records") + [{"text": "nine"}, {"image": "not base64!"}]
+        records = example_request(load_predictor(bundle["folder"]).Predictor(bundle["folder"]), items).to_dict(orient="records") + [{"text": "nine"}, {"image": "not base64!"}]
         predictions = post(port, records)
         assert len(predictions) == 3
         predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"])

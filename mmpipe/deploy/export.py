@@ -101,14 +101,13 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: list[d
             "predictor_input_errors": sorted(set(errors))}
 
 
-def conversion_parity(folder: Path, features_root: Path, dataset: dict, model: torch.nn.Module, test: FeatureSet,
-                      items: list[dict]) -> dict[str, dict[str, Any]]:
+def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dict, model: torch.nn.Module,
+                      test: FeatureSet, items: list[dict]) -> dict[str, dict[str, Any]]:
     """For each modality with ``PARITY_VARIANTS`` and each variant: the raw test items re-encoded, then
     featurised by the pipeline (clean's conversion, preprocess's featurizer) and by the bundle's
     predictor; the share of items on which the fp32 model (other modalities' inputs unchanged) gives
-    the same top-1, and the largest difference of the model's inputs."""
-    predict = load_predictor(folder)
-    predictor = predict.Predictor(folder, model="fp32")
+    the same top-1, and the largest difference of the model's inputs. ``predictor``: the bundle's, with
+    its fp32 model."""
     fp32 = session(folder / "model_fp32.onnx")
     out: dict[str, dict[str, Any]] = {}
     for column, m in enumerate(model.modalities):
@@ -139,7 +138,7 @@ def conversion_parity(folder: Path, features_root: Path, dataset: dict, model: t
             for k, item in enumerate(converted):
                 try:
                     arrays_k = predictor.features(**{m: item})
-                except predict.InputError:
+                except predictor.InputError:
                     continue
                 for name in arrays:
                     served[name][k] = arrays_k[name]
@@ -166,14 +165,13 @@ def git_commit() -> str | None:
         return None
 
 
-def model_card(folder: Path, dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
+def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
                modalities: list[str], name: str | None) -> str:
     """The bundle's MODEL_CARD.md: what this model classifies, from what, how well, and its limits —
     all read from this run's data (labels, modalities, clean's rules) and metrics."""
     t, v = eval_metrics["test"], compress_metrics["variants"]
     shipped, labels, rules = v[chosen], dataset["labels"], dataset["clean_rules"]
     shown = ", ".join(labels[:20]) + (f", … ({len(labels) - 20} more)" if len(labels) > 20 else "")
-    predictor = load_predictor(folder).Predictor(folder, model="fp32")
     example = {"file": "FILE", "string": '"…"', "record": "'{\"…\": …}'"}
     lines = [
         f"# Model card: {name or 'mmpipe fusion model'} — {len(labels)}-class classifier from "
@@ -246,11 +244,12 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     serving = {"max_rows_per_request": params.max_rows_per_request, "max_item_bytes": int(params.max_item_mb * 1e6),
                "batch_size": params.predict_batch_size}
     manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, "", git_commit(), serving)
-    card = model_card(out, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model)
+    predictor = load_predictor(out).Predictor(out, model="fp32")  # its inputs: flags, columns, parity
+    card = model_card(predictor, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model)
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
     checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None,
                     params.predict_batch_size)
-    checks["conversion_parity"] = conversion_parity(out, features_root, dataset, model, test, items)
+    checks["conversion_parity"] = conversion_parity(out, predictor, features_root, dataset, model, test, items)
     checks |= {"evaluate_test_accuracy": eval_metrics["test"]["accuracy"],
                "compress_test_accuracy_shipped": compress_metrics["variants"][chosen]["test_accuracy"],
                "shipped_variant": chosen, "bundle_files": len(manifest["files"]),
@@ -271,7 +270,7 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
                            for m, variants in checks["conversion_parity"].items() for variant, r in variants.items()))
     manifest["files"]["MODEL_CARD.md"] = bundle.sha256(out / "MODEL_CARD.md")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return checks, example_request(out, items)
+    return checks, example_request(predictor, items)
 
 
 def failed_checks(checks: dict, params) -> list[str]:
@@ -296,14 +295,14 @@ def failed_checks(checks: dict, params) -> list[str]:
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
 
 
-def example_request(folder: Path, items: list[dict]) -> "pd.DataFrame":
+def example_request(predictor, items: list[dict]) -> "pd.DataFrame":
     """An input example for the MLflow model: the first raw test sample that has every modality, as
-    the request columns of the bundle's predictor."""
+    the request columns of the bundle's ``predictor``."""
     import base64
 
     import pandas as pd
 
-    columns = load_predictor(folder).Predictor(folder, model="fp32").request_columns()
+    columns = predictor.request_columns()
     item = next((it for it in items if all(v is not None for v in it.values())), items[0])
     row: dict[str, Any] = {}
     for column, (m, kind) in columns.items():

@@ -45,6 +45,8 @@ class InputError(Exception):
 
 
 class Predictor:
+    InputError = InputError  # what ``features`` raises, for callers that hold only the predictor
+
     def __init__(self, folder: Path = HERE, model: str = "shipped", threads: int = 0):
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
