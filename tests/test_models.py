@@ -11,9 +11,10 @@ from mmpipe import params
 from mmpipe.models.fusion import FUSIONS, build_model, drop_modalities, model_config
 
 STATES = {
-    "image": {"arrays": {"image": {"shape": [3, 32, 32]}}, "mean": [0.5] * 3, "std": [0.25] * 3},
-    "text": {"arrays": {"text": {"shape": [48]}, "text_length": {"shape": []}}, "vocab_size": 50},
-    "audio": {"arrays": {"audio": {"shape": [64, 151]}}, "mean": [-5.0] * 64, "std": [2.0] * 64},
+    "image": {"arrays": {"image": {"shape": [3, 32, 32]}}, "array_order": ["image"], "mean": [0.5] * 3, "std": [0.25] * 3},
+    "text": {"arrays": {"text": {"shape": [48]}, "text_length": {"shape": []}},
+             "array_order": ["text", "text_length"], "vocab_size": 50},
+    "audio": {"arrays": {"audio": {"shape": [64, 151]}}, "array_order": ["audio"], "mean": [-5.0] * 64, "std": [2.0] * 64},
 }
 LABELS = [str(d) for d in range(10)]
 

@@ -17,6 +17,7 @@ import collections
 import concurrent.futures as cf
 import hashlib
 import itertools
+import json
 import multiprocessing
 import time
 import unicodedata
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from mmpipe.data.collect import DECLARED_FILE
 from mmpipe.errors import PipelineError
 from mmpipe.io import ROW_GROUP_ROWS, PartWriter, iter_row_groups, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, names
@@ -48,7 +50,7 @@ REJECT_SCHEMA = pa.schema([
     pa.field("code", pa.string()),
     pa.field("reason", pa.string()),
     pa.field("ref", pa.string()),
-    pa.field("action", pa.string()),  # sample_rejected | modality_dropped
+    pa.field("action", pa.string()),  # sample_rejected | modality_dropped | value_dropped (a record's cell)
 ])
 
 
@@ -94,9 +96,9 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
                            "condition": row.get("condition")}
     flags = {"label_stripped": False, "converted": [], "truncated": False}
 
-    def reject(modality: str, code: str, reason: str, ref: str | None = None) -> None:
+    def reject(modality: str, code: str, reason: str, ref: str | None = None, action: str | None = None) -> None:
         rejects.append({"sample_id": sid, "source_row": source_row, "modality": modality, "code": code,
-                        "reason": reason, "ref": ref, "action": None})
+                        "reason": reason, "ref": ref, "action": action})
 
     raw_label = row.get("label")
     label = unicodedata.normalize("NFC", raw_label).strip() if raw_label is not None else ""
@@ -132,6 +134,8 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
         except Exception as exc:  # unforeseen (the decoders map what they raise): still this item's problem only
             reject(m, f"{m}_error", f"{m} could not be processed: {describe(exc)}", ref)
             continue
+        for code, reason in cleaned.dropped:  # the item is kept without these parts (a record's bad cells)
+            reject(m, code, reason, ref, action="value_dropped")
         out[m] = cleaned.data.decode("utf-8") if module.STORED_AS == pa.string() else cleaned.data
         out[f"{m}_available"] = True
         out.update({f"{m}_{k}": cleaned.info.get(k) for k in module.INFO_COLUMNS})
@@ -140,7 +144,7 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
         if cleaned.info.get("truncated"):
             flags["truncated"] = True
 
-    modality_rejects = [r for r in rejects if r["modality"] in MODALITIES]
+    modality_rejects = [r for r in rejects if r["modality"] in MODALITIES and r["action"] is None]
     sample_problem = any(r["modality"] not in MODALITIES for r in rejects)
     if not sample_problem and not any(out[f"{m}_available"] for m in names()):
         reject("sample", "no_usable_modality", "no modality is usable")
@@ -149,7 +153,8 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
         reject("sample", "bad_modality", "a modality is unusable and clean.on_bad_modality=drop_sample")
         sample_problem = True
     for r in rejects:
-        r["action"] = "sample_rejected" if sample_problem else "modality_dropped"
+        if sample_problem or r["action"] is None:
+            r["action"] = "sample_rejected" if sample_problem else "modality_dropped"
     return {"row": None if sample_problem else out, "rejects": rejects, "flags": flags,
             "content_key": "|".join(key_parts), "label": label}
 
@@ -289,6 +294,26 @@ def _decide(keys: list[dict[str, Any]], params) -> tuple[dict[int, str], list[di
     return splits, new_rejects
 
 
+# --------------------------------------------------------------------------- rules decided over all items
+
+
+def _raw_items(raw_dir: Path, modality: str) -> Iterator[bytes]:
+    for path in sorted(raw_dir.glob("part-*.parquet")):
+        for table in iter_row_groups(path, [modality]):
+            yield from (v for v in table.column(0).to_pylist() if v is not None)
+
+
+def resolve_rules(params, raw_dir: Path):
+    """``params`` with the rules of each modality that decides some over all raw items first
+    (``resolve_rules``: e.g. the types of tabular columns left to ``auto``), from what collect
+    recorded of the user's declarations (``declared.json``)."""
+    path = raw_dir / DECLARED_FILE
+    declared = json.loads(path.read_text()) if path.exists() else {}
+    updates = {m: module.resolve_rules(getattr(params, m), declared.get(m, {}), _raw_items(raw_dir, m))
+               for m, module in MODALITIES.items() if hasattr(module, "resolve_rules")}
+    return params.model_copy(update=updates) if updates else params
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -296,6 +321,7 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Validate ``raw_dir`` into ``out_dir`` (samples/part-*.parquet, rejects.parquet, dataset.json); return metrics."""
     started = time.perf_counter()
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(raw_dir.glob("part-*.parquet")))
+    params = resolve_rules(params, raw_dir)
     pass1_path = out_dir / _PASS1_FILE
     pass1_schema = _pass1_schema()
     rejects: list[dict[str, Any]] = []

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mmpipe.data import builtin
 from mmpipe.data.fetch import FetchError, Policy, check, fetch, is_url, local_path
 from mmpipe.errors import PipelineError, redact
-from mmpipe.io import PartWriter, worker_count
+from mmpipe.io import PartWriter, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, by_extension, names
 
 BUILTIN_PREFIX = "builtin:"
@@ -47,6 +47,26 @@ def file_columns() -> dict[str, str]:
 
 def manifest_columns() -> tuple[str, ...]:
     return (*KEY_COLUMNS, *names(), *file_columns())
+
+
+def record_columns(params, columns: list[str]) -> dict[str, list[str]]:
+    """Record modality (one with ``record_columns``, e.g. tabular) -> the manifest columns gathered
+    into its JSON item, under its ``data.<modality>`` params."""
+    used, out = set(manifest_columns()), {}
+    for m, module in MODALITIES.items():
+        if hasattr(module, "record_columns"):
+            out[m] = module.record_columns(getattr(params, m), columns, used)
+            used |= set(out[m])
+    return out
+
+
+def declared(params) -> dict[str, Any]:
+    """What collect records in ``DECLARED_FILE`` for clean: each record modality's data params."""
+    return {m: getattr(params, m).model_dump(mode="json") for m, module in MODALITIES.items()
+            if hasattr(module, "record_columns")}
+
+
+DECLARED_FILE = "declared.json"
 BATCH_ROWS = 512
 
 
@@ -209,10 +229,13 @@ def read_manifest(source: str, params) -> pd.DataFrame:
         raise PipelineError(f"{redact(source)}: manifest has the column '{duplicated[0]}' more than once")
     if "label" not in frame.columns:
         raise PipelineError(f"{redact(source)}: manifest has no 'label' column (columns: {', '.join(frame.columns)})")
-    unknown = [c for c in frame.columns if c not in manifest_columns()]
+    records = record_columns(params, list(frame.columns))
+    gathered = {c for columns in records.values() for c in columns}
+    unknown = [c for c in frame.columns if c not in manifest_columns() and c not in gathered]
     if unknown:
-        print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(unknown)}")
-    if not any(c in frame.columns for c in (*names(), *file_columns())):
+        hint = "".join(f" (data.{m}.columns: auto gathers them as {m})" for m in records)
+        print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(unknown)}{hint}")
+    if not gathered and not any(c in frame.columns for c in (*names(), *file_columns())):
         raise PipelineError(f"{redact(source)}: manifest has none of the modality columns {', '.join((*names(), *file_columns()))}")
     return frame
 
@@ -225,6 +248,25 @@ def _resolve(ref: str, base: str) -> str:
         return urljoin(base.rstrip("/") + "/", ref)
     path = Path(ref).expanduser()
     return str(path if path.is_absolute() else (Path(base) / path).resolve())
+
+
+def _json_cell(value: Any) -> Any:
+    """A manifest cell as a JSON value (None when empty): numbers stay numbers, the rest text."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    return _text(value)
+
+
+def _record(cells: dict[str, Any]) -> str | None:
+    """A row's record columns as one JSON object (None when every cell is empty). Non-finite
+    numbers are written as strings, so that clean names them as the bad cells they are."""
+    present = {c: v if not isinstance(v, float) or np.isfinite(v) else str(v)
+               for c, v in ((c, _json_cell(v)) for c, v in cells.items()) if v is not None}
+    return json.dumps(present, ensure_ascii=False) if present else None
 
 
 def _derived_id(label: str | None, cells: list[str | None]) -> str:
@@ -259,8 +301,17 @@ def manifest_rows(source: str, params) -> list[dict[str, Any]]:
     def cell(column: str, i: int) -> str | None:
         return _text(columns[column][i]) if column in columns else None
 
+    records = record_columns(params, list(frame.columns))
+    for c in (c for record in records.values() for c in record):
+        columns[c] = frame[c].tolist()
     for i in range(len(frame)):
         cells = {m: cell(m, i) for m in names()}
+        for m, record in records.items():
+            gathered = _record({c: columns[c][i] for c in record})
+            if gathered is not None and cells[m] is not None:
+                cells[m] = ("conflict", f"both '{m}' and its columns {', '.join(record)} are set on this row")
+            elif gathered is not None:
+                cells[m] = gathered
         files = {m: cell(c, i) for c, m in file_columns().items()}
         label = _key_cell(source, i, "label", columns["label"][i])
         given_id = _key_cell(source, i, "id", columns["id"][i]) if "id" in columns else None
@@ -273,7 +324,9 @@ def manifest_rows(source: str, params) -> list[dict[str, Any]]:
         }
         for m, module in MODALITIES.items():
             value, file = cells[m], files.get(m)
-            if value is not None and file is not None:
+            if isinstance(value, tuple):
+                spec[m] = value
+            elif value is not None and file is not None:
                 spec[m] = ("conflict", f"both '{m}' and '{m}_file' are set on this row")
             elif file is not None:
                 spec[m] = ("ref", _resolve(file, base))
@@ -394,6 +447,8 @@ def collect(params, out_dir: Path) -> dict[str, Any]:
             writer.write(pa.Table.from_pylist(rows, schema=schema))
             progress.update(len(rows))
     writer.close()
+    if declared(params):
+        write_json_atomic(out_dir / DECLARED_FILE, declared(params))
     seconds = time.perf_counter() - started
     return {
         "source": redact(params.source),

@@ -19,6 +19,7 @@ import onnx
 
 from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.modalities import MODALITIES
+from mmpipe.modalities.base import array_names
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # the predictor and the helpers every modality's input class may import (see modalities/inputs.py)
@@ -52,7 +53,7 @@ def preprocessing(features_root: Path, modalities: list[str]) -> tuple[dict, lis
         module = MODALITIES[m]
         code, cls = module.PREDICTOR_INPUT
         pre[m] = {k: v for k, v in state.items() if k not in NOT_SHIPPED_STATE}
-        pre[m]["input"] = {"file": Path(code).name, "class": cls, "arrays": list(state["arrays"])}
+        pre[m]["input"] = {"file": Path(code).name, "class": cls, "arrays": array_names(state)}
         files += [features_root / m / name for name in module.Features.state_files(state)]
         files.append(Path(code))
     return pre, files

@@ -32,6 +32,7 @@ from mmpipe.features.loader import FeatureSet
 from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.io import iter_row_groups
 from mmpipe.modalities import MODALITIES
+from mmpipe.modalities.base import array_names
 from mmpipe.modalities.portable import RejectedInput
 from mmpipe.models.model_io import load_model, to_model_inputs
 
@@ -115,10 +116,10 @@ def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dic
         positions = np.array([i for i, item in enumerate(items) if item.get(m) is not None], np.int64)
         if not getattr(module, "PARITY_VARIANTS", None) or not len(positions):
             continue
-        rules = module.PARAMS["clean"](**dataset["clean_rules"][m])
+        rules = getattr(module, "RULES", module.PARAMS["clean"])(**dataset["clean_rules"][m])
         state = json.loads((features_root / m / STATE_FILE).read_text())
         featurizer = module.Features.from_state(features_root / m, state)
-        arrays = list(state["arrays"])
+        arrays = array_names(state)
         feeds = onnx_feeds(test.get(positions), model)
         ids = [str(test.sample_ids[i]) for i in positions]
         out[m] = {}

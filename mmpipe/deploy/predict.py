@@ -91,15 +91,18 @@ class Predictor:
             raise InputError(f"no input: give at least one of {', '.join(self.modalities)}")
         out, available = {}, []
         for m in self.modalities:
-            value = given.get(m)
+            value, arrays = given.get(m), None
             if value is not None:
                 try:
-                    out |= self.readers[m].features(value)
+                    arrays = self.readers[m].features(value)  # None: nothing usable (a record of empty cells)
                 except portable.RejectedInput as exc:
                     raise InputError(exc.message) from None
                 except Exception as exc:  # never one input's failure beyond its own row
                     raise InputError(f"{m} could not be processed: {portable.describe(exc)}") from None
-            available.append(value is not None)
+            out |= arrays or {}
+            available.append(arrays is not None)
+        if not any(available):
+            raise InputError(f"no usable input: every value given for {', '.join(m for m in given if given[m] is not None)} is empty")
         for name, spec in self.inputs.items():  # zeros where a modality is missing: the model ignores them
             if name not in out and name != "available":
                 out[name] = np.zeros(spec["shape"][1:], spec["dtype"])

@@ -242,6 +242,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
              "shards": runner.shards, "labels": dataset["labels"],
              "arrays": {name: {"shape": list(shape), "dtype": np.dtype(dtype).name}
                         for name, (shape, dtype) in features.arrays.items()},
+             "array_order": list(features.arrays),  # JSON is written with sorted keys: the order, kept
              **features.state()}
     if stats is not None:
         state["mean"], state["std"] = stats.result()

@@ -21,6 +21,9 @@ class Cleaned:
     data: bytes  # normalised, encoded content (PNG/JPEG, WAV PCM16 mono, UTF-8 text, JSON)
     converted: bool = False  # True when the content had to be re-encoded
     info: dict[str, Any] = field(default_factory=dict)
+    # parts of the item dropped while keeping the rest (a record's bad cells): (code, reason) each,
+    # listed in clean's rejects with action ``value_dropped``
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -99,6 +102,30 @@ class Modality(Protocol):
 
     def describe_rules(self, rules: dict) -> str:
         """One line for the model card: what the bundle accepts for this modality under clean's rules."""
+
+
+class Optional:
+    """Optional module attributes, for modalities whose raw item is not one file or one cell.
+
+    ``record_columns(cfg, manifest_columns, used) -> list[str]``
+        A *record* modality (tabular metadata): the manifest columns gathered into one JSON object
+        per row, which is the modality's raw item (``cfg``: its ``data.<name>`` params; ``used``:
+        the columns the pipeline already reads). collect writes ``cfg`` to ``data/raw/declared.json``.
+    ``resolve_rules(cfg, declared, raw_items) -> cfg``
+        Rules decided once over all raw items before any is cleaned (column types a user left to
+        ``auto``): ``cfg`` is ``clean.<name>``, ``declared`` the ``data.<name>`` params collect
+        recorded, ``raw_items`` an iterator over every raw item's bytes. The returned rules are what
+        every item is cleaned under and what ``dataset.json`` (and the bundle) records; ``RULES``
+        is their schema (``PARAMS["clean"]`` plus what is resolved).
+    ``PARITY_VARIANTS: dict[str, Callable[[bytes], bytes]]``
+        Name -> re-encoding of one raw item; export checks the bundle's predictor against the
+        pipeline on each (audio: other rates, stereo).
+    """
+
+
+def array_names(state: dict) -> list[str]:
+    """A fitted state's array names in the featurizer's order (the encoder's positional order)."""
+    return list(state["array_order"])
 
 
 def model_dtype(stored: Any) -> np.dtype:

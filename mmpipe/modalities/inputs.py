@@ -41,7 +41,9 @@ class Input:
         """The manifest / request columns of a ``record`` input."""
         return []
 
-    def features(self, value: Any) -> dict[str, np.ndarray]:
+    def features(self, value: Any) -> dict[str, np.ndarray] | None:
+        """One raw input -> its arrays; None when it holds nothing usable (the modality is then
+        unavailable, as clean makes it); raises ``portable.RejectedInput`` where clean rejects."""
         raise NotImplementedError
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mmpipe.modalities import MODALITIES
+from mmpipe.modalities.base import array_names
 
 FUSIONS = ("concat", "gated", "attention")
 
@@ -52,7 +53,7 @@ class FusionModel(nn.Module):
         self.encoders = nn.ModuleDict({m: build_encoder(m, config["states"][m], config["model"])
                                        for m in self.modalities})
         # each encoder takes its modality's arrays positionally, in the featurizer's order
-        self.arrays = {m: list(config["states"][m]["arrays"]) for m in self.modalities}
+        self.arrays = {m: array_names(config["states"][m]) for m in self.modalities}
         self.placeholders = nn.Parameter(torch.zeros(n, dim))
         if self.fusion == "concat":
             fused = n * dim
