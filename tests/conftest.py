@@ -22,6 +22,7 @@ import yaml
 from PIL import Image
 
 from mmpipe import params
+from mmpipe.modalities import names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,8 +104,10 @@ def stage_env(repo: Path) -> dict[str, str]:
 
 
 # The tiny profile of the end-to-end tests: every stage runs, in about a minute on 2 cores.
-TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6}}, "clean": {"min_per_class": 2},
-        "model": {"dim": 16, "hidden": 16, "encoders": {"image": {"width": 4}, "text": {"width": 8}, "audio": {"width": 4}}},
+# Four modalities: the built-in corpus's metadata records are on (the default params keep three).
+TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6, "tabular": True}}, "clean": {"min_per_class": 2},
+        "model": {"dim": 16, "hidden": 16, "encoders": {"image": {"width": 4}, "text": {"width": 8}, "audio": {"width": 4},
+                                                        "tabular": {"width": 8}}},
         "train": {"epochs": 1, "baselines": False},
         "evaluate": {"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5, "gates": {"min_accuracy": None}},
         "compress": {"latency_runs": 5, "prune": {"finetune_epochs": 1},
@@ -192,17 +195,19 @@ def repo(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
-    """Built-in corpus of 240 samples through collect, clean and the three preprocess steps (in-process)."""
+    """Built-in corpus of 240 samples, metadata records included (four modalities), through collect,
+    clean and every preprocess step (in-process)."""
     from mmpipe.data.clean import clean
     from mmpipe.data.collect import collect
     from mmpipe.features.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("tiny_corpus")
-    for folder in ("raw", "clean", "features/image", "features/text", "features/audio"):
+    for folder in ("raw", "clean", *(f"features/{m}" for m in names())):
         (root / folder).mkdir(parents=True)
-    collect(params.validate("data", {"n_samples": 240, "workers": 1, "builtin": {"tts_variants": 4}}), root / "raw")
+    collect(params.validate("data", {"n_samples": 240, "workers": 1, "builtin": {"tts_variants": 4, "tabular": True}}),
+            root / "raw")
     clean(params.validate("clean", {"workers": 1}), root / "raw", root / "clean")
-    for m in ("image", "text", "audio"):
+    for m in names():
         preprocess(m, params.validate("preprocess", {"workers": 1}), root / "clean", root / "features" / m)
     return root
 
@@ -213,9 +218,10 @@ def tiny_model(tiny_corpus, tmp_path_factory) -> Path:
     from mmpipe.models.train import train
 
     out = tmp_path_factory.mktemp("tiny_model") / "fusion"
-    small = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={"image": {"width": 8}, "text": {"embed_dim": 8, "width": 16}, "audio": {"width": 8}})
+    small = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={
+        "image": {"width": 8}, "text": {"embed_dim": 8, "width": 16}, "audio": {"width": 8}, "tabular": {"width": 16}})
     train(params.TrainParams(epochs=3, batch_size=32, device="cpu"), small, tiny_corpus / "features",
-          ["image", "text", "audio"], out, None)
+          list(names()), out, None)
     return out
 
 

@@ -47,7 +47,7 @@ def test_manifest_formats_with_relative_paths(fmt, media, tmp_path, data_params)
      "jsonl": lambda: rows.to_json(path, orient="records", lines=True),
      "parquet": lambda: rows.to_parquet(path)}[fmt]()
     metrics, raw = run(data_params, path, tmp_path)
-    assert metrics["samples"] == 2 and metrics["present"] == {"image": 2, "text": 1, "audio": 1}
+    assert metrics["samples"] == 2 and metrics["present"] == {"image": 2, "text": 1, "audio": 1, "tabular": 0}
     assert raw.loc[0, "image"] == (media / "a.png").read_bytes()
     assert raw.loc[0, "audio"] == (media / "a.wav").read_bytes()
     assert raw.loc[0, "text"] == b"a cat"

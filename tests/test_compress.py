@@ -28,8 +28,9 @@ def test_batch(tiny_corpus):
 def test_onnx_export_matches_pytorch_logits(model_dir, test_batch, tmp_path):
     model = load_model(model_dir)
     feeds = onnx_feeds(test_batch, model)
-    assert list(feeds) == list(input_dtypes(model)) == ["image", "text", "text_length", "audio", "available"]
-    assert [str(v.dtype) for v in feeds.values()] == ["uint8", "int64", "int64", "float32", "bool"]
+    assert list(feeds) == list(input_dtypes(model)) == ["image", "text", "text_length", "audio", "tabular_numeric",
+                                                        "tabular_categories", "available"]
+    assert [str(v.dtype) for v in feeds.values()] == ["uint8", "int64", "int64", "float32", "float32", "int64", "bool"]
     export_onnx(model, feeds, tmp_path / "m.onnx")
     onnx_logits = run_logits(session(tmp_path / "m.onnx"), feeds, batch_size=7)  # dynamic batch axis
     with torch.no_grad():

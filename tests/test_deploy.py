@@ -41,8 +41,9 @@ def runtime_modules(roots=tuple(RUNTIME.values())) -> set[str]:
 
 
 GUARD = r"""
-import importlib.abc, runpy, sys
-ALLOWED = set(%r) | {"inputs", "logmel", "portable", "tokenizer", "_soundfile", "_cffi_backend"}
+import importlib.abc, os, runpy, sys
+BUNDLE = {f[:-3] for f in os.listdir(".") if f.endswith(".py")}  # its own modules (predict, portable, inputs, ...)
+ALLOWED = set(%r) | BUNDLE | {"_soundfile", "_cffi_backend"}
 class Guard(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         top = name.split(".")[0]
@@ -64,10 +65,12 @@ def test_bundle_reproduces_the_pipeline(bundle):
     assert abs(checks["predictor_raw_test_accuracy"] - bundle["compress"]["variants"][chosen]["test_accuracy"]) <= 0.005
     assert checks["predictor_input_errors"] == [] and failed_checks(checks, params.ExportParams()) == []
     # audio as recordings come (22.05/44.1/48 kHz stereo, FLAC/WAV): the bundle computes the pipeline's
-    # very features (one resampler, one PCM16 conversion), so the predictions agree everywhere
+    # very features (one resampler, one PCM16 conversion), so the predictions agree everywhere; metadata
+    # as a CSV or a form sends it (every cell a string) gives the typed record's features
     parity = checks["conversion_parity"]
-    assert list(parity) == ["audio"] and set(parity["audio"]) == {"22.05 kHz stereo", "44.1 kHz stereo", "48 kHz stereo"}
-    for variant, figures in parity["audio"].items():
+    assert list(parity) == ["audio", "tabular"] and list(parity["tabular"]) == ["cells as text"]
+    assert set(parity["audio"]) == {"22.05 kHz stereo", "44.1 kHz stereo", "48 kHz stereo"}
+    for variant, figures in (*parity["audio"].items(), *parity["tabular"].items()):
         assert figures["items"] > 10 and figures["accepted_by_both"] == figures["items"], variant
         assert figures["top1_agreement"] == 1.0 and figures["max_abs_input_diff"] == 0.0, variant
     failing = checks | {"conversion_parity": {"audio": {"44.1 kHz stereo": {**parity["audio"]["44.1 kHz stereo"],
@@ -91,7 +94,8 @@ def test_manifest_lists_every_file_with_its_checksum(bundle):
     assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {"manifest.json"}
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
-    assert [i["name"] for i in manifest["inputs"]] == ["image", "text", "text_length", "audio", "available"]
+    assert [i["name"] for i in manifest["inputs"]] == ["image", "text", "text_length", "audio", "tabular_numeric",
+                                                       "tabular_categories", "available"]
     assert all(i["shape"][0] == "batch" for i in manifest["inputs"])
     assert manifest["preprocessing"]["audio"]["sample_rate"] == 16000 and manifest["labels"] == [str(d) for d in range(10)]
     assert (folder / "requirements.txt").read_text().splitlines()[0].startswith("numpy==")

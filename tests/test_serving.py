@@ -25,6 +25,7 @@ from PIL import Image
 from conftest import free_port, http_server, png_bytes
 from mmpipe.deploy.export import example_request, load_predictor, raw_test_items, register
 from mmpipe.features.loader import FeatureSet
+from mmpipe.modalities import names
 
 PEAK_LIMIT = 1 << 30  # bytes: what a serving process may reach, whatever it is sent
 
@@ -145,7 +146,7 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb
     try:
         experiment = mlflow.create_experiment("serve-test", artifact_location=(tmp_path / "artifacts").as_uri())
         test = FeatureSet(tiny_corpus / "features", split="test")
-        items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, ["image", "text", "audio"])
+        items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, list(names()))
         with mlflow.start_run(experiment_id=experiment):
             registered = register(bundle["folder"], "tiny-fusion", "champion", example_request(load_predictor(bundle["folder"]).Predictor(bundle["folder"]), items))
     finally:
@@ -164,7 +165,13 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb
         predictions = post(port, records)
         assert len(predictions) == 3
         predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"])
-        first = {k: (base64.b64decode(v) if k != "text" else v) or None for k, v in records[0].items()}
+        first: dict = {}  # the first row as the predictor's raw inputs: files decoded, record columns gathered
+        for column, (modality, kind) in predictor.request_columns().items():
+            value = records[0][column]
+            if kind == "record" and value is not None:
+                first.setdefault(modality, {})[column] = value
+            elif kind != "record":
+                first[modality] = (base64.b64decode(value) if kind == "file" else value) or None
         assert predictions[0]["label"] == predictor.predict([predictor.features(**first)])[0]["label"]
         assert predictions[1]["label"] in [str(d) for d in range(10)] and predictions[1]["error"] == ""
         assert predictions[2]["error"] == "image is not valid base64" and predictions[2]["label"] == ""

@@ -29,8 +29,8 @@ from conftest import (ROOT, TINY, copy_repo, dvc, free_port, git_commit, git_ini
 from mmpipe import summary
 from mmpipe.io import flatten
 
-STAGES = ["collect", "clean", "preprocess@image", "preprocess@text", "preprocess@audio", "train", "evaluate",
-          "compress", "export"]
+STAGES = ["collect", "clean", "preprocess@image", "preprocess@text", "preprocess@audio", "preprocess@tabular", "train",
+          "evaluate", "compress", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_mlflow_server_rest_api_lists_pipeline_rows_and_their_stage_runs(tiny_ru
         assert {"evaluate.test.accuracy", "evaluate.test.f1_macro",  # no fusion gain: no baselines in the tiny profile
                 "compress.shipped.file_bytes", "compress.shipped.batch_32_p50_ms"} <= set(metrics)
         assert {"evaluate.robustness.image.relative", "evaluate.robustness.text.relative",
-                "evaluate.robustness.audio.relative"} <= set(metrics)
+                "evaluate.robustness.audio.relative", "evaluate.robustness.tabular.relative"} <= set(metrics)
         assert gated["info"]["status"] == "FAILED"
         assert not any(m["key"].startswith(("evaluate.", "compress.")) for m in gated["data"]["metrics"])
         children = post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100,
@@ -275,7 +275,7 @@ def test_kill_9_during_clean_train_and_export_then_repro_finishes_as_if_never_ki
     second = repro_killed_when(repo, lambda output: "train[fusion]: val accuracy" in output)  # during baseline_image
     assert "removed " in second and ".clean.tmp-" in second  # what the killed clean left
     third = repro_killed_when(repo, writing("artifacts/.deploy.tmp-*"))
-    assert "train[image+text+audio]: already trained by an interrupted run of this stage" in third
+    assert "train[image+text+audio+tabular]: already trained by an interrupted run of this stage" in third
     last = dvc(repo, "repro")
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     assert ran_stages(last) == ["source", "export", "summary"]

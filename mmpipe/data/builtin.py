@@ -11,6 +11,9 @@ one, and the same seed gives the same bytes. Material comes from pip packages on
   and mixes in noise at a random SNR; WAV or FLAC.
 * text: the digit in a random written form: English word, numeral, another language, Roman
   numeral, arithmetic, inside a short phrase, in any case, sometimes misspelt.
+* tabular (opt-in, ``data.builtin.tabular``): the scan's metadata as a record — ink coverage of the
+  scan, writing time, a clerk's even/odd note, the writer's age, the source and the scanner; a few
+  columns weakly informative of the digit, the others not at all; cells sometimes empty or garbled.
 
 Each modality of each sample is independently *clean*, *degraded* (so noisy it carries little
 or no information) or *missing* with the probabilities in ``data.builtin``, so that no single
@@ -20,6 +23,7 @@ modality suffices and fusing the three does. docs/data.md explains the numbers.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -45,6 +49,7 @@ class PerModality(Strict):
     image: float = Field(ge=0.0, le=1.0)
     text: float = Field(ge=0.0, le=1.0)
     audio: float = Field(ge=0.0, le=1.0)
+    tabular: float = Field(0.15, ge=0.0, le=1.0)  # used with ``tabular: true``
 
 
 class BuiltinCorpus(Strict):
@@ -57,10 +62,12 @@ class BuiltinCorpus(Strict):
     p_flac: float = Field(0.3, ge=0.0, le=1.0)
     snr_db: tuple[float, float] = (5.0, 30.0)
     degraded_snr_db: tuple[float, float] = (-15.0, -5.0)
+    tabular: bool = False  # also generate metadata records (the fourth modality)
+    p_bad_cell: float = Field(0.02, ge=0.0, le=1.0)  # tabular: share of numeric cells garbled ("n/a", "?")
 
     @model_validator(mode="after")
     def _check(self) -> "BuiltinCorpus":
-        for m in ("image", "text", "audio"):
+        for m in ("image", "text", "audio", "tabular"):
             total = getattr(self.p_missing, m) + getattr(self.p_degraded, m)
             if total > 1.0:
                 raise ValueError(f"p_missing.{m} + p_degraded.{m} = {total:g} must be <= 1")
@@ -135,6 +142,7 @@ class Sample:
     image: bytes | None
     audio: bytes | None
     text: bytes | None
+    tabular: bytes | None = None
 
 
 def _draw_states(rng: np.random.Generator, cfg) -> dict[str, str]:
@@ -252,6 +260,36 @@ def render_text(digit: int, rng: np.random.Generator, degraded: bool) -> bytes:
     return PHRASES[rng.integers(len(PHRASES))].format(token).encode()
 
 
+# per digit: mean seconds to write it (a loop or two strokes take longer)
+WRITING_SECONDS = (2.4, 1.2, 2.2, 2.6, 2.3, 2.5, 2.1, 1.6, 2.9, 2.2)
+SOURCES = ("census", "postal", "bank", "school")
+SCANNERS = ("S-100", "S-200", "flatbed", "phone")
+
+
+def render_record(digit: int, scan: np.ndarray, rng: np.random.Generator, degraded: bool, p_bad_cell: float) -> bytes:
+    """The scan's metadata: ink coverage (from the scan itself) and writing time inform a little,
+    the clerk's even/odd note is right 3 times in 4; age, source and scanner carry nothing. Degraded:
+    every cell drawn without regard to the digit. Each cell is empty 1 time in 10."""
+    shown = int(rng.integers(10)) if degraded else digit
+    shown_scan = scan if not degraded else np.full_like(scan, int(rng.integers(40, 120)))
+    parity = ("even", "odd")[shown % 2]
+    record = {
+        "ink_coverage": round(float(shown_scan.mean()) / 255 * 100 + float(rng.normal(0, 3)), 1),
+        "writing_seconds": round(WRITING_SECONDS[shown] * float(rng.lognormal(0, 0.25)), 2),
+        "clerk_note": parity if rng.random() < 0.75 else ("even", "odd", "unsure")[int(rng.integers(3))],
+        "writer_age": int(np.clip(rng.normal(40, 15), 8, 90)),
+        "source": SOURCES[int(rng.integers(len(SOURCES)))],
+        "scanner": SCANNERS[int(rng.integers(len(SCANNERS)))],
+    }
+    for key in list(record):
+        u = rng.random()
+        if u < 0.1:
+            record[key] = None
+        elif u < 0.1 + p_bad_cell and isinstance(record[key], float):
+            record[key] = ("n/a", "?", "#VALUE!")[int(rng.integers(3))]
+    return json.dumps(record).encode()
+
+
 def make_sample(index: int, seed: int, cfg, bank) -> Sample:
     """The ``index``-th sample of the corpus for ``seed``; ``cfg`` is ``data.builtin``, ``bank`` its speech_bank."""
     rng = np.random.default_rng([seed, index])
@@ -267,13 +305,23 @@ def make_sample(index: int, seed: int, cfg, bank) -> Sample:
     audio = None if states["audio"] == "missing" else render_audio(
         bank[digit][audio_rng.integers(len(bank[digit]))], audio_rng, cfg.audio_sample_rate, states["audio"] == "degraded",
         tuple(cfg.snr_db), tuple(cfg.degraded_snr_db), cfg.p_flac)
+    condition = ";".join(f"{m}={s}" for m, s in states.items())
     text = None if states["text"] == "missing" else render_text(digit, text_rng, states["text"] == "degraded")
+    tabular = None
+    if cfg.tabular:  # its own stream, drawn after the others: the three-modality corpus is unchanged
+        tabular_rng = np.random.default_rng([seed, index, 4])
+        u = tabular_rng.random()
+        state = "missing" if u < cfg.p_missing.tabular else "degraded" if u < cfg.p_missing.tabular + cfg.p_degraded.tabular else "clean"
+        condition += f";tabular={state}"
+        if state != "missing":
+            tabular = render_record(digit, scans[scan_index], tabular_rng, state == "degraded", cfg.p_bad_cell)
     return Sample(
         index=index,
         label=LABELS[digit],
         group=f"scan-{scan_index}",  # one scan never straddles splits: image test accuracy stays honest
-        condition=";".join(f"{m}={s}" for m, s in states.items()),
+        condition=condition,
         image=image,
         audio=audio,
         text=text,
+        tabular=tabular,
     )

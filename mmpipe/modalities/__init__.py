@@ -12,10 +12,10 @@ from __future__ import annotations
 import typing
 from types import ModuleType
 
-from mmpipe.modalities import audio, image, text
+from mmpipe.modalities import audio, image, tabular, text
 from mmpipe.modalities.base import Cleaned, Modality  # noqa: F401  (re-exported)
 
-_BUILT_IN = (image, text, audio)
+_BUILT_IN = (image, text, audio, tabular)
 MODALITIES: dict[str, ModuleType] = {}
 
 

@@ -106,3 +106,37 @@ class SpectrogramCNN(nn.Module):
         if self.training and self.augment:
             x = self.time_masking(self.freq_masking(x))  # masked cells become 0 = the mean
         return self.out(self.features(x))
+
+
+class RecordMLP(nn.Module):
+    """Tabular cells -> (B, dim): numbers (B, 2k: standardised values, then missing indicators) and
+    category ids (B, c) each into an embedding, concatenated, then a two-layer MLP. Either input is
+    absent when the record has no column of that kind. While training, ``cell_dropout`` of the cells
+    are made missing, so the model does not lean on any single column."""
+
+    def __init__(self, n_numeric: int, cardinalities: list[int], dim: int, embed_dim: int = 8, width: int = 64,
+                 cell_dropout: float = 0.1):
+        super().__init__()
+        self.n_numeric, self.cell_dropout = n_numeric, cell_dropout
+        # one table for every column: column j's ids are offset past the previous columns' ids
+        self.register_buffer("offsets", torch.tensor([0, *cardinalities[:-1]], dtype=torch.int64).cumsum(0))
+        self.embed = nn.Embedding(sum(cardinalities), embed_dim) if cardinalities else None
+        self.mlp = nn.Sequential(nn.Linear(2 * n_numeric + embed_dim * len(cardinalities), width), nn.ReLU(),
+                                 nn.Linear(width, width), nn.ReLU())
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, *arrays: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if self.n_numeric:
+            numeric = arrays[0].float()
+            if self.training and self.cell_dropout > 0:
+                k = self.n_numeric
+                drop = torch.rand(numeric.shape[0], k, device=numeric.device) < self.cell_dropout
+                numeric = torch.cat([numeric[:, :k].masked_fill(drop, 0.0), numeric[:, k:].masked_fill(drop, 1.0)], 1)
+            parts.append(numeric)
+        if self.embed is not None:
+            ids = arrays[-1].long()
+            if self.training and self.cell_dropout > 0:  # id 0 = missing
+                ids = ids.masked_fill(torch.rand(ids.shape, device=ids.device) < self.cell_dropout, 0)
+            parts.append(self.embed(ids + self.offsets).flatten(1))
+        return self.out(self.mlp(torch.cat(parts, 1)))
