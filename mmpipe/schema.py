@@ -11,3 +11,11 @@ from pydantic import BaseModel, ConfigDict
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def check_order(self, *pairs: tuple[str, str], strict: bool = False) -> None:
+        """For each (low, high) field pair: ``low <= high`` (``low < high`` when ``strict``), else a
+        ValueError naming both (for ``model_validator(mode="after")`` checks)."""
+        for low, high in pairs:
+            a, b = getattr(self, low), getattr(self, high)
+            if a > b or (strict and a == b):
+                raise ValueError(f"{low} ({a}) must {'be below' if strict else 'not exceed'} {high} ({b})")

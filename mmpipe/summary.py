@@ -12,29 +12,29 @@ import json
 from pathlib import Path
 
 from mmpipe.io import flatten
+from mmpipe.layout import EVAL_FIGURES, EVAL_PLOTS, EVAL_REPORT, METRICS
 
 # Stages in DAG order (preprocess@<modality> counts as "preprocess"): a stage that just finished
 # may read its own file and those of the stages before it, which are current; later stages'
 # files may still be from an earlier execution.
 ORDER = ["collect", "clean", "preprocess", "train", "evaluate", "compress", "export"]
 
-# stage -> (metrics file, key patterns in the flattened file)
-HEADLINE: dict[str, tuple[str, list[str]]] = {
-    "collect": ("metrics/collect.json", ["samples"]),
-    "clean": ("metrics/clean.json", ["kept", "rejected_samples"]),
-    "train": ("metrics/train.json", ["fusion.val_accuracy", "fusion.seconds"]),
-    "evaluate": ("metrics/eval.json", ["test.accuracy", "test.f1_macro", "test.ece", "fusion_gain",
-                                       "robustness.*.relative"]),
-    "compress": ("metrics/compress.json", ["shipped.*"]),
-    "export": ("metrics/export.json", ["predictor_raw_test_accuracy", "int8_vs_its_fp32_top1_agreement",
-                                       "fp32_onnx_vs_pytorch_max_abs_logit_diff", "bundle_bytes"]),
+# stage -> key patterns in its flattened metrics file (layout.METRICS)
+HEADLINE: dict[str, list[str]] = {
+    "collect": ["samples"],
+    "clean": ["kept", "rejected_samples"],
+    "train": ["fusion.val_accuracy", "fusion.seconds"],
+    "evaluate": ["test.accuracy", "test.f1_macro", "test.ece", "fusion_gain", "robustness.*.relative"],
+    "compress": ["shipped.*"],
+    "export": ["predictor_raw_test_accuracy", "int8_vs_its_fp32_top1_agreement",
+               "fp32_onnx_vs_pytorch_max_abs_logit_diff", "bundle_bytes"],
 }
 
 
 # Outputs whose copy the pipeline run keeps as artifacts (local path -> artifact folder), so that
 # an execution's curves and report stay with its row even when DVC restored evaluate from its cache.
 # The report links its figures as eval/<name>.png: they go next to it.
-ARTIFACTS = {"plots/eval": "eval", "reports/eval.md": "report", "reports/eval": "report/eval"}
+ARTIFACTS = {str(EVAL_PLOTS): "eval", str(EVAL_REPORT): "report", str(EVAL_FIGURES): "report/eval"}
 
 
 def stage_family(stage: str) -> str:
@@ -49,9 +49,9 @@ def headline(root: Path, upto: str | None = None) -> dict[str, float]:
     for stage in ORDER[:last + 1]:
         if stage not in HEADLINE:
             continue
-        file, patterns = HEADLINE[stage]
+        patterns = HEADLINE[stage]
         try:
-            flat = flatten(json.loads((root / file).read_text()))
+            flat = flatten(json.loads((root / METRICS[stage]).read_text()))
         except (OSError, ValueError):
             continue
         for key, value in flat.items():

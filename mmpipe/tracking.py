@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 from mmpipe import summary
 from mmpipe.errors import PipelineError, redact
-from mmpipe.io import flatten
+from mmpipe.io import flatten, write_json_atomic
 
 DEFAULT_EXPERIMENT = "mmpipe"
 PIPELINE_ROLE = "pipeline"  # tag mmpipe.role of the parent rows
@@ -166,6 +166,11 @@ class StageRun:
             if not self._step_warned:
                 print(f"warning: {exc}; continuing without them (the stage's metrics files are complete)")
                 self._step_warned = True
+
+    def write_metrics(self, path: str | os.PathLike, metrics: dict[str, Any]) -> None:
+        """The stage's metrics file (written atomically), logged as metrics and as an artifact."""
+        write_json_atomic(path, metrics)
+        self.log_metrics_file(path)
 
     def log_metrics_file(self, path: str | os.PathLike) -> None:
         self.log_metrics(json.loads(Path(path).read_text()))

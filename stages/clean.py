@@ -1,15 +1,13 @@
 """clean: validate, normalise, deduplicate and split data/raw into data/clean (+ rejects.parquet)."""
 
-from pathlib import Path
 
-from mmpipe import params, tracking
+from mmpipe import layout, params, tracking
+from mmpipe.layout import CLEAN, RAW
 from mmpipe.data.clean import REJECTS_FILE, clean
-from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.io import atomic_dir
 from mmpipe.stage import run_stage
 
-RAW = Path("data/raw")
-CLEAN = Path("data/clean")
-METRICS = Path("metrics/clean.json")
+METRICS = layout.METRICS["clean"]
 
 
 def main() -> None:
@@ -17,8 +15,7 @@ def main() -> None:
     with tracking.stage_run("clean", cfg) as run:
         with atomic_dir(CLEAN) as tmp:
             metrics = clean(cfg, RAW, tmp)
-        write_json_atomic(METRICS, metrics)
-        run.log_metrics_file(METRICS)
+        run.write_metrics(METRICS, metrics)
         run.log_artifact(CLEAN / REJECTS_FILE)
     codes = ", ".join(f"{code} {n}" for code, n in metrics["rejects_by_code"].items()) or "none"
     splits = ", ".join(f"{s} {n}" for s, n in metrics["split"].items())

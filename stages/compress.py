@@ -1,14 +1,14 @@
 """compress: models/fusion -> artifacts/compressed/ (fp32, pruned, int8 ONNX + the chosen model.onnx)
 and metrics/compress.json (accuracy, size, MACs, sparsity, latency of each variant; the choice)."""
 
-from pathlib import Path
 
-from mmpipe import params, tracking
+from mmpipe import layout, params, tracking
+from mmpipe.layout import COMPRESSED, FEATURES, FUSION
 from mmpipe.compress.compress import compress
-from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.io import atomic_dir
 from mmpipe.stage import run_stage
 
-FEATURES, MODEL, OUT, METRICS = Path("data/features"), Path("models/fusion"), Path("artifacts/compressed"), Path("metrics/compress.json")
+METRICS = layout.METRICS["compress"]
 
 
 def main() -> None:
@@ -20,10 +20,9 @@ def main() -> None:
             steps[name] = steps.get(name, -1) + 1
             run.log_metrics({f"{name}.{k}": v for k, v in row.items()}, step=steps[name])
 
-        with atomic_dir(OUT) as out:
-            metrics = compress(cfg, FEATURES, MODEL, out, log)
-        write_json_atomic(METRICS, metrics)
-        run.log_metrics_file(METRICS)
+        with atomic_dir(COMPRESSED) as out:
+            metrics = compress(cfg, FEATURES, FUSION, out, log)
+        run.write_metrics(METRICS, metrics)
     shipped, fp32 = metrics["shipped"], metrics["variants"]["fp32"]
     print(f"compress: chose {shipped['variant']} — val accuracy {shipped['val_accuracy']:.4f} (fp32 {fp32['val_accuracy']:.4f}), "
           f"{shipped['smaller_than_fp32_onnx']:.1f}x smaller, batch-32 {shipped['faster_than_fp32_onnx_batch_32']:.2f}x "

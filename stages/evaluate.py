@@ -5,17 +5,16 @@ gate and a non-zero exit, after the metrics and the report are written, so that 
 and dvc repro goes no further (compress and export depend on this stage).
 """
 
-from pathlib import Path
-
-from mmpipe import params, tracking
+from mmpipe import layout, params, tracking
 from mmpipe.errors import PipelineError
 from mmpipe.evaluate.evaluate import evaluate, failed_gates
 from mmpipe.evaluate.report import report_markdown, write_plot_data
-from mmpipe.io import atomic_dir, write_bytes_atomic, write_json_atomic
+from mmpipe.io import atomic_dir, write_bytes_atomic
+from mmpipe.layout import CLEAN, FEATURES, MODELS
 from mmpipe.stage import run_stage
 
-FEATURES, CLEAN, MODELS = Path("data/features"), Path("data/clean"), Path("models")
-METRICS, PLOTS, REPORT, FIGURES = Path("metrics/eval.json"), Path("plots/eval"), Path("reports/eval.md"), Path("reports/eval")
+METRICS = layout.METRICS["evaluate"]
+PLOTS, REPORT, FIGURES = layout.EVAL_PLOTS, layout.EVAL_REPORT, layout.EVAL_FIGURES
 
 
 def main() -> None:
@@ -31,8 +30,7 @@ def main() -> None:
         with atomic_dir(FIGURES) as figures:  # the report's PNGs, linked from reports/eval.md as eval/<name>.png
             report = report_markdown(metrics, result["tables"], failed, figures, FIGURES.name)
         write_bytes_atomic(REPORT, report.encode())
-        write_json_atomic(METRICS, metrics)
-        run.log_metrics_file(METRICS)
+        run.write_metrics(METRICS, metrics)
         for path in (PLOTS, FIGURES, REPORT):
             run.log_artifact(path)
         if failed:

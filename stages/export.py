@@ -3,25 +3,23 @@ bundle) and metrics/export.json (parity of ONNX vs PyTorch, int8 vs fp32 agreeme
 predictor's accuracy on the raw test files). A failed check ends the stage non-zero, after writing."""
 
 import json
-from pathlib import Path
 
-from mmpipe import params, tracking
+from mmpipe import layout, params, tracking
 from mmpipe.deploy.export import alias_decision, export, failed_checks, register
 from mmpipe.errors import PipelineError
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.stage import run_stage
 
-OUT, METRICS = Path("artifacts/deploy"), Path("metrics/export.json")
+OUT, METRICS = layout.DEPLOY, layout.METRICS["export"]
 
 
 def main() -> None:
     cfg = params.load("export")
     with tracking.stage_run("export", cfg) as run:
         with atomic_dir(OUT) as out:
-            eval_metrics = json.loads(Path("metrics/eval.json").read_text())
-            checks, example = export(cfg, out, Path("artifacts/compressed"), Path("models/fusion"), Path("data/features"),
-                                     Path("data/raw"), Path("data/clean"), eval_metrics,
-                                     json.loads(Path("metrics/compress.json").read_text()))
+            eval_metrics = json.loads(layout.METRICS["evaluate"].read_text())
+            checks, example = export(cfg, out, layout.COMPRESSED, layout.FUSION, layout.FEATURES, layout.RAW,
+                                     layout.CLEAN, eval_metrics, json.loads(layout.METRICS["compress"].read_text()))
             failed = failed_checks(checks, cfg)
             if failed:  # keep the metrics so the user sees why; no bundle
                 write_json_atomic(METRICS, checks | {"passed": False, "failed": failed})

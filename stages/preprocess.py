@@ -1,16 +1,14 @@
 """preprocess@<modality>: data/clean -> data/features/<modality>/ (index, tensor shards, fitted state)."""
 
 import sys
-from pathlib import Path
 
-from mmpipe import params, tracking
+from mmpipe import layout, params, tracking
 from mmpipe.errors import PipelineError
 from mmpipe.features.preprocess import preprocess
-from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.io import atomic_dir
 from mmpipe.modalities import names
 from mmpipe.stage import run_stage
 
-CLEAN = Path("data/clean")
 
 
 def main() -> None:
@@ -18,12 +16,10 @@ def main() -> None:
         raise PipelineError(f"usage: python -m stages.preprocess <{'|'.join(names())}>")
     modality = sys.argv[1]
     cfg = params.load("preprocess")
-    metrics_file = Path(f"metrics/preprocess_{modality}.json")
     with tracking.stage_run(f"preprocess@{modality}", cfg) as run:
-        with atomic_dir(Path("data/features") / modality) as tmp:
-            metrics = preprocess(modality, cfg, CLEAN, tmp)
-        write_json_atomic(metrics_file, metrics)
-        run.log_metrics_file(metrics_file)
+        with atomic_dir(layout.features(modality)) as tmp:
+            metrics = preprocess(modality, cfg, layout.CLEAN, tmp)
+        run.write_metrics(layout.preprocess_metrics(modality), metrics)
     if not metrics["enabled"]:
         return
     print(f"preprocess@{modality}: {metrics['samples']} samples ({metrics['available']} available) -> "

@@ -4,12 +4,12 @@ Runs on every ``dvc repro`` (always_changed) and takes a moment; ``collect`` dep
 output, so collect re-runs exactly when the user's manifest or files changed.
 """
 
-from mmpipe import params
+from mmpipe import layout, params
 from mmpipe.data.collect import fingerprint
 from mmpipe.io import write_json_atomic
 from mmpipe.stage import run_stage
 
-OUT = "data/source.json"
+OUT = layout.SOURCE
 
 
 def main() -> None:

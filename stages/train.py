@@ -9,18 +9,17 @@ Data-parallel on several GPUs (or CPU processes): torchrun --standalone --nproc_
 """
 
 import csv
-from pathlib import Path
 
-from mmpipe import params, tracking
+from mmpipe import layout, params, tracking
 from mmpipe.device import resolve_device
 from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.layout import CHECKPOINTS, FEATURES, MODELS
 from mmpipe.features.loader import feature_modalities
 from mmpipe.models.distributed import process_group
 from mmpipe.models.train import clear_checkpoints, train
 from mmpipe.stage import run_stage
 
-FEATURES, CHECKPOINTS = Path("data/features"), Path(".checkpoints/train")
-METRICS, PLOTS = Path("metrics/train.json"), Path("plots/train")
+METRICS, PLOTS = layout.METRICS["train"], layout.TRAIN_PLOTS
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
 def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
     results, finished = {}, []
     with tracking.stage_run("train", {"train": cfg.model_dump(), "model": model_cfg.model_dump()}) as run:
-        with atomic_dir(Path("models")) as models, atomic_dir(PLOTS) as plots:
+        with atomic_dir(MODELS) as models, atomic_dir(PLOTS) as plots:
             for name, modalities in runs.items():
                 def log_epoch(epoch: int, row: dict, name=name) -> None:
                     run.log_metrics({f"{name}.{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)

@@ -45,3 +45,19 @@ def test_ci_example_calls_existing_make_targets_and_dvc_commands():
     order = [name for name in ("make pull", "dvc repro --pull", "make push", "dvc metrics diff") if name in commands]
     assert order == ["make pull", "dvc repro --pull", "make push", "dvc metrics diff"]
     assert [commands.index(name) for name in order] == sorted(commands.index(name) for name in order)
+
+
+def test_layout_is_where_dvc_yaml_says_each_stage_writes():
+    """mmpipe/layout.py (the paths the stage scripts and summary use) and dvc.yaml agree, stage by stage."""
+    from mmpipe import layout
+
+    def paths(entries) -> set[str]:
+        return {next(iter(e)) if isinstance(e, dict) else e for e in entries or []}
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = {name: paths(spec.get("outs")) | paths(spec.get("metrics")) | paths(spec.get("plots"))
+                for name, spec in stages.items()}
+    assert declared == layout.stage_outputs()
+    # every stage's inputs among them are declared as dependencies too
+    assert str(layout.SOURCE) in paths(stages["collect"]["deps"]) and str(layout.RAW) in paths(stages["clean"]["deps"])
+    assert str(layout.FEATURES) in paths(stages["train"]["deps"]) and str(layout.FUSION.parent) in paths(stages["evaluate"]["deps"])

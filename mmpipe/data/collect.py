@@ -33,6 +33,7 @@ from mmpipe.data.fetch import FetchError, Policy, check, fetch, is_url, local_pa
 from mmpipe.errors import PipelineError, redact
 from mmpipe.io import PartWriter, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, by_extension, names
+from mmpipe.modalities.portable import json_object
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA = ("digits",)
@@ -184,12 +185,9 @@ def _jsonl(data: bytes, source: str) -> pd.DataFrame:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipelineError(f"{source}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise PipelineError(f"{source}: line {number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+            records.append(json_object(line))
+        except ValueError as exc:
+            raise PipelineError(f"{source}: line {number}: {exc}") from None
     return pd.DataFrame(records, dtype=object)
 
 

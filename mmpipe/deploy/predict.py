@@ -227,12 +227,9 @@ def cli_input(kind: str, value: str, max_bytes: int):
     if kind == "string":
         return value
     try:
-        record = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not a JSON object ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise InputError(f"expected a JSON object, got {type(record).__name__}")
-    return record
+        return portable.json_object(value)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

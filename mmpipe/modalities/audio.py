@@ -43,10 +43,7 @@ class Clean(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Clean":
-        if self.min_seconds > self.max_seconds:
-            raise ValueError(f"min_seconds ({self.min_seconds}) must not exceed max_seconds ({self.max_seconds})")
-        if self.min_rate > self.max_rate:
-            raise ValueError(f"min_rate ({self.min_rate}) must not exceed max_rate ({self.max_rate})")
+        self.check_order(("min_seconds", "max_seconds"), ("min_rate", "max_rate"))
         return self
 
 
@@ -60,10 +57,8 @@ class Preprocess(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Preprocess":
-        if self.fmin >= self.fmax:
-            raise ValueError(f"fmin ({self.fmin}) must be below fmax ({self.fmax})")
-        if self.hop > self.n_fft:
-            raise ValueError(f"hop ({self.hop}) must not exceed n_fft ({self.n_fft})")
+        self.check_order(("fmin", "fmax"), strict=True)
+        self.check_order(("hop", "n_fft"))
         return self
 
 

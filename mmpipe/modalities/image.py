@@ -38,8 +38,7 @@ class Clean(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Clean":
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        self.check_order(("min_side", "max_side"))
         return self
 
 

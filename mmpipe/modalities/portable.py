@@ -20,6 +20,7 @@ The rules (``rules``) are plain mappings: clean's params sections ``clean.image`
 from __future__ import annotations
 
 import io
+import json
 import re
 import unicodedata
 import warnings
@@ -54,6 +55,20 @@ def describe(exc: BaseException) -> str:
     """An exception as one short line (some libraries raise with an empty or multi-line message)."""
     text = " ".join(_OBJECT_REPR.sub("", str(exc)).split())
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+def json_object(text: str | bytes) -> dict:
+    """``text`` as a JSON object; ValueError with a one-line reason otherwise (a manifest's JSON line,
+    a ``--tabular`` argument, a record)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # invalid UTF-8 bytes, absurd nesting
+        raise ValueError(f"not valid JSON ({describe(exc)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 # --------------------------------------------------------------------------- image

@@ -21,9 +21,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 if __package__:  # inside mmpipe
-    from .portable import RejectedInput, normalize
+    from .portable import RejectedInput, json_object, normalize
 else:  # in the bundle: portable.py sits next to this file
-    from portable import RejectedInput, normalize  # type: ignore[no-redef]
+    from portable import RejectedInput, json_object, normalize  # type: ignore[no-redef]
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 MISSING_ID, UNKNOWN_ID = 0, 1  # category ids before the vocabulary's
@@ -78,12 +78,9 @@ def parse_object(data: bytes | str | Mapping, rules: Mapping[str, Any]) -> dict[
     if size > rules["max_bytes"]:
         raise RejectedInput("tabular_too_large", f"tabular record is {size:,} bytes > clean.tabular.max_bytes={rules['max_bytes']:,}")
     try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, invalid UTF-8, absurd nesting
-        raise RejectedInput("tabular_invalid", f"tabular record is not valid JSON ({str(exc).splitlines()[0][:80]})") from None
-    if not isinstance(obj, dict):
-        raise RejectedInput("tabular_invalid", f"tabular record is a JSON {type(obj).__name__}, not an object")
-    return obj
+        return json_object(data)
+    except ValueError as exc:
+        raise RejectedInput("tabular_invalid", f"tabular record: {exc}") from None
 
 
 def decode_record(data: bytes | str | Mapping, rules: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:

@@ -1,0 +1,51 @@
+"""Where the stages read and write, relative to the repository root: the one list of the paths
+``dvc.yaml`` declares (``tests/test_docs.py`` checks every stage's outputs there are these).
+
+The library takes paths as arguments and knows none of these; the stage scripts and ``summary``
+(the MLflow row, read from the metrics files) import them from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SOURCE = Path("data/source.json")  # the source stage's fingerprint of data.source
+RAW = Path("data/raw")
+CLEAN = Path("data/clean")
+FEATURES = Path("data/features")  # one folder per modality
+MODELS = Path("models")  # fusion/ and baseline_<modality>/
+FUSION = MODELS / "fusion"
+CHECKPOINTS = Path(".checkpoints/train")  # resumable training state (not a DVC output)
+TRAIN_PLOTS = Path("plots/train")
+EVAL_PLOTS = Path("plots/eval")
+EVAL_REPORT = Path("reports/eval.md")
+EVAL_FIGURES = Path("reports/eval")
+COMPRESSED = Path("artifacts/compressed")
+DEPLOY = Path("artifacts/deploy")
+
+METRICS = {stage: Path(f"metrics/{name}.json") for stage, name in (
+    ("collect", "collect"), ("clean", "clean"), ("train", "train"), ("evaluate", "eval"), ("compress", "compress"),
+    ("export", "export"))}
+
+
+def features(modality: str) -> Path:
+    return FEATURES / modality
+
+
+def preprocess_metrics(modality: str) -> Path:
+    return Path(f"metrics/preprocess_{modality}.json")
+
+
+def stage_outputs(modality: str = "${item.modality}") -> dict[str, set[str]]:
+    """Stage -> the paths it writes (outs, metrics, plots), as dvc.yaml spells them."""
+    return {
+        "source": {str(SOURCE)},
+        "collect": {str(RAW), str(METRICS["collect"])},
+        "clean": {str(CLEAN), str(METRICS["clean"])},
+        "preprocess": {str(features(modality)), str(preprocess_metrics(modality))},
+        "train": {str(MODELS), str(METRICS["train"]), str(TRAIN_PLOTS)},
+        "evaluate": {str(EVAL_PLOTS), str(EVAL_REPORT), str(EVAL_FIGURES), str(METRICS["evaluate"])},
+        "compress": {str(COMPRESSED), str(METRICS["compress"])},
+        "export": {str(DEPLOY), str(METRICS["export"])},
+        "summary": set(),
+    }
