@@ -191,8 +191,9 @@ def _jsonl(data: bytes, source: str) -> pd.DataFrame:
     return pd.DataFrame(records, dtype=object)
 
 
-def read_manifest(source: str, params) -> pd.DataFrame:
-    """Read a .csv/.parquet/.jsonl manifest (local or URL, fetched under the data params' policy)."""
+def read_manifest(source: str, params) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Read a .csv/.parquet/.jsonl manifest (local or URL, fetched under the data params' policy);
+    return it with each record modality's gathered columns (``record_columns``)."""
     suffix = Path(source.split("?")[0]).suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise PipelineError(f"{redact(source)}: unsupported manifest type '{suffix}' (expected {', '.join(MANIFEST_SUFFIXES)})")
@@ -235,7 +236,7 @@ def read_manifest(source: str, params) -> pd.DataFrame:
         print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(unknown)}{hint}")
     if not gathered and not any(c in frame.columns for c in (*names(), *file_columns())):
         raise PipelineError(f"{redact(source)}: manifest has none of the modality columns {', '.join((*names(), *file_columns()))}")
-    return frame
+    return frame, records
 
 
 def _resolve(ref: str, base: str) -> str:
@@ -291,7 +292,7 @@ def manifest_base(source: str) -> str:
 
 def manifest_rows(source: str, params) -> list[dict[str, Any]]:
     """One row spec per manifest row: refs resolved, inline content kept, ids given or derived."""
-    frame = read_manifest(source, params)
+    frame, records = read_manifest(source, params)
     base = manifest_base(source)
     specs = []
     columns = {c: frame[c].tolist() for c in frame.columns if c in manifest_columns()}
@@ -299,7 +300,6 @@ def manifest_rows(source: str, params) -> list[dict[str, Any]]:
     def cell(column: str, i: int) -> str | None:
         return _text(columns[column][i]) if column in columns else None
 
-    records = record_columns(params, list(frame.columns))
     for c in (c for record in records.values() for c in record):
         columns[c] = frame[c].tolist()
     for i in range(len(frame)):
