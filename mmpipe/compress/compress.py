@@ -49,113 +49,161 @@ def _latency(sess, feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
     return latency_ms(lambda: sess.run(["logits"], feeds), runs)
 
 
-def _describe(path: Path, model: torch.nn.Module, example: dict, feeds: dict[str, dict], labels: dict,
-              threads: int, runs: int) -> dict[str, Any]:
+class Variants:
+    """The ONNX variants written so far, each measured the same way (``describe``), and the accuracy budget."""
+
+    def __init__(self, model: torch.nn.Module, data: "CompressInputs", params, progress):
+        self.data, self.params, self.progress = data, params, progress
+        self.rows: dict[str, dict] = {}
+        self.models = {"fp32": model}
+
+    def add(self, name: str, torch_model: torch.nn.Module, path: Path) -> None:
+        self.rows[name] = describe(path, torch_model, self.data, self.params.threads, self.params.latency_runs)
+        v = self.rows[name]
+        self.progress(f"compress[{name}]: val {v['val_accuracy']:.4f}, {v['file_bytes'] / 1e6:.2f} MB, "
+                      f"{v['macs_per_sample'] / 1e6:.1f} MMAC/sample, "
+                      f"batch-32 p50 {v['latency_ms']['batch_32']['p50']:.2f} ms")
+
+    def fits(self, name: str) -> bool:
+        """Within ``max_accuracy_drop`` of fp32's validation accuracy (fp32 always is)."""
+        return self.rows["fp32"]["val_accuracy"] - self.rows[name]["val_accuracy"] <= self.params.max_accuracy_drop
+
+
+class CompressInputs:
+    """What every variant is measured on: ONNX feeds and labels of val and test, a 32-sample example batch
+    (MACs, eager latency) and calibration batches drawn (seeded) from the train split."""
+
+    def __init__(self, features_root: Path, model: torch.nn.Module, seed: int, calibration_samples: int):
+        splits = {s: FeatureSet(features_root, split=s) for s in ("train", "val", "test")}
+        self.feeds = {s: _feeds(splits[s], np.arange(len(splits[s])), model) for s in ("val", "test")}
+        self.labels = {s: splits[s].labels for s in ("val", "test")}
+        self.example = to_model_inputs(splits["val"].get(np.arange(min(32, len(splits["val"])))), model.modalities,
+                                       torch.device("cpu"))
+        rng = np.random.default_rng(seed)
+        picks = np.sort(rng.choice(len(splits["train"]), min(calibration_samples, len(splits["train"])), replace=False))
+        self.calibration = [_feeds(splits["train"], picks[i:i + 32], model) for i in range(0, len(picks), 32)]
+
+
+def describe(path: Path, model: torch.nn.Module, data: CompressInputs, threads: int, runs: int) -> dict[str, Any]:
+    """Accuracy (val, test), file and gzip size, parameters, MACs, sparsity and latency of one ONNX variant."""
     sess = session(path, threads)
-    out = {split: float((run_logits(sess, f).argmax(axis=1) == labels[split]).mean()) for split, f in feeds.items()}
+    out = {split: float((run_logits(sess, f).argmax(axis=1) == data.labels[split]).mean())
+           for split, f in data.feeds.items()}
     return {"val_accuracy": out["val"], "test_accuracy": out["test"],
             "file_bytes": path.stat().st_size, "gzip_bytes": len(gzip.compress(path.read_bytes(), mtime=0)),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "macs_per_sample": prune.macs(model, example) // len(example["label"]),
+            "macs_per_sample": prune.macs(model, data.example) // len(data.example["label"]),
             "sparsity": round(prune.sparsity(model), 4),
-            "latency_ms": {f"batch_{size}": _latency(sess, _batch(feeds["val"], size), runs) for size in (1, 32)}}
+            "latency_ms": {f"batch_{size}": _latency(sess, _batch(data.feeds["val"], size), runs) for size in (1, 32)}}
 
 
 def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
              log: Callable[[str, dict], None] = lambda name, row: None, progress=print) -> dict[str, Any]:
-    """Write the variants (``<name>.onnx``) and the chosen one (``model.onnx``) to ``out_dir``; return metrics."""
+    """Write the variants (``<name>.onnx``) and the chosen one (``model.onnx``) to ``out_dir``; return metrics.
+
+    Steps: fp32 export -> pruning + fine-tuning (optional; kept as int8's base when within budget) ->
+    int8 within the accuracy budget (optional) -> choice among the variants that fit -> headline figures.
+    """
     torch.manual_seed(params.seed)
     if params.threads:
         torch.set_num_threads(params.threads)
     model = load_model(model_dir)
-    modalities = model.modalities
-    splits = {s: FeatureSet(features_root, split=s) for s in ("train", "val", "test")}
-    feeds = {s: _feeds(splits[s], np.arange(len(splits[s])), model) for s in ("val", "test")}
-    labels = {s: splits[s].labels for s in ("val", "test")}
-    example = to_model_inputs(splits["val"].get(np.arange(min(32, len(splits["val"])))), modalities, torch.device("cpu"))
-    rng = np.random.default_rng(params.seed)
-    picks = np.sort(rng.choice(len(splits["train"]), min(params.quantize.calibration_samples, len(splits["train"])),
-                               replace=False))
-    calibration = [_feeds(splits["train"], picks[i:i + 32], model) for i in range(0, len(picks), 32)]
+    data = CompressInputs(features_root, model, params.seed, params.quantize.calibration_samples)
+    variants = Variants(model, data, params, progress)
 
-    variants: dict[str, dict] = {}
-    models = {"fp32": model}
-
-    def add(name: str, torch_model: torch.nn.Module, path: Path) -> None:
-        variants[name] = _describe(path, torch_model, example, feeds, labels, params.threads, params.latency_runs)
-        v = variants[name]
-        progress(f"compress[{name}]: val {v['val_accuracy']:.4f}, {v['file_bytes'] / 1e6:.2f} MB, "
-                 f"{v['macs_per_sample'] / 1e6:.1f} MMAC/sample, batch-32 p50 {v['latency_ms']['batch_32']['p50']:.2f} ms")
-
-    export_onnx(model, feeds["val"], out_dir / "fp32.onnx")
-    add("fp32", model, out_dir / "fp32.onnx")
-    reference = variants["fp32"]["val_accuracy"]
-    fits = lambda name: reference - variants[name]["val_accuracy"] <= params.max_accuracy_drop  # noqa: E731
-
+    export_onnx(model, data.feeds["val"], out_dir / "fp32.onnx")
+    variants.add("fp32", model, out_dir / "fp32.onnx")
     base = "fp32"
     if params.prune.method != "none":
-        if params.prune.method == "structured":
-            pruned = prune.structured(model, params.prune.amount, example)
-        else:
-            pruned = prune.unstructured(model, params.prune.amount)
-        if params.prune.finetune_epochs:
-            tuning = TrainParams(seed=params.seed, device="cpu", epochs=params.prune.finetune_epochs,
-                                 batch_size=params.prune.finetune_batch_size, lr=params.prune.finetune_lr,
-                                 warmup_epochs=0.0, patience=params.prune.finetune_epochs, threads=params.threads)
-            pruned = train(tuning, ModelParams(**model.config["model"]), features_root, modalities, None, None,
-                           on_epoch=lambda epoch, row: log("finetune", row), init_model=pruned)["model"]
-            if params.prune.method == "unstructured":  # fine-tuning regrows pruned weights: prune again
-                pruned = prune.unstructured(pruned, params.prune.amount)
-        models["pruned"] = pruned
-        export_onnx(pruned, feeds["val"], out_dir / "pruned.onnx")
-        add("pruned", pruned, out_dir / "pruned.onnx")
-        if fits("pruned"):
+        variants.models["pruned"] = pruned_model(model, params, features_root, data.example, log)
+        export_onnx(variants.models["pruned"], data.feeds["val"], out_dir / "pruned.onnx")
+        variants.add("pruned", variants.models["pruned"], out_dir / "pruned.onnx")
+        if variants.fits("pruned"):
             base = "pruned"
-
     if params.quantize.enabled:
-        prepared = out_dir / ".prepared.onnx"
-        quantize.prepare(out_dir / f"{base}.onnx", prepared)
-        logits_of = lambda path: run_logits(session(path), feeds["val"])  # noqa: E731
-        accuracy_of = lambda path: float((logits_of(path).argmax(axis=1) == labels["val"]).mean())  # noqa: E731
-        candidates, slower, gains = None, [], []
-        if params.quantize.layers == "not_slower":
-            batch_32 = _batch(feeds["val"], 32)
-            time_of = lambda path: _latency(session(path, params.threads), batch_32, params.latency_runs)["p50"]  # noqa: E731
-            gains = quantize.latency_gains(prepared, calibration, params.quantize.calibration, time_of)
-            for step, (node, saved) in enumerate(gains):
-                log("int8_latency_probe", {"saved_share": saved, "step": step})
-                progress(f"compress[int8 probe]: {node} alone saves {saved:+.1%} of the batch-32 time")
-            candidates = [node for node, saved in gains if saved >= -MAX_INT8_SLOWDOWN]
-            slower = [node for node, saved in gains if saved < -MAX_INT8_SLOWDOWN]
-        trial = quantize.quantize_within_budget(
-            prepared, out_dir / "int8.onnx", calibration, params.quantize.calibration, accuracy_of, logits_of,
-            reference, params.max_accuracy_drop, lambda row: log("int8_trial", row), candidates)
-        prepared.unlink()
-        if trial is not None:
-            add("int8", models[base], out_dir / "int8.onnx")
-            variants["int8"] |= {"from": base, "layers": params.quantize.layers,
-                                 "fp32_nodes": trial["excluded"], "fp32_nodes_slower_in_int8": slower,
-                                 "time_saved_alone": dict(gains)}
+        quantized(base, variants, out_dir, params, log, progress)
 
-    eligible = [name for name in variants if fits(name)]
-    if params.prefer == "size":
-        chosen = min(eligible, key=lambda name: variants[name]["file_bytes"])
-    else:
-        chosen = min(eligible, key=lambda name: variants[name]["latency_ms"]["batch_32"]["p50"])
+    chosen = choose(variants, params.prefer)
     shutil.copyfile(out_dir / f"{chosen}.onnx", out_dir / CHOSEN_FILE)
+    return {"shipped": headline(variants.rows["fp32"], variants.rows[chosen], chosen), "variants": variants.rows,
+            "chosen": chosen, "prefer": params.prefer, "base_for_int8": base,
+            "pytorch_fp32_latency_ms": eager_latency(model, data.example, params.latency_runs),
+            "threads": params.threads, "max_accuracy_drop": params.max_accuracy_drop}
 
+
+def pruned_model(model: torch.nn.Module, params, features_root: Path, example: dict,
+                 log: Callable[[str, dict], None]) -> torch.nn.Module:
+    """The model pruned by ``prune.method`` and fine-tuned (the train loop, from the pruned weights)."""
+    if params.prune.method == "structured":
+        pruned = prune.structured(model, params.prune.amount, example)
+    else:
+        pruned = prune.unstructured(model, params.prune.amount)
+    if params.prune.finetune_epochs:
+        tuning = TrainParams(seed=params.seed, device="cpu", epochs=params.prune.finetune_epochs,
+                             batch_size=params.prune.finetune_batch_size, lr=params.prune.finetune_lr,
+                             warmup_epochs=0.0, patience=params.prune.finetune_epochs, threads=params.threads)
+        pruned = train(tuning, ModelParams(**model.config["model"]), features_root, model.modalities, None, None,
+                       on_epoch=lambda epoch, row: log("finetune", row), init_model=pruned)["model"]
+        if params.prune.method == "unstructured":  # fine-tuning regrows pruned weights: prune again
+            pruned = prune.unstructured(pruned, params.prune.amount)
+    return pruned
+
+
+def quantized(base: str, variants: Variants, out_dir: Path, params, log, progress) -> None:
+    """Add the int8 variant of ``base`` when one fits the accuracy budget.
+
+    ``quantize.layers: not_slower`` first probes each layer's int8 latency alone and keeps the slower ones
+    in fp32; then nodes are excluded from int8 (most damaging first) until the budget holds.
+    """
+    data = variants.data
+    prepared = out_dir / ".prepared.onnx"
+    quantize.prepare(out_dir / f"{base}.onnx", prepared)
+    logits_of = lambda path: run_logits(session(path), data.feeds["val"])  # noqa: E731
+    accuracy_of = lambda path: float((logits_of(path).argmax(axis=1) == data.labels["val"]).mean())  # noqa: E731
+    candidates, slower, gains = None, [], []
+    if params.quantize.layers == "not_slower":
+        batch_32 = _batch(data.feeds["val"], 32)
+        time_of = lambda path: _latency(session(path, params.threads), batch_32, params.latency_runs)["p50"]  # noqa: E731
+        gains = quantize.latency_gains(prepared, data.calibration, params.quantize.calibration, time_of)
+        for step, (node, saved) in enumerate(gains):
+            log("int8_latency_probe", {"saved_share": saved, "step": step})
+            progress(f"compress[int8 probe]: {node} alone saves {saved:+.1%} of the batch-32 time")
+        candidates = [node for node, saved in gains if saved >= -MAX_INT8_SLOWDOWN]
+        slower = [node for node, saved in gains if saved < -MAX_INT8_SLOWDOWN]
+    reference = variants.rows["fp32"]["val_accuracy"]
+    trial = quantize.quantize_within_budget(
+        prepared, out_dir / "int8.onnx", data.calibration, params.quantize.calibration, accuracy_of, logits_of,
+        reference, params.max_accuracy_drop, lambda row: log("int8_trial", row), candidates)
+    prepared.unlink()
+    if trial is not None:
+        variants.add("int8", variants.models[base], out_dir / "int8.onnx")
+        variants.rows["int8"] |= {"from": base, "layers": params.quantize.layers,
+                                  "fp32_nodes": trial["excluded"], "fp32_nodes_slower_in_int8": slower,
+                                  "time_saved_alone": dict(gains)}
+
+
+def choose(variants: Variants, prefer: str) -> str:
+    """Among the variants within the accuracy budget: the smallest file, or the fastest at batch 32."""
+    eligible = [name for name in variants.rows if variants.fits(name)]
+    if prefer == "size":
+        return min(eligible, key=lambda name: variants.rows[name]["file_bytes"])
+    return min(eligible, key=lambda name: variants.rows[name]["latency_ms"]["batch_32"]["p50"])
+
+
+def eager_latency(model: torch.nn.Module, example: dict, runs: int) -> dict:
+    """PyTorch eager fp32 latency: the reference a user would otherwise ship."""
     eager = model.eval()
     with torch.no_grad():
-        pytorch = {f"batch_{b}": latency_ms(lambda b=b: eager({k: v[:b] for k, v in example.items()}),
-                                            params.latency_runs) for b in (1, 32) if b <= len(example["label"])}
-    fp32, shipped = variants["fp32"], variants[chosen]
-    headline = {"variant": chosen, "file_bytes": shipped["file_bytes"], "gzip_bytes": shipped["gzip_bytes"],
-                "val_accuracy": shipped["val_accuracy"], "test_accuracy": shipped["test_accuracy"],
-                "batch_1_p50_ms": shipped["latency_ms"]["batch_1"]["p50"],
-                "batch_32_p50_ms": shipped["latency_ms"]["batch_32"]["p50"],
-                "smaller_than_fp32_onnx": round(fp32["file_bytes"] / shipped["file_bytes"], 2),
-                "faster_than_fp32_onnx_batch_32": round(fp32["latency_ms"]["batch_32"]["p50"]
-                                                        / shipped["latency_ms"]["batch_32"]["p50"], 2)}
-    return {"shipped": headline, "variants": variants, "chosen": chosen, "prefer": params.prefer, "base_for_int8": base,
-            "pytorch_fp32_latency_ms": pytorch, "threads": params.threads,
-            "max_accuracy_drop": params.max_accuracy_drop}
+        return {f"batch_{b}": latency_ms(lambda b=b: eager({k: v[:b] for k, v in example.items()}), runs)
+                for b in (1, 32) if b <= len(example["label"])}
+
+
+def headline(fp32: dict, shipped: dict, chosen: str) -> dict:
+    """The shipped variant's figures, and how much smaller and faster it is than fp32 ONNX."""
+    return {"variant": chosen, "file_bytes": shipped["file_bytes"], "gzip_bytes": shipped["gzip_bytes"],
+            "val_accuracy": shipped["val_accuracy"], "test_accuracy": shipped["test_accuracy"],
+            "batch_1_p50_ms": shipped["latency_ms"]["batch_1"]["p50"],
+            "batch_32_p50_ms": shipped["latency_ms"]["batch_32"]["p50"],
+            "smaller_than_fp32_onnx": round(fp32["file_bytes"] / shipped["file_bytes"], 2),
+            "faster_than_fp32_onnx_batch_32": round(fp32["latency_ms"]["batch_32"]["p50"]
+                                                    / shipped["latency_ms"]["batch_32"]["p50"], 2)}

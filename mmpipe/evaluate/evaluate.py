@@ -120,77 +120,101 @@ def forward_latency_ms(model: torch.nn.Module, tensors: dict, batch_size: int, r
 def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, split: str = "test",
              progress=print) -> dict[str, Any]:
     """All metrics of the evaluate stage. Returns ``{"metrics": ..., "tables": ...}``: stable-keyed
-    metrics (metrics/eval.json) and the tables behind the plots and the report."""
+    metrics (metrics/eval.json) and the tables behind the plots and the report.
+
+    Steps: load the split and the models -> headline metrics (fused model, baselines, fusion gain) ->
+    missing modalities (every subset) -> robustness (every corruption of every modality) -> efficiency.
+    """
     device = torch.device(resolve_device(params.device, "evaluate.device"))
     torch.manual_seed(params.seed)
     data = SplitInputs(features_root, clean_dir, split)
+    fused, baselines = load_models(models_dir, device)
+
+    metrics, report = headline(fused, baselines, data, device, params.ece_bins)
+    metrics = {"split": split, **metrics}
+    progress(f"evaluate: accuracy {report['summary']['accuracy']:.4f}, macro F1 {report['summary']['f1_macro']:.4f}"
+             + (f", fusion gain {metrics['fusion_gain']:+.4f} over {metrics['best_baseline']}"
+                if metrics["best_baseline"] else ""))
+    metrics["missing"] = missing_modalities(fused, data, device)
+    levels = [float(x) for x in params.noise_levels]
+    metrics["robustness"], curves = robustness(fused, baselines, data, device, levels, params.seed, progress)
+    metrics["efficiency"] = efficiency(fused, data, device, params.latency_runs)
+
+    tables = {"confusion": report["confusion"], "predicted": report["predicted"], "labels": data.labels,
+              "label_names": data.label_names, "reliability": report["reliability"],
+              "missing": [{"modalities": name, "accuracy": m["accuracy"]} for name, m in metrics["missing"].items()],
+              "robustness": curves, "levels": levels}
+    return {"metrics": metrics, "tables": tables}
+
+
+def load_models(models_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+    """The fused model and the single-modality baselines that were trained (train.baselines)."""
     if not (models_dir / "fusion" / CONFIG_FILE).exists():
         raise PipelineError(f"{models_dir / 'fusion'}: no trained fusion model (run the train stage)")
     fused = load_model(models_dir / "fusion").to(device)
     baselines = {m: load_model(models_dir / f"baseline_{m}").to(device) for m in fused.modalities
                  if (models_dir / f"baseline_{m}" / CONFIG_FILE).exists()}
-    labels = data.labels
+    return fused, baselines
 
-    # headline metrics of the fused model, and of each baseline
-    probs = predict(fused, data.tensors, device)
-    report = classification(probs, labels, data.label_names, params.ece_bins)
-    metrics: dict[str, Any] = {"split": split, "modalities": list(fused.modalities), "test": report["summary"],
-                               "per_class": report["per_class"]}
-    metrics["baselines"] = {m: {"accuracy": accuracy_of(predict(model, data.tensors, device), labels)}
-                            for m, model in baselines.items()}
-    best = max(metrics["baselines"], key=lambda m: metrics["baselines"][m]["accuracy"], default=None)
-    metrics["fusion_gain"] = None if best is None else report["summary"]["accuracy"] - metrics["baselines"][best]["accuracy"]
-    metrics["best_baseline"] = best
-    progress(f"evaluate: accuracy {report['summary']['accuracy']:.4f}, macro F1 {report['summary']['f1_macro']:.4f}"
-             + (f", fusion gain {metrics['fusion_gain']:+.4f} over {best}" if best else ""))
 
-    # missing modalities: the fused model with only a subset available (where the sample has it)
-    metrics["missing"], missing_rows = {}, []
+def headline(fused, baselines: dict, data: SplitInputs, device: torch.device, ece_bins: int) -> tuple[dict, dict]:
+    """Classification metrics of the fused model, each baseline's accuracy, and the gain of fusion over
+    the best baseline (None without baselines). Returns (metrics, the full classification report)."""
+    report = classification(predict(fused, data.tensors, device), data.labels, data.label_names, ece_bins)
+    scores = {m: {"accuracy": accuracy_of(predict(model, data.tensors, device), data.labels)}
+              for m, model in baselines.items()}
+    best = max(scores, key=lambda m: scores[m]["accuracy"], default=None)
+    gain = None if best is None else report["summary"]["accuracy"] - scores[best]["accuracy"]
+    return {"modalities": list(fused.modalities), "test": report["summary"], "per_class": report["per_class"],
+            "baselines": scores, "fusion_gain": gain, "best_baseline": best}, report
+
+
+def missing_modalities(fused, data: SplitInputs, device: torch.device) -> dict[str, dict]:
+    """Accuracy of the fused model with only each subset of modalities available (where the sample has it)."""
+    out = {}
     for subset in subsets(fused.modalities):
         masked = data.tensors | {available_key(m): torch.zeros_like(data.tensors[available_key(m)])
                                  for m in fused.modalities if m not in subset}
-        name = "+".join(subset)
-        metrics["missing"][name] = {"accuracy": accuracy_of(predict(fused, masked, device), labels)}
-        missing_rows.append({"modalities": name, "accuracy": metrics["missing"][name]["accuracy"]})
+        out["+".join(subset)] = {"accuracy": accuracy_of(predict(fused, masked, device), data.labels)}
+    return out
 
-    # robustness: one modality corrupted at a time, same corrupted inputs for the fused model and its baseline
-    levels = [float(x) for x in params.noise_levels]
-    metrics["robustness"], curves = {}, {}
+
+def robustness(fused, baselines: dict, data: SplitInputs, device: torch.device, levels: list[float], seed: int,
+               progress=print) -> tuple[dict, dict]:
+    """One modality corrupted at a time, at each level: the same corrupted inputs go to the fused model and
+    that modality's baseline. Returns (area-under-curve metrics per modality and corruption, the curves)."""
+    metrics, curves = {}, {}
     for mi, modality in enumerate(fused.modalities):
         per_corruption, rows = {}, [{"level": level} for level in levels]
         for ci, corruption in enumerate(MODALITIES[modality].CORRUPTIONS):
             fused_acc, base_acc = [], []
             for li, level in enumerate(levels):
-                rng = np.random.default_rng([params.seed, mi, ci, li])
+                rng = np.random.default_rng([seed, mi, ci, li])
                 tensors = data.corrupted(modality, corruption, level, rng)
-                fused_acc.append(accuracy_of(predict(fused, tensors, device), labels))
+                fused_acc.append(accuracy_of(predict(fused, tensors, device), data.labels))
                 rows[li][f"fused_{corruption}"] = fused_acc[-1]
                 if modality in baselines:
-                    base_acc.append(accuracy_of(predict(baselines[modality], tensors, device), labels))
+                    base_acc.append(accuracy_of(predict(baselines[modality], tensors, device), data.labels))
                     rows[li][f"baseline_{corruption}"] = base_acc[-1]
             per_corruption[corruption] = {"relative": area_under(levels, fused_acc),
                                           "baseline_relative": area_under(levels, base_acc) if base_acc else None}
-        metrics["robustness"][modality] = {
+        metrics[modality] = {
             "relative": float(np.mean([c["relative"] for c in per_corruption.values()])),
             "baseline_relative": (float(np.mean([c["baseline_relative"] for c in per_corruption.values()]))
                                   if modality in baselines else None),
             **per_corruption}
         curves[modality] = rows
-        r = metrics["robustness"][modality]
+        r = metrics[modality]
         progress(f"evaluate: {modality} relative robustness {r['relative']:.4f} (fused)"
                  + (f" vs {r['baseline_relative']:.4f} (baseline)" if r["baseline_relative"] is not None else ""))
+    return metrics, curves
 
-    # efficiency
-    metrics["efficiency"] = {
-        "parameters": sum(p.numel() for p in fused.parameters()), "device": device.type,
-        "threads": torch.get_num_threads(),
-        "latency_ms": {f"batch_{b}": forward_latency_ms(fused, data.tensors, b, params.latency_runs, device)
-                       for b in (1, 64)}}
 
-    tables = {"confusion": report["confusion"], "predicted": report["predicted"], "labels": labels,
-              "label_names": data.label_names, "reliability": report["reliability"], "missing": missing_rows,
-              "robustness": curves, "levels": levels}
-    return {"metrics": metrics, "tables": tables}
+def efficiency(fused, data: SplitInputs, device: torch.device, runs: int) -> dict:
+    """Parameters and forward latency (batch 1 and 64) of the fused model."""
+    return {"parameters": sum(p.numel() for p in fused.parameters()), "device": device.type,
+            "threads": torch.get_num_threads(),
+            "latency_ms": {f"batch_{b}": forward_latency_ms(fused, data.tensors, b, runs, device) for b in (1, 64)}}
 
 
 def failed_gates(metrics: dict, gates) -> list[str]:

@@ -1,7 +1,8 @@
 """The training loop: one model (fusion or single-modality baseline) on the feature shards.
 
-Read top to bottom: data -> model -> optimiser and schedule -> resume -> epochs (train, validate,
-early stopping, checkpoint) -> best weights. Seeded; deterministic on CPU.
+``train()`` reads top to bottom as its steps: device and seeds -> data -> model -> optimiser and
+schedule -> resume -> epochs (``train_epoch``, validate, early stopping, checkpoint) -> best weights and
+metrics; each step is a named function below it. Seeded; deterministic on CPU.
 
 Under torchrun (see mmpipe.models.distributed) the same loop runs in every process with the model
 wrapped in DistributedDataParallel: each rank trains on its shard of every epoch, rank 0 alone
@@ -15,6 +16,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,6 +88,47 @@ def accuracy(model: torch.nn.Module, data: FeatureSet, modalities: list[str], de
     return correct / max(len(data), 1)
 
 
+@dataclass
+class Progress:
+    """Where the loop stands: what a checkpoint saves and a resumed run starts from."""
+    start_epoch: int = 0
+    best: dict = field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": -1, "state": None})
+    history: list = field(default_factory=list)
+    stalled: int = 0  # epochs since the best validation accuracy (early stopping)
+    finished: dict | None = None  # metrics of a model an interrupted run already finished
+
+    def record(self, row: dict, model: torch.nn.Module) -> None:
+        self.history.append(row)
+        if row["val_accuracy"] > self.best["val_accuracy"]:
+            self.best = {"val_accuracy": row["val_accuracy"], "epoch": row["epoch"],
+                         # contiguous: channels-last conv weights (CUDA) are not, and safetensors needs it
+                         "state": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}}
+            self.stalled = 0
+        else:
+            self.stalled += 1
+
+
+@dataclass
+class Optimisation:
+    """Optimiser, warmup + cosine schedule, loss and mixed precision of one run."""
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    amp_dtype: torch.dtype
+
+    @classmethod
+    def create(cls, params, model: torch.nn.Module, steps_per_epoch: int, device: torch.device) -> "Optimisation":
+        total_steps, warmup = steps_per_epoch * params.epochs, int(steps_per_epoch * params.warmup_epochs)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total_steps - warmup, 1)))))
+        amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
+        return cls(optimizer, schedule, scaler, torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing),
+                   amp_dtype)
+
+
 def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path | None,
           checkpoint_dir: Path | None, on_epoch: Callable[[int, dict], None] | None = None,
           init_model: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -102,12 +145,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     """
     started = time.perf_counter()
     world = distributed.world()
-    device = torch.device(resolve_device(params.device, "train.device"))
-    if device.type == "cuda" and world.size > 1:
-        device = torch.device("cuda", world.local_rank)
-    if params.threads:
-        torch.set_num_threads(params.threads)
-    seed_everything(params.seed, device)
+    device = prepare_device(params, world)
 
     # data: every modality is loaded (so the availability mask is complete); the model uses its own
     train_set = FeatureSet(features_root, split="train")
@@ -117,126 +155,146 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         val_set.to(device)
 
     config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.label_names)
-    model = (init_model if init_model is not None else build_model(config)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if world.size > 1:  # gradients averaged over the ranks
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        step_model = model
-    step_model = torch.compile(step_model) if params.compile else step_model
-    n_params = sum(p.numel() for p in model.parameters())
-
+    model, step_model = place_model(init_model if init_model is not None else build_model(config), device, world,
+                                    params.compile)
     # batch_size is the global batch: each of N processes takes 1/N of it, so the optimiser sees the same
     # steps (and the same lr schedule fits) however many processes torchrun starts
     rank_batch = math.ceil(params.batch_size / world.size)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world.size) / rank_batch)
-    total_steps, warmup = steps_per_epoch * params.epochs, int(steps_per_epoch * params.warmup_epochs)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total_steps - warmup, 1)))))
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
+    opt = Optimisation.create(params, model, steps_per_epoch, device)
 
-    # resume from the last epoch checkpoint of the same run (same config, params and data)
     name = "+".join(modalities)
-    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), data_digest(features_root)],
-                                      sort_keys=True).encode()).hexdigest()[:16]
-    checkpoint = checkpoint_dir / f"{name}-{run_key}.pt" if checkpoint_dir else None
-    start_epoch, best, history, stalled = 0, {"val_accuracy": -1.0, "epoch": -1, "state": None}, [], 0
+    checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root)
+    progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None)
     seen = 0  # samples this process trained on (throughput)
-    finished = None
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # safe loading: tensors and plain data only
-        if saved.get("finished"):
-            finished, best, history = saved["metrics"], saved["best"], saved["history"]
-            start_epoch = params.epochs  # nothing left to train
-            if world.is_main:
-                print(f"train[{name}]: already trained by an interrupted run of this stage ({checkpoint}): not retrained")
-        else:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            schedule.load_state_dict(saved["schedule"])
-            scaler.load_state_dict(saved["scaler"])
-            set_rng_state(saved["rng"], device)
-            start_epoch, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
-            stalled = saved["stalled"]
-            if world.is_main:
-                print(f"train[{name}]: resuming after epoch {saved['epoch']} from {checkpoint}")
-
-    for epoch in range(start_epoch, params.epochs):
-        if stalled >= params.patience:  # early stopping, checked first: a resumed run stops where the original did
+    for epoch in range(progress.start_epoch, params.epochs):
+        if progress.stalled >= params.patience:  # early stopping, checked first: a resumed run stops where the original did
             break
-        step_model.train()
-        epoch_loss, epoch_correct, epoch_n, tic = 0.0, 0, 0, time.perf_counter()
-        if world.size > 1:  # each rank draws its own augmentation and modality dropout; per epoch, so resume is exact
-            torch.manual_seed((params.seed * 100_003 + epoch) * world.size + world.rank)
-        batches = train_set.batches(rank_batch, shuffle=True, seed=params.seed * 100_003 + epoch,
-                                    shard=(world.rank, world.size))
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"{'+'.join(modalities)} epoch {epoch}",
-                   disable=None if world.is_main else True, leave=False)
-        for batch in bar:
-            inputs = to_model_inputs(batch, modalities, device)
-            inputs["available"] = drop_modalities(inputs["available"], params.modality_dropout)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
-                logits = step_model(inputs)
-                loss = loss_fn(logits.float(), inputs["label"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            n = len(inputs["label"])
-            epoch_loss += loss.item() * n
-            epoch_correct += (logits.argmax(dim=1) == inputs["label"]).sum().item()
-            epoch_n += n
-            bar.set_postfix(loss=f"{epoch_loss / epoch_n:.3f}", acc=f"{epoch_correct / epoch_n:.3f}",
-                            samples_s=f"{epoch_n / (time.perf_counter() - tic):.0f}")
-        epoch_loss, epoch_correct, epoch_n = distributed.all_sum([epoch_loss, epoch_correct, epoch_n], device)
-        seen += epoch_n
+        tic = time.perf_counter()
+        loss_sum, correct, n = train_epoch(step_model, model, train_set, opt, params, epoch, world, device, modalities,
+                                           rank_batch, steps_per_epoch)
+        seen += n
         val_accuracy = distributed.from_main(accuracy(model, val_set, modalities, device) if world.is_main else 0.0,
                                              device)
-        row = {"epoch": epoch, "train_loss": epoch_loss / epoch_n, "train_accuracy": epoch_correct / epoch_n,
-               "val_accuracy": val_accuracy, "lr": schedule.get_last_lr()[0],
-               "samples_per_s": epoch_n / (time.perf_counter() - tic)}
-        history.append(row)
+        row = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
+               "val_accuracy": val_accuracy, "lr": opt.schedule.get_last_lr()[0],
+               "samples_per_s": n / (time.perf_counter() - tic)}
+        progress.record(row, model)
         if on_epoch and world.is_main:
             on_epoch(epoch, row)
-        if val_accuracy > best["val_accuracy"]:
-            best = {"val_accuracy": val_accuracy, "epoch": epoch,
-                    # contiguous: channels-last conv weights (CUDA) are not, and safetensors needs it
-                    "state": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}}
-            stalled = 0
-        else:
-            stalled += 1
         if world.is_main and checkpoint is not None:
-            _save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                               "rng": rng_state(device), "epoch": epoch, "best": best, "history": history,
-                               "stalled": stalled})
+            _save(checkpoint, {"model": model.state_dict(), "optimizer": opt.optimizer.state_dict(),
+                               "schedule": opt.schedule.state_dict(), "scaler": opt.scaler.state_dict(),
+                               "rng": rng_state(device), "epoch": epoch, "best": progress.best,
+                               "history": progress.history, "stalled": progress.stalled})
 
+    # outputs: the best epoch's weights, the run's metrics, and the finished checkpoint until the caller is done
     if world.is_main and out_dir is not None:
-        save_model(out_dir, best["state"], config)
-    if finished is None:
+        save_model(out_dir, progress.best["state"], config)
+    metrics = progress.finished
+    if metrics is None:
         seconds = time.perf_counter() - started
-        metrics = {"modalities": modalities, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
-                   "epochs_run": len(history), "parameters": n_params, "seconds": round(seconds, 1),
+        metrics = {"modalities": modalities, "best_epoch": progress.best["epoch"],
+                   "val_accuracy": progress.best["val_accuracy"], "epochs_run": len(progress.history),
+                   "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1),
                    "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size}
         if device.type == "cuda":
             metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    else:
-        metrics = finished
-    if world.is_main and checkpoint is not None and finished is None:
-        # kept (small: the best weights) until the caller's outputs are written: clear_checkpoints
-        _save(checkpoint, {"finished": True, "best": best, "history": history, "metrics": metrics})
-    result = {"metrics": metrics, "history": history, "checkpoint": checkpoint}
+        if world.is_main and checkpoint is not None:  # small (the best weights): cleared by clear_checkpoints
+            _save(checkpoint, {"finished": True, "best": progress.best, "history": progress.history,
+                               "metrics": metrics})
+    result = {"metrics": metrics, "history": progress.history, "checkpoint": checkpoint}
     if init_model is not None:
-        model.load_state_dict(best["state"])
+        model.load_state_dict(progress.best["state"])
         result["model"] = model.cpu().eval()
     return result
+
+
+def prepare_device(params, world) -> torch.device:
+    """The device of this process (its own GPU under torchrun), thread count and seeds."""
+    device = torch.device(resolve_device(params.device, "train.device"))
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    seed_everything(params.seed, device)
+    return device
+
+
+def place_model(model: torch.nn.Module, device: torch.device, world, compile_model: bool):
+    """(the model, the module the steps call): on ``device``, wrapped in DDP under torchrun, compiled on request."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    step_model = model
+    if world.size > 1:  # gradients averaged over the ranks
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, (torch.compile(step_model) if compile_model else step_model)
+
+
+def checkpoint_path(checkpoint_dir: Path | None, name: str, config: dict, params, features_root: Path) -> Path | None:
+    """The checkpoint of this very run (same model config, train params and data), or None (no resume)."""
+    if checkpoint_dir is None:
+        return None
+    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), data_digest(features_root)],
+                                      sort_keys=True).encode()).hexdigest()[:16]
+    return checkpoint_dir / f"{name}-{run_key}.pt"
+
+
+def resume(checkpoint: Path | None, model: torch.nn.Module, opt: Optimisation, device: torch.device, epochs: int,
+           name: str | None) -> Progress:
+    """Progress restored from ``checkpoint`` (weights, optimiser, RNGs in place), or a fresh start.
+    ``name``: the model's name for the message (None: not the main process, say nothing)."""
+    if checkpoint is None or not checkpoint.exists():
+        return Progress()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # safe loading: tensors and plain data only
+    if saved.get("finished"):
+        if name:
+            print(f"train[{name}]: already trained by an interrupted run of this stage ({checkpoint}): not retrained")
+        return Progress(start_epoch=epochs, best=saved["best"], history=saved["history"], finished=saved["metrics"])
+    model.load_state_dict(saved["model"])
+    opt.optimizer.load_state_dict(saved["optimizer"])
+    opt.schedule.load_state_dict(saved["schedule"])
+    opt.scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"], device)
+    if name:
+        print(f"train[{name}]: resuming after epoch {saved['epoch']} from {checkpoint}")
+    return Progress(start_epoch=saved["epoch"] + 1, best=saved["best"], history=saved["history"],
+                    stalled=saved["stalled"])
+
+
+def train_epoch(step_model, model: torch.nn.Module, train_set: FeatureSet, opt: Optimisation, params, epoch: int,
+                world, device: torch.device, modalities: list[str], rank_batch: int,
+                steps_per_epoch: int) -> tuple[float, int, int]:
+    """One pass over this process's shard of the train split. Returns (loss sum, correct, samples) over all ranks."""
+    step_model.train()
+    loss_sum, correct, n, tic = 0.0, 0, 0, time.perf_counter()
+    if world.size > 1:  # each rank draws its own augmentation and modality dropout; per epoch, so resume is exact
+        torch.manual_seed((params.seed * 100_003 + epoch) * world.size + world.rank)
+    batches = train_set.batches(rank_batch, shuffle=True, seed=params.seed * 100_003 + epoch,
+                                shard=(world.rank, world.size))
+    bar = tqdm(batches, total=steps_per_epoch, desc=f"{'+'.join(modalities)} epoch {epoch}",
+               disable=None if world.is_main else True, leave=False)
+    for batch in bar:
+        inputs = to_model_inputs(batch, modalities, device)
+        inputs["available"] = drop_modalities(inputs["available"], params.modality_dropout)
+        with torch.autocast(device.type, dtype=opt.amp_dtype, enabled=device.type == "cuda"):
+            logits = step_model(inputs)
+            loss = opt.loss_fn(logits.float(), inputs["label"])
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss).backward()
+        opt.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.schedule.step()
+        batch_n = len(inputs["label"])
+        loss_sum += loss.item() * batch_n
+        correct += (logits.argmax(dim=1) == inputs["label"]).sum().item()
+        n += batch_n
+        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", samples_s=f"{n / (time.perf_counter() - tic):.0f}")
+    loss_sum, correct, n = distributed.all_sum([loss_sum, correct, n], device)
+    return loss_sum, correct, n
 
 
 def _save(path: Path, payload: dict) -> None:
