@@ -15,6 +15,7 @@ CLEAN = Path("data/clean")
 FEATURES = Path("data/features")  # one folder per modality
 MODELS = Path("models")  # fusion/ and baseline_<modality>/
 FUSION = MODELS / "fusion"
+WEIGHTS = Path("weights")  # local pretrained weight files (a dependency of train)
 CHECKPOINTS = Path(".checkpoints/train")  # resumable training state (not a DVC output)
 TRAIN_PLOTS = Path("plots/train")
 EVAL_PLOTS = Path("plots/eval")

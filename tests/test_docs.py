@@ -60,4 +60,4 @@ def test_layout_is_where_dvc_yaml_says_each_stage_writes():
     assert declared == layout.stage_outputs()
     # every stage's inputs among them are declared as dependencies too
     assert str(layout.SOURCE) in paths(stages["collect"]["deps"]) and str(layout.RAW) in paths(stages["clean"]["deps"])
-    assert str(layout.FEATURES) in paths(stages["train"]["deps"]) and str(layout.FUSION.parent) in paths(stages["evaluate"]["deps"])
+    assert {str(layout.FEATURES), str(layout.WEIGHTS)} <= paths(stages["train"]["deps"]) and str(layout.FUSION.parent) in paths(stages["evaluate"]["deps"])

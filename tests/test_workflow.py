@@ -8,6 +8,7 @@ a passing one) and run in file order; each leaves it in a state the next builds 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -294,3 +295,40 @@ def test_kill_9_during_clean_train_and_export_then_repro_finishes_as_if_never_ki
     assert not (table["status"] == "RUNNING").any() and not (pipeline_rows(repo)["status"] == "RUNNING").any()
     killed_stages = set(table.loc[table["status"] == "KILLED", "tags.mmpipe.stage"])
     assert killed_stages == {"clean", "train", "export"}
+
+
+def test_pretrained_image_backbone_from_a_local_file_through_dvc_repro(tiny_run, tmp_path):
+    """A torchvision model saved as users save real weights, chosen in params: train (freezing what
+    freeze says), evaluate, compress and export re-run; the bundle's predictor matches PyTorch on raw
+    files; replacing the weights file re-runs train."""
+    import torch
+    import torchvision
+    from safetensors.torch import load_file
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_run.repo, repo, symlinks=True)
+    for store in ("mlflow.db", "mlartifacts"):  # a store of its own (artifact paths are absolute)
+        shutil.rmtree(repo / store, ignore_errors=True) if (repo / store).is_dir() else (repo / store).unlink(missing_ok=True)
+    torch.manual_seed(3)
+    weights = torchvision.models.get_model("resnet18", weights=None).state_dict()
+    torch.save(weights, repo / "weights/resnet18.pth")
+    set_params(repo, model={"encoders": {"image": {"arch": "resnet18", "weights": "weights/resnet18.pth", "freeze": 2}}})
+    run = dvc(repo, "repro")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert ran_stages(run) == ["source", "train", "evaluate", "compress", "export", "summary"]
+    assert "image encoder resnet18: weights weights/resnet18.pth, 2 of 10 blocks frozen" in run.stdout
+
+    info = json.loads((repo / "metrics/train.json").read_text())["fusion"]["pretrained"]["image"]
+    assert info["sha256"] == hashlib.sha256((repo / "weights/resnet18.pth").read_bytes()).hexdigest()
+    trained = load_file(str(repo / "models/fusion/model.safetensors"))
+    for key, value in weights.items():
+        if key.startswith(("conv1.", "bn1.")):  # the two frozen blocks: exactly the file's
+            assert torch.equal(trained[f"encoders.image.backbone.{key}"], value), key
+    assert not torch.equal(trained["encoders.image.backbone.layer4.1.conv2.weight"], weights["layer4.1.conv2.weight"])
+    exported = json.loads((repo / "metrics/export.json").read_text())
+    assert exported["passed"] and exported["fp32_onnx_vs_pytorch_max_abs_logit_diff"] < 1e-3
+    assert exported["predictor_raw_test_accuracy"] == pytest.approx(exported["compress_test_accuracy_shipped"], abs=0.02)
+
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, repo / "weights/resnet18.pth")
+    status = dvc(repo, "status", "train")
+    assert "train:" in status.stdout and "modified:" in status.stdout and "weights" in status.stdout

@@ -60,9 +60,15 @@ def structured(model: nn.Module, amount: float, example: dict[str, torch.Tensor]
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
+    # torch-pruning follows the autograd graph: frozen parameters (a pretrained backbone's leading
+    # blocks) would hide their layers from it and break residual couplings; freeze them again after
+    frozen = [name for name, p in pruned.named_parameters() if not p.requires_grad]
+    pruned.requires_grad_(True)
     pruner = tp.pruner.MagnitudePruner(
         pruned, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=amount, round_to=8, ignored_layers=_protected(pruned), unwrapped_parameters=[(pruned.placeholders, 1)],
         forward_fn=lambda m, inputs: m(inputs))
     pruner.step()
+    for name in frozen:
+        pruned.get_parameter(name).requires_grad_(False)
     return pruned

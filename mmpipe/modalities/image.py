@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +49,19 @@ class Preprocess(Strict):
 
 
 class Encoder(Strict):
-    width: int = Field(24, ge=4, le=512)
+    # small_cnn (PixelCNN) or any torchvision classification architecture by name (resnet18, resnet50,
+    # mobilenet_v3_large, efficientnet_b0, convnext_tiny, vit_b_16, ...): mmpipe/models/backbones.py
+    arch: str = Field("small_cnn", min_length=1)
+    width: int = Field(24, ge=4, le=512)  # small_cnn only
+    weights: str | None = None  # local state-dict file (.pt/.pth/.safetensors); None = random initialisation
+    freeze: Literal["none", "all"] | Annotated[int, Field(ge=0)] = "none"  # or the number of leading blocks
+    lr_scale: float = Field(0.1, gt=0, le=1)  # the backbone's learning rate, relative to train.lr
+
+    @model_validator(mode="after")
+    def _check(self) -> "Encoder":
+        if self.arch == "small_cnn" and (self.weights is not None or self.freeze != "none"):
+            raise ValueError("weights and freeze apply to a torchvision arch, not small_cnn")
+        return self
 
 
 PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
@@ -193,7 +205,12 @@ CORRUPTIONS = {"gaussian_noise": gaussian_noise, "occlusion": occlusion}
 
 
 def build_encoder(state: dict, cfg: Encoder, model):
+    channels, size = state["arrays"][NAME]["shape"][:2]
+    if cfg.arch != "small_cnn":  # normalised with the backbone's weights' mean/std, not the data's
+        from mmpipe.models.backbones import TorchvisionImageEncoder
+
+        return TorchvisionImageEncoder(cfg.arch, channels, size, model.dim, cfg.weights, cfg.freeze, cfg.lr_scale,
+                                       model.augment)
     from mmpipe.models.encoders import PixelCNN  # torch only where a model is built
 
-    channels = state["arrays"][NAME]["shape"][0]
     return PixelCNN(channels, state["mean"], state["std"], model.dim, cfg.width, model.augment)

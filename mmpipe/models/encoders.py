@@ -17,6 +17,18 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def affine_jitter(x: torch.Tensor) -> torch.Tensor:
+    """Rotate ±10°, scale 0.9-1.1, shift ±6 % — per sample, from torch's seeded generator."""
+    b = x.shape[0]
+    angle = (torch.rand(b, device=x.device) * 2 - 1) * math.radians(10)
+    scale = 0.9 + 0.2 * torch.rand(b, device=x.device)
+    shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * 0.12
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
@@ -37,21 +49,10 @@ class PixelCNN(nn.Module):
             conv_block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out = nn.Linear(4 * width, dim)
 
-    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate ±10°, scale 0.9-1.1, shift ±6 % — per sample, from torch's seeded generator."""
-        b = x.shape[0]
-        angle = (torch.rand(b, device=x.device) * 2 - 1) * math.radians(10)
-        scale = 0.9 + 0.2 * torch.rand(b, device=x.device)
-        shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * 0.12
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels.float() / 255.0 - self.mean) / self.std
         if self.training and self.augment:
-            x = self._jitter(x)
+            x = affine_jitter(x)
         return self.out(self.features(x))
 
 

@@ -101,6 +101,14 @@ def build_model(config: dict[str, Any]) -> FusionModel:
     return FusionModel(config)
 
 
+def load_pretrained(model: nn.Module) -> dict[str, dict]:
+    """Copy local pretrained weights into the encoders that have them (``load_pretrained()``); called
+    on a freshly built model when training starts, never when a trained model is loaded. Returns
+    what each loaded (architecture, file, its sha256, frozen blocks), by modality."""
+    return {m: encoder.load_pretrained() for m, encoder in getattr(model, "encoders", {}).items()
+            if hasattr(encoder, "load_pretrained")}
+
+
 def drop_modalities(available: torch.Tensor, p: float) -> torch.Tensor:
     """Training-time modality dropout: hide each available modality with probability ``p``,
     never all of a sample's (one of those dropped is kept back, chosen at random)."""

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mmpipe.device import resolve_device
 from mmpipe.features.loader import FeatureSet
 from mmpipe.models import distributed
-from mmpipe.models.fusion import build_model, drop_modalities, model_config
+from mmpipe.models.fusion import build_model, drop_modalities, load_pretrained, model_config
 from mmpipe.models.model_io import save_model, to_model_inputs
 
 
@@ -120,7 +120,7 @@ class Optimisation:
     @classmethod
     def create(cls, params, model: torch.nn.Module, steps_per_epoch: int, device: torch.device) -> "Optimisation":
         total_steps, warmup = steps_per_epoch * params.epochs, int(steps_per_epoch * params.warmup_epochs)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, params.lr), lr=params.lr, weight_decay=params.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total_steps - warmup, 1)))))
         amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
@@ -155,8 +155,16 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         val_set.to(device)
 
     config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.label_names)
-    model, step_model = place_model(init_model if init_model is not None else build_model(config), device, world,
-                                    params.compile)
+    pretrained = {}
+    if init_model is None:
+        init = build_model(config)
+        pretrained = load_pretrained(init)  # local weight files into the backbones that have them
+        if world.is_main:
+            for m, info in pretrained.items():
+                print(f"train[{'+'.join(modalities)}]: {m} encoder {info['arch']}: "
+                      + (info.get("note") or f"weights {info['weights']}")
+                      + f", {info['frozen_blocks']} of {info['blocks']} blocks frozen")
+    model, step_model = place_model(init_model if init_model is not None else init, device, world, params.compile)
     # batch_size is the global batch: each of N processes takes 1/N of it, so the optimiser sees the same
     # steps (and the same lr schedule fits) however many processes torchrun starts
     rank_batch = math.ceil(params.batch_size / world.size)
@@ -198,6 +206,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                    "val_accuracy": progress.best["val_accuracy"], "epochs_run": len(progress.history),
                    "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1),
                    "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size}
+        if pretrained:
+            metrics["pretrained"] = pretrained
         if device.type == "cuda":
             metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if world.is_main and checkpoint is not None:  # small (the best weights): cleared by clear_checkpoints
@@ -208,6 +218,20 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         model.load_state_dict(progress.best["state"])
         result["model"] = model.cpu().eval()
     return result
+
+
+def param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
+    """AdamW parameter groups: everything at ``lr``, except the parameters of modules that carry an
+    ``lr_scale`` (pretrained backbones) at ``lr * lr_scale``. One group when no module does."""
+    scale_of: dict[int, float] = {}
+    for module in model.modules():
+        scale = getattr(module, "lr_scale", None)
+        if scale is not None:
+            scale_of.update({id(p): float(scale) for p in module.parameters()})
+    scales = sorted({*scale_of.values()} - {1.0}, reverse=True)
+    groups = [{"params": [p for p in model.parameters() if scale_of.get(id(p), 1.0) == 1.0], "lr": lr}]
+    groups += [{"params": [p for p in model.parameters() if scale_of.get(id(p)) == s], "lr": lr * s} for s in scales]
+    return groups
 
 
 def prepare_device(params, world) -> torch.device:

@@ -1,0 +1,186 @@
+"""Pretrained backbones by architecture name, with weights from a local file — never a download.
+
+An encoder built here takes its architecture from torchvision's model builders by name
+(``torchvision.models.get_model``), drops the classification head (the last ``Linear``) and maps
+the backbone's features to the fused ``dim`` with its own projection. The architecture alone is
+built from the config, so a trained model reloads from its own ``model.safetensors`` without the
+weights file; :func:`load_pretrained` copies the file's weights in when training starts.
+
+``freeze``: ``none``, ``all``, or the number of leading *blocks*: the backbone's parameterised
+children in order, with plain ``Sequential`` containers (ResNet's ``layer1``-``layer4``, the
+``features`` of MobileNet/EfficientNet/ConvNeXt, ViT's ``encoder.layers``) opened into their blocks;
+parameters a container owns directly (ViT's class token and position embedding) count as blocks. Frozen
+blocks keep ``requires_grad=False`` and stay in eval mode while training (their BatchNorm statistics
+do not drift). ``lr_scale`` multiplies the learning rate of the backbone's trainable parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmpipe.errors import PipelineError
+
+
+def weights_recipe(arch: str) -> str:
+    """How to get ``arch``'s pretrained weights into a local file, on a machine that can download."""
+    return (f"python -c \"import torch, torchvision; torch.save(torchvision.models.get_model_weights('{arch}')"
+            f".DEFAULT.get_state_dict(), '{arch}.pth')\"")
+
+
+def read_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``path`` (torch.save's .pt/.pth, read with weights_only, or .safetensors)."""
+    if not path.is_file():
+        raise PipelineError(f"{field}: {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as exc:  # noqa: BLE001 - a user's file: one line, whatever the loader says
+        raise PipelineError(f"{field}: {path} is not a state dict that torch can read safely "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                            f"save the model's state_dict() with torch.save or safetensors") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # a training checkpoint that wraps it
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"{field}: {path} holds no state dict (a mapping of names to tensors)")
+    return state
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def leading_blocks(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module | nn.Parameter]]:
+    """The backbone's blocks in order (see the module docstring): (dotted name, module or parameter)."""
+    out: list[tuple[str, nn.Module | nn.Parameter]] = []
+    for name, param in module.named_parameters(recurse=False):  # ViT's class token, position embedding
+        out.append((prefix + name, param))
+    for name, child in module.named_children():
+        if not any(True for _ in child.parameters()):
+            continue  # ReLU, pooling, dropout, the removed head
+        # plain containers open (not Sequential subclasses such as Conv2dNormActivation); so does a
+        # top-level module holding one (ViT's encoder and its layers); blocks themselves stay whole
+        if type(child) is nn.Sequential or (not prefix and any(type(c) is nn.Sequential and len(c) > 1
+                                                                for c in child.children())):
+            out += leading_blocks(child, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, child))
+    return out
+
+
+def _drop_head(net: nn.Module) -> str:
+    """Replace the last ``Linear`` (the classifier) by Identity; return its dotted name."""
+    name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, attr, nn.Identity())  # Sequential children are registered by name too ("3", "head")
+    return name
+
+
+class TorchvisionImageEncoder(nn.Module):
+    """uint8 (B, C, H, W) -> (B, dim) through a torchvision classification backbone.
+
+    Pixels are scaled to 0..1 and normalised with the architecture's weights' mean/std (ImageNet's
+    for every torchvision classifier), grey images repeated to three channels; the same random affine
+    jitter as the small CNN while training (``augment``).
+    """
+
+    def __init__(self, arch: str, channels: int, size: int, dim: int, weights: str | None, freeze, lr_scale: float,
+                 augment: bool = True):
+        super().__init__()
+        import torchvision
+
+        known = torchvision.models.list_models(module=torchvision.models)
+        if arch not in known:
+            raise PipelineError(f"model.encoders.image.arch: {arch!r} is not a torchvision classification model "
+                                f"(one of small_cnn, {', '.join(sorted(known))})")
+        transforms = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        min_size = torchvision.models.get_model_weights(arch).DEFAULT.meta.get("min_size", (1, 1))
+        if size < max(min_size):
+            raise PipelineError(f"model.encoders.image.arch {arch} needs images of at least {max(min_size)} px: "
+                                f"set preprocess.image.size (now {size}; its weights were trained at "
+                                f"{transforms.crop_size[0]})")
+        self.arch, self.weights, self.augment, self.channels = arch, weights, augment, channels
+        self.crop_size = int(transforms.crop_size[0])
+        self.register_buffer("mean", torch.tensor(transforms.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1))
+        kwargs = {"image_size": size} if arch.startswith("vit_") else {}
+        net = torchvision.models.get_model(arch, weights=None, **kwargs)
+        self.head_name = _drop_head(net)
+        net.eval()
+        try:
+            with torch.no_grad():
+                features = net(torch.zeros(1, 3, size, size)).flatten(1).shape[1]
+        except Exception as exc:  # noqa: BLE001 - a shape the architecture refuses: one line
+            raise PipelineError(f"model.encoders.image.arch {arch} does not take {size}x{size} images "
+                                f"(preprocess.image.size): {str(exc).splitlines()[0][:200]}") from None
+        self.backbone = net
+        self.backbone.lr_scale = lr_scale  # read by the trainer's parameter groups
+        self.out = nn.Linear(features, dim)
+        blocks = leading_blocks(net)
+        n = 0 if freeze == "none" else len(blocks) if freeze == "all" else min(int(freeze), len(blocks))
+        self.frozen_blocks = [name for name, _ in blocks[:n]]
+        self.n_blocks = len(blocks)
+        self._frozen_modules = []
+        for _, block in blocks[:n]:
+            if isinstance(block, nn.Parameter):
+                block.requires_grad_(False)
+            else:
+                block.requires_grad_(False)
+                self._frozen_modules.append(block)
+
+    def train(self, mode: bool = True) -> "TorchvisionImageEncoder":
+        super().train(mode)
+        for module in self._frozen_modules:  # frozen BatchNorm keeps its pretrained statistics
+            module.eval()
+        return self
+
+    def load_pretrained(self) -> dict:
+        """Copy the weights file in (none: random initialisation, said so); return what was loaded, for the logs."""
+        info = {"arch": self.arch, "weights": self.weights, "blocks": self.n_blocks,
+                "frozen_blocks": len(self.frozen_blocks),
+                "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+        if self.weights is None:
+            info["note"] = f"{self.arch}: random initialisation (model.encoders.image.weights is null)"
+            return info
+        field = "model.encoders.image.weights"
+        path = Path(self.weights)
+        if not path.is_file():
+            raise PipelineError(f"{field}: {path} not found — get it on a connected machine with "
+                                f"{weights_recipe(self.arch)} and copy it there")
+        state = read_state_dict(path, field)
+        head = self.head_name + "."
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+        try:
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shapes that differ (another width, a ViT at another image size)
+            raise PipelineError(f"{field}: {path} does not fit {self.arch}: "
+                                f"{' '.join(str(exc).split())[:300]}") from None
+        if missing or unexpected:
+            raise PipelineError(f"{field}: {path} does not fit {self.arch} "
+                                f"({len(missing)} weights missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+                                f"e.g. {unexpected[:2]})")
+        info["sha256"] = file_sha256(path)
+        return info
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        from mmpipe.models.encoders import affine_jitter
+
+        x = pixels.float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.mean) / self.std
+        if self.training and self.augment:
+            x = affine_jitter(x)
+        return self.out(self.backbone(x).flatten(1))
