@@ -207,10 +207,11 @@ CORRUPTIONS = {"gaussian_noise": gaussian_noise, "occlusion": occlusion}
 def build_encoder(state: dict, cfg: Encoder, model):
     channels, size = state["arrays"][NAME]["shape"][:2]
     if cfg.arch != "small_cnn":  # normalised with the backbone's weights' mean/std, not the data's
-        from mmpipe.models.backbones import TorchvisionImageEncoder
+        from mmpipe.models.backbones import TorchvisionEncoder
 
-        return TorchvisionImageEncoder(cfg.arch, channels, size, model.dim, cfg.weights, cfg.freeze, cfg.lr_scale,
-                                       model.augment)
+        vit = {"image_size": size} if cfg.arch.startswith("vit_") else {}  # ViT builders fix their input size
+        return TorchvisionEncoder(NAME, cfg.arch, channels, size, model.dim, cfg.weights, cfg.freeze, cfg.lr_scale,
+                                  model.augment, vit)
     from mmpipe.models.encoders import PixelCNN  # torch only where a model is built
 
     return PixelCNN(channels, state["mean"], state["std"], model.dim, cfg.width, model.augment)

@@ -87,7 +87,7 @@ def _drop_head(net: nn.Module) -> str:
     return name
 
 
-class TorchvisionImageEncoder(nn.Module):
+class TorchvisionEncoder(nn.Module):
     """uint8 (B, C, H, W) -> (B, dim) through a torchvision classification backbone.
 
     Pixels are scaled to 0..1 and normalised with the architecture's weights' mean/std (ImageNet's
@@ -95,35 +95,36 @@ class TorchvisionImageEncoder(nn.Module):
     jitter as the small CNN while training (``augment``).
     """
 
-    def __init__(self, arch: str, channels: int, size: int, dim: int, weights: str | None, freeze, lr_scale: float,
-                 augment: bool = True):
+    def __init__(self, modality: str, arch: str, channels: int, size: int, dim: int, weights: str | None, freeze,
+                 lr_scale: float, augment: bool = True, builder_kwargs: dict | None = None):
+        """``modality`` names the params in messages (``model.encoders.<modality>``); ``builder_kwargs``
+        go to torchvision's builder (a ViT's image size)."""
         super().__init__()
         import torchvision
 
         known = torchvision.models.list_models(module=torchvision.models)
         if arch not in known:
-            raise PipelineError(f"model.encoders.image.arch: {arch!r} is not a torchvision classification model "
+            raise PipelineError(f"model.encoders.{modality}.arch: {arch!r} is not a torchvision classification model "
                                 f"(one of small_cnn, {', '.join(sorted(known))})")
         transforms = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
         min_size = torchvision.models.get_model_weights(arch).DEFAULT.meta.get("min_size", (1, 1))
         if size < max(min_size):
-            raise PipelineError(f"model.encoders.image.arch {arch} needs images of at least {max(min_size)} px: "
-                                f"set preprocess.image.size (now {size}; its weights were trained at "
+            raise PipelineError(f"model.encoders.{modality}.arch {arch} needs images of at least {max(min_size)} px: "
+                                f"set preprocess.{modality}.size (now {size}; its weights were trained at "
                                 f"{transforms.crop_size[0]})")
-        self.arch, self.weights, self.augment, self.channels = arch, weights, augment, channels
+        self.modality, self.arch, self.weights, self.augment, self.channels = modality, arch, weights, augment, channels
         self.crop_size = int(transforms.crop_size[0])
         self.register_buffer("mean", torch.tensor(transforms.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1))
-        kwargs = {"image_size": size} if arch.startswith("vit_") else {}
-        net = torchvision.models.get_model(arch, weights=None, **kwargs)
+        net = torchvision.models.get_model(arch, weights=None, **(builder_kwargs or {}))
         self.head_name = _drop_head(net)
         net.eval()
         try:
             with torch.no_grad():
                 features = net(torch.zeros(1, 3, size, size)).flatten(1).shape[1]
         except Exception as exc:  # noqa: BLE001 - a shape the architecture refuses: one line
-            raise PipelineError(f"model.encoders.image.arch {arch} does not take {size}x{size} images "
-                                f"(preprocess.image.size): {str(exc).splitlines()[0][:200]}") from None
+            raise PipelineError(f"model.encoders.{modality}.arch {arch} does not take {size}x{size} inputs "
+                                f"(preprocess.{modality}.size): {str(exc).splitlines()[0][:200]}") from None
         self.backbone = net
         self.backbone.lr_scale = lr_scale  # read by the trainer's parameter groups
         self.out = nn.Linear(features, dim)
@@ -139,7 +140,7 @@ class TorchvisionImageEncoder(nn.Module):
                 block.requires_grad_(False)
                 self._frozen_modules.append(block)
 
-    def train(self, mode: bool = True) -> "TorchvisionImageEncoder":
+    def train(self, mode: bool = True) -> "TorchvisionEncoder":
         super().train(mode)
         for module in self._frozen_modules:  # frozen BatchNorm keeps its pretrained statistics
             module.eval()
@@ -151,9 +152,9 @@ class TorchvisionImageEncoder(nn.Module):
                 "frozen_blocks": len(self.frozen_blocks),
                 "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
         if self.weights is None:
-            info["note"] = f"{self.arch}: random initialisation (model.encoders.image.weights is null)"
+            info["note"] = f"{self.arch}: random initialisation (model.encoders.{self.modality}.weights is null)"
             return info
-        field = "model.encoders.image.weights"
+        field = f"model.encoders.{self.modality}.weights"
         path = Path(self.weights)
         if not path.is_file():
             raise PipelineError(f"{field}: {path} not found — get it on a connected machine with "
