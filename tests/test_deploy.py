@@ -86,6 +86,7 @@ def test_model_card_describes_this_data_not_the_builtin_digits(bundle):
     assert "digit" not in card.lower()
     assert "python predict.py --image FILE --text" in card
     assert "of 0.1–30 s, 4,000–384,000 Hz, at most 16 channels" in card  # clean's rules, as shipped
+    assert "Pretrained encoders" not in card  # small CNNs trained from scratch: no weights to credit
 
 
 def test_manifest_lists_every_file_with_its_checksum(bundle):

@@ -328,6 +328,8 @@ def test_pretrained_image_backbone_from_a_local_file_through_dvc_repro(tiny_run,
     exported = json.loads((repo / "metrics/export.json").read_text())
     assert exported["passed"] and exported["fp32_onnx_vs_pytorch_max_abs_logit_diff"] < 1e-3
     assert exported["predictor_raw_test_accuracy"] == pytest.approx(exported["compress_test_accuracy_shipped"], abs=0.02)
+    card = (repo / "artifacts/deploy/MODEL_CARD.md").read_text()
+    assert "- image: `resnet18` backbone, weights from `weights/resnet18.pth`, frozen blocks: 2." in card
 
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, repo / "weights/resnet18.pth")
     status = dvc(repo, "status", "train")

@@ -166,12 +166,25 @@ def git_commit() -> str | None:
         return None
 
 
+def encoder_lines(model_params: dict, modalities: list[str]) -> list[str]:
+    """One line per modality whose encoder is a pretrained backbone: its architecture and the weights
+    it started from (whose licence the bundle inherits), as the model config records them."""
+    lines = []
+    for m in modalities:
+        cfg = model_params.get("encoders", {}).get(m, {})
+        if cfg.get("arch", "small_cnn") != "small_cnn":
+            start = f"weights from `{cfg['weights']}`" if cfg.get("weights") else "random initialisation (no weights file)"
+            lines.append(f"- {m}: `{cfg['arch']}` backbone, {start}, frozen blocks: {cfg.get('freeze', 'none')}.")
+    return lines
+
+
 def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
-               modalities: list[str], name: str | None) -> str:
+               modalities: list[str], name: str | None, model_params: dict | None = None) -> str:
     """The bundle's MODEL_CARD.md: what this model classifies, from what, how well, and its limits —
     all read from this run's data (labels, modalities, clean's rules) and metrics."""
     t, v = eval_metrics["test"], compress_metrics["variants"]
     shipped, labels, rules = v[chosen], dataset["labels"], dataset["clean_rules"]
+    pretrained = encoder_lines(model_params or {}, modalities)
     shown = ", ".join(labels[:20]) + (f", … ({len(labels) - 20} more)" if len(labels) > 20 else "")
     example = {"file": "FILE", "string": '"…"', "record": "'{\"…\": …}'"}
     lines = [
@@ -209,6 +222,7 @@ def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: d
         f"batch-32 CPU latency p50 {shipped['latency_ms']['batch_32']['p50']:.2f} ms on the build machine "
         f"({compress_metrics['threads']} threads). `model_fp32.onnx` is the unpruned fp32 export "
         f"({v['fp32']['file_bytes'] / 1e6:.2f} MB).",
+        *(["", "Pretrained encoders (their weights' licences apply to this model):", *pretrained] if pretrained else []),
         "",
         "## Inputs and limits",
         "The predictor checks every input under the rules the training data was cleaned with "
@@ -246,7 +260,8 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
                "batch_size": params.predict_batch_size}
     manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, "", git_commit(), serving)
     predictor = load_predictor(out).Predictor(out, model="fp32")  # its inputs: flags, columns, parity
-    card = model_card(predictor, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model)
+    card = model_card(predictor, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model,
+                      model.config["model"])
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
     checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None,
                     params.predict_batch_size)
