@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY, dvc, pipeline_rows, png_bytes, runs, set_params, stage_env
+from conftest import DVC, TINY, dvc, pipeline_rows, png_bytes, runs, set_params, stage_env
 
 
 def stage(repo: Path, name: str) -> subprocess.CompletedProcess:
@@ -117,15 +120,27 @@ def test_queued_fusion_sweep_lands_as_one_mlflow_row_each_and_in_exp_show(repo):
     subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "tiny"], cwd=repo, check=True)
     queued = dvc(repo, "exp", "run", "--queue", "-S", "model.fusion=concat,gated,attention")
     assert queued.returncode == 0, queued.stdout + queued.stderr
-    started = dvc(repo, "queue", "start", "--jobs", "2")  # a fresh clone: two stages create the MLflow store at once
-    assert started.returncode == 0, started.stdout + started.stderr
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = dvc(repo, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(5)
-    assert status.count("Success") == 3, status + dvc(repo, "queue", "logs", status.split()[-2]).stdout
+    # a fresh clone: two stages create the MLflow store at once. The daemonised workers inherit the
+    # command's stdout, so it goes to a file: a pipe would stay open as long as a worker lives, and DVC's
+    # celery worker sometimes misses its shutdown when the queue empties while its last task finishes
+    with open(repo / "queue-start.log", "w") as log:
+        started = subprocess.run([DVC, "queue", "start", "--jobs", "2"], cwd=repo, env=stage_env(repo),
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    assert started.returncode == 0, (repo / "queue-start.log").read_text()
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = dvc(repo, "queue", "status").stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(5)
+        assert status.count("Success") == 3, status + dvc(repo, "queue", "logs", status.split()[-2]).stdout
+    finally:  # a worker that missed its shutdown must not outlive the test
+        for info in (repo / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json"):
+            with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+                pid = int(json.loads(info.read_text())["pid"])
+                if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # still that worker, not a reused pid
+                    os.kill(pid, signal.SIGTERM)
 
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     exps = {exp["name"]: exp["data"] for commit in shown for exp in (commit.get("experiments") or [])
