@@ -179,12 +179,12 @@ def encoder_lines(model_params: dict, modalities: list[str]) -> list[str]:
 
 
 def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
-               modalities: list[str], name: str | None, model_params: dict | None = None) -> str:
+               modalities: list[str], name: str | None, model_params: dict) -> str:
     """The bundle's MODEL_CARD.md: what this model classifies, from what, how well, and its limits —
     all read from this run's data (labels, modalities, clean's rules) and metrics."""
     t, v = eval_metrics["test"], compress_metrics["variants"]
     shipped, labels, rules = v[chosen], dataset["labels"], dataset["clean_rules"]
-    pretrained = encoder_lines(model_params or {}, modalities)
+    pretrained = encoder_lines(model_params, modalities)
     shown = ", ".join(labels[:20]) + (f", … ({len(labels) - 20} more)" if len(labels) > 20 else "")
     example = {"file": "FILE", "string": '"…"', "record": "'{\"…\": …}'"}
     lines = [

@@ -210,7 +210,7 @@ def build_encoder(state: dict, cfg: Encoder, model):
         from mmpipe.models.backbones import TorchvisionEncoder
 
         vit = {"image_size": size} if cfg.arch.startswith("vit_") else {}  # ViT builders fix their input size
-        return TorchvisionEncoder(NAME, cfg.arch, channels, size, model.dim, cfg.weights, cfg.freeze, cfg.lr_scale,
+        return TorchvisionEncoder(NAME, cfg.arch, size, model.dim, cfg.weights, cfg.freeze, cfg.lr_scale,
                                   model.augment, vit)
     from mmpipe.models.encoders import PixelCNN  # torch only where a model is built
 

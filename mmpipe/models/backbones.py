@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mmpipe.errors import PipelineError
+from mmpipe.models.encoders import affine_jitter
 
 
 def weights_recipe(arch: str) -> str:
@@ -33,8 +34,6 @@ def weights_recipe(arch: str) -> str:
 
 def read_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
     """A state dict from ``path`` (torch.save's .pt/.pth, read with weights_only, or .safetensors)."""
-    if not path.is_file():
-        raise PipelineError(f"{field}: {path} not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -50,14 +49,6 @@ def read_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PipelineError(f"{field}: {path} holds no state dict (a mapping of names to tensors)")
     return state
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def leading_blocks(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module | nn.Parameter]]:
@@ -95,7 +86,7 @@ class TorchvisionEncoder(nn.Module):
     jitter as the small CNN while training (``augment``).
     """
 
-    def __init__(self, modality: str, arch: str, channels: int, size: int, dim: int, weights: str | None, freeze,
+    def __init__(self, modality: str, arch: str, size: int, dim: int, weights: str | None, freeze,
                  lr_scale: float, augment: bool = True, builder_kwargs: dict | None = None):
         """``modality`` names the params in messages (``model.encoders.<modality>``); ``builder_kwargs``
         go to torchvision's builder (a ViT's image size)."""
@@ -106,14 +97,13 @@ class TorchvisionEncoder(nn.Module):
         if arch not in known:
             raise PipelineError(f"model.encoders.{modality}.arch: {arch!r} is not a torchvision classification model "
                                 f"(one of small_cnn, {', '.join(sorted(known))})")
-        transforms = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
-        min_size = torchvision.models.get_model_weights(arch).DEFAULT.meta.get("min_size", (1, 1))
+        default_weights = torchvision.models.get_model_weights(arch).DEFAULT
+        transforms, min_size = default_weights.transforms(), default_weights.meta.get("min_size", (1, 1))
         if size < max(min_size):
             raise PipelineError(f"model.encoders.{modality}.arch {arch} needs images of at least {max(min_size)} px: "
                                 f"set preprocess.{modality}.size (now {size}; its weights were trained at "
                                 f"{transforms.crop_size[0]})")
-        self.modality, self.arch, self.weights, self.augment, self.channels = modality, arch, weights, augment, channels
-        self.crop_size = int(transforms.crop_size[0])
+        self.modality, self.arch, self.weights, self.augment = modality, arch, weights, augment
         self.register_buffer("mean", torch.tensor(transforms.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1))
         net = torchvision.models.get_model(arch, weights=None, **(builder_kwargs or {}))
@@ -134,10 +124,8 @@ class TorchvisionEncoder(nn.Module):
         self.n_blocks = len(blocks)
         self._frozen_modules = []
         for _, block in blocks[:n]:
-            if isinstance(block, nn.Parameter):
-                block.requires_grad_(False)
-            else:
-                block.requires_grad_(False)
+            block.requires_grad_(False)
+            if isinstance(block, nn.Module):
                 self._frozen_modules.append(block)
 
     def train(self, mode: bool = True) -> "TorchvisionEncoder":
@@ -172,12 +160,11 @@ class TorchvisionEncoder(nn.Module):
             raise PipelineError(f"{field}: {path} does not fit {self.arch} "
                                 f"({len(missing)} weights missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
                                 f"e.g. {unexpected[:2]})")
-        info["sha256"] = file_sha256(path)
+        with open(path, "rb") as fh:
+            info["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
         return info
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        from mmpipe.models.encoders import affine_jitter
-
         x = pixels.float() / 255.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)

@@ -155,16 +155,16 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         val_set.to(device)
 
     config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.label_names)
-    pretrained = {}
-    if init_model is None:
-        init = build_model(config)
-        pretrained = load_pretrained(init)  # local weight files into the backbones that have them
+    model, pretrained = init_model, {}
+    if model is None:  # a fresh model: local weight files into the backbones that have them
+        model = build_model(config)
+        pretrained = load_pretrained(model)
         if world.is_main:
             for m, info in pretrained.items():
                 print(f"train[{'+'.join(modalities)}]: {m} encoder {info['arch']}: "
                       + (info.get("note") or f"weights {info['weights']}")
                       + f", {info['frozen_blocks']} of {info['blocks']} blocks frozen")
-    model, step_model = place_model(init_model if init_model is not None else init, device, world, params.compile)
+    model, step_model = place_model(model, device, world, params.compile)
     # batch_size is the global batch: each of N processes takes 1/N of it, so the optimiser sees the same
     # steps (and the same lr schedule fits) however many processes torchrun starts
     rank_batch = math.ceil(params.batch_size / world.size)
