@@ -6,7 +6,9 @@ Its own module so that the modality modules (which declare their params sections
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -19,3 +21,19 @@ class Strict(BaseModel):
             a, b = getattr(self, low), getattr(self, high)
             if a > b or (strict and a == b):
                 raise ValueError(f"{low} ({a}) must {'be below' if strict else 'not exceed'} {high} ({b})")
+
+
+class Backbone(Strict):
+    """The fields of a ``model.encoders.<m>`` section whose ``arch`` may name a pretrained backbone
+    (mmpipe/models/backbones.py); ``small_cnn`` is the modality's own small network."""
+
+    arch: str = Field("small_cnn", min_length=1)
+    weights: str | None = None  # local weights file; None = random initialisation of ``arch``
+    freeze: Literal["none", "all"] | Annotated[int, Field(ge=0)] = "none"  # or the number of leading blocks
+    lr_scale: float = Field(0.1, gt=0, le=1)  # the backbone's learning rate, relative to train.lr
+
+    @model_validator(mode="after")
+    def _pretrained_only(self) -> "Backbone":
+        if self.arch == "small_cnn" and (self.weights is not None or self.freeze != "none"):
+            raise ValueError("weights and freeze apply to a pretrained arch, not small_cnn")
+        return self

@@ -1,7 +1,9 @@
-"""Pretrained image backbones from local weight files (torchvision architectures by name)."""
+"""Pretrained backbones from local weight files: torchvision image classifiers and torchaudio speech
+encoders by architecture name."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -116,7 +118,7 @@ def test_unusable_weight_files_stop_with_one_line(tiny_corpus, tmp_path, content
 
 
 @pytest.mark.parametrize("image, expected", [
-    ({"weights": "w.pth"}, "weights and freeze apply to a torchvision arch"),
+    ({"weights": "w.pth"}, "weights and freeze apply to a pretrained arch"),
     ({"arch": "resnet18", "freeze": -1}, "freeze"),
     ({"arch": "resnet18", "freeze": "some"}, "freeze"),
     ({"arch": "resnet18", "lr_scale": 0}, "lr_scale"),
@@ -155,3 +157,157 @@ def test_blocks_are_the_backbones_parameterised_children_in_order(arch, count, f
     assert sum(p.numel() for p in net.parameters()) == sum(  # every parameter in exactly one block
         b.numel() if isinstance(b, torch.nn.Parameter) else sum(p.numel() for p in b.parameters())
         for _, b in leading_blocks(net))
+
+
+# --------------------------------------------------------------------------- speech encoders (torchaudio)
+
+# A wav2vec 2.0 of the real architecture, small enough for a test: five convolutions, two transformer layers.
+TINY_WAV2VEC2 = {"extractor_mode": "group_norm", "extractor_conv_layer_config": [[16, 10, 5], [16, 3, 2], [16, 3, 2],
+                                                                                  [16, 3, 2], [16, 2, 2]],
+                 "extractor_conv_bias": False, "encoder_embed_dim": 32, "encoder_projection_dropout": 0.0,
+                 "encoder_pos_conv_kernel": 16, "encoder_pos_conv_groups": 4, "encoder_num_layers": 2,
+                 "encoder_num_heads": 2, "encoder_attention_dropout": 0.0, "encoder_ff_interm_features": 64,
+                 "encoder_ff_interm_dropout": 0.0, "encoder_dropout": 0.0, "encoder_layer_norm_first": False,
+                 "encoder_layer_drop": 0.0}
+
+
+def tiny_wav2vec2(path, seed: int = 2) -> dict[str, torch.Tensor]:
+    """A randomly initialised torchaudio wav2vec 2.0 (TINY_WAV2VEC2), saved as torchaudio's pretrained
+    bundles' ``get_model().state_dict()`` would be."""
+    import torchaudio
+
+    torch.manual_seed(seed)
+    state = torchaudio.models.wav2vec2_model(**TINY_WAV2VEC2, aux_num_out=None).state_dict()
+    torch.save(state, path)
+    return state
+
+
+@pytest.fixture(scope="module")
+def waveform_features(tiny_corpus, tmp_path_factory):
+    """tiny_corpus's features with audio as waveforms (preprocess.audio.features: waveform)."""
+    from mmpipe.features.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("waveform") / "features"
+    for m in ("image", "text", "tabular"):
+        (root / m).parent.mkdir(parents=True, exist_ok=True)
+        (root / m).symlink_to(tiny_corpus / "features" / m)
+    (root / "audio").mkdir()
+    preprocess("audio", params.validate("preprocess", {"workers": 1, "audio": {"features": "waveform"}}),
+               tiny_corpus / "clean", root / "audio")
+    return root
+
+
+def train_with_audio(features, tmp_path, audio: dict):
+    model_params = params.validate("model", {**SMALL, "encoders": {**SMALL["encoders"], "audio": audio}})
+    out = tmp_path / "fusion"
+    result = train(params.TrainParams(epochs=1, batch_size=64, device="cpu", lr=0.01), model_params, features,
+                   ["audio", "text"], out, None)
+    return result, out
+
+
+def test_waveform_features_are_the_clean_clip_and_the_predictor_makes_the_same(tiny_corpus, waveform_features):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from mmpipe.modalities import audio, inputs
+
+    state = json.loads((waveform_features / "audio" / "state.json").read_text())
+    assert state["features"] == "waveform" and "mel_filters" not in state
+    features = audio.Features.from_state(waveform_features / "audio", state)
+    assert features.arrays == {"audio": ((24000,), np.float16)} and features.stats is None
+    table = pq.read_table(next((tiny_corpus / "clean" / "samples").glob("part-*.parquet")), columns=["audio"])
+    raw = next(v for v in table.column("audio").to_pylist() if v is not None)
+    errors: dict[int, str] = {}
+    from_pipeline = features.transform([raw, None], ["a", "b"], errors=errors)["audio"]
+    assert not errors and from_pipeline.dtype == np.float16 and not from_pipeline[1].any()
+    clip, _ = audio.pcm16_wav(raw)
+    np.testing.assert_array_equal(from_pipeline[0][:len(clip)], clip[:24000].astype(np.float16))
+    rules = json.loads((tiny_corpus / "clean" / "dataset.json").read_text())["clean_rules"]["audio"]
+    predictor = inputs.AudioInput(["audio"], state, rules, waveform_features / "audio")
+    np.testing.assert_array_equal(predictor.features(raw)["audio"], from_pipeline[0])  # the same file: exactly
+    recording = predictor.features(audio.as_recording(raw, 44100))["audio"].astype(np.float32)  # 44.1 kHz stereo
+    reference = from_pipeline[0].astype(np.float32)
+    # the stereo file's right channel is at half gain, so its mono mix is at 0.75; resampled there and
+    # back, it is the same signal, not bit for bit
+    error_db = 10 * np.log10(np.mean((recording - 0.75 * reference) ** 2) / np.mean((0.75 * reference) ** 2))
+    assert error_db < -30, error_db
+
+
+def test_speech_encoder_frozen_blocks_keep_the_file_weights_and_the_rest_trains(waveform_features, tmp_path):
+    state = tiny_wav2vec2(tmp_path / "w2v.pth")
+    result, out = train_with_audio(waveform_features, tmp_path, {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2,
+                                                                 "weights": str(tmp_path / "w2v.pth"), "freeze": 5})
+    info = result["metrics"]["pretrained"]["audio"]
+    assert info["arch"] == "wav2vec2_model" and (info["frozen_blocks"], info["blocks"]) == (5, 10)
+    encoder = load_model(out).encoders["audio"]
+    assert encoder.frozen_blocks == [f"feature_extractor.conv_layers.{i}" for i in range(5)]  # the CNN front end
+    trained = load_file(str(out / WEIGHTS_FILE))
+    prefix = "encoders.audio.backbone."
+    for key, value in state.items():
+        same = torch.equal(trained[prefix + key], value)
+        if key.startswith("feature_extractor."):
+            assert same and not encoder.backbone.get_parameter(key).requires_grad, key
+        elif key.endswith("linear.weight") or key.endswith("proj.weight"):
+            assert not same, f"{key} did not train"
+
+
+def test_speech_encoder_reads_a_checkpoint_with_its_ctc_head_and_wrapped(waveform_features, tmp_path):
+    """A fine-tuned ASR checkpoint (``aux`` CTC head) saved from DDP under "state_dict": the head is dropped."""
+    import torchaudio
+
+    torch.manual_seed(4)
+    asr = torchaudio.models.wav2vec2_model(**TINY_WAV2VEC2, aux_num_out=29).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in asr.items()}, "epoch": 3}, tmp_path / "asr.pt")
+    _, out = train_with_audio(waveform_features, tmp_path, {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2,
+                                                            "weights": str(tmp_path / "asr.pt"), "freeze": "all"})
+    trained = load_file(str(out / WEIGHTS_FILE))
+    assert torch.equal(trained["encoders.audio.backbone.encoder.transformer.layers.1.feed_forward.output_dense.weight"],
+                       asr["encoder.transformer.layers.1.feed_forward.output_dense.weight"])
+    assert not any(k.startswith("encoders.audio.backbone.aux") for k in trained)
+
+
+@pytest.mark.parametrize("audio, features, expected", [
+    ({"arch": "wav2vec2_model", "options": TINY_WAV2VEC2}, "logmel",
+     "model.encoders.audio.arch wav2vec2_model reads waveforms: set preprocess.audio.features: waveform (now logmel)"),
+    ({}, "waveform", "model.encoders.audio.arch small_cnn reads log-mel spectrograms: set preprocess.audio.features: logmel"),
+    ({"arch": "wav2vec3_base"}, "waveform", "model.encoders.audio.arch: 'wav2vec3_base' is not a torchaudio speech encoder"),
+    ({"arch": "wav2vec2_model", "options": {"encoder_embed_dim": 32}}, "waveform",
+     "model.encoders.audio.options do not fit torchaudio.models.wav2vec2_model:"),
+    ({"arch": "hubert_base", "weights": "nowhere/hubert_base.pth"}, "waveform",
+     "model.encoders.audio.weights: nowhere/hubert_base.pth not found — get it on a connected machine with python -c "
+     "\"import torch, torchaudio; torch.save(torchaudio.pipelines.HUBERT_BASE.get_model().state_dict(), 'hubert_base.pth')\""),
+])
+def test_bad_speech_encoder_choices_stop_with_one_line(tiny_corpus, waveform_features, tmp_path, audio, features, expected):
+    root = waveform_features if features == "waveform" else tiny_corpus / "features"
+    with pytest.raises(PipelineError) as err:
+        train_with_audio(root, tmp_path, audio)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_speech_encoder_at_another_rate_or_too_short_a_clip_stops_with_one_line():
+    from mmpipe.models.backbones import TorchaudioEncoder
+
+    with pytest.raises(PipelineError, match=r"wav2vec2_model takes 16000 Hz waveforms: set clean.audio.sample_rate: "
+                                            r"16000 \(now 8000\)"):
+        TorchaudioEncoder("audio", "wav2vec2_model", 8000, 12000, 16, None, "none", 0.1, options=TINY_WAV2VEC2)
+    with pytest.raises(PipelineError, match=r"does not take clips of 100 samples \(preprocess.audio.seconds\)"):
+        TorchaudioEncoder("audio", "wav2vec2_model", 16000, 100, 16, None, "none", 0.1, options=TINY_WAV2VEC2)
+
+
+def test_speech_encoder_blocks_and_normalisation_follow_torchaudio():
+    from mmpipe.models.backbones import TorchaudioEncoder
+
+    base = TorchaudioEncoder("audio", "wav2vec2_base", 16000, 16000, 16, None, 2, 0.1)
+    names = [name for name, _ in leading_blocks(base.backbone)]
+    assert names == [*(f"feature_extractor.conv_layers.{i}" for i in range(7)), "encoder.feature_projection",
+                     "encoder.transformer.pos_conv_embed", "encoder.transformer.layer_norm",
+                     *(f"encoder.transformer.layers.{i}" for i in range(12))]
+    assert sum(p.numel() for p in base.backbone.parameters()) == sum(
+        sum(p.numel() for p in b.parameters()) for _, b in leading_blocks(base.backbone))
+    assert not base.normalize  # torchaudio's WAV2VEC2_BASE bundle feeds raw waveforms (LV-60k's standardises)
+    normalized = TorchaudioEncoder("audio", "wav2vec2_model", 16000, 4000, 16, None, "none", 0.1, normalize=True,
+                                   options=TINY_WAV2VEC2).eval()
+    clip = torch.randn(2, 4000)
+    with torch.no_grad():  # a standardised clip: its gain and offset do not matter
+        torch.testing.assert_close(normalized(clip), normalized(3 * clip + 0.1), atol=1e-4, rtol=1e-4)

@@ -297,13 +297,15 @@ def test_kill_9_during_clean_train_and_export_then_repro_finishes_as_if_never_ki
     assert killed_stages == {"clean", "train", "export"}
 
 
-def test_pretrained_image_backbone_from_a_local_file_through_dvc_repro(tiny_run, tmp_path):
-    """A torchvision model saved as users save real weights, chosen in params: train (freezing what
-    freeze says), evaluate, compress and export re-run; the bundle's predictor matches PyTorch on raw
-    files; replacing the weights file re-runs train."""
+def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_path):
+    """A torchvision image model and a torchaudio speech encoder saved as users save real weights,
+    chosen in params: preprocess@audio (waveforms), train (freezing what freeze says), evaluate,
+    compress and export re-run; the bundle's predictor matches PyTorch on raw files; replacing a
+    weights file re-runs train."""
     import torch
     import torchvision
     from safetensors.torch import load_file
+    from test_backbones import TINY_WAV2VEC2, tiny_wav2vec2
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_run.repo, repo, symlinks=True)
@@ -312,24 +314,38 @@ def test_pretrained_image_backbone_from_a_local_file_through_dvc_repro(tiny_run,
     torch.manual_seed(3)
     weights = torchvision.models.get_model("resnet18", weights=None).state_dict()
     torch.save(weights, repo / "weights/resnet18.pth")
-    set_params(repo, model={"encoders": {"image": {"arch": "resnet18", "weights": "weights/resnet18.pth", "freeze": 2}}})
+    speech = tiny_wav2vec2(repo / "weights/wav2vec2_tiny.pth")
+    set_params(repo, preprocess={"audio": {"features": "waveform"}}, model={"encoders": {
+        "image": {"arch": "resnet18", "weights": "weights/resnet18.pth", "freeze": 2},
+        "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/wav2vec2_tiny.pth", "freeze": 5}}})
     run = dvc(repo, "repro")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert ran_stages(run) == ["source", "train", "evaluate", "compress", "export", "summary"]
+    assert ran_stages(run) == ["source", "preprocess@audio", "train", "evaluate", "compress", "export", "summary"]
     assert "image encoder resnet18: weights weights/resnet18.pth, 2 of 10 blocks frozen" in run.stdout
+    assert "audio encoder wav2vec2_model: weights weights/wav2vec2_tiny.pth, 5 of 10 blocks frozen" in run.stdout
 
-    info = json.loads((repo / "metrics/train.json").read_text())["fusion"]["pretrained"]["image"]
-    assert info["sha256"] == hashlib.sha256((repo / "weights/resnet18.pth").read_bytes()).hexdigest()
+    info = json.loads((repo / "metrics/train.json").read_text())["fusion"]["pretrained"]
+    assert info["image"]["sha256"] == hashlib.sha256((repo / "weights/resnet18.pth").read_bytes()).hexdigest()
+    assert info["audio"]["sha256"] == hashlib.sha256((repo / "weights/wav2vec2_tiny.pth").read_bytes()).hexdigest()
     trained = load_file(str(repo / "models/fusion/model.safetensors"))
     for key, value in weights.items():
         if key.startswith(("conv1.", "bn1.")):  # the two frozen blocks: exactly the file's
             assert torch.equal(trained[f"encoders.image.backbone.{key}"], value), key
     assert not torch.equal(trained["encoders.image.backbone.layer4.1.conv2.weight"], weights["layer4.1.conv2.weight"])
+    for key, value in speech.items():  # the convolutional front end (5 blocks) frozen, the transformer trained
+        same = torch.equal(trained[f"encoders.audio.backbone.{key}"], value)
+        if key.startswith("feature_extractor."):
+            assert same, key
+        elif key.endswith("proj.weight"):
+            assert not same, f"{key} did not train"
     exported = json.loads((repo / "metrics/export.json").read_text())
     assert exported["passed"] and exported["fp32_onnx_vs_pytorch_max_abs_logit_diff"] < 1e-3
     assert exported["predictor_raw_test_accuracy"] == pytest.approx(exported["compress_test_accuracy_shipped"], abs=0.02)
     card = (repo / "artifacts/deploy/MODEL_CARD.md").read_text()
     assert "- image: `resnet18` backbone, weights from `weights/resnet18.pth`, frozen blocks: 2." in card
+    assert "- audio: `wav2vec2_model` backbone, weights from `weights/wav2vec2_tiny.pth`, frozen blocks: 5." in card
+    manifest = json.loads((repo / "artifacts/deploy/manifest.json").read_text())
+    assert manifest["preprocessing"]["audio"]["features"] == "waveform"
 
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, repo / "weights/resnet18.pth")
     status = dvc(repo, "status", "train")

@@ -3,8 +3,9 @@
 
 What is never pruned, and why: each encoder's output projection and the placeholders (the fused
 vector size ``dim`` is shared by all modalities and by the fusion), the classifier's last layer
-(one output per class), embeddings (the tokenizer's vocabulary), and attention fusion's
-transformer (its heads are coupled through the key-padding mask).
+(one output per class), embeddings (the tokenizer's vocabulary), attention fusion's transformer
+(its heads are coupled through the key-padding mask), and the attention blocks of pretrained
+transformer backbones (their heads are a reshape of the projections' channels).
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ def _protected(model: nn.Module) -> list[nn.Module]:
     keep += [m for m in model.modules() if isinstance(m, nn.Embedding)]
     if hasattr(model, "transformer"):
         keep.append(model.transformer)
+    keep += [m for m in model.modules() if is_attention(m)]
     return keep
+
+
+def is_attention(module: nn.Module) -> bool:
+    """Multi-head attention (torch's, torchaudio's wav2vec2/WavLM, Hugging Face's): its query/key/value
+    channels are split into heads by a reshape that channel pruning would break."""
+    return isinstance(module, nn.MultiheadAttention) or hasattr(module, "num_heads") \
+        or hasattr(module, "num_attention_heads")
 
 
 def unstructured(model: nn.Module, amount: float) -> nn.Module:

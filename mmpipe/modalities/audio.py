@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +18,7 @@ from mmpipe.errors import PipelineError
 from mmpipe.modalities import inputs, logmel
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import decode_audio, describe, fix_length, to_pcm16
-from mmpipe.schema import Strict
+from mmpipe.schema import Backbone, Strict
 
 NAME = "audio"
 EXTENSIONS = (".wav", ".flac")
@@ -48,6 +48,9 @@ class Clean(Strict):
 
 
 class Preprocess(Strict):
+    # logmel: float16 log-mel spectrograms (small_cnn) | waveform: the float16 clip itself (torchaudio's
+    # self-supervised encoders take 16 kHz waveforms)
+    features: Literal["logmel", "waveform"] = "logmel"
     seconds: float = Field(1.5, gt=0.0, le=600.0)
     n_mels: int = Field(64, ge=1, le=512)
     n_fft: int = Field(512, ge=16, le=16384)
@@ -62,8 +65,12 @@ class Preprocess(Strict):
         return self
 
 
-class Encoder(Strict):
-    width: int = Field(16, ge=4, le=512)
+class Encoder(Backbone):
+    # arch: small_cnn (SpectrogramCNN over the log-mel) or a torchaudio speech encoder by builder name:
+    # wav2vec2_base, hubert_base, wavlm_base, ... (mmpipe/models/backbones.py); weights: a local state dict
+    width: int = Field(16, ge=4, le=512)  # small_cnn only
+    normalize: bool | None = None  # standardise each clip first; null = as torchaudio's pretrained bundle does
+    options: dict[str, Any] = Field(default_factory=dict)  # builder keyword arguments (wav2vec2_model's config)
 
 
 PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
@@ -121,7 +128,8 @@ def clean(data: bytes, cfg) -> Cleaned:
 
 
 class Features:
-    """Clean audio -> float16 log-mel (n_mels, frames) of a fixed-length clip; per-mel-bin mean/std from train."""
+    """Clean audio -> a fixed-length clip's float16 log-mel (n_mels, frames) with per-mel-bin mean/std from
+    train (``features: logmel``), or the float16 clip itself (``features: waveform``)."""
 
     gpu = True  # the log-mel batches well on a GPU (same formulas, logmel.log_mel_torch)
     chunk = 8  # rows per log-mel call: keeps the frame arrays in cache (measured fastest)
@@ -129,10 +137,16 @@ class Features:
     def __init__(self, cfg, dataset: dict):
         self.cfg = cfg
         self.sample_rate = int(dataset["clean_rules"][NAME]["sample_rate"])
+        self.n_samples = int(round(cfg.seconds * self.sample_rate))
+        self.kind = getattr(cfg, "features", "logmel")
+        if self.kind == "waveform":
+            self.mel_filters = None
+            self.arrays = {NAME: ((self.n_samples,), np.float16)}
+            self.stats = None  # the encoder normalises (or not) as its pretraining did
+            return
         if cfg.fmax > self.sample_rate / 2:
             raise PipelineError(f"params.yaml: preprocess.audio.fmax={cfg.fmax} exceeds half the sample rate "
                                 f"({self.sample_rate / 2:g} Hz, clean.audio.sample_rate)")
-        self.n_samples = int(round(cfg.seconds * self.sample_rate))
         self.mel_filters = logmel.mel_filters(self.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
         n_frames = logmel.frames(self.n_samples, cfg.n_fft, cfg.hop)
         self.arrays = {NAME: ((cfg.n_mels, n_frames), np.float16)}
@@ -169,9 +183,11 @@ class Features:
     @classmethod
     def from_state(cls, folder: Path, state: dict) -> "Features":
         """The featurizer back from a preprocess output folder (same filter bank, same clip length)."""
-        cfg = SimpleNamespace(**{k: state[k] for k in ("seconds", "n_fft", "hop", "n_mels", "fmin", "fmax")})
+        cfg = SimpleNamespace(**{k: state[k] for k in ("seconds", "n_fft", "hop", "n_mels", "fmin", "fmax")},
+                              features=state.get("features", "logmel"))
         features = cls(cfg, {"clean_rules": {NAME: {"sample_rate": state["sample_rate"]}}})
-        features.mel_filters = np.load(Path(folder) / state["mel_filters"])
+        if features.kind == "logmel":
+            features.mel_filters = np.load(Path(folder) / state["mel_filters"])
         return features
 
     def transform(self, items: list[bytes | None], ids: list[str],
@@ -182,7 +198,9 @@ class Features:
         if noise is not None and present.any():
             batch[present] = noise(batch[present])
         out = np.zeros((len(items), *self.arrays[NAME][0]), np.float16)
-        if present.any():
+        if self.kind == "waveform":
+            out[present] = batch[present].astype(np.float16)
+        elif present.any():
             if device == "cpu":
                 clips = batch[present]
                 mel = np.concatenate([logmel.log_mel(clips[i:i + self.chunk], self.mel_filters, self.cfg.n_fft,
@@ -196,16 +214,20 @@ class Features:
         return {NAME: out}
 
     def state(self) -> dict:
-        return {"sample_rate": self.sample_rate, "seconds": self.cfg.seconds, "n_samples": self.n_samples,
-                "n_fft": self.cfg.n_fft, "hop": self.cfg.hop, "n_mels": self.cfg.n_mels, "fmin": self.cfg.fmin,
-                "fmax": self.cfg.fmax, "log_eps": logmel.EPS, "mel_filters": "mel_filters.npy"}
+        state = {"features": self.kind, "sample_rate": self.sample_rate, "seconds": self.cfg.seconds,
+                 "n_samples": self.n_samples, "n_fft": self.cfg.n_fft, "hop": self.cfg.hop, "n_mels": self.cfg.n_mels,
+                 "fmin": self.cfg.fmin, "fmax": self.cfg.fmax}
+        if self.kind == "logmel":
+            state.update(log_eps=logmel.EPS, mel_filters="mel_filters.npy")
+        return state
 
     def save(self, folder) -> None:
-        np.save(folder / "mel_filters.npy", self.mel_filters)
+        if self.mel_filters is not None:
+            np.save(folder / "mel_filters.npy", self.mel_filters)
 
     @staticmethod
     def state_files(state: dict) -> list[str]:
-        return [state["mel_filters"]]
+        return [state["mel_filters"]] if "mel_filters" in state else []
 
 
 # --------------------------------------------------------------------------- corruptions (evaluate)
@@ -251,6 +273,18 @@ PARITY_VARIANTS = {f"{rate / 1000:g} kHz stereo": (lambda raw, rate=rate: as_rec
 
 
 def build_encoder(state: dict, cfg: Encoder, model):
+    kind = state.get("features", "logmel")
+    if cfg.arch != "small_cnn":
+        from mmpipe.models.backbones import TorchaudioEncoder
+
+        if kind != "waveform":
+            raise PipelineError(f"model.encoders.{NAME}.arch {cfg.arch} reads waveforms: set "
+                                f"preprocess.{NAME}.features: waveform (now {kind})")
+        return TorchaudioEncoder(NAME, cfg.arch, state["sample_rate"], state["n_samples"], model.dim, cfg.weights,
+                                 cfg.freeze, cfg.lr_scale, cfg.normalize, cfg.options)
+    if kind != "logmel":
+        raise PipelineError(f"model.encoders.{NAME}.arch small_cnn reads log-mel spectrograms: set preprocess.{NAME}"
+                            f".features: logmel, or choose a waveform arch such as wav2vec2_base (now {kind})")
     from mmpipe.models.encoders import SpectrogramCNN  # torch only where a model is built
 
     return SpectrogramCNN(state["mean"], state["std"], model.dim, cfg.width, model.augment)

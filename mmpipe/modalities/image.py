@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Callable, Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from mmpipe.modalities import inputs
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import PASS_THROUGH_FORMATS, decode_image, describe, load_pixels
-from mmpipe.schema import Strict
+from mmpipe.schema import Backbone, Strict
 
 NAME = "image"
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -48,20 +48,11 @@ class Preprocess(Strict):
     fit: Literal["pad", "crop"] = "pad"
 
 
-class Encoder(Strict):
-    # small_cnn (PixelCNN) or any torchvision classification architecture by name (resnet18, resnet50,
-    # mobilenet_v3_large, efficientnet_b0, convnext_tiny, vit_b_16, ...): mmpipe/models/backbones.py
-    arch: str = Field("small_cnn", min_length=1)
+class Encoder(Backbone):
+    # arch: small_cnn (PixelCNN) or any torchvision classification architecture by name (resnet18, resnet50,
+    # mobilenet_v3_large, efficientnet_b0, convnext_tiny, vit_b_16, ...): mmpipe/models/backbones.py;
+    # weights: a local state-dict file (.pt/.pth/.safetensors)
     width: int = Field(24, ge=4, le=512)  # small_cnn only
-    weights: str | None = None  # local state-dict file (.pt/.pth/.safetensors); None = random initialisation
-    freeze: Literal["none", "all"] | Annotated[int, Field(ge=0)] = "none"  # or the number of leading blocks
-    lr_scale: float = Field(0.1, gt=0, le=1)  # the backbone's learning rate, relative to train.lr
-
-    @model_validator(mode="after")
-    def _check(self) -> "Encoder":
-        if self.arch == "small_cnn" and (self.weights is not None or self.freeze != "none"):
-            raise ValueError("weights and freeze apply to a torchvision arch, not small_cnn")
-        return self
 
 
 PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}

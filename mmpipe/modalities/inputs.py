@@ -72,12 +72,16 @@ class TextInput(Input):
 class AudioInput(Input):
     def __init__(self, *args: Any):
         super().__init__(*args)
-        self.mel_filters = np.load(self.folder / self.state["mel_filters"])
+        self.waveform = self.state.get("features", "logmel") == "waveform"
+        if not self.waveform:
+            self.mel_filters = np.load(self.folder / self.state["mel_filters"])
 
     def features(self, value: bytes) -> dict[str, np.ndarray]:
         s = self.state
         mono, _ = portable.decode_audio(value, self.rules)
-        # clean stores 16-bit PCM; preprocess stores the log-mel as float16: reproduce both roundings
+        # clean stores 16-bit PCM; preprocess stores the clip or its log-mel as float16: reproduce both roundings
         clip = portable.fix_length(portable.as_pcm16(mono), s["n_samples"])
+        if self.waveform:
+            return {self.arrays[0]: clip.astype(np.float16)}
         mel = logmel.log_mel(clip[None], self.mel_filters, s["n_fft"], s["hop"])[0]
         return {self.arrays[0]: mel.astype(np.float16)}

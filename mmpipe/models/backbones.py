@@ -1,18 +1,20 @@
 """Pretrained backbones by architecture name, with weights from a local file — never a download.
 
-An encoder built here takes its architecture from torchvision's model builders by name
-(``torchvision.models.get_model``), drops the classification head (the last ``Linear``) and maps
-the backbone's features to the fused ``dim`` with its own projection. The architecture alone is
-built from the config, so a trained model reloads from its own ``model.safetensors`` without the
-weights file; :func:`load_pretrained` copies the file's weights in when training starts.
+An encoder built here takes its architecture from a library's model builders by name — torchvision's
+classifiers (``torchvision.models.get_model``) or torchaudio's self-supervised speech encoders
+(wav2vec 2.0, HuBERT, WavLM) —, drops the task head and maps the backbone's features to the fused
+``dim`` with its own projection. The architecture alone is built from the config, so a trained model
+reloads from its own ``model.safetensors`` without the weights file; :meth:`Backbone.load_pretrained`
+copies the file's weights in when training starts.
 
 ``freeze``: ``none``, ``all``, or the number of leading *blocks*: the backbone's parameterised
-children in order, with plain ``Sequential`` containers (ResNet's ``layer1``-``layer4``, the
-``features`` of MobileNet/EfficientNet/ConvNeXt, ViT's ``encoder.layers``) opened into their blocks;
-parameters a container owns directly (ViT's class token and position embedding) count as blocks. Frozen
-blocks keep ``requires_grad=False`` and stay in eval mode while training (their BatchNorm statistics
-do not drift). ``lr_scale`` multiplies the learning rate of the backbone's trainable parameters.
-"""
+children in order, with plain ``Sequential``/``ModuleList`` containers (ResNet's ``layer1``-``layer4``,
+the ``features`` of MobileNet/EfficientNet/ConvNeXt, ViT's ``encoder.layers``, wav2vec 2.0's
+convolutions and transformer layers) opened into their blocks, and so is a module outside any
+container that holds one; parameters a container owns directly (ViT's class token and position
+embedding) count as blocks. Frozen blocks keep ``requires_grad=False`` and stay in eval mode while
+training (their BatchNorm statistics do not drift). ``lr_scale`` multiplies the learning rate of the
+backbone's trainable parameters."""
 
 from __future__ import annotations
 
@@ -51,7 +53,18 @@ def read_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def leading_blocks(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module | nn.Parameter]]:
+def _is_container(module: nn.Module) -> bool:
+    return type(module) in (nn.Sequential, nn.ModuleList)  # plain ones; not subclasses (Conv2dNormActivation)
+
+
+def _holds_blocks(module: nn.Module) -> bool:
+    """True when a plain container of several parameterised modules sits somewhere below ``module``."""
+    return any(_is_container(m) and sum(1 for c in m.children() if any(True for _ in c.parameters())) > 1
+               for m in module.modules() if m is not module)
+
+
+def leading_blocks(module: nn.Module, prefix: str = "",
+                   in_container: bool = False) -> list[tuple[str, nn.Module | nn.Parameter]]:
     """The backbone's blocks in order (see the module docstring): (dotted name, module or parameter)."""
     out: list[tuple[str, nn.Module | nn.Parameter]] = []
     for name, param in module.named_parameters(recurse=False):  # ViT's class token, position embedding
@@ -59,11 +72,10 @@ def leading_blocks(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Mo
     for name, child in module.named_children():
         if not any(True for _ in child.parameters()):
             continue  # ReLU, pooling, dropout, the removed head
-        # plain containers open (not Sequential subclasses such as Conv2dNormActivation); so does a
-        # top-level module holding one (ViT's encoder and its layers); blocks themselves stay whole
-        if type(child) is nn.Sequential or (not prefix and any(type(c) is nn.Sequential and len(c) > 1
-                                                                for c in child.children())):
-            out += leading_blocks(child, f"{prefix}{name}.")
+        # plain containers open; so does a module outside any container that holds one (ViT's encoder,
+        # wav2vec2's feature extractor and transformer, BERT's encoder); a container's members are blocks
+        if _is_container(child) or (not in_container and _holds_blocks(child)):
+            out += leading_blocks(child, f"{prefix}{name}.", in_container=_is_container(child))
         else:
             out.append((prefix + name, child))
     return out
@@ -78,7 +90,70 @@ def _drop_head(net: nn.Module) -> str:
     return name
 
 
-class TorchvisionEncoder(nn.Module):
+class Backbone(nn.Module):
+    """What every pretrained encoder shares: ``self.backbone`` (the network without its head), frozen
+    leading blocks, the learning-rate scale, and the weights file copied in by :meth:`load_pretrained`.
+    A subclass builds ``backbone`` then calls :meth:`setup`; it names the state-dict keys of the head it
+    dropped (``head_keys``) and how to get the weights on a connected machine (``recipe``)."""
+
+    modality: str
+    arch: str
+    weights: str | None
+    head_keys: tuple[str, ...] = ()
+
+    def setup(self, backbone: nn.Module, freeze, lr_scale: float) -> None:
+        self.backbone = backbone
+        self.backbone.lr_scale = lr_scale  # read by the trainer's parameter groups
+        blocks = leading_blocks(backbone)
+        n = 0 if freeze == "none" else len(blocks) if freeze == "all" else min(int(freeze), len(blocks))
+        self.frozen_blocks = [name for name, _ in blocks[:n]]
+        self.n_blocks = len(blocks)
+        self._frozen_modules = []
+        for _, block in blocks[:n]:
+            block.requires_grad_(False)
+            if isinstance(block, nn.Module):
+                self._frozen_modules.append(block)
+
+    def recipe(self) -> str:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for module in self._frozen_modules:  # frozen BatchNorm keeps its pretrained statistics (and dropout is off)
+            module.eval()
+        return self
+
+    def load_pretrained(self) -> dict:
+        """Copy the weights file in (none: random initialisation, said so); return what was loaded, for the logs."""
+        info = {"arch": self.arch, "weights": self.weights, "blocks": self.n_blocks,
+                "frozen_blocks": len(self.frozen_blocks),
+                "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+        if self.weights is None:
+            info["note"] = f"{self.arch}: random initialisation (model.encoders.{self.modality}.weights is null)"
+            return info
+        field = f"model.encoders.{self.modality}.weights"
+        path = Path(self.weights)
+        if not path.is_file():
+            raise PipelineError(f"{field}: {path} not found — get it on a connected machine with "
+                                f"{self.recipe()} and copy it there")
+        state = read_state_dict(path, field)
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
+        state = {k: v for k, v in state.items() if not k.startswith(self.head_keys)}
+        try:
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shapes that differ (another width, a ViT at another image size)
+            raise PipelineError(f"{field}: {path} does not fit {self.arch}: "
+                                f"{' '.join(str(exc).split())[:300]}") from None
+        if missing or unexpected:
+            raise PipelineError(f"{field}: {path} does not fit {self.arch} "
+                                f"({len(missing)} weights missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+                                f"e.g. {unexpected[:2]})")
+        with open(path, "rb") as fh:
+            info["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+        return info
+
+
+class TorchvisionEncoder(Backbone):
     """uint8 (B, C, H, W) -> (B, dim) through a torchvision classification backbone.
 
     Pixels are scaled to 0..1 and normalised with the architecture's weights' mean/std (ImageNet's
@@ -108,6 +183,7 @@ class TorchvisionEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1))
         net = torchvision.models.get_model(arch, weights=None, **(builder_kwargs or {}))
         self.head_name = _drop_head(net)
+        self.head_keys = (self.head_name + ".",)
         net.eval()
         try:
             with torch.no_grad():
@@ -115,54 +191,11 @@ class TorchvisionEncoder(nn.Module):
         except Exception as exc:  # noqa: BLE001 - a shape the architecture refuses: one line
             raise PipelineError(f"model.encoders.{modality}.arch {arch} does not take {size}x{size} inputs "
                                 f"(preprocess.{modality}.size): {str(exc).splitlines()[0][:200]}") from None
-        self.backbone = net
-        self.backbone.lr_scale = lr_scale  # read by the trainer's parameter groups
         self.out = nn.Linear(features, dim)
-        blocks = leading_blocks(net)
-        n = 0 if freeze == "none" else len(blocks) if freeze == "all" else min(int(freeze), len(blocks))
-        self.frozen_blocks = [name for name, _ in blocks[:n]]
-        self.n_blocks = len(blocks)
-        self._frozen_modules = []
-        for _, block in blocks[:n]:
-            block.requires_grad_(False)
-            if isinstance(block, nn.Module):
-                self._frozen_modules.append(block)
+        self.setup(net, freeze, lr_scale)
 
-    def train(self, mode: bool = True) -> "TorchvisionEncoder":
-        super().train(mode)
-        for module in self._frozen_modules:  # frozen BatchNorm keeps its pretrained statistics
-            module.eval()
-        return self
-
-    def load_pretrained(self) -> dict:
-        """Copy the weights file in (none: random initialisation, said so); return what was loaded, for the logs."""
-        info = {"arch": self.arch, "weights": self.weights, "blocks": self.n_blocks,
-                "frozen_blocks": len(self.frozen_blocks),
-                "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
-        if self.weights is None:
-            info["note"] = f"{self.arch}: random initialisation (model.encoders.{self.modality}.weights is null)"
-            return info
-        field = f"model.encoders.{self.modality}.weights"
-        path = Path(self.weights)
-        if not path.is_file():
-            raise PipelineError(f"{field}: {path} not found — get it on a connected machine with "
-                                f"{weights_recipe(self.arch)} and copy it there")
-        state = read_state_dict(path, field)
-        head = self.head_name + "."
-        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
-        state = {k: v for k, v in state.items() if not k.startswith(head)}
-        try:
-            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shapes that differ (another width, a ViT at another image size)
-            raise PipelineError(f"{field}: {path} does not fit {self.arch}: "
-                                f"{' '.join(str(exc).split())[:300]}") from None
-        if missing or unexpected:
-            raise PipelineError(f"{field}: {path} does not fit {self.arch} "
-                                f"({len(missing)} weights missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
-                                f"e.g. {unexpected[:2]})")
-        with open(path, "rb") as fh:
-            info["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
-        return info
+    def recipe(self) -> str:
+        return weights_recipe(self.arch)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float() / 255.0
@@ -172,3 +205,66 @@ class TorchvisionEncoder(nn.Module):
         if self.training and self.augment:
             x = affine_jitter(x)
         return self.out(self.backbone(x).flatten(1))
+
+
+def waveform_archs() -> list[str]:
+    """torchaudio's self-supervised speech encoders (wav2vec 2.0, HuBERT, WavLM) by builder name."""
+    import torchaudio
+
+    return sorted(n for n in dir(torchaudio.models) if n.startswith(("wav2vec2_", "hubert_", "wavlm_"))
+                  and "pretrain" not in n and callable(getattr(torchaudio.models, n)))
+
+
+class TorchaudioEncoder(Backbone):
+    """float (B, samples) 16 kHz waveform -> (B, dim) through a torchaudio wav2vec 2.0 / HuBERT / WavLM
+    encoder: the transformer's last hidden states, averaged over time, then a projection.
+
+    ``normalize`` (None: as torchaudio's pretrained bundle of that name does — the large LV-60k/XLS-R
+    models were trained on zero-mean unit-variance clips) standardises each clip first. ``options``
+    go to the builder (``wav2vec2_model``/``wavlm_model`` take the whole configuration there).
+    """
+
+    head_keys = ("aux.",)  # a fine-tuned ASR checkpoint's CTC head
+
+    def __init__(self, modality: str, arch: str, sample_rate: int, n_samples: int, dim: int, weights: str | None,
+                 freeze, lr_scale: float, normalize: bool | None = None, options: dict | None = None):
+        super().__init__()
+        import torchaudio
+
+        field = f"model.encoders.{modality}"
+        known = waveform_archs()
+        if arch not in known:
+            raise PipelineError(f"{field}.arch: {arch!r} is not a torchaudio speech encoder "
+                                f"(one of small_cnn, {', '.join(known)})")
+        bundle = getattr(torchaudio.pipelines, arch.upper(), None)
+        expected_rate = int(bundle.sample_rate) if bundle is not None else 16000
+        if sample_rate != expected_rate:
+            raise PipelineError(f"{field}.arch {arch} takes {expected_rate} Hz waveforms: set clean.{modality}.sample_rate: "
+                                f"{expected_rate} (now {sample_rate})")
+        self.modality, self.arch, self.weights = modality, arch, weights
+        self.normalize = bool(getattr(bundle, "_normalize_waveform", False) if normalize is None else normalize)
+        try:
+            net = getattr(torchaudio.models, arch)(**{**(options or {}), "aux_num_out": None})
+        except TypeError as exc:  # options the builder does not take, or misses
+            raise PipelineError(f"{field}.options do not fit torchaudio.models.{arch}: {exc}") from None
+        net.eval()
+        try:
+            with torch.no_grad():
+                features = net(torch.zeros(1, n_samples))[0].shape[-1]
+        except Exception as exc:  # noqa: BLE001 - too short a clip for the convolutions: one line
+            raise PipelineError(f"{field}.arch {arch} does not take clips of {n_samples} samples "
+                                f"(preprocess.{modality}.seconds): {str(exc).splitlines()[0][:200]}") from None
+        self.out = nn.Linear(features, dim)
+        self.setup(net, freeze, lr_scale)
+
+    def recipe(self) -> str:
+        name = self.arch.upper()
+        return (f"python -c \"import torch, torchaudio; torch.save(torchaudio.pipelines.{name}.get_model()"
+                f".state_dict(), '{self.arch}.pth')\"")
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        x = waveform.float()
+        if self.normalize:
+            x = nn.functional.layer_norm(x, x.shape[-1:])
+        hidden, _ = self.backbone(x)
+        return self.out(hidden.mean(dim=1))
