@@ -3,6 +3,8 @@ encoders by architecture name."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -311,3 +313,132 @@ def test_speech_encoder_blocks_and_normalisation_follow_torchaudio():
     clip = torch.randn(2, 4000)
     with torch.no_grad():  # a standardised clip: its gain and offset do not matter
         torch.testing.assert_close(normalized(clip), normalized(3 * clip + 0.1), atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- text transformers (Hugging Face)
+
+
+def corpus_texts(clean_dir) -> list[str]:
+    import pandas as pd
+
+    return [t for t in pd.read_parquet(clean_dir / "samples", columns=["text"])["text"] if isinstance(t, str)]
+
+
+def tiny_bert(folder, texts: list[str], seed: int = 5) -> dict[str, torch.Tensor]:
+    """A tiny BERT saved as users have Hugging Face models (save_pretrained: config.json,
+    model.safetensors, tokenizer.json), with a WordPiece tokenizer trained by ``tokenizers`` on ``texts``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, tokenizer.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    model.save_pretrained(folder)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_corpus, tmp_path_factory):
+    """A tiny BERT folder and tiny_corpus's features with text tokenized by its tokenizer."""
+    from mmpipe.features.preprocess import preprocess
+
+    base = tmp_path_factory.mktemp("bert")
+    state = tiny_bert(base / "tiny-bert", corpus_texts(tiny_corpus / "clean"))
+    root = base / "features"
+    for m in ("image", "audio", "tabular"):
+        (root / m).parent.mkdir(parents=True, exist_ok=True)
+        (root / m).symlink_to(tiny_corpus / "features" / m)
+    (root / "text").mkdir()
+    preprocess("text", params.validate("preprocess", {"workers": 1, "text": {"tokenizer": str(base / "tiny-bert"),
+                                                                            "max_length": 24}}),
+               tiny_corpus / "clean", root / "text")
+    return SimpleNamespace(folder=base / "tiny-bert", state=state, features=root)
+
+
+def train_with_text(features, tmp_path, text: dict):
+    model_params = params.validate("model", {**SMALL, "encoders": {**SMALL["encoders"], "text": text}})
+    out = tmp_path / "fusion"
+    result = train(params.TrainParams(epochs=1, batch_size=64, device="cpu", lr=0.01), model_params, features,
+                   ["text", "tabular"], out, None)
+    return result, out
+
+
+def test_a_pretrained_tokenizer_tokenizes_in_preprocess_and_in_the_bundle_alike(tiny_corpus, bert):
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from mmpipe.modalities import inputs, text
+
+    state = json.loads((bert.features / "text" / "state.json").read_text())
+    assert state["kind"] == "pretrained" and state["model_config"]["model_type"] == "bert"
+    hf = HFTokenizer.from_file(str(bert.folder / "tokenizer.json"))
+    features = text.Features.from_state(bert.features / "text", state)
+    sample = corpus_texts(tiny_corpus / "clean")[:5]
+    ids, lengths = features.tokenizer.encode([*sample, None])
+    for row, length, t in zip(ids, lengths, sample):
+        assert list(row[:length]) == hf.encode(t).ids  # [CLS] ... [SEP] (the corpus's texts fit in 24 tokens)
+        assert row[0] == hf.token_to_id("[CLS]") and not row[length:].any()  # [PAD] is 0
+    assert lengths[-1] == 0 and not ids[-1].any()
+    rules = json.loads((tiny_corpus / "clean" / "dataset.json").read_text())["clean_rules"]["text"]
+    predictor = inputs.TextInput(["text", "text_length"], state, rules, bert.features / "text")
+    one = predictor.features(sample[0])
+    assert list(one["text"]) == list(ids[0]) and one["text_length"] == lengths[0]
+    assert text.extra_requirements(state) == ["tokenizers"]
+
+
+def test_transformer_frozen_blocks_keep_the_folder_weights_and_the_rest_trains(bert, tmp_path):
+    result, out = train_with_text(bert.features, tmp_path, {"arch": "huggingface", "weights": str(bert.folder),
+                                                            "freeze": 2})
+    info = result["metrics"]["pretrained"]["text"]
+    assert info["arch"] == "bert" and (info["frozen_blocks"], info["blocks"]) == (2, 3) and len(info["sha256"]) == 64
+    encoder = load_model(out).encoders["text"]
+    assert encoder.frozen_blocks == ["embeddings", "encoder.layer.0"]
+    trained = load_file(str(out / WEIGHTS_FILE))
+    prefix = "encoders.text.backbone."
+    assert not any(k.startswith(prefix + "pooler") for k in trained)  # mean pooling: the [CLS] pooler is dropped
+    for key, value in bert.state.items():
+        if key.startswith("pooler."):
+            continue
+        same = torch.equal(trained[prefix + key], value)
+        if key.startswith(("embeddings.", "encoder.layer.0.")):
+            assert same, key
+        elif key.endswith("dense.weight"):
+            assert not same, f"{key} did not train"
+
+
+@pytest.mark.parametrize("text, tokenizer, expected", [
+    ({"arch": "huggingface"}, "char",
+     "model.encoders.text.arch huggingface needs preprocess.text.tokenizer to name the model's folder"),
+    ({"arch": "huggingface", "weights": "nowhere/bert"}, "bert",
+     "model.encoders.text.weights: nowhere/bert not found — get it on a connected machine with python -c"),
+    ({"arch": "huggingface", "weights": "EMPTY"}, "bert", "is not a transformers model folder"),
+    ({"arch": "bert"}, "bert", "model.encoders.text.arch: 'bert' is not small_cnn or huggingface"),
+])
+def test_bad_text_encoder_choices_stop_with_one_line(tiny_corpus, bert, tmp_path, text, tokenizer, expected):
+    if text.get("weights") == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        text = {**text, "weights": str(tmp_path / "empty")}
+    root = bert.features if tokenizer == "bert" else tiny_corpus / "features"
+    with pytest.raises(PipelineError) as err:
+        train_with_text(root, tmp_path, text)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_tokenizer_folder_stops_preprocess_with_one_line(tiny_corpus, tmp_path):
+    from mmpipe.features.preprocess import preprocess
+
+    with pytest.raises(PipelineError) as err:
+        preprocess("text", params.validate("preprocess", {"workers": 1, "text": {"tokenizer": "weights/no-such-model"}}),
+                   tiny_corpus / "clean", tmp_path)
+    assert str(err.value).startswith("preprocess.text.tokenizer: weights/no-such-model/tokenizer.json not found — it is "
+                                     "char, word or a Hugging Face model folder") and "\n" not in str(err.value)

@@ -298,14 +298,15 @@ def test_kill_9_during_clean_train_and_export_then_repro_finishes_as_if_never_ki
 
 
 def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_path):
-    """A torchvision image model and a torchaudio speech encoder saved as users save real weights,
-    chosen in params: preprocess@audio (waveforms), train (freezing what freeze says), evaluate,
-    compress and export re-run; the bundle's predictor matches PyTorch on raw files; replacing a
-    weights file re-runs train."""
+    """A torchvision image model, a torchaudio speech encoder and a Hugging Face text model (with a
+    tokenizer trained on the corpus) saved as users save real weights, chosen in params: preprocess
+    (waveforms, the model's tokenizer), train (freezing what freeze says), evaluate, compress and
+    export re-run; the bundle's predictor matches PyTorch on raw files; replacing a weights file
+    re-runs train."""
     import torch
     import torchvision
     from safetensors.torch import load_file
-    from test_backbones import TINY_WAV2VEC2, tiny_wav2vec2
+    from test_backbones import TINY_WAV2VEC2, corpus_texts, tiny_bert, tiny_wav2vec2
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_run.repo, repo, symlinks=True)
@@ -315,12 +316,18 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     weights = torchvision.models.get_model("resnet18", weights=None).state_dict()
     torch.save(weights, repo / "weights/resnet18.pth")
     speech = tiny_wav2vec2(repo / "weights/wav2vec2_tiny.pth")
-    set_params(repo, preprocess={"audio": {"features": "waveform"}}, model={"encoders": {
-        "image": {"arch": "resnet18", "weights": "weights/resnet18.pth", "freeze": 2},
-        "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/wav2vec2_tiny.pth", "freeze": 5}}})
+    language = tiny_bert(repo / "weights/tiny-bert", corpus_texts(repo / "data/clean"))
+    set_params(repo, preprocess={"audio": {"features": "waveform"}, "text": {"tokenizer": "weights/tiny-bert"}},
+               model={"encoders": {
+                   "image": {"arch": "resnet18", "weights": "weights/resnet18.pth", "freeze": 2},
+                   "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/wav2vec2_tiny.pth",
+                             "freeze": 5},
+                   "text": {"arch": "huggingface", "weights": "weights/tiny-bert", "freeze": 1}}})
     run = dvc(repo, "repro")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert ran_stages(run) == ["source", "preprocess@audio", "train", "evaluate", "compress", "export", "summary"]
+    assert ran_stages(run) == ["source", "preprocess@image", "preprocess@text", "preprocess@audio", "preprocess@tabular",
+                               "train", "evaluate", "compress", "export", "summary"]  # preprocess depends on weights/
+    assert "text encoder bert: weights weights/tiny-bert, 1 of 3 blocks frozen" in run.stdout
     assert "image encoder resnet18: weights weights/resnet18.pth, 2 of 10 blocks frozen" in run.stdout
     assert "audio encoder wav2vec2_model: weights weights/wav2vec2_tiny.pth, 5 of 10 blocks frozen" in run.stdout
 
@@ -332,6 +339,13 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
         if key.startswith(("conv1.", "bn1.")):  # the two frozen blocks: exactly the file's
             assert torch.equal(trained[f"encoders.image.backbone.{key}"], value), key
     assert not torch.equal(trained["encoders.image.backbone.layer4.1.conv2.weight"], weights["layer4.1.conv2.weight"])
+    for key, value in language.items():  # the embeddings frozen, the layers trained, the [CLS] pooler dropped
+        if not key.startswith("pooler."):
+            same = torch.equal(trained[f"encoders.text.backbone.{key}"], value)
+            if key.startswith("embeddings."):
+                assert same, key
+            elif key.endswith("dense.weight"):
+                assert not same, f"{key} did not train"
     for key, value in speech.items():  # the convolutional front end (5 blocks) frozen, the transformer trained
         same = torch.equal(trained[f"encoders.audio.backbone.{key}"], value)
         if key.startswith("feature_extractor."):
@@ -346,6 +360,9 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     assert "- audio: `wav2vec2_model` backbone, weights from `weights/wav2vec2_tiny.pth`, frozen blocks: 5." in card
     manifest = json.loads((repo / "artifacts/deploy/manifest.json").read_text())
     assert manifest["preprocessing"]["audio"]["features"] == "waveform"
+    assert manifest["preprocessing"]["text"]["kind"] == "pretrained" and "model_config" not in manifest["preprocessing"]["text"]
+    assert "tokenizers==" in (repo / "artifacts/deploy/requirements.txt").read_text()
+    assert "- text: `bert` backbone" not in card and "- text: `huggingface` backbone, weights from `weights/tiny-bert`" in card
 
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, repo / "weights/resnet18.pth")
     status = dvc(repo, "status", "train")

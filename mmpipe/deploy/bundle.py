@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1]
 SHIPPED_CODE = [PACKAGE / "deploy" / "predict.py", PACKAGE / "modalities" / "portable.py",
                 PACKAGE / "modalities" / "logmel.py", PACKAGE / "modalities" / "tokenizer.py"]
 # preprocess's bookkeeping, and what lives inside the model (normalisation): not the predictor's business
-NOT_SHIPPED_STATE = ("modality", "samples", "shard_rows", "shards", "labels", "mean", "std", "stats_of")
+NOT_SHIPPED_STATE = ("modality", "samples", "shard_rows", "shards", "labels", "mean", "std", "stats_of", "model_config")
 RUNTIME = {"numpy": "numpy", "onnxruntime": "onnxruntime", "soundfile": "soundfile", "soxr": "soxr", "pillow": "pillow"}
 ONNX_TYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32",
               onnx.TensorProto.BOOL: "bool"}
@@ -68,7 +68,10 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
     pre, state_files = preprocessing(features_root, modalities)
     for path in dict.fromkeys([*SHIPPED_CODE, *state_files]):
         shutil.copyfile(path, out / path.name)
-    (out / "requirements.txt").write_text("".join(f"{name}=={metadata.version(dist)}\n" for name, dist in RUNTIME.items()))
+    extra = [name for m in modalities for name in getattr(MODALITIES[m], "extra_requirements", lambda state: [])(
+        json.loads((features_root / m / STATE_FILE).read_text()))]  # tokenizers, with a pretrained text model
+    runtime = {**RUNTIME, **{name: name for name in extra}}
+    (out / "requirements.txt").write_text("".join(f"{name}=={metadata.version(dist)}\n" for name, dist in runtime.items()))
     (out / "MODEL_CARD.md").write_text(model_card)
     manifest = {
         "format": 1,

@@ -368,8 +368,8 @@ def register(folder: Path, name: str, alias: str | None, example: "pd.DataFrame"
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", column, required=False) for column in example.columns]),
         outputs=Schema([ColSpec("string", column) for column in ("label", "probabilities", "error")]))
-    requirements = [f"{dist}=={metadata.version(dist)}" for dist in
-                    ("mlflow", "pandas", "numpy", "onnxruntime", "soundfile", "soxr", "pillow")]
+    requirements = [f"{dist}=={metadata.version(dist)}" for dist in ("mlflow", "pandas")]
+    requirements += (Path(folder) / "requirements.txt").read_text().split()  # the bundle's own
     info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"bundle": str(folder)},
                                    signature=signature, input_example=example, registered_model_name=name,
                                    pip_requirements=requirements)

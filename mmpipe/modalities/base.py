@@ -117,6 +117,9 @@ class Optional:
         recorded, ``raw_items`` an iterator over every raw item's bytes. The returned rules are what
         every item is cleaned under and what ``dataset.json`` (and the bundle) records; ``RULES``
         is their schema (``PARAMS["clean"]`` plus what is resolved).
+    ``extra_requirements(state) -> list[str]``
+        Packages the bundle's predictor needs for this fitted state beyond numpy, onnxruntime,
+        soundfile, soxr and pillow (text: ``tokenizers`` with a pretrained model's tokenizer).
     ``PARITY_VARIANTS: dict[str, Callable[[bytes], bytes]]``
         Name -> re-encoding of one raw item; export checks the bundle's predictor against the
         pipeline on each (audio: other rates, stereo).

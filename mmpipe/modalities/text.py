@@ -3,10 +3,11 @@ corruptions for the robustness sweep (evaluate), its encoder and its predictor i
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -15,8 +16,9 @@ from pydantic import Field
 from mmpipe.modalities import inputs
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import decode_text
-from mmpipe.modalities.tokenizer import Tokenizer
-from mmpipe.schema import Strict
+from mmpipe.errors import PipelineError
+from mmpipe.modalities.tokenizer import PretrainedTokenizer, Tokenizer
+from mmpipe.schema import Backbone, Strict
 
 NAME = "text"
 EXTENSIONS = (".txt",)
@@ -37,14 +39,17 @@ class Clean(Strict):
 
 
 class Preprocess(Strict):
-    tokenizer: Literal["char", "word"] = "char"
+    # char | word (fitted on train) | a Hugging Face model folder holding tokenizer.json (and config.json)
+    tokenizer: str = Field("char", min_length=1)
     vocab_size: int = Field(512, ge=3, le=1_000_000)
     lowercase: bool = True
     max_length: int = Field(48, ge=1, le=100_000)
     min_freq: int = Field(2, ge=1)
 
 
-class Encoder(Strict):
+class Encoder(Backbone):
+    # arch: small_cnn (TokenCNN) or huggingface: the transformer encoder whose folder preprocess.text.tokenizer
+    # names (its config.json), weights from a local folder (AutoModel.from_pretrained, local files only)
     embed_dim: int = Field(64, ge=4, le=4096)
     width: int = Field(128, ge=4, le=4096)
     token_dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -67,25 +72,50 @@ def clean(data: bytes, cfg) -> Cleaned:
 # --------------------------------------------------------------------------- features (preprocess)
 
 
+TOKENIZER_KINDS = ("char", "word")  # fitted here; anything else names a pretrained model's folder
+
+
+def pretrained_tokenizer(folder: str, max_length: int) -> tuple[PretrainedTokenizer, dict | None]:
+    """The tokenizer of the Hugging Face model in ``folder`` and that model's config (None without config.json)."""
+    path = Path(folder)
+    file = path if path.is_file() else path / "tokenizer.json"
+    if not file.is_file():
+        raise PipelineError(f"preprocess.{NAME}.tokenizer: {file} not found — it is char, word or a Hugging Face model "
+                            f"folder: on a connected machine, AutoTokenizer.from_pretrained(name).save_pretrained(folder) "
+                            f"and AutoModel.from_pretrained(name).save_pretrained(folder), then copy the folder")
+    try:
+        tokenizer = PretrainedTokenizer.from_file(file, max_length)
+    except Exception as exc:  # noqa: BLE001 - a user's file: one line
+        raise PipelineError(f"preprocess.{NAME}.tokenizer: {file} is not a tokenizers file "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    config = file.parent / "config.json"
+    return tokenizer, (json.loads(config.read_text()) if config.is_file() else None)
+
+
 class Features:
-    """Clean text -> int32 token ids (max_length) + length, with a tokenizer fitted on train only."""
+    """Clean text -> int32 token ids (max_length) + length, with a tokenizer fitted on train only (char,
+    word) or a pretrained model's own (``tokenizer``: its folder)."""
 
     gpu = False
 
     def __init__(self, cfg, dataset: dict):
         self.cfg = cfg
-        self.tokenizer: Tokenizer | None = None
+        self.tokenizer: Tokenizer | PretrainedTokenizer | None = None
+        self.model_config = None
+        if cfg.tokenizer not in TOKENIZER_KINDS:
+            self.tokenizer, self.model_config = pretrained_tokenizer(cfg.tokenizer, cfg.max_length)
         self.arrays = {NAME: ((cfg.max_length,), np.int32), LENGTH: ((), np.int32)}
         self.stats = None
 
     def fit(self, train_texts: list[str]) -> None:
-        self.tokenizer = Tokenizer.fit(train_texts, self.cfg.tokenizer, self.cfg.lowercase, self.cfg.vocab_size,
-                                       self.cfg.min_freq, self.cfg.max_length)
+        if self.cfg.tokenizer in TOKENIZER_KINDS:
+            self.tokenizer = Tokenizer.fit(train_texts, self.cfg.tokenizer, self.cfg.lowercase, self.cfg.vocab_size,
+                                           self.cfg.min_freq, self.cfg.max_length)
 
     @classmethod
     def from_state(cls, folder: Path, state: dict) -> "Features":
         """The fitted featurizer (tokenizer included) back from a preprocess output folder."""
-        features = cls(SimpleNamespace(max_length=state["max_length"]), {})
+        features = cls(SimpleNamespace(max_length=state["max_length"], tokenizer="char"), {})
         features.tokenizer = Tokenizer.load(Path(folder) / state["tokenizer"])
         return features
 
@@ -104,6 +134,9 @@ class Features:
         return {NAME: token_ids, LENGTH: lengths}
 
     def state(self) -> dict:
+        if isinstance(self.tokenizer, PretrainedTokenizer):  # the model's config: its architecture, for train
+            return {"tokenizer": "tokenizer.json", "vocab_size": self.tokenizer.vocab_size, "kind": "pretrained",
+                    "source": self.cfg.tokenizer, "max_length": self.cfg.max_length, "model_config": self.model_config}
         return {"tokenizer": "tokenizer.json", "vocab_size": len(self.tokenizer.vocab), "kind": self.cfg.tokenizer,
                 "lowercase": self.cfg.lowercase, "max_length": self.cfg.max_length}
 
@@ -149,7 +182,21 @@ CORRUPTIONS = {"typos": typos}
 # --------------------------------------------------------------------------- encoder (train)
 
 
+def extra_requirements(state: dict) -> list[str]:
+    """Packages the bundle's predictor needs beyond its base set for this fitted state."""
+    return ["tokenizers"] if state.get("kind") == "pretrained" else []
+
+
 def build_encoder(state: dict, cfg: Encoder, model):
+    if cfg.arch != "small_cnn":
+        if cfg.arch != "huggingface":
+            raise PipelineError(f"model.encoders.{NAME}.arch: {cfg.arch!r} is not small_cnn or huggingface")
+        if state.get("kind") != "pretrained" or not state.get("model_config"):
+            raise PipelineError(f"model.encoders.{NAME}.arch huggingface needs preprocess.{NAME}.tokenizer to name the "
+                                f"model's folder (its tokenizer.json and config.json; now {state.get('source') or state.get('kind')})")
+        from mmpipe.models.backbones import TransformersEncoder
+
+        return TransformersEncoder(NAME, state["model_config"], model.dim, cfg.weights, cfg.freeze, cfg.lr_scale)
     from mmpipe.models.encoders import TokenCNN  # torch only where a model is built
 
     return TokenCNN(state["vocab_size"], model.dim, cfg.embed_dim, cfg.width, cfg.token_dropout)

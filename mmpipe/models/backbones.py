@@ -133,10 +133,10 @@ class Backbone(nn.Module):
             return info
         field = f"model.encoders.{self.modality}.weights"
         path = Path(self.weights)
-        if not path.is_file():
+        if not path.exists():
             raise PipelineError(f"{field}: {path} not found — get it on a connected machine with "
                                 f"{self.recipe()} and copy it there")
-        state = read_state_dict(path, field)
+        state = self.read_weights(path, field)
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
         state = {k: v for k, v in state.items() if not k.startswith(self.head_keys)}
         try:
@@ -148,9 +148,28 @@ class Backbone(nn.Module):
             raise PipelineError(f"{field}: {path} does not fit {self.arch} "
                                 f"({len(missing)} weights missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
                                 f"e.g. {unexpected[:2]})")
-        with open(path, "rb") as fh:
-            info["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+        info["sha256"] = files_sha256(path)
         return info
+
+    def read_weights(self, path: Path, field: str) -> dict[str, torch.Tensor]:
+        """The state dict in ``path`` (a file; a subclass may read folders)."""
+        if not path.is_file():
+            raise PipelineError(f"{field}: {path} is not a file")
+        return read_state_dict(path, field)
+
+
+def files_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (their names and sha256s, in name order)."""
+    def file_hash(file: Path) -> "hashlib._Hash":
+        with open(file, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256")
+
+    if not path.is_dir():
+        return file_hash(path).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file_hash(file).digest())
+    return digest.hexdigest()
 
 
 class TorchvisionEncoder(Backbone):
@@ -268,3 +287,55 @@ class TorchaudioEncoder(Backbone):
             x = nn.functional.layer_norm(x, x.shape[-1:])
         hidden, _ = self.backbone(x)
         return self.out(hidden.mean(dim=1))
+
+
+class TransformersEncoder(Backbone):
+    """int (B, L) token ids + (B,) lengths -> (B, dim) through a Hugging Face transformer encoder (BERT,
+    RoBERTa, DistilBERT, MiniLM, ...): the last hidden states averaged over the text's tokens, then a
+    projection. The architecture comes from the model's ``config.json`` (kept in the fitted text state);
+    ``weights`` is the model's folder, read with ``AutoModel.from_pretrained(folder, local_files_only=True)``.
+    """
+
+    head_keys = ("pooler.",)  # the [CLS] pooler: unused (mean pooling), so not trained either
+
+    def __init__(self, modality: str, model_config: dict, dim: int, weights: str | None, freeze, lr_scale: float):
+        super().__init__()
+        import transformers
+
+        field = f"model.encoders.{modality}"
+        self.modality, self.weights = modality, weights
+        try:
+            config = transformers.AutoConfig.for_model(**model_config)
+            net = transformers.AutoModel.from_config(config, attn_implementation="eager")  # exports to ONNX as is
+        except Exception as exc:  # noqa: BLE001 - a config transformers cannot build: one line
+            raise PipelineError(f"{field}: the model's config.json does not build a transformers model "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        self.arch = model_config.get("model_type", type(net).__name__)
+        if getattr(net, "pooler", None) is not None:
+            net.pooler = None
+        self.out = nn.Linear(config.hidden_size, dim)
+        self.setup(net, freeze, lr_scale)
+
+    def recipe(self) -> str:
+        return ("python -c \"from transformers import AutoModel, AutoTokenizer; name='<model id>'; "
+                "AutoModel.from_pretrained(name).save_pretrained('weights/<folder>'); "
+                "AutoTokenizer.from_pretrained(name).save_pretrained('weights/<folder>')\"")
+
+    def read_weights(self, path: Path, field: str) -> dict[str, torch.Tensor]:
+        import transformers
+
+        if path.is_file():
+            return read_state_dict(path, field)
+        try:
+            loaded = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - a user's folder: one line
+            raise PipelineError(f"{field}: {path} is not a transformers model folder "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        return loaded.state_dict()
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        mask[:, 0] = True  # an absent text (length 0) attends to its first token: no all-masked softmax
+        hidden = self.backbone(input_ids=ids.long(), attention_mask=mask.long()).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.out((hidden * weights).sum(1) / weights.sum(1))
