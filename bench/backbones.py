@@ -1,30 +1,39 @@
-"""Pretrained image backbones on this machine: embedding throughput, training speed, ONNX latency.
+"""Pretrained backbones on this machine: embedding throughput, training speed, ONNX latency.
 
-For each torchvision architecture (random weights: speed does not depend on their values), an
-image-only fusion model is built exactly as the pipeline builds it (``model.encoders.image.arch``)
-at ``--size`` pixels, and measured side by side:
+For each backbone (random weights: speed does not depend on their values) a single-modality fusion
+model is built exactly as the pipeline builds it (``model.encoders.<modality>.arch``) and measured
+side by side:
 
-  embed_samples_per_s       forward of the backbone alone, no grad, batch 32 (what an embedding
-                            cache would cost per sample in preprocess)
+  embed_samples_per_s       forward of the encoder alone, no grad (what an embedding cache costs
+                            per sample in preprocess)
   train_samples_per_s       AdamW steps of the whole model, ``freeze: none`` (fine-tuning) vs
-                            ``freeze: all`` (frozen backbone, projection + fusion trained), batch 32
-  latency_ms                ONNX Runtime p50 at batch 1 and 32: fp32, and int8 (static QDQ, every
-                            Conv/Gemm/MatMul, the compress stage's quantizer), vs PyTorch eager fp32
+                            ``freeze: all`` (frozen backbone, projection + fusion trained)
+  latency_ms                ONNX Runtime p50 at batch 1 and ``--batch``: fp32, and int8 (static QDQ,
+                            every Conv/Gemm/MatMul, the compress stage's quantizer), vs PyTorch eager fp32
   file_mb                   fp32 and int8 ONNX file sizes
 
-    python -m bench.backbones --archs resnet18 mobilenet_v3_large efficientnet_b0 --size 224
+Backbones are ``modality:arch``: ``image:<torchvision classifier>`` at ``--size`` pixels,
+``audio:<torchaudio speech encoder>`` on ``--seconds`` of 16 kHz waveform, ``text:<shape>`` a
+Hugging Face BERT-family encoder of a known shape (``bert_base``: 12 layers x 768, ``minilm_l6``:
+6 x 384, ``bert_mini``: 4 x 256) on ``--tokens`` tokens.
 
-Writes reports/backbones.json and prints a table. Times hold for this machine only.
+    python -m bench.backbones --archs image:resnet18 image:mobilenet_v3_large image:efficientnet_b0
+    python -m bench.backbones --archs audio:wav2vec2_base text:minilm_l6 text:bert_base --batch 8
+
+Writes reports/backbones.json (merged with earlier runs, per backbone) and prints a table. Times
+hold for this machine only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,20 +49,47 @@ from mmpipe.models.train import param_groups
 from mmpipe.timing import latency_ms
 
 REPORT = Path("reports/backbones.json")
+# BERT-family shapes (hidden size, layers, heads): the architecture is what costs, not the checkpoint
+TEXT_SHAPES = {"bert_base": (768, 12, 12), "minilm_l6": (384, 6, 12), "bert_mini": (256, 4, 4)}
 
 
-def image_model(arch: str, size: int, freeze: str) -> torch.nn.Module:
-    state = {"array_order": ["image"], "arrays": {"image": {"dtype": "uint8", "shape": [3, size, size]}},
-             "mean": [0.5] * 3, "std": [0.25] * 3}
-    model_params = params.validate("model", {"encoders": {"image": {"arch": arch, "freeze": freeze}}})
-    return build_model(model_config(["image"], {"image": state}, model_params.model_dump(), [str(i) for i in range(10)]))
+def family(name: str, size: int, seconds: float, tokens: int) -> tuple[str, dict, dict, Callable]:
+    """``modality:arch`` -> (modality, fitted preprocess state, encoder params, batch maker(n, seed))."""
+    modality, arch = name.split(":", 1)
+    if modality == "image":
+        state = {"array_order": ["image"], "arrays": {"image": {"dtype": "uint8", "shape": [3, size, size]}},
+                 "mean": [0.5] * 3, "std": [0.25] * 3}
+        return modality, state, {"arch": arch}, lambda n, rng: {
+            "image": torch.from_numpy(rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8))}
+    if modality == "audio":
+        samples = int(seconds * 16000)
+        state = {"array_order": ["audio"], "arrays": {"audio": {"dtype": "float16", "shape": [samples]}},
+                 "features": "waveform", "sample_rate": 16000, "n_samples": samples}
+        return modality, state, {"arch": arch}, lambda n, rng: {
+            "audio": torch.from_numpy((0.1 * rng.standard_normal((n, samples))).astype(np.float16))}
+    if modality == "text":
+        hidden, layers, heads = TEXT_SHAPES[arch]
+        config = {"model_type": "bert", "vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers,
+                  "num_attention_heads": heads, "intermediate_size": 4 * hidden, "max_position_embeddings": 512}
+        state = {"array_order": ["text", "text_length"], "arrays": {"text": {"dtype": "int32", "shape": [tokens]},
+                                                                    "text_length": {"dtype": "int32", "shape": []}},
+                 "kind": "pretrained", "vocab_size": 30522, "max_length": tokens, "model_config": config}
+        return modality, state, {"arch": "huggingface"}, lambda n, rng: {
+            "text": torch.from_numpy(rng.integers(1000, 30000, (n, tokens), dtype=np.int32)),
+            "text_length": torch.full((n,), tokens, dtype=torch.int32)}
+    raise SystemExit(f"unknown backbone {name!r}: image:<arch>, audio:<arch> or text:{'|'.join(TEXT_SHAPES)}")
 
 
-def batch_of(size: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A loader batch (what FeatureSet.batches yields) of random pixels."""
+def build(modality: str, state: dict, encoder: dict, freeze: str) -> torch.nn.Module:
+    model_params = params.validate("model", {"encoders": {modality: {**encoder, "freeze": freeze}}})
+    return build_model(model_config([modality], {modality: state}, model_params.model_dump(), [str(i) for i in range(10)]))
+
+
+def batch_of(modality: str, arrays, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A loader batch (what FeatureSet.batches yields) of random inputs."""
     rng = np.random.default_rng(seed)
-    return {"image": torch.from_numpy(rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)),
-            available_key("image"): torch.ones(n, dtype=torch.bool), "label": torch.from_numpy(rng.integers(0, 10, n))}
+    return {**arrays(n, rng), available_key(modality): torch.ones(n, dtype=torch.bool),
+            "label": torch.from_numpy(rng.integers(0, 10, n))}
 
 
 def samples_per_s(step, n: int, repeats: int) -> float:
@@ -64,8 +100,9 @@ def samples_per_s(step, n: int, repeats: int) -> float:
     return n * repeats / (time.perf_counter() - tic)
 
 
-def train_speed(arch: str, size: int, freeze: str, batch: dict, repeats: int) -> float:
-    model = image_model(arch, size, freeze).train()
+def train_speed(spec: tuple, freeze: str, batch: dict, repeats: int) -> float:
+    modality, state, encoder, _ = spec
+    model = build(modality, state, encoder, freeze).train()
     optimizer = torch.optim.AdamW(param_groups(model, 1e-3), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -77,26 +114,28 @@ def train_speed(arch: str, size: int, freeze: str, batch: dict, repeats: int) ->
     return samples_per_s(step, len(batch["label"]), repeats)
 
 
-def measure(arch: str, size: int, repeats: int, runs: int, threads: int) -> dict:
-    model = image_model(arch, size, "none").eval()
-    loader_batch = batch_of(size, 32)
-    batch = to_model_inputs(loader_batch, ["image"], torch.device("cpu"))
-    backbone = model.encoders["image"]
+def measure(spec: tuple, batch_size: int, repeats: int, runs: int, threads: int) -> dict:
+    modality, state, encoder, arrays = spec
+    model = build(modality, state, encoder, "none").eval()
+    loader_batch = batch_of(modality, arrays, batch_size)
+    batch = to_model_inputs(loader_batch, [modality], torch.device("cpu"))
+    inputs = [batch[name] for name in state["array_order"]]
     with torch.no_grad():
-        embed = samples_per_s(lambda: backbone(batch["image"]), 32, repeats)
-    row = {"parameters": sum(p.numel() for p in model.parameters()), "embed_samples_per_s": round(embed, 1),
-           "train_samples_per_s": {f: round(train_speed(arch, size, f, batch, repeats), 1) for f in ("none", "all")}}
+        embed = samples_per_s(lambda: model.encoders[modality](*inputs), batch_size, repeats)
+    row = {"parameters": sum(p.numel() for p in model.parameters()), "batch": batch_size,
+           "embed_samples_per_s": round(embed, 1),
+           "train_samples_per_s": {f: round(train_speed(spec, f, batch, repeats), 1) for f in ("none", "all")}}
     row["frozen_vs_finetune_train_speedup"] = round(row["train_samples_per_s"]["all"] / row["train_samples_per_s"]["none"], 2)
     feeds = onnx_feeds(loader_batch, model)
     with tempfile.TemporaryDirectory() as tmp:
         fp32, prepared, int8 = (Path(tmp) / f"{n}.onnx" for n in ("fp32", "prepared", "int8"))
         export_onnx(model, {k: v[:2] for k, v in feeds.items()}, fp32)
         quantize.prepare(fp32, prepared)
-        calibration = [onnx_feeds(batch_of(size, 16, seed), model) for seed in (1, 2)]
+        calibration = [onnx_feeds(batch_of(modality, arrays, 8, seed), model) for seed in (1, 2)]
         quantize.quantize(prepared, int8, calibration)
         row["file_mb"] = {n: round(p.stat().st_size / 2**20, 2) for n, p in (("fp32", fp32), ("int8", int8))}
         latency = {}
-        for b in (1, 32):
+        for b in (1, batch_size):
             fed = {k: v[:b] for k, v in feeds.items()}
             for name, path in (("fp32_onnx", fp32), ("int8_onnx", int8)):
                 sess = session(path, threads)
@@ -105,33 +144,43 @@ def measure(arch: str, size: int, repeats: int, runs: int, threads: int) -> dict
                 eager = {k: v[:b] for k, v in batch.items()}
                 latency[f"pytorch@{b}"] = latency_ms(lambda: model(eager), runs)["p50"]
     row["latency_ms"] = {k: round(v, 2) for k, v in latency.items()}
-    row["int8_vs_fp32_onnx_speedup_batch_32"] = round(latency["fp32_onnx@32"] / latency["int8_onnx@32"], 2)
-    row["fp32_onnx_vs_pytorch_speedup_batch_32"] = round(latency["pytorch@32"] / latency["fp32_onnx@32"], 2)
+    b = batch_size
+    row["int8_vs_fp32_onnx_speedup_batch"] = round(latency[f"fp32_onnx@{b}"] / latency[f"int8_onnx@{b}"], 2)
+    row["fp32_onnx_vs_pytorch_speedup_batch"] = round(latency[f"pytorch@{b}"] / latency[f"fp32_onnx@{b}"], 2)
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", default=["resnet18", "mobilenet_v3_large", "efficientnet_b0"])
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--archs", nargs="+", default=["image:resnet18", "image:mobilenet_v3_large", "image:efficientnet_b0"],
+                        help="modality:arch (image:<torchvision>, audio:<torchaudio>, text:bert_base|minilm_l6|bert_mini)")
+    parser.add_argument("--size", type=int, default=224, help="image side, pixels")
+    parser.add_argument("--seconds", type=float, default=5.0, help="audio clip, seconds at 16 kHz")
+    parser.add_argument("--tokens", type=int, default=64, help="text length, tokens")
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per throughput figure")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per latency figure")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, "
-                         f"{'cuda' if torch.cuda.is_available() else 'cpu'} (this benchmark runs on the CPU)",
-              "size": args.size, "archs": {}}
-    for arch in args.archs:
-        report["archs"][arch] = measure(arch, args.size, args.repeats, args.runs, args.threads)
-        r = report["archs"][arch]
-        print(f"{arch:20s} {r['parameters'] / 1e6:6.1f} M params | embed {r['embed_samples_per_s']:7.1f}/s | "
+    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    report["machine"] = (f"{platform.processor() or platform.machine()}, {args.threads} threads, "
+                         f"{'cuda' if torch.cuda.is_available() else 'cpu'} (this benchmark runs on the CPU)")
+    report.setdefault("archs", {})
+    for name in args.archs:
+        spec = family(name, args.size, args.seconds, args.tokens)
+        r = measure(spec, args.batch, args.repeats, args.runs, args.threads)
+        r["input"] = {"image": f"{args.size} px", "audio": f"{args.seconds:g} s at 16 kHz",
+                      "text": f"{args.tokens} tokens"}[spec[0]]
+        report["archs"][name] = r
+        b = args.batch
+        print(f"{name:26s} {r['parameters'] / 1e6:6.1f} M params, {r['input']} | embed {r['embed_samples_per_s']:7.1f}/s | "
               f"train fine-tune {r['train_samples_per_s']['none']:6.1f}/s, frozen {r['train_samples_per_s']['all']:6.1f}/s "
-              f"({r['frozen_vs_finetune_train_speedup']:.1f}x) | ONNX b32 fp32 {r['latency_ms']['fp32_onnx@32']:.0f} ms, "
-              f"int8 {r['latency_ms']['int8_onnx@32']:.0f} ms ({r['int8_vs_fp32_onnx_speedup_batch_32']:.2f}x), "
+              f"({r['frozen_vs_finetune_train_speedup']:.1f}x) | ONNX b{b} fp32 {r['latency_ms'][f'fp32_onnx@{b}']:.0f} ms, "
+              f"int8 {r['latency_ms'][f'int8_onnx@{b}']:.0f} ms ({r['int8_vs_fp32_onnx_speedup_batch']:.2f}x), "
               f"{r['file_mb']['fp32']:.1f} -> {r['file_mb']['int8']:.1f} MB", flush=True)
-    write_json_atomic(REPORT, report)
+        write_json_atomic(REPORT, report)
 
 
 if __name__ == "__main__":
