@@ -47,6 +47,8 @@ def test_frozen_blocks_keep_the_file_weights_and_the_rest_trains(tiny_corpus, tm
                                                          "freeze": 3})
     info = result["metrics"]["pretrained"]["image"]
     assert info["arch"] == "resnet18" and info["frozen_blocks"] == 3 and len(info["sha256"]) == 64
+    assert info["warnings"] == ["resnet18's weights were trained on 224 px images, these are 32 px: "
+                                "set preprocess.image.size: 224 to use what they learned"]  # the corpus's digits
 
     model = load_model(out)
     encoder = model.encoders["image"]
@@ -442,3 +444,25 @@ def test_a_missing_tokenizer_folder_stops_preprocess_with_one_line(tiny_corpus, 
                    tiny_corpus / "clean", tmp_path)
     assert str(err.value).startswith("preprocess.text.tokenizer: weights/no-such-model/tokenizer.json not found — it is "
                                      "char, word or a Hugging Face model folder") and "\n" not in str(err.value)
+
+
+def test_a_backbone_the_dynamo_exporter_cannot_convert_exports_with_the_torchscript_one(tmp_path):
+    """torchaudio's WavLM attention fails torch.export's decomposition; the graph still exports and matches."""
+    import onnxruntime as ort
+
+    from mmpipe.compress.onnx_model import export_onnx, input_dtypes
+    from mmpipe.models.fusion import build_model, model_config
+
+    wavlm = {**TINY_WAV2VEC2, "encoder_num_buckets": 32, "encoder_max_distance": 128}
+    state = {"array_order": ["audio"], "arrays": {"audio": {"dtype": "float16", "shape": [8000]}},
+             "features": "waveform", "sample_rate": 16000, "n_samples": 8000}
+    model_params = params.validate("model", {**SMALL, "encoders": {"audio": {"arch": "wavlm_model", "options": wavlm}}})
+    model = build_model(model_config(["audio"], {"audio": state}, model_params.model_dump(), list("abc"))).eval()
+    feeds = {"audio": np.random.default_rng(0).standard_normal((3, 8000)).astype(np.float32),
+             "available": np.ones((3, 1), bool)}
+    assert list(input_dtypes(model)) == list(feeds)
+    export_onnx(model, {k: v[:2] for k, v in feeds.items()}, tmp_path / "m.onnx")
+    onnx_logits = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], feeds)[0]  # batch 3: dynamic axis
+    with torch.no_grad():
+        torch_logits = model({k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)

@@ -54,9 +54,16 @@ def export_onnx(model: nn.Module, example: dict[str, np.ndarray], path: Path) ->
     wrapper = TensorArgsModel(model.cpu()).eval()
     args = tuple(torch.from_numpy(example[name]) for name in wrapper.names)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    torch.onnx.export(wrapper, args, str(path), dynamo=True, external_data=False, optimize=True,
-                      verbose=False, input_names=wrapper.names, output_names=["logits"],
-                      dynamic_shapes=(tuple({0: batch} for _ in args),))
+    try:
+        torch.onnx.export(wrapper, args, str(path), dynamo=True, external_data=False, optimize=True,
+                          verbose=False, input_names=wrapper.names, output_names=["logits"],
+                          dynamic_shapes=(tuple({0: batch} for _ in args),))
+    except torch.onnx.OnnxExporterError:
+        # torch.export cannot decompose some backbones (torchaudio's WavLM attention views a transposed
+        # tensor): the TorchScript exporter traces them; export's parity check verifies the graph either way
+        path.unlink(missing_ok=True)
+        torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=18, input_names=wrapper.names,
+                          output_names=["logits"], dynamic_axes={name: {0: "batch"} for name in [*wrapper.names, "logits"]})
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:

@@ -100,6 +100,7 @@ class Backbone(nn.Module):
     arch: str
     weights: str | None
     head_keys: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # said when the weights are loaded (inputs unlike those they were trained on)
 
     def setup(self, backbone: nn.Module, freeze, lr_scale: float) -> None:
         self.backbone = backbone
@@ -131,6 +132,8 @@ class Backbone(nn.Module):
         if self.weights is None:
             info["note"] = f"{self.arch}: random initialisation (model.encoders.{self.modality}.weights is null)"
             return info
+        if self.warnings:
+            info["warnings"] = list(self.warnings)
         field = f"model.encoders.{self.modality}.weights"
         path = Path(self.weights)
         if not path.exists():
@@ -198,6 +201,10 @@ class TorchvisionEncoder(Backbone):
                                 f"set preprocess.{modality}.size (now {size}; its weights were trained at "
                                 f"{transforms.crop_size[0]})")
         self.modality, self.arch, self.weights, self.augment = modality, arch, weights, augment
+        trained_at = transforms.crop_size[0]
+        if size * 2 <= trained_at:  # accepted (random init, small data), but pretrained features barely transfer
+            self.warnings = (f"{arch}'s weights were trained on {trained_at} px images, these are {size} px: "
+                             f"set preprocess.{modality}.size: {trained_at} to use what they learned",)
         self.register_buffer("mean", torch.tensor(transforms.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1))
         net = torchvision.models.get_model(arch, weights=None, **(builder_kwargs or {}))

@@ -164,6 +164,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                 print(f"train[{'+'.join(modalities)}]: {m} encoder {info['arch']}: "
                       + (info.get("note") or f"weights {info['weights']}")
                       + f", {info['frozen_blocks']} of {info['blocks']} blocks frozen")
+                for warning in info.get("warnings", []):
+                    print(f"train[{'+'.join(modalities)}]: warning: {warning}")
     model, step_model = place_model(model, device, world, params.compile)
     # batch_size is the global batch: each of N processes takes 1/N of it, so the optimiser sees the same
     # steps (and the same lr schedule fits) however many processes torchrun starts
