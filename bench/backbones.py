@@ -132,7 +132,7 @@ def measure(spec: tuple, batch_size: int, repeats: int, runs: int, threads: int)
         export_onnx(model, {k: v[:2] for k, v in feeds.items()}, fp32)
         quantize.prepare(fp32, prepared)
         calibration = [onnx_feeds(batch_of(modality, arrays, 8, seed), model) for seed in (1, 2)]
-        quantize.quantize(prepared, int8, calibration)
+        quantize.quantize(prepared, int8, calibration, include=quantize.quantizable_nodes(prepared))  # as compress does
         row["file_mb"] = {n: round(p.stat().st_size / 2**20, 2) for n, p in (("fp32", fp32), ("int8", int8))}
         latency = {}
         for b in (1, batch_size):

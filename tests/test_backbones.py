@@ -32,12 +32,17 @@ def random_weights(arch: str, path, seed: int = 1) -> dict[str, torch.Tensor]:
     return state
 
 
-def train_with_image(tiny_corpus, tmp_path, image: dict, epochs: int = 1):
-    model_params = params.validate("model", {**SMALL, "encoders": {**SMALL["encoders"], "image": image}})
+def train_with(features, tmp_path, modalities: list[str], encoder: dict):
+    """One epoch of a small fusion model of ``modalities`` on ``features``, the first one's encoder params ``encoder``."""
+    model_params = params.validate("model", {**SMALL, "encoders": {**SMALL["encoders"], modalities[0]: encoder}})
     out = tmp_path / "fusion"
-    result = train(params.TrainParams(epochs=epochs, batch_size=64, device="cpu", lr=0.01), model_params,
-                   tiny_corpus / "features", ["image", "text"], out, None)
+    result = train(params.TrainParams(epochs=1, batch_size=64, device="cpu", lr=0.01), model_params, features,
+                   modalities, out, None)
     return result, out
+
+
+def train_with_image(tiny_corpus, tmp_path, image: dict):
+    return train_with(tiny_corpus / "features", tmp_path, ["image", "text"], image)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -202,11 +207,7 @@ def waveform_features(tiny_corpus, tmp_path_factory):
 
 
 def train_with_audio(features, tmp_path, audio: dict):
-    model_params = params.validate("model", {**SMALL, "encoders": {**SMALL["encoders"], "audio": audio}})
-    out = tmp_path / "fusion"
-    result = train(params.TrainParams(epochs=1, batch_size=64, device="cpu", lr=0.01), model_params, features,
-                   ["audio", "text"], out, None)
-    return result, out
+    return train_with(features, tmp_path, ["audio", "text"], audio)
 
 
 def test_waveform_features_are_the_clean_clip_and_the_predictor_makes_the_same(tiny_corpus, waveform_features):
@@ -367,11 +368,7 @@ def bert(tiny_corpus, tmp_path_factory):
 
 
 def train_with_text(features, tmp_path, text: dict):
-    model_params = params.validate("model", {**SMALL, "encoders": {**SMALL["encoders"], "text": text}})
-    out = tmp_path / "fusion"
-    result = train(params.TrainParams(epochs=1, batch_size=64, device="cpu", lr=0.01), model_params, features,
-                   ["text", "tabular"], out, None)
-    return result, out
+    return train_with(features, tmp_path, ["text", "tabular"], text)
 
 
 def test_a_pretrained_tokenizer_tokenizes_in_preprocess_and_in_the_bundle_alike(tiny_corpus, bert):
