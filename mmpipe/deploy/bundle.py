@@ -68,8 +68,8 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
     pre, state_files = preprocessing(features_root, modalities)
     for path in dict.fromkeys([*SHIPPED_CODE, *state_files]):
         shutil.copyfile(path, out / path.name)
-    extra = [name for m in modalities for name in getattr(MODALITIES[m], "extra_requirements", lambda state: [])(
-        json.loads((features_root / m / STATE_FILE).read_text()))]  # tokenizers, with a pretrained text model
+    extra = [name for m in modalities  # tokenizers, with a pretrained text model
+             for name in getattr(MODALITIES[m], "extra_requirements", lambda state: [])(pre[m])]
     runtime = {**RUNTIME, **{name: name for name in extra}}
     (out / "requirements.txt").write_text("".join(f"{name}=={metadata.version(dist)}\n" for name, dist in runtime.items()))
     (out / "MODEL_CARD.md").write_text(model_card)

@@ -138,7 +138,7 @@ class Features:
         self.cfg = cfg
         self.sample_rate = int(dataset["clean_rules"][NAME]["sample_rate"])
         self.n_samples = int(round(cfg.seconds * self.sample_rate))
-        self.kind = getattr(cfg, "features", "logmel")
+        self.kind = cfg.features
         if self.kind == "waveform":
             self.mel_filters = None
             self.arrays = {NAME: ((self.n_samples,), np.float16)}

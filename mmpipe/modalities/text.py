@@ -102,20 +102,21 @@ class Features:
         self.cfg = cfg
         self.tokenizer: Tokenizer | PretrainedTokenizer | None = None
         self.model_config = None
-        if cfg.tokenizer not in TOKENIZER_KINDS:
-            self.tokenizer, self.model_config = pretrained_tokenizer(cfg.tokenizer, cfg.max_length)
         self.arrays = {NAME: ((cfg.max_length,), np.int32), LENGTH: ((), np.int32)}
         self.stats = None
 
     def fit(self, train_texts: list[str]) -> None:
+        """Fit a char/word tokenizer on the train texts, or load the pretrained model's (which they do not change)."""
         if self.cfg.tokenizer in TOKENIZER_KINDS:
             self.tokenizer = Tokenizer.fit(train_texts, self.cfg.tokenizer, self.cfg.lowercase, self.cfg.vocab_size,
                                            self.cfg.min_freq, self.cfg.max_length)
+        else:
+            self.tokenizer, self.model_config = pretrained_tokenizer(self.cfg.tokenizer, self.cfg.max_length)
 
     @classmethod
     def from_state(cls, folder: Path, state: dict) -> "Features":
         """The fitted featurizer (tokenizer included) back from a preprocess output folder."""
-        features = cls(SimpleNamespace(max_length=state["max_length"], tokenizer="char"), {})
+        features = cls(SimpleNamespace(max_length=state["max_length"]), {})
         features.tokenizer = Tokenizer.load(Path(folder) / state["tokenizer"])
         return features
 

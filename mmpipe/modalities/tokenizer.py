@@ -78,8 +78,6 @@ class PretrainedTokenizer:
     truncating and right-padding to ``max_length``; saved with those settings, so the bundle's copy
     encodes exactly as preprocess did."""
 
-    kind = "pretrained"
-
     def __init__(self, tokenizer, max_length: int):
         self.max_length = max_length
         self.tokenizer = tokenizer

@@ -1,11 +1,12 @@
 """Pretrained backbones by architecture name, with weights from a local file — never a download.
 
-An encoder built here takes its architecture from a library's model builders by name — torchvision's
-classifiers (``torchvision.models.get_model``) or torchaudio's self-supervised speech encoders
-(wav2vec 2.0, HuBERT, WavLM) —, drops the task head and maps the backbone's features to the fused
-``dim`` with its own projection. The architecture alone is built from the config, so a trained model
-reloads from its own ``model.safetensors`` without the weights file; :meth:`Backbone.load_pretrained`
-copies the file's weights in when training starts.
+An encoder built here takes its architecture from a library's model builders — torchvision's
+classifiers by name (``torchvision.models.get_model``), torchaudio's self-supervised speech encoders
+(wav2vec 2.0, HuBERT, WavLM) by builder name, or a Hugging Face text encoder from its ``config.json``
+—, drops the task head and maps the backbone's features to the fused ``dim`` with its own
+projection. The architecture alone is built from the config, so a trained model reloads from its own
+``model.safetensors`` without the weights file or folder; :meth:`Backbone.load_pretrained` copies the
+weights in when training starts.
 
 ``freeze``: ``none``, ``all``, or the number of leading *blocks*: the backbone's parameterised
 children in order, with plain ``Sequential``/``ModuleList`` containers (ResNet's ``layer1``-``layer4``,
@@ -208,8 +209,7 @@ class TorchvisionEncoder(Backbone):
         self.register_buffer("mean", torch.tensor(transforms.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1))
         net = torchvision.models.get_model(arch, weights=None, **(builder_kwargs or {}))
-        self.head_name = _drop_head(net)
-        self.head_keys = (self.head_name + ".",)
+        self.head_keys = (_drop_head(net) + ".",)
         net.eval()
         try:
             with torch.no_grad():
