@@ -69,6 +69,7 @@ class PreprocessBase(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shard_rows: int = Field(16384, ge=1)
     batch_rows: int = Field(512, ge=1)
+    embed_batch: int = Field(64, ge=1, le=65536)  # samples per backbone forward pass of the embedding cache
 
 
 class ModelBase(Strict):

@@ -37,3 +37,10 @@ class Backbone(Strict):
         if self.arch == "small_cnn" and (self.weights is not None or self.freeze != "none"):
             raise ValueError("weights and freeze apply to a pretrained arch, not small_cnn")
         return self
+
+
+class Embeddable(Strict):
+    """A ``preprocess.<m>`` section whose modality may cache its frozen backbone's output
+    (mmpipe/features/embed.py)."""
+
+    embed: bool = False

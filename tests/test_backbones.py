@@ -3,6 +3,7 @@ encoders by architecture name."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -463,3 +464,146 @@ def test_a_backbone_the_dynamo_exporter_cannot_convert_exports_with_the_torchscr
     with torch.no_grad():
         torch_logits = model({k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- embedding cache (preprocess.<m>.embed)
+
+def embedded_features(raw_root, clean_dir, root, modality: str, preprocess_cfg: dict, encoder: dict):
+    """``raw_root``'s features with ``modality`` preprocessed again with ``embed: true`` under ``encoder``."""
+    from mmpipe.features.preprocess import preprocess
+
+    for m in ("image", "text", "audio", "tabular"):
+        if m != modality:
+            (root / m).parent.mkdir(parents=True, exist_ok=True)
+            (root / m).symlink_to((raw_root / m).resolve())
+    (root / modality).mkdir(parents=True)
+    model_params = params.validate("model", {**SMALL, "encoders": {**SMALL["encoders"], modality: encoder}})
+    metrics = preprocess(modality, params.validate("preprocess", {"workers": 1, "embed_batch": 16,
+                                                                  modality: {**preprocess_cfg, "embed": True}}),
+                         clean_dir, root / modality, model_params)
+    return metrics, model_params
+
+
+def cache_case(family, tiny_corpus, waveform_features, bert, folder):
+    """(modality, features without a cache, preprocess params, frozen encoder params, partner modality) of one family."""
+    if family == "image":
+        random_weights("resnet18", folder / "r.pth")
+        return "image", tiny_corpus / "features", {}, {"arch": "resnet18", "weights": str(folder / "r.pth"),
+                                                        "freeze": "all"}, "text"
+    if family == "audio":
+        tiny_wav2vec2(folder / "w2v.pth")
+        return "audio", waveform_features, {"features": "waveform"}, {
+            "arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": str(folder / "w2v.pth"), "freeze": "all"}, "text"
+    return "text", bert.features, {"tokenizer": str(bert.folder), "max_length": 24}, {
+        "arch": "huggingface", "weights": str(bert.folder), "freeze": "all"}, "tabular"
+
+
+@pytest.mark.parametrize("family", ["image", "audio", "text"])
+def test_cached_embeddings_train_the_same_model_as_raw_features(tiny_corpus, waveform_features, bert, tmp_path, family):
+    """The cache holds the frozen backbone's output; training from it reaches raw training's validation
+    accuracy, and the model trained on it scores the same on raw features (what it is shipped with)."""
+    import json
+
+    from mmpipe.features.loader import FeatureSet, embedding_key
+    from mmpipe.models.backbones import files_sha256
+    from mmpipe.models.train import accuracy
+
+    modality, raw_root, pre, encoder, partner = cache_case(family, tiny_corpus, waveform_features, bert, tmp_path)
+    metrics, model_params = embedded_features(raw_root, tiny_corpus / "clean", tmp_path / "features", modality, pre,
+                                              encoder)
+    state = json.loads((tmp_path / "features" / modality / "state.json").read_text())
+    assert state["embedding"]["sha256"] == files_sha256(Path(encoder["weights"]))
+    assert metrics["embedding"]["samples"] == metrics["available"] > 0
+
+    # the cached vectors are the backbone's output on the raw arrays (float16), zero where unavailable
+    data = FeatureSet(tmp_path / "features", split=None, modalities=(modality,), embeddings=True)
+    batch = data.get(np.arange(len(data)), raw=True)
+    model = load_model_like(model_params, data, modality)
+    with torch.no_grad():
+        fresh = model.encoders[modality].embed(*(batch[n] for n in model.arrays[modality])).numpy()
+    cached, present = batch[embedding_key(modality)].numpy(), data.available[:, 0]
+    assert cached.dtype == np.float16 and cached.shape == (len(data), state["embedding"]["shape"][0])
+    np.testing.assert_allclose(cached[present], fresh[present].astype(np.float16), rtol=2e-3, atol=2e-3)
+    assert not cached[~present].any()
+    assert sorted(data.get(np.arange(4))) == sorted([embedding_key(modality), "available." + modality, "label", "index"])
+
+    # the same model trained from the cache and from raw features (augmentation off: the raw path then draws
+    # nothing more), then the cache-trained model scored on the raw arrays through its backbone
+    no_augment = {**SMALL, "augment": False, "encoders": {**SMALL["encoders"], modality: encoder}}
+    runs = {}
+    for name, root in (("cached", tmp_path / "features"), ("raw", raw_root)):
+        runs[name] = train(params.TrainParams(epochs=2, batch_size=32, device="cpu", lr=0.01),
+                           params.validate("model", no_augment), root, [modality, partner], tmp_path / name, None)
+    assert runs["cached"]["metrics"]["pretrained"][modality]["cached_embeddings"] is True
+    assert "cached_embeddings" not in runs["raw"]["metrics"]["pretrained"][modality]
+    val = FeatureSet(raw_root, split="val")
+    one_sample = 1 / len(val) + 1e-9
+    assert abs(runs["cached"]["metrics"]["val_accuracy"] - runs["raw"]["metrics"]["val_accuracy"]) <= one_sample
+    trained = load_model(tmp_path / "cached")
+    on_raw = accuracy(trained, val, [modality, partner], torch.device("cpu"))
+    assert abs(on_raw - runs["cached"]["metrics"]["val_accuracy"]) <= one_sample
+
+
+def load_model_like(model_params, data, modality):
+    """A fresh model of ``modality`` with its backbone's weights loaded (what preprocess embedded with)."""
+    from mmpipe.models.fusion import build_model, load_pretrained, model_config
+
+    model = build_model(model_config([modality], data.state, model_params.model_dump(), data.label_names))
+    load_pretrained(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("encoder, expected", [
+    ({}, "preprocess.image.embed caches a pretrained backbone's output: set model.encoders.image.arch (now small_cnn)"),
+    ({"arch": "resnet18", "weights": "R", "freeze": 9},
+     "preprocess.image.embed needs model.encoders.image.freeze: all (now 9): a backbone that trains changes"),
+    ({"arch": "resnet18", "freeze": "all"}, "preprocess.image.embed needs model.encoders.image.weights (a local weights"),
+    ({"arch": "resnet18", "weights": "nowhere.pth", "freeze": "all"}, "model.encoders.image.weights: nowhere.pth not found"),
+])
+def test_a_backbone_that_cannot_be_cached_stops_preprocess_with_one_line(tiny_corpus, tmp_path, encoder, expected):
+    if encoder.get("weights") == "R":
+        random_weights("resnet18", tmp_path / "r.pth")
+        encoder = {**encoder, "weights": str(tmp_path / "r.pth")}
+    with pytest.raises(PipelineError) as err:
+        embedded_features(tiny_corpus / "features", tiny_corpus / "clean", tmp_path / "f", "image", {}, encoder)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_a_stale_cache_stops_train_with_one_line(tiny_corpus, tmp_path):
+    """Embeddings of one weights file, a model of another (a manual run outside dvc repro): refused."""
+    random_weights("resnet18", tmp_path / "a.pth", seed=1)
+    encoder = {"arch": "resnet18", "weights": str(tmp_path / "a.pth"), "freeze": "all"}
+    embedded_features(tiny_corpus / "features", tiny_corpus / "clean", tmp_path / "f", "image", {}, encoder)
+    random_weights("resnet18", tmp_path / "a.pth", seed=2)
+    with pytest.raises(PipelineError) as err:
+        train_with(tmp_path / "f", tmp_path, ["image", "text"], encoder)
+    assert "the cached embeddings (preprocess.image.embed) are not this model's backbone output" in str(err.value)
+    assert "re-run preprocess@image" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(PipelineError) as err:  # the backbone would train: the cache cannot stand for it
+        train_with(tmp_path / "f", tmp_path, ["image", "text"], {**encoder, "freeze": "none"})
+    assert "need model.encoders.image to be the frozen backbone that computed them" in str(err.value)
+
+
+def test_pruning_leaves_frozen_blocks_and_fine_tunes_on_the_cache(tiny_corpus, tmp_path):
+    """compress: a frozen backbone is not pruned (nothing would train it back), so the pruned model's
+    fine-tune still runs on the cached embeddings; the trainable layers do shrink."""
+    from mmpipe.compress.compress import pruned_model
+    from mmpipe.features.loader import FeatureSet
+    from mmpipe.models.model_io import to_model_inputs
+
+    random_weights("resnet18", tmp_path / "r.pth")
+    encoder = {"arch": "resnet18", "weights": str(tmp_path / "r.pth"), "freeze": "all"}
+    embedded_features(tiny_corpus / "features", tiny_corpus / "clean", tmp_path / "f", "image", {}, encoder)
+    _, out = train_with(tmp_path / "f", tmp_path, ["image", "text"], encoder)
+    model = load_model(out)
+    example = to_model_inputs(FeatureSet(tmp_path / "f", split="val").get(np.arange(8)), model.modalities,
+                              torch.device("cpu"))
+    cfg = params.validate("compress", {"prune": {"method": "structured", "amount": 0.5, "finetune_epochs": 1}})
+    rows = []
+    pruned = pruned_model(model, cfg, tmp_path / "f", example, lambda name, row: rows.append(row))
+    assert len(rows) == 1  # one fine-tune epoch ran (on the cache: train checks it still matches the backbone)
+    before, after = model.state_dict(), pruned.state_dict()
+    for key, value in before.items():
+        if key.startswith("encoders.image.backbone."):
+            assert torch.equal(after[key], value), key
+    assert after["encoders.text.conv1.weight"].shape[0] < before["encoders.text.conv1.weight"].shape[0]

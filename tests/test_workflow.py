@@ -300,9 +300,9 @@ def test_kill_9_during_clean_train_and_export_then_repro_finishes_as_if_never_ki
 def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_path):
     """A torchvision image model, a torchaudio speech encoder and a Hugging Face text model (with a
     tokenizer trained on the corpus) saved as users save real weights, chosen in params: preprocess
-    (waveforms, the model's tokenizer), train (freezing what freeze says), evaluate, compress and
-    export re-run; the bundle's predictor matches PyTorch on raw files; replacing a weights file
-    re-runs train."""
+    (waveforms and their cached embeddings, the model's tokenizer), train (freezing what freeze says),
+    evaluate, compress and export re-run; the bundle's predictor matches PyTorch on raw files;
+    replacing a weights file re-runs train."""
     import torch
     import torchvision
     from safetensors.torch import load_file
@@ -317,11 +317,11 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     torch.save(weights, repo / "weights/resnet18.pth")
     speech = tiny_wav2vec2(repo / "weights/wav2vec2_tiny.pth")
     language = tiny_bert(repo / "weights/tiny-bert", corpus_texts(repo / "data/clean"))
-    set_params(repo, preprocess={"audio": {"features": "waveform"}, "text": {"tokenizer": "weights/tiny-bert"}},
+    set_params(repo, preprocess={"audio": {"features": "waveform", "embed": True}, "text": {"tokenizer": "weights/tiny-bert"}},
                model={"encoders": {
                    "image": {"arch": "resnet18", "weights": "weights/resnet18.pth", "freeze": 2},
                    "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/wav2vec2_tiny.pth",
-                             "freeze": 5},
+                             "freeze": "all"},
                    "text": {"arch": "huggingface", "weights": "weights/tiny-bert", "freeze": 1}}})
     run = dvc(repo, "repro")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -329,7 +329,10 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
                                "train", "evaluate", "compress", "export", "summary"]  # preprocess depends on weights/
     assert "text encoder bert: weights weights/tiny-bert, 1 of 3 blocks frozen" in run.stdout
     assert "image encoder resnet18: weights weights/resnet18.pth, 2 of 10 blocks frozen" in run.stdout
-    assert "audio encoder wav2vec2_model: weights weights/wav2vec2_tiny.pth, 5 of 10 blocks frozen" in run.stdout
+    assert "audio encoder wav2vec2_model: weights weights/wav2vec2_tiny.pth, 10 of 10 blocks frozen" in run.stdout
+    assert "train[image+text+audio+tabular]: audio from the embeddings preprocess cached" in run.stdout
+    cache = json.loads((repo / "metrics/preprocess_audio.json").read_text())["embedding"]
+    assert cache["samples"] > 0 and cache["device"] == "cpu" and (repo / "data/features/audio/embedding-00000.npy").exists()
 
     info = json.loads((repo / "metrics/train.json").read_text())["fusion"]["pretrained"]
     assert info["image"]["sha256"] == hashlib.sha256((repo / "weights/resnet18.pth").read_bytes()).hexdigest()
@@ -346,20 +349,16 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
                 assert same, key
             elif key.endswith("dense.weight"):
                 assert not same, f"{key} did not train"
-    for key, value in speech.items():  # the convolutional front end (5 blocks) frozen, the transformer trained
-        same = torch.equal(trained[f"encoders.audio.backbone.{key}"], value)
-        if key.startswith("feature_extractor."):
-            assert same, key
-        elif key.endswith("proj.weight"):
-            assert not same, f"{key} did not train"
+    for key, value in speech.items():  # wholly frozen (its output cached): exactly the file's
+        assert torch.equal(trained[f"encoders.audio.backbone.{key}"], value), key
     exported = json.loads((repo / "metrics/export.json").read_text())
     assert exported["passed"] and exported["fp32_onnx_vs_pytorch_max_abs_logit_diff"] < 1e-3
     assert exported["predictor_raw_test_accuracy"] == pytest.approx(exported["compress_test_accuracy_shipped"], abs=0.02)
     card = (repo / "artifacts/deploy/MODEL_CARD.md").read_text()
     assert "- image: `resnet18` backbone, weights from `weights/resnet18.pth`, frozen blocks: 2." in card
-    assert "- audio: `wav2vec2_model` backbone, weights from `weights/wav2vec2_tiny.pth`, frozen blocks: 5." in card
+    assert "- audio: `wav2vec2_model` backbone, weights from `weights/wav2vec2_tiny.pth`, frozen blocks: all." in card
     manifest = json.loads((repo / "artifacts/deploy/manifest.json").read_text())
-    assert manifest["preprocessing"]["audio"]["features"] == "waveform"
+    assert manifest["preprocessing"]["audio"]["features"] == "waveform" and "embedding" not in manifest["preprocessing"]["audio"]
     assert manifest["preprocessing"]["text"]["kind"] == "pretrained" and "model_config" not in manifest["preprocessing"]["text"]
     assert "tokenizers==" in (repo / "artifacts/deploy/requirements.txt").read_text()
     assert "- text: `bert` backbone" not in card and "- text: `huggingface` backbone, weights from `weights/tiny-bert`" in card

@@ -4,8 +4,10 @@
 What is never pruned, and why: each encoder's output projection and the placeholders (the fused
 vector size ``dim`` is shared by all modalities and by the fusion), the classifier's last layer
 (one output per class), embeddings (the tokenizer's vocabulary), attention fusion's transformer
-(its heads are coupled through the key-padding mask), and the attention blocks of pretrained
-transformer backbones (their heads are a reshape of the projections' channels).
+(its heads are coupled through the key-padding mask), the attention blocks of pretrained
+transformer backbones (their heads are a reshape of the projections' channels), and a backbone's
+frozen blocks (``freeze``): the fine-tune cannot train them back, and they keep computing what the
+embedding cache holds, so the fine-tune still runs on the cache.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def _protected(model: nn.Module) -> list[nn.Module]:
     if hasattr(model, "transformer"):
         keep.append(model.transformer)
     keep += [m for m in model.modules() if is_attention(m)]
+    keep += [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))
+             and not any(p.requires_grad for p in m.parameters(recurse=False))]  # frozen blocks
     return keep
 
 
@@ -72,10 +76,11 @@ def structured(model: nn.Module, amount: float, example: dict[str, torch.Tensor]
     # torch-pruning follows the autograd graph: frozen parameters (a pretrained backbone's leading
     # blocks) would hide their layers from it and break residual couplings; freeze them again after
     frozen = [name for name, p in pruned.named_parameters() if not p.requires_grad]
+    protected = _protected(pruned)
     pruned.requires_grad_(True)
     pruner = tp.pruner.MagnitudePruner(
         pruned, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=amount, round_to=8, ignored_layers=_protected(pruned), unwrapped_parameters=[(pruned.placeholders, 1)],
+        pruning_ratio=amount, round_to=8, ignored_layers=protected, unwrapped_parameters=[(pruned.placeholders, 1)],
         forward_fn=lambda m, inputs: m(inputs))
     pruner.step()
     for name in frozen:

@@ -26,7 +26,8 @@ PACKAGE = Path(__file__).resolve().parents[1]
 SHIPPED_CODE = [PACKAGE / "deploy" / "predict.py", PACKAGE / "modalities" / "portable.py",
                 PACKAGE / "modalities" / "logmel.py", PACKAGE / "modalities" / "tokenizer.py"]
 # preprocess's bookkeeping, and what lives inside the model (normalisation): not the predictor's business
-NOT_SHIPPED_STATE = ("modality", "samples", "shard_rows", "shards", "labels", "mean", "std", "stats_of", "model_config")
+NOT_SHIPPED_STATE = ("modality", "samples", "shard_rows", "shards", "labels", "mean", "std", "stats_of", "model_config",
+                     "embedding")
 RUNTIME = {"numpy": "numpy", "onnxruntime": "onnxruntime", "soundfile": "soundfile", "soxr": "soxr", "pillow": "pillow"}
 ONNX_TYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32",
               onnx.TensorProto.BOOL: "bool"}

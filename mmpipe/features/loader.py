@@ -10,6 +10,11 @@ returned as torch tensors:
 
 Normalisation (mean/std from ``state``) belongs to the model, so the same raw tensors serve any model.
 ``to(device)`` holds the whole split on that device (e.g. a GPU) when it fits.
+
+With ``embeddings=True`` a modality whose preprocess cached its frozen backbone's output
+(``preprocess.<m>.embed``) is served as ``embedding.<m>`` (B, E) float16 instead of its raw arrays
+(which ``get(..., raw=True)`` still reads): what ``train`` uses, while evaluate, compress and
+export feed the raw arrays to the whole model.
 """
 
 from __future__ import annotations
@@ -23,13 +28,18 @@ import pyarrow.parquet as pq
 import torch
 
 from mmpipe.errors import PipelineError
-from mmpipe.features.preprocess import INDEX_FILE, STATE_FILE, shard_path
+from mmpipe.features.preprocess import EMBEDDING_ARRAY, INDEX_FILE, STATE_FILE, shard_path
 from mmpipe.modalities import names
 
 
 def available_key(modality: str) -> str:
     """The batch key of a modality's availability column."""
     return f"available.{modality}"
+
+
+def embedding_key(modality: str) -> str:
+    """The batch key of a modality's cached backbone embedding."""
+    return f"embedding.{modality}"
 
 
 def feature_modalities(root: str | Path) -> tuple[str, ...]:
@@ -49,12 +59,13 @@ def feature_modalities(root: str | Path) -> tuple[str, ...]:
 
 class FeatureSet:
     def __init__(self, root: str | Path = "data/features", split: str | None = "train",
-                 modalities: tuple[str, ...] | None = None):
+                 modalities: tuple[str, ...] | None = None, embeddings: bool = False):
         self.root, self.split = Path(root), split
         self.modalities = tuple(modalities) if modalities is not None else feature_modalities(root)
         self.state: dict[str, dict] = {}
-        self._shards: dict[str, list[np.ndarray]] = {}
-        self._shard_rows: dict[str, int] = {}
+        self._shards: dict[str, list[np.ndarray]] = {}  # batch key -> its shards (memory-mapped)
+        self._shard_of: dict[str, int] = {}  # batch key -> rows per shard
+        self.embedded: tuple[str, ...] = ()  # modalities served as cached embeddings
         self._device_arrays: dict[str, torch.Tensor] | None = None
         reference = None
         available = []
@@ -77,12 +88,17 @@ class FeatureSet:
                 raise PipelineError(f"{folder / INDEX_FILE}: samples differ from {self.modalities[0]}'s; "
                                     f"re-run the preprocess stages")
             available.append(index.column("available").to_numpy()[self.rows])
-            self._shard_rows[m] = self.state[m]["shard_rows"]
-            for name in self.state[m]["arrays"]:
-                self._shards[name] = [np.load(shard_path(folder, name, k), mmap_mode="r")
-                                      for k in range(self.state[m]["shards"])]
+            files = {name: name for name in self.state[m]["arrays"]}
+            if embeddings and self.state[m].get("embedding"):
+                files[embedding_key(m)] = EMBEDDING_ARRAY
+                self.embedded += (m,)
+            for key, stem in files.items():
+                self._shards[key] = [np.load(shard_path(folder, stem, k), mmap_mode="r")
+                                     for k in range(self.state[m]["shards"])]
+                self._shard_of[key] = self.state[m]["shard_rows"]
         self.available = np.stack(available, axis=1)
-        self._shard_of = {name: self._shard_rows[m] for m in self.modalities for name in self.state[m]["arrays"]}
+        embedded_arrays = {name for m in self.embedded for name in self.state[m]["arrays"]}
+        self._served = [key for key in self._shards if key not in embedded_arrays]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,14 +118,15 @@ class FeatureSet:
             out[mask] = shards[k][offset[mask]]
         return out
 
-    def get(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        """The samples at ``positions`` (0..len-1) of this split, as a dict of tensors."""
+    def get(self, positions: np.ndarray, raw: bool = False) -> dict[str, torch.Tensor]:
+        """The samples at ``positions`` (0..len-1) of this split, as a dict of tensors; ``raw``: every
+        modality's raw arrays too, beside the cached embeddings."""
         positions = np.asarray(positions, dtype=np.int64)
-        if self._device_arrays is not None:
+        if self._device_arrays is not None and not raw:
             index = torch.as_tensor(positions, device=self._device_arrays["label"].device)
             return {name: values[index] for name, values in self._device_arrays.items()} | {"index": index}
         rows = self.rows[positions]
-        batch = {name: torch.from_numpy(self._gather(name, rows)) for name in self._shards}
+        batch = {name: torch.from_numpy(self._gather(name, rows)) for name in (self._shards if raw else self._served)}
         for k, m in enumerate(self.modalities):
             batch[available_key(m)] = torch.from_numpy(np.ascontiguousarray(self.available[positions, k]))
         batch["label"] = torch.from_numpy(self.labels[positions])

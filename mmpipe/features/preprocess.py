@@ -5,6 +5,7 @@ Output folder (one per modality):
   <array>-NNNNN.npy    shards of ``shard_rows`` rows, fixed dtype/shape, memory-mappable (np.load(mmap_mode="r"))
   state.json           shapes, dtypes, mean/std fitted on the train split only, the modality's settings
   (+ modality files)   tokenizer.json (text), mel_filters.npy (audio)
+  embedding-NNNNN.npy  with ``preprocess.<m>.embed``: the frozen backbone's output (mmpipe/features/embed.py)
 
 Memory stays bounded by about one shard per worker thread; shards are written as they complete.
 """
@@ -33,6 +34,7 @@ from mmpipe.modalities import MODALITIES
 
 INDEX_FILE = "index.parquet"
 STATE_FILE = "state.json"
+EMBEDDING_ARRAY = "embedding"  # shard file stem of the cached backbone embeddings (embed.py)
 INDEX_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("split", pa.string(), nullable=False),
@@ -179,8 +181,9 @@ def train_values(files: list[Path], modality: str) -> list:
     return values
 
 
-def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write ``out_dir`` for ``modality`` from ``clean_dir``; return the metrics."""
+def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_params=None) -> dict[str, Any]:
+    """Write ``out_dir`` for ``modality`` from ``clean_dir``; return the metrics. ``model_params`` (the
+    ``model`` section) builds the backbone whose output ``preprocess.<m>.embed`` caches."""
     started = time.perf_counter()
     if modality not in MODALITIES:
         raise PipelineError(f"unknown modality '{modality}' (known: {', '.join(MODALITIES)})")
@@ -200,7 +203,11 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
                                                  "labels": dataset["labels"]})
         return {"modality": modality, "enabled": False, "samples": total, "available": 0, "decode_failed": 0,
                 "bytes": 0, "device": "cpu", "seconds": round(time.perf_counter() - started, 3), "samples_per_s": None}
-    features = module.Features(getattr(params, modality), dataset)
+    cfg = getattr(params, modality)
+    embed = getattr(cfg, "embed", False)
+    if embed and model_params is None:
+        raise PipelineError(f"preprocess.{modality}.embed: the model params are needed to build the backbone")
+    features = module.Features(cfg, dataset)
 
     if hasattr(features, "fit"):
         features.fit(train_values(files, modality))
@@ -249,6 +256,14 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
         state["stats_of"] = {"array": features.stats[0], "reduced_axes": list(features.stats[1]),
                              "scale": features.stats[2]}
     features.save(out_dir)
+    embedding = None
+    if embed:  # torch only here: the other modalities' preprocess never imports it
+        from mmpipe.features.embed import cache_embeddings
+
+        state["embedding"], embedding = cache_embeddings(
+            modality, state, out_dir, np.asarray(index["available"], bool), model_params, params.embed_batch,
+            resolve_device(params.device, "preprocess.device"))
+        embedding["device"] = state["embedding"]["device"]
     write_json_atomic(out_dir / STATE_FILE, state)
 
     seconds = time.perf_counter() - started
@@ -266,4 +281,5 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path) -> dict[st
         "device": device,
         "seconds": round(seconds, 3),
         "samples_per_s": round(total / seconds, 1) if seconds > 0 else None,
+        **({"embedding": embedding} if embedding else {}),
     }

@@ -18,7 +18,7 @@ from mmpipe.errors import PipelineError
 from mmpipe.modalities import inputs, logmel
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import decode_audio, describe, fix_length, to_pcm16
-from mmpipe.schema import Backbone, Strict
+from mmpipe.schema import Backbone, Embeddable, Strict
 
 NAME = "audio"
 EXTENSIONS = (".wav", ".flac")
@@ -47,7 +47,7 @@ class Clean(Strict):
         return self
 
 
-class Preprocess(Strict):
+class Preprocess(Embeddable):
     # logmel: float16 log-mel spectrograms (small_cnn) | waveform: the float16 clip itself (torchaudio's
     # self-supervised encoders take 16 kHz waveforms)
     features: Literal["logmel", "waveform"] = "logmel"

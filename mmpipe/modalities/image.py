@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from mmpipe.modalities import inputs
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import PASS_THROUGH_FORMATS, decode_image, describe, load_pixels
-from mmpipe.schema import Backbone, Strict
+from mmpipe.schema import Backbone, Embeddable, Strict
 
 NAME = "image"
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -42,7 +42,7 @@ class Clean(Strict):
         return self
 
 
-class Preprocess(Strict):
+class Preprocess(Embeddable):
     size: int = Field(32, ge=8, le=1024)
     mode: Literal["rgb", "grayscale"] = "rgb"
     fit: Literal["pad", "crop"] = "pad"

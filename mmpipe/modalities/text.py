@@ -18,7 +18,7 @@ from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import decode_text
 from mmpipe.errors import PipelineError
 from mmpipe.modalities.tokenizer import PretrainedTokenizer, Tokenizer
-from mmpipe.schema import Backbone, Strict
+from mmpipe.schema import Backbone, Embeddable, Strict
 
 NAME = "text"
 EXTENSIONS = (".txt",)
@@ -38,7 +38,7 @@ class Clean(Strict):
     max_bytes: int = Field(1_000_000, ge=1)
 
 
-class Preprocess(Strict):
+class Preprocess(Embeddable):
     # char | word (fitted on train) | a Hugging Face model folder holding tokenizer.json (and config.json)
     tokenizer: str = Field("char", min_length=1)
     vocab_size: int = Field(512, ge=3, le=1_000_000)

@@ -115,9 +115,23 @@ class Backbone(nn.Module):
             block.requires_grad_(False)
             if isinstance(block, nn.Module):
                 self._frozen_modules.append(block)
+        if n == len(blocks):  # wholly frozen: its containers too (wav2vec2's layer drop draws in training mode)
+            self._frozen_modules = [backbone]
 
     def recipe(self) -> str:
         raise NotImplementedError
+
+    def embed(self, *arrays: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features (B, E) of the model's input arrays: what ``project`` maps to ``dim``
+        and what preprocess caches (``preprocess.<m>.embed``) when every block is frozen."""
+        raise NotImplementedError
+
+    def project(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, E) backbone features -> (B, dim)."""
+        return self.out(embedding)
+
+    def forward(self, *arrays: torch.Tensor) -> torch.Tensor:
+        return self.project(self.embed(*arrays))
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
@@ -223,14 +237,14 @@ class TorchvisionEncoder(Backbone):
     def recipe(self) -> str:
         return weights_recipe(self.arch)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float() / 255.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = (x - self.mean) / self.std
         if self.training and self.augment:
             x = affine_jitter(x)
-        return self.out(self.backbone(x).flatten(1))
+        return self.backbone(x).flatten(1)
 
 
 def waveform_archs() -> list[str]:
@@ -288,12 +302,12 @@ class TorchaudioEncoder(Backbone):
         return (f"python -c \"import torch, torchaudio; torch.save(torchaudio.pipelines.{name}.get_model()"
                 f".state_dict(), '{self.arch}.pth')\"")
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+    def embed(self, waveform: torch.Tensor) -> torch.Tensor:
         x = waveform.float()
         if self.normalize:
             x = nn.functional.layer_norm(x, x.shape[-1:])
         hidden, _ = self.backbone(x)
-        return self.out(hidden.mean(dim=1))
+        return hidden.mean(dim=1)
 
 
 class TransformersEncoder(Backbone):
@@ -340,9 +354,9 @@ class TransformersEncoder(Backbone):
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         return loaded.state_dict()
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
         mask[:, 0] = True  # an absent text (length 0) attends to its first token: no all-masked softmax
         hidden = self.backbone(input_ids=ids.long(), attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return self.out((hidden * weights).sum(1) / weights.sum(1))
+        return (hidden * weights).sum(1) / weights.sum(1)

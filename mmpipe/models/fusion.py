@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmpipe.features.loader import embedding_key
 from mmpipe.modalities import MODALITIES
 from mmpipe.modalities.base import array_names
 
@@ -71,10 +72,15 @@ class FusionModel(nn.Module):
                                   nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, n_classes))
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, n_modalities, dim): each encoder's vector, or the placeholder where unavailable."""
+        """(B, n_modalities, dim): each encoder's vector, or the placeholder where unavailable. A frozen
+        backbone's cached output in the batch (``embedding.<m>``, see the loader) is projected directly."""
         vectors = []
         for m in self.modalities:
-            vectors.append(self.encoders[m](*(batch[name] for name in self.arrays[m])))
+            cached = batch.get(embedding_key(m))
+            if cached is not None:
+                vectors.append(self.encoders[m].project(cached.float()))
+            else:
+                vectors.append(self.encoders[m](*(batch[name] for name in self.arrays[m])))
         stacked = torch.stack(vectors, dim=1)
         available = batch["available"].bool()
         return torch.where(available[..., None], stacked, self.placeholders[None].to(stacked.dtype))

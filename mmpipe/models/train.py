@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mmpipe.device import resolve_device
-from mmpipe.features.loader import FeatureSet
+from mmpipe.errors import PipelineError
+from mmpipe.features.loader import FeatureSet, embedding_key
 from mmpipe.models import distributed
 from mmpipe.models.fusion import build_model, drop_modalities, load_pretrained, model_config
 from mmpipe.models.model_io import save_model, to_model_inputs
@@ -147,9 +148,10 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     world = distributed.world()
     device = prepare_device(params, world)
 
-    # data: every modality is loaded (so the availability mask is complete); the model uses its own
-    train_set = FeatureSet(features_root, split="train")
-    val_set = FeatureSet(features_root, split="val")
+    # data: every modality is loaded (so the availability mask is complete); the model uses its own.
+    # A frozen backbone's output cached by preprocess (preprocess.<m>.embed) replaces its raw arrays.
+    train_set = FeatureSet(features_root, split="train", embeddings=True)
+    val_set = FeatureSet(features_root, split="val", embeddings=True)
     if device.type == "cuda":  # small enough to live on the GPU: no host-to-device copies per batch
         train_set.to(device)
         val_set.to(device)
@@ -166,6 +168,11 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                       + f", {info['frozen_blocks']} of {info['blocks']} blocks frozen")
                 for warning in info.get("warnings", []):
                     print(f"train[{'+'.join(modalities)}]: warning: {warning}")
+    for m in check_cached_embeddings(model, train_set, modalities):
+        if m in pretrained:
+            pretrained[m]["cached_embeddings"] = True
+        if world.is_main:
+            print(f"train[{'+'.join(modalities)}]: {m} from the embeddings preprocess cached (no input augmentation)")
     model, step_model = place_model(model, device, world, params.compile)
     # batch_size is the global batch: each of N processes takes 1/N of it, so the optimiser sees the same
     # steps (and the same lr schedule fits) however many processes torchrun starts
@@ -220,6 +227,40 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         model.load_state_dict(progress.best["state"])
         result["model"] = model.cpu().eval()
     return result
+
+
+def check_cached_embeddings(model: torch.nn.Module, data: FeatureSet, modalities: list[str],
+                            samples: int = 8) -> list[str]:
+    """The ``modalities`` ``data`` serves as cached embeddings, each checked to be the output of this
+    model's (frozen) backbone: its raw arrays of a few train samples go through the backbone and must
+    give the cached vectors (within float16/bf16 rounding). Else one line: a stale cache would train
+    heads on features the shipped model never computes."""
+    checked = []
+    for m in modalities:
+        if m not in data.embedded:
+            continue
+        encoder = model.encoders[m]
+        where = f"{data.root / m}: the cached embeddings (preprocess.{m}.embed)"
+        if not hasattr(encoder, "embed") or any(p.requires_grad for p in encoder.backbone.parameters()):
+            raise PipelineError(f"{where} need model.encoders.{m} to be the frozen backbone that computed them "
+                                f"(a pretrained arch, freeze: all): re-run preprocess@{m}, or set embed: false")
+        positions = np.flatnonzero(data.available[:, data.modalities.index(m)])[:samples]
+        batch = data.get(positions, raw=True)
+        was_training = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            device = next(encoder.parameters()).device
+            fresh = encoder.embed(*(batch[name].to(device) for name in model.arrays[m])).float().cpu()
+        encoder.train(was_training)
+        cached = batch[embedding_key(m)].float()
+        errors = (fresh - cached).norm(dim=1) / fresh.norm(dim=1).clamp(min=1e-6)
+        if len(positions) and errors.max().item() > 0.05:
+            worst = int(errors.argmax())
+            raise PipelineError(f"{where} are not this model's backbone output (relative difference "
+                                f"{errors[worst].item():.2f} on sample {data.sample_ids[positions[worst]]}): "
+                                f"re-run preprocess@{m}")
+        checked.append(m)
+    return checked
 
 
 def param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
