@@ -607,3 +607,22 @@ def test_pruning_leaves_frozen_blocks_and_fine_tunes_on_the_cache(tiny_corpus, t
         if key.startswith("encoders.image.backbone."):
             assert torch.equal(after[key], value), key
     assert after["encoders.text.conv1.weight"].shape[0] < before["encoders.text.conv1.weight"].shape[0]
+
+
+def test_image_size_auto_follows_the_backbone_weights_resolution(tiny_corpus, tmp_path):
+    """preprocess.image.size: auto = the crop size of the chosen torchvision architecture's weights."""
+    import json
+
+    from mmpipe.features.preprocess import preprocess
+
+    auto = params.validate("preprocess", {"workers": 1, "image": {"size": "auto"}})
+    preprocess("image", auto, tiny_corpus / "clean", tmp_path,
+               params.validate("model", {"encoders": {"image": {"arch": "efficientnet_b1"}}}))
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["size"] == 240 and state["arrays"]["image"]["shape"] == [3, 240, 240]  # EfficientNet-B1's weights: 240 px
+    assert np.load(tmp_path / "image-00000.npy", mmap_mode="r").shape[1:] == (3, 240, 240)
+    for model_params in (params.validate("model", {}), None):  # small_cnn has no resolution of its own
+        with pytest.raises(PipelineError) as err:
+            preprocess("image", auto, tiny_corpus / "clean", tmp_path / "x", model_params)
+        assert str(err.value).startswith("preprocess.image.size: auto is the resolution of a torchvision "
+                                         "model.encoders.image.arch; with small_cnn set a number") and "\n" not in str(err.value)

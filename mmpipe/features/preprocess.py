@@ -204,6 +204,8 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
         return {"modality": modality, "enabled": False, "samples": total, "available": 0, "decode_failed": 0,
                 "bytes": 0, "device": "cpu", "seconds": round(time.perf_counter() - started, 3), "samples_per_s": None}
     cfg = getattr(params, modality)
+    if hasattr(module, "resolve_preprocess"):  # settings that follow the chosen encoder (image size: auto)
+        cfg = module.resolve_preprocess(cfg, getattr(model_params.encoders, modality, None) if model_params else None)
     embed = getattr(cfg, "embed", False)
     if embed and model_params is None:
         raise PipelineError(f"preprocess.{modality}.embed: the model params are needed to build the backbone")

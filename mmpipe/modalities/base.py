@@ -117,6 +117,10 @@ class Optional:
         recorded, ``raw_items`` an iterator over every raw item's bytes. The returned rules are what
         every item is cleaned under and what ``dataset.json`` (and the bundle) records; ``RULES``
         is their schema (``PARAMS["clean"]`` plus what is resolved).
+    ``resolve_preprocess(cfg, encoder) -> cfg``
+        Preprocess settings that follow the encoder chosen in ``model.encoders.<name>`` (``encoder``;
+        None when the model params are not given): image ``size: auto`` = the torchvision backbone's
+        resolution. preprocess featurizes with the returned settings (and records them in the state).
     ``extra_requirements(state) -> list[str]``
         Packages the bundle's predictor needs for this fitted state beyond numpy, onnxruntime,
         soundfile, soxr and pillow (text: ``tokenizers`` with a pretrained model's tokenizer).

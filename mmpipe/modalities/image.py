@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +14,7 @@ import pyspng
 import simplejpeg
 from pydantic import Field, model_validator
 
+from mmpipe.errors import PipelineError
 from mmpipe.modalities import inputs
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import PASS_THROUGH_FORMATS, decode_image, describe, load_pixels
@@ -43,7 +44,8 @@ class Clean(Strict):
 
 
 class Preprocess(Embeddable):
-    size: int = Field(32, ge=8, le=1024)
+    # auto: the resolution the chosen torchvision backbone's weights were trained at (resolve_preprocess)
+    size: Annotated[int, Field(ge=8, le=1024)] | Literal["auto"] = 32
     mode: Literal["rgb", "grayscale"] = "rgb"
     fit: Literal["pad", "crop"] = "pad"
 
@@ -56,6 +58,20 @@ class Encoder(Backbone):
 
 
 PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
+
+
+def resolve_preprocess(cfg: Preprocess, encoder: Encoder | None) -> Preprocess:
+    """``size: auto`` -> the crop size of the torchvision backbone's default weights (224 for a ResNet,
+    240 for EfficientNet-B1, ...): preprocessing follows the encoder chosen in ``model.encoders.image``."""
+    if cfg.size != "auto":
+        return cfg
+    if encoder is None or encoder.arch == "small_cnn":
+        raise PipelineError(f"preprocess.{NAME}.size: auto is the resolution of a torchvision model.encoders.{NAME}.arch; "
+                            f"with small_cnn set a number of pixels (the built-in corpus: 32)")
+    from mmpipe.models.backbones import torchvision_transforms
+
+    transforms, _ = torchvision_transforms(NAME, encoder.arch)
+    return cfg.model_copy(update={"size": int(transforms.crop_size[0])})
 
 
 def describe_rules(rules: dict) -> str:

@@ -190,6 +190,19 @@ def files_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def torchvision_transforms(modality: str, arch: str):
+    """The preprocessing of ``arch``'s default torchvision weights (crop size, mean, std, min_size), by
+    architecture name; one line when torchvision has no classification model of that name."""
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise PipelineError(f"model.encoders.{modality}.arch: {arch!r} is not a torchvision classification model "
+                            f"(one of small_cnn, {', '.join(sorted(known))})")
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    return weights.transforms(), weights.meta.get("min_size", (1, 1))
+
+
 class TorchvisionEncoder(Backbone):
     """uint8 (B, C, H, W) -> (B, dim) through a torchvision classification backbone.
 
@@ -205,12 +218,7 @@ class TorchvisionEncoder(Backbone):
         super().__init__()
         import torchvision
 
-        known = torchvision.models.list_models(module=torchvision.models)
-        if arch not in known:
-            raise PipelineError(f"model.encoders.{modality}.arch: {arch!r} is not a torchvision classification model "
-                                f"(one of small_cnn, {', '.join(sorted(known))})")
-        default_weights = torchvision.models.get_model_weights(arch).DEFAULT
-        transforms, min_size = default_weights.transforms(), default_weights.meta.get("min_size", (1, 1))
+        transforms, min_size = torchvision_transforms(modality, arch)
         if size < max(min_size):
             raise PipelineError(f"model.encoders.{modality}.arch {arch} needs images of at least {max(min_size)} px: "
                                 f"set preprocess.{modality}.size (now {size}; its weights were trained at "
