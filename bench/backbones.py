@@ -13,7 +13,9 @@ side by side:
   cached_10_epochs_vs_finetune  time of 10 fine-tuning epochs / (one embedding pass + 10 epochs on the
                             cache): the whole cost of the cache, its one-off embedding included
   latency_ms                ONNX Runtime p50 at batch 1 and ``--batch``: fp32, and int8 (static QDQ,
-                            every Conv/Gemm/MatMul, the compress stage's quantizer), vs PyTorch eager fp32
+                            every Conv/Gemm/MatMul, the compress stage's quantizer), vs PyTorch eager fp32;
+                            with ``--dynamic`` also ``int8_dynamic``: ONNX Runtime's dynamic quantization
+                            of MatMul and Gather (the embedding tables), its usual advice for transformers
   file_mb                   fp32 and int8 ONNX file sizes
 
 Backbones are ``modality:arch``: ``image:<torchvision classifier>`` at ``--size`` pixels,
@@ -123,7 +125,7 @@ def train_speed(spec: tuple, freeze: str, batch: dict, repeats: int) -> float:
     return samples_per_s(step, len(batch["label"]), repeats)
 
 
-def measure(spec: tuple, batch_size: int, repeats: int, runs: int, threads: int) -> dict:
+def measure(spec: tuple, batch_size: int, repeats: int, runs: int, threads: int, dynamic: bool = False) -> dict:
     modality, state, encoder, arrays = spec
     model = build(modality, state, encoder, "none").eval()
     loader_batch = batch_of(modality, arrays, batch_size)
@@ -145,11 +147,20 @@ def measure(spec: tuple, batch_size: int, repeats: int, runs: int, threads: int)
         quantize.prepare(fp32, prepared)
         calibration = [onnx_feeds(batch_of(modality, arrays, 8, seed), model) for seed in (1, 2)]
         quantize.quantize(prepared, int8, calibration, include=quantize.quantizable_nodes(prepared))  # as compress does
-        row["file_mb"] = {n: round(p.stat().st_size / 2**20, 2) for n, p in (("fp32", fp32), ("int8", int8))}
+        variants = [("fp32_onnx", fp32), ("int8_onnx", int8)]
+        if dynamic:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            int8_dynamic = Path(tmp) / "int8_dynamic.onnx"
+            quantize_dynamic(str(prepared), str(int8_dynamic), op_types_to_quantize=["MatMul", "Gather"],
+                             per_channel=True, weight_type=QuantType.QInt8)
+            variants.append(("int8_dynamic_onnx", int8_dynamic))
+        row["file_mb"] = {n.removesuffix("_onnx"): round(p.stat().st_size / 2**20, 2)
+                          for n, p in variants}
         latency = {}
         for b in (1, batch_size):
             fed = {k: v[:b] for k, v in feeds.items()}
-            for name, path in (("fp32_onnx", fp32), ("int8_onnx", int8)):
+            for name, path in variants:
                 sess = session(path, threads)
                 latency[f"{name}@{b}"] = latency_ms(lambda: sess.run(["logits"], fed), runs)["p50"]
             with torch.no_grad():
@@ -158,6 +169,8 @@ def measure(spec: tuple, batch_size: int, repeats: int, runs: int, threads: int)
     row["latency_ms"] = {k: round(v, 2) for k, v in latency.items()}
     b = batch_size
     row["int8_vs_fp32_onnx_speedup_batch"] = round(latency[f"fp32_onnx@{b}"] / latency[f"int8_onnx@{b}"], 2)
+    if dynamic:
+        row["int8_dynamic_vs_fp32_onnx_speedup_batch"] = round(latency[f"fp32_onnx@{b}"] / latency[f"int8_dynamic_onnx@{b}"], 2)
     row["fp32_onnx_vs_pytorch_speedup_batch"] = round(latency[f"pytorch@{b}"] / latency[f"fp32_onnx@{b}"], 2)
     return row
 
@@ -173,6 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per throughput figure")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per latency figure")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dynamic", action="store_true", help="also measure dynamic int8 (MatMul, Gather)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -182,7 +196,7 @@ def main() -> None:
     report.setdefault("archs", {})
     for name in args.archs:
         spec = family(name, args.size, args.seconds, args.tokens)
-        r = measure(spec, args.batch, args.repeats, args.runs, args.threads)
+        r = measure(spec, args.batch, args.repeats, args.runs, args.threads, args.dynamic)
         r["input"] = {"image": f"{args.size} px", "audio": f"{args.seconds:g} s at 16 kHz",
                       "text": f"{args.tokens} tokens"}[spec[0]]
         report["archs"][name] = r
@@ -193,7 +207,10 @@ def main() -> None:
               f"({r['cached_vs_finetune_train_speedup']:.0f}x; 10 epochs with the embedding pass "
               f"{r['cached_10_epochs_vs_finetune']:.1f}x) | ONNX b{b} fp32 {r['latency_ms'][f'fp32_onnx@{b}']:.0f} ms, "
               f"int8 {r['latency_ms'][f'int8_onnx@{b}']:.0f} ms ({r['int8_vs_fp32_onnx_speedup_batch']:.2f}x), "
-              f"{r['file_mb']['fp32']:.1f} -> {r['file_mb']['int8']:.1f} MB", flush=True)
+              f"{r['file_mb']['fp32']:.1f} -> {r['file_mb']['int8']:.1f} MB"
+              + (f" | dynamic int8 {r['latency_ms'][f'int8_dynamic_onnx@{b}']:.0f} ms "
+                 f"({r['int8_dynamic_vs_fp32_onnx_speedup_batch']:.2f}x), {r['file_mb']['int8_dynamic']:.1f} MB"
+                 if args.dynamic else ""), flush=True)
         write_json_atomic(REPORT, report)
 
 

@@ -141,6 +141,7 @@ class Quantize(Strict):
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_samples: int = Field(256, ge=1)
     layers: Literal["all", "not_slower"] = "not_slower"
+    dynamic: bool = False  # also the int8_dynamic variant (MatMul + Gather weights; transformers)
 
 
 class CompressParams(Strict):

@@ -151,3 +151,32 @@ def test_compress_measures_every_variant_and_chooses_within_budget(tiny_corpus, 
                          key=lambda n: variants[n]["file_bytes"])  # prefer: size
     assert (tmp_path / CHOSEN_FILE).read_bytes() == (tmp_path / f"{chosen}.onnx").read_bytes()
     assert not (tmp_path / ".prepared.onnx").exists()
+
+
+def test_dynamic_int8_is_a_measured_variant_and_a_broken_one_is_left_out(tiny_corpus, model_dir, tmp_path, monkeypatch):
+    """quantize.dynamic: ONNX Runtime's dynamic int8 of MatMul/Gather weights (here the text and tabular
+    embedding tables) is measured like every variant; one ONNX Runtime cannot run is reported, not fatal."""
+    import onnx
+
+    cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.2, "prune": {"method": "none"},
+                                       "quantize": {"enabled": False, "dynamic": True}})
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "broken").mkdir()
+    result = compress(cfg, tiny_corpus / "features", model_dir, tmp_path / "ok", progress=lambda line: None)
+    variants = result["variants"]
+    dynamic = variants["int8_dynamic"]
+    assert dynamic["from"] == "fp32" and dynamic["file_bytes"] < variants["fp32"]["file_bytes"]
+    assert abs(dynamic["val_accuracy"] - variants["fp32"]["val_accuracy"]) <= 0.2
+    graph = onnx.load(str(tmp_path / "ok" / "int8_dynamic.onnx")).graph
+    int8_tables = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert int8_tables and "DequantizeLinear" in {n.op_type for n in graph.node}  # the embedding tables, in int8
+    assert result["chosen"] in ("fp32", "int8_dynamic") and "failed_variants" not in result
+
+    def unrunnable(prepared, out_path):  # a graph ONNX Runtime refuses when the session is created
+        out_path.write_bytes(b"not an onnx graph")
+    monkeypatch.setattr(quantize, "quantize_dynamic_int8", unrunnable)
+    lines = []
+    result = compress(cfg, tiny_corpus / "features", model_dir, tmp_path / "broken", progress=lines.append)
+    assert "int8_dynamic" not in result["variants"] and result["chosen"] == "fp32"
+    assert "int8_dynamic" in result["failed_variants"] and not (tmp_path / "broken" / "int8_dynamic.onnx").exists()
+    assert any(line.startswith("compress[int8_dynamic]: left out, ONNX Runtime cannot run it") for line in lines)

@@ -322,7 +322,8 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
                    "image": {"arch": "resnet18", "weights": "weights/resnet18.pth", "freeze": 2},
                    "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/wav2vec2_tiny.pth",
                              "freeze": "all"},
-                   "text": {"arch": "huggingface", "weights": "weights/tiny-bert", "freeze": 1}}})
+                   "text": {"arch": "huggingface", "weights": "weights/tiny-bert", "freeze": 1}}},
+               compress={"quantize": {"dynamic": True}})  # dynamic int8 for the transformers' MatMul/Gather
     run = dvc(repo, "repro")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert ran_stages(run) == ["source", "preprocess@image", "preprocess@text", "preprocess@audio", "preprocess@tabular",
@@ -351,6 +352,8 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
                 assert not same, f"{key} did not train"
     for key, value in speech.items():  # wholly frozen (its output cached): exactly the file's
         assert torch.equal(trained[f"encoders.audio.backbone.{key}"], value), key
+    compressed = json.loads((repo / "metrics/compress.json").read_text())
+    assert compressed["variants"]["int8_dynamic"]["file_bytes"] < compressed["variants"]["fp32"]["file_bytes"]
     exported = json.loads((repo / "metrics/export.json").read_text())
     assert exported["passed"] and exported["fp32_onnx_vs_pytorch_max_abs_logit_diff"] < 1e-3
     assert exported["predictor_raw_test_accuracy"] == pytest.approx(exported["compress_test_accuracy_shipped"], abs=0.02)

@@ -1,7 +1,8 @@
 """Compression of the trained fusion model into deployable ONNX variants, each measured.
 
 fp32 (the trained model, exported) -> pruned (optional; fine-tuned) -> int8 (static QDQ of the
-pruned model, or of fp32 when not pruning), every variant scored on the validation split (the
+pruned model, or of fp32 when not pruning) and, with ``quantize.dynamic``, int8_dynamic (ONNX
+Runtime's dynamic quantization of the same base), every variant scored on the validation split (the
 accuracy budget) and the test split (for the record), with file and gzip size, parameters, MACs,
 sparsity and CPU latency in ONNX Runtime at a fixed thread count. PyTorch eager fp32 latency is
 measured too, as the reference a user would otherwise ship.
@@ -55,6 +56,7 @@ class Variants:
     def __init__(self, model: torch.nn.Module, data: "CompressInputs", params, progress):
         self.data, self.params, self.progress = data, params, progress
         self.rows: dict[str, dict] = {}
+        self.failed: dict[str, str] = {}  # variants left out: why
         self.models = {"fp32": model}
 
     def add(self, name: str, torch_model: torch.nn.Module, path: Path) -> None:
@@ -122,13 +124,16 @@ def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
             base = "pruned"
     if params.quantize.enabled:
         quantized(base, variants, out_dir, params, log, progress)
+    if params.quantize.dynamic:
+        dynamic_quantized(base, variants, out_dir, progress)
 
     chosen = choose(variants, params.prefer)
     shutil.copyfile(out_dir / f"{chosen}.onnx", out_dir / CHOSEN_FILE)
     return {"shipped": headline(variants.rows["fp32"], variants.rows[chosen], chosen), "variants": variants.rows,
             "chosen": chosen, "prefer": params.prefer, "base_for_int8": base,
             "pytorch_fp32_latency_ms": eager_latency(model, data.example, params.latency_runs),
-            "threads": params.threads, "max_accuracy_drop": params.max_accuracy_drop}
+            "threads": params.threads, "max_accuracy_drop": params.max_accuracy_drop,
+            **({"failed_variants": variants.failed} if variants.failed else {})}
 
 
 def pruned_model(model: torch.nn.Module, params, features_root: Path, example: dict,
@@ -180,6 +185,24 @@ def quantized(base: str, variants: Variants, out_dir: Path, params, log, progres
         variants.rows["int8"] |= {"from": base, "layers": params.quantize.layers,
                                   "fp32_nodes": trial["excluded"], "fp32_nodes_slower_in_int8": slower,
                                   "time_saved_alone": dict(gains)}
+
+
+def dynamic_quantized(base: str, variants: Variants, out_dir: Path, progress) -> None:
+    """Add the dynamic int8 variant of ``base`` (quantize.dynamic); like every variant it is shipped only
+    within the accuracy budget. A graph ONNX Runtime cannot run is reported and left out, not fatal."""
+    prepared, path = out_dir / ".prepared_dynamic.onnx", out_dir / "int8_dynamic.onnx"
+    quantize.prepare(out_dir / f"{base}.onnx", prepared)
+    quantize.quantize_dynamic_int8(prepared, path)
+    prepared.unlink()
+    try:
+        variants.add("int8_dynamic", variants.models[base], path)
+    except Exception as exc:  # noqa: BLE001 - an int8 kernel ONNX Runtime refuses at run time: this variant fails
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        progress(f"compress[int8_dynamic]: left out, ONNX Runtime cannot run it ({reason})")
+        variants.failed["int8_dynamic"] = reason
+        path.unlink()
+        return
+    variants.rows["int8_dynamic"] |= {"from": base}
 
 
 def choose(variants: Variants, prefer: str) -> str:

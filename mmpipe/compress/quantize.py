@@ -8,6 +8,10 @@ so quantizing everything makes the model smaller but slower. Each layer is quant
 against the fp32 model; per-layer effects are not strictly additive, so the final variant is
 measured again as a whole.
 
+``quantize.dynamic`` adds a second int8 form, ONNX Runtime's dynamic quantization: int8 weights of
+every MatMul and Gather (the embedding tables), activations quantized per batch at run time, no
+calibration. It is ONNX Runtime's advice for transformers, and measured so on them (docs/benchmarks.md).
+
 Sensitivity is measured, not guessed: each quantizable node is quantized alone and ranked by how
 far the model's validation logits move from fp32 (mean squared difference). Retries keep the top
 1, 2, 4, ... nodes in fp32 until the accuracy drop fits the budget.
@@ -21,10 +25,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                      quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul")
+DYNAMIC = ("MatMul", "Gather")  # dynamic quantization: the linear layers of transformers and the embedding tables
 CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
 
@@ -53,6 +59,12 @@ def quantize(prepared: Path, out_path: Path, calibration: list[dict[str, np.ndar
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CALIBRATION[method], nodes_to_exclude=exclude or [],
                     nodes_to_quantize=include or [])
+
+
+def quantize_dynamic_int8(prepared: Path, out_path: Path) -> None:
+    """Dynamic int8 (see the module docstring): per-channel int8 weights of every MatMul and Gather."""
+    quantize_dynamic(str(prepared), str(out_path), op_types_to_quantize=list(DYNAMIC), per_channel=True,
+                     weight_type=QuantType.QInt8)
 
 
 def _each_alone(prepared: Path, calibration: list[dict[str, np.ndarray]], method: str,
