@@ -86,8 +86,8 @@ def family(name: str, size: int, seconds: float, tokens: int) -> tuple[str, dict
     raise SystemExit(f"unknown backbone {name!r}: image:<arch>, audio:<arch> or text:{'|'.join(TEXT_SHAPES)}")
 
 
-def build(modality: str, state: dict, encoder: dict, freeze: str) -> torch.nn.Module:
-    model_params = params.validate("model", {"encoders": {modality: {**encoder, "freeze": freeze}}})
+def build(modality: str, state: dict, encoder: dict, freeze: str, **extra) -> torch.nn.Module:
+    model_params = params.validate("model", {"encoders": {modality: {**encoder, "freeze": freeze, **extra}}})
     return build_model(model_config([modality], {modality: state}, model_params.model_dump(), [str(i) for i in range(10)]))
 
 

@@ -31,11 +31,12 @@ class Backbone(Strict):
     weights: str | None = None  # local weights file; None = random initialisation of ``arch``
     freeze: Literal["none", "all"] | Annotated[int, Field(ge=0)] = "none"  # or the number of leading blocks
     lr_scale: float = Field(0.1, gt=0, le=1)  # the backbone's learning rate, relative to train.lr
+    checkpointing: bool = False  # recompute trainable blocks' activations in backward (memory for compute)
 
     @model_validator(mode="after")
     def _pretrained_only(self) -> "Backbone":
-        if self.arch == "small_cnn" and (self.weights is not None or self.freeze != "none"):
-            raise ValueError("weights and freeze apply to a pretrained arch, not small_cnn")
+        if self.arch == "small_cnn" and (self.weights is not None or self.freeze != "none" or self.checkpointing):
+            raise ValueError("weights, freeze and checkpointing apply to a pretrained arch, not small_cnn")
         return self
 
 

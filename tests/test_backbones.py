@@ -128,7 +128,7 @@ def test_unusable_weight_files_stop_with_one_line(tiny_corpus, tmp_path, content
 
 
 @pytest.mark.parametrize("image, expected", [
-    ({"weights": "w.pth"}, "weights and freeze apply to a pretrained arch"),
+    ({"weights": "w.pth"}, "weights, freeze and checkpointing apply to a pretrained arch"),
     ({"arch": "resnet18", "freeze": -1}, "freeze"),
     ({"arch": "resnet18", "freeze": "some"}, "freeze"),
     ({"arch": "resnet18", "lr_scale": 0}, "lr_scale"),
@@ -626,3 +626,65 @@ def test_image_size_auto_follows_the_backbone_weights_resolution(tiny_corpus, tm
             preprocess("image", auto, tiny_corpus / "clean", tmp_path / "x", model_params)
         assert str(err.value).startswith("preprocess.image.size: auto is the resolution of a torchvision "
                                          "model.encoders.image.arch; with small_cnn set a number") and "\n" not in str(err.value)
+
+
+def saved_for_backward_bytes(model, batch) -> tuple[int, dict[str, torch.Tensor]]:
+    """Bytes autograd keeps for the backward pass of one training step, and the parameter gradients."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        loss = torch.nn.functional.cross_entropy(model(batch), batch["label"])
+    loss.backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["audio", "text"])
+def test_checkpointing_keeps_less_for_backward_and_the_same_gradients(waveform_features, bert, tmp_path, family):
+    """model.encoders.<m>.checkpointing: the trainable transformer blocks recompute their activations in the
+    backward pass (dropout replayed): the same gradients, less kept in memory; BatchNorm blocks are left."""
+    import copy
+
+    from mmpipe.features.loader import FeatureSet
+    from mmpipe.models.fusion import build_model, load_pretrained, model_config
+    from mmpipe.models.model_io import to_model_inputs
+
+    if family == "audio":
+        tiny_wav2vec2(tmp_path / "w.pth")
+        modality, root = "audio", waveform_features
+        encoder = {"arch": "wav2vec2_model", "options": {**TINY_WAV2VEC2, "encoder_dropout": 0.1},
+                   "weights": str(tmp_path / "w.pth"), "freeze": 5}
+    else:
+        modality, root = "text", bert.features
+        encoder = {"arch": "huggingface", "weights": str(bert.folder), "freeze": 1}
+    data = FeatureSet(root, split="train", modalities=(modality,))
+    batch = to_model_inputs(data.get(np.arange(16)), [modality], torch.device("cpu"))
+    results = {}
+    for checkpointing in (False, True):
+        model_params = params.validate("model", {**SMALL, "encoders": {modality: {**encoder, "checkpointing": checkpointing}}})
+        torch.manual_seed(0)  # the same initial projection, fusion and head
+        model = build_model(model_config([modality], data.state, model_params.model_dump(), data.label_names))
+        info = load_pretrained(model)[modality]
+        torch.manual_seed(0)
+        model.train()
+        results[checkpointing] = (info, *saved_for_backward_bytes(model, batch))
+        if checkpointing:
+            assert [type(b).__name__.startswith("Recomputed") for b in [model.encoders[modality].backbone.get_submodule(n)
+                    for n in model.encoders[modality].checkpointed_blocks]] == [True] * info["checkpointed_blocks"]
+            copy.deepcopy(model)  # compress prunes a deep copy: the swapped class survives it
+    (plain_info, plain_bytes, plain_grads), (info, bytes_, grads) = results[False], results[True]
+    assert plain_info["checkpointed_blocks"] == 0 and info["checkpointed_blocks"] == info["blocks"] - info["frozen_blocks"]
+    assert bytes_ < 0.6 * plain_bytes
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_checkpointing_leaves_batchnorm_blocks_alone(tiny_corpus, tmp_path):
+    random_weights("resnet18", tmp_path / "r.pth")
+    result, out = train_with_image(tiny_corpus, tmp_path, {"arch": "resnet18", "weights": str(tmp_path / "r.pth"),
+                                                           "checkpointing": True})
+    assert result["metrics"]["pretrained"]["image"]["checkpointed_blocks"] == 1
+    assert load_model(out).encoders["image"].checkpointed_blocks == ["conv1"]  # the other blocks hold BatchNorm
+    with pytest.raises(Exception) as err:
+        params.validate("model", {"encoders": {"image": {"checkpointing": True}}})
+    assert "checkpointing apply to a pretrained arch" in str(err.value)

@@ -281,7 +281,7 @@ def build_encoder(state: dict, cfg: Encoder, model):
             raise PipelineError(f"model.encoders.{NAME}.arch {cfg.arch} reads waveforms: set "
                                 f"preprocess.{NAME}.features: waveform (now {kind})")
         return TorchaudioEncoder(NAME, cfg.arch, state["sample_rate"], state["n_samples"], model.dim, cfg.weights,
-                                 cfg.freeze, cfg.lr_scale, cfg.normalize, cfg.options)
+                                 cfg.freeze, cfg.lr_scale, cfg.normalize, cfg.options, cfg.checkpointing)
     if kind != "logmel":
         raise PipelineError(f"model.encoders.{NAME}.arch small_cnn reads log-mel spectrograms: set preprocess.{NAME}"
                             f".features: logmel, or choose a waveform arch such as wav2vec2_base (now {kind})")

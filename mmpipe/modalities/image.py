@@ -218,7 +218,7 @@ def build_encoder(state: dict, cfg: Encoder, model):
 
         vit = {"image_size": size} if cfg.arch.startswith("vit_") else {}  # ViT builders fix their input size
         return TorchvisionEncoder(NAME, cfg.arch, size, model.dim, cfg.weights, cfg.freeze, cfg.lr_scale,
-                                  model.augment, vit)
+                                  model.augment, vit, cfg.checkpointing)
     from mmpipe.models.encoders import PixelCNN  # torch only where a model is built
 
     return PixelCNN(channels, state["mean"], state["std"], model.dim, cfg.width, model.augment)

@@ -197,7 +197,8 @@ def build_encoder(state: dict, cfg: Encoder, model):
                                 f"model's folder (its tokenizer.json and config.json; now {state.get('source') or state.get('kind')})")
         from mmpipe.models.backbones import TransformersEncoder
 
-        return TransformersEncoder(NAME, state["model_config"], model.dim, cfg.weights, cfg.freeze, cfg.lr_scale)
+        return TransformersEncoder(NAME, state["model_config"], model.dim, cfg.weights, cfg.freeze, cfg.lr_scale,
+                                   cfg.checkpointing)
     from mmpipe.models.encoders import TokenCNN  # torch only where a model is built
 
     return TokenCNN(state["vocab_size"], model.dim, cfg.embed_dim, cfg.width, cfg.token_dropout)

@@ -15,7 +15,10 @@ convolutions and transformer layers) opened into their blocks, and so is a modul
 container that holds one; parameters a container owns directly (ViT's class token and position
 embedding) count as blocks. Frozen blocks keep ``requires_grad=False`` and stay in eval mode while
 training (their BatchNorm statistics do not drift). ``lr_scale`` multiplies the learning rate of the
-backbone's trainable parameters."""
+backbone's trainable parameters. ``checkpointing`` recomputes each trainable block's activations
+during the backward pass instead of keeping them (``torch.utils.checkpoint``): memory for compute,
+for big backbones on a GPU; blocks holding BatchNorm are left as they are (the recomputation would
+update their running statistics twice)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import hashlib
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mmpipe.errors import PipelineError
@@ -91,6 +95,32 @@ def _drop_head(net: nn.Module) -> str:
     return name
 
 
+class _Recomputed:
+    """Mixin of a checkpointed block's class: its forward runs under ``torch.utils.checkpoint`` while
+    training with gradients (the RNG state is replayed, so dropout draws the same masks)."""
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+_RECOMPUTED: dict[type, type] = {}
+
+
+def recompute_in_backward(block: nn.Module) -> bool:
+    """Make ``block`` checkpointed by swapping its class for a subclass with :class:`_Recomputed` (the
+    state dict, ``deepcopy`` and export are unchanged; a forward wrapper closure would not survive
+    compress's deepcopy). False, and left alone, when it holds BatchNorm."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules()):
+        return False
+    cls = type(block)
+    if cls not in _RECOMPUTED:
+        _RECOMPUTED[cls] = type(f"Recomputed{cls.__name__}", (_Recomputed, cls), {})
+    block.__class__ = _RECOMPUTED[cls]
+    return True
+
+
 class Backbone(nn.Module):
     """What every pretrained encoder shares: ``self.backbone`` (the network without its head), frozen
     leading blocks, the learning-rate scale, and the weights file copied in by :meth:`load_pretrained`.
@@ -103,7 +133,7 @@ class Backbone(nn.Module):
     head_keys: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  # said when the weights are loaded (inputs unlike those they were trained on)
 
-    def setup(self, backbone: nn.Module, freeze, lr_scale: float) -> None:
+    def setup(self, backbone: nn.Module, freeze, lr_scale: float, checkpointing: bool = False) -> None:
         self.backbone = backbone
         self.backbone.lr_scale = lr_scale  # read by the trainer's parameter groups
         blocks = leading_blocks(backbone)
@@ -117,6 +147,8 @@ class Backbone(nn.Module):
                 self._frozen_modules.append(block)
         if n == len(blocks):  # wholly frozen: its containers too (wav2vec2's layer drop draws in training mode)
             self._frozen_modules = [backbone]
+        self.checkpointed_blocks = [name for name, block in blocks[n:] if checkpointing
+                                    and isinstance(block, nn.Module) and recompute_in_backward(block)]
 
     def recipe(self) -> str:
         raise NotImplementedError
@@ -142,7 +174,7 @@ class Backbone(nn.Module):
     def load_pretrained(self) -> dict:
         """Copy the weights file in (none: random initialisation, said so); return what was loaded, for the logs."""
         info = {"arch": self.arch, "weights": self.weights, "blocks": self.n_blocks,
-                "frozen_blocks": len(self.frozen_blocks),
+                "frozen_blocks": len(self.frozen_blocks), "checkpointed_blocks": len(self.checkpointed_blocks),
                 "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
         if self.weights is None:
             info["note"] = f"{self.arch}: random initialisation (model.encoders.{self.modality}.weights is null)"
@@ -212,7 +244,7 @@ class TorchvisionEncoder(Backbone):
     """
 
     def __init__(self, modality: str, arch: str, size: int, dim: int, weights: str | None, freeze,
-                 lr_scale: float, augment: bool = True, builder_kwargs: dict | None = None):
+                 lr_scale: float, augment: bool = True, builder_kwargs: dict | None = None, checkpointing: bool = False):
         """``modality`` names the params in messages (``model.encoders.<modality>``); ``builder_kwargs``
         go to torchvision's builder (a ViT's image size)."""
         super().__init__()
@@ -240,7 +272,7 @@ class TorchvisionEncoder(Backbone):
             raise PipelineError(f"model.encoders.{modality}.arch {arch} does not take {size}x{size} inputs "
                                 f"(preprocess.{modality}.size): {str(exc).splitlines()[0][:200]}") from None
         self.out = nn.Linear(features, dim)
-        self.setup(net, freeze, lr_scale)
+        self.setup(net, freeze, lr_scale, checkpointing)
 
     def recipe(self) -> str:
         return weights_recipe(self.arch)
@@ -275,7 +307,8 @@ class TorchaudioEncoder(Backbone):
     head_keys = ("aux.",)  # a fine-tuned ASR checkpoint's CTC head
 
     def __init__(self, modality: str, arch: str, sample_rate: int, n_samples: int, dim: int, weights: str | None,
-                 freeze, lr_scale: float, normalize: bool | None = None, options: dict | None = None):
+                 freeze, lr_scale: float, normalize: bool | None = None, options: dict | None = None,
+                 checkpointing: bool = False):
         super().__init__()
         import torchaudio
 
@@ -303,7 +336,7 @@ class TorchaudioEncoder(Backbone):
             raise PipelineError(f"{field}.arch {arch} does not take clips of {n_samples} samples "
                                 f"(preprocess.{modality}.seconds): {str(exc).splitlines()[0][:200]}") from None
         self.out = nn.Linear(features, dim)
-        self.setup(net, freeze, lr_scale)
+        self.setup(net, freeze, lr_scale, checkpointing)
 
     def recipe(self) -> str:
         name = self.arch.upper()
@@ -327,7 +360,8 @@ class TransformersEncoder(Backbone):
 
     head_keys = ("pooler.",)  # the [CLS] pooler: unused (mean pooling), so not trained either
 
-    def __init__(self, modality: str, model_config: dict, dim: int, weights: str | None, freeze, lr_scale: float):
+    def __init__(self, modality: str, model_config: dict, dim: int, weights: str | None, freeze, lr_scale: float,
+                 checkpointing: bool = False):
         super().__init__()
         import transformers
 
@@ -343,7 +377,7 @@ class TransformersEncoder(Backbone):
         if getattr(net, "pooler", None) is not None:
             net.pooler = None
         self.out = nn.Linear(config.hidden_size, dim)
-        self.setup(net, freeze, lr_scale)
+        self.setup(net, freeze, lr_scale, checkpointing)
 
     def recipe(self) -> str:
         return ("python -c \"from transformers import AutoModel, AutoTokenizer; name='<model id>'; "
