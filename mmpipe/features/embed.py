@@ -75,7 +75,7 @@ def cache_embeddings(modality: str, state: dict, folder: Path, available: np.nda
     seconds = time.perf_counter() - started
     cached = {"shape": [width], "dtype": "float16", "arch": info["arch"], "weights": info["weights"],
               "sha256": info["sha256"], "device": device, "compute_dtype": str(compute).removeprefix("torch.")}
-    metrics = {"samples": done, "seconds": round(seconds, 3),
+    metrics = {"samples": done, "device": device, "seconds": round(seconds, 3),
                "samples_per_s": round(done / seconds, 1) if seconds > 0 else None,
                "bytes": sum(shard_path(folder, EMBEDDING_ARRAY, k).stat().st_size for k in range(state["shards"]))}
     return cached, metrics

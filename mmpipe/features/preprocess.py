@@ -265,7 +265,6 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
         state["embedding"], embedding = cache_embeddings(
             modality, state, out_dir, np.asarray(index["available"], bool), model_params, params.embed_batch,
             resolve_device(params.device, "preprocess.device"))
-        embedding["device"] = state["embedding"]["device"]
     write_json_atomic(out_dir / STATE_FILE, state)
 
     seconds = time.perf_counter() - started
