@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test install ui bench pull push ci exps
+.PHONY: repro test install ui bench pull push ci exps tune
 
 install: $(STAMP)
 
@@ -48,3 +48,9 @@ ci: pull
 # The experiments with their headline metrics (the columns of the MLflow pipeline rows).
 exps: $(STAMP)
 	dvc exp show --drop '.*' --keep 'Experiment|Created|State|model\.fusion|test\.accuracy|test\.f1_macro|fusion_gain|robustness\.[a-z]+\.relative|shipped\.(file_bytes|batch_32_p50_ms)'
+
+# Hyperparameter search (Optuna, params.yaml: tune): the features first, then the study (resumes from
+# tune.db), then the best values through the whole pipeline as a DVC experiment (tune.run_best).
+tune: $(STAMP)
+	dvc repro preprocess
+	python -m stages.tune

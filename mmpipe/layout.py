@@ -17,10 +17,13 @@ MODELS = Path("models")  # fusion/ and baseline_<modality>/
 FUSION = MODELS / "fusion"
 WEIGHTS = Path("weights")  # local pretrained weight files (a dependency of train)
 CHECKPOINTS = Path(".checkpoints/train")  # resumable training state (not a DVC output)
-TRAIN_PLOTS = Path("plots/train")
+# DVCLive folders (per-step curves, written live while the stage runs): metrics.json + plots/metrics/
+TRAIN_LIVE = Path("dvclive/train")
+COMPRESS_LIVE = Path("dvclive/compress")
 EVAL_PLOTS = Path("plots/eval")
 EVAL_REPORT = Path("reports/eval.md")
 EVAL_FIGURES = Path("reports/eval")
+TUNE_REPORTS = Path("reports/tune")  # python -m stages.tune (not a DVC stage): one folder per study
 COMPRESSED = Path("artifacts/compressed")
 DEPLOY = Path("artifacts/deploy")
 
@@ -37,6 +40,11 @@ def preprocess_metrics(modality: str) -> Path:
     return Path(f"metrics/preprocess_{modality}.json")
 
 
+def live_files(folder: Path) -> set[str]:
+    """What dvc.yaml declares of a DVCLive folder: its latest values (metrics) and its curves (plots)."""
+    return {str(folder / "metrics.json"), str(folder / "plots" / "metrics")}
+
+
 def stage_outputs(modality: str = "${item.modality}") -> dict[str, set[str]]:
     """Stage -> the paths it writes (outs, metrics, plots), as dvc.yaml spells them."""
     return {
@@ -44,9 +52,9 @@ def stage_outputs(modality: str = "${item.modality}") -> dict[str, set[str]]:
         "collect": {str(RAW), str(METRICS["collect"])},
         "clean": {str(CLEAN), str(METRICS["clean"])},
         "preprocess": {str(features(modality)), str(preprocess_metrics(modality))},
-        "train": {str(MODELS), str(METRICS["train"]), str(TRAIN_PLOTS)},
+        "train": {str(MODELS), str(METRICS["train"]), *live_files(TRAIN_LIVE)},
         "evaluate": {str(EVAL_PLOTS), str(EVAL_REPORT), str(EVAL_FIGURES), str(METRICS["evaluate"])},
-        "compress": {str(COMPRESSED), str(METRICS["compress"])},
+        "compress": {str(COMPRESSED), str(METRICS["compress"]), *live_files(COMPRESS_LIVE)},
         "export": {str(DEPLOY), str(METRICS["export"])},
         "summary": set(),
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, model_serializer, model_validator
 
 from mmpipe.data.builtin import BuiltinCorpus
 from mmpipe.errors import PipelineError
@@ -167,8 +167,63 @@ class ExportParams(Strict):
     move_alias: Literal["gated", "always", "never"] = "gated"
 
 
+class SearchDimension(Strict):
+    """One searched parameter: a range (low, high; log-uniform with log; on a grid with step; integers
+    when low and high are) or a list of choices."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[str | bool | int | float] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "SearchDimension":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("give either choices or low/high (log, step), not both")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"needs low < high or choices (got low {self.low}, high {self.high})")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"log needs low > 0 (got {self.low})")
+        elif self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler):  # as params.yaml spells it: {low, high, log: true} or {choices: [...]}
+        return {k: v for k, v in handler(self).items() if v is not None and not (k == "log" and v is False)}
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(float(v).is_integer() for v in (self.low, self.high)) and \
+            (self.step is None or float(self.step).is_integer())
+
+
+class Pruner(Strict):
+    kind: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(3, ge=0)   # median: trials that finish before any is pruned
+    warmup_epochs: int = Field(2, ge=0)    # epochs every trial trains before it can be pruned (hyperband: min resource)
+
+
+class TuneParams(Strict):
+    trials: int = Field(20, ge=1, le=100_000)
+    timeout_s: float | None = Field(None, gt=0)
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    seed: int = Field(0, ge=0)
+    study: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    pruner: Pruner = Pruner()
+    enqueue: list[dict[str, str | bool | int | float]] = Field(default_factory=list)
+    run_best: bool = True
+    space: dict[str, SearchDimension] = Field(default_factory=lambda: {
+        "train.lr": SearchDimension(low=3e-4, high=1e-2, log=True),
+        "train.weight_decay": SearchDimension(low=1e-4, high=1e-1, log=True),
+        "train.modality_dropout": SearchDimension(low=0.0, high=0.5),
+        "model.dropout": SearchDimension(low=0.0, high=0.5),
+        "model.fusion": SearchDimension(choices=["concat", "gated", "attention"])}, min_length=1)
+
+
 FIXED: dict[str, type[Strict]] = {"train": TrainParams, "evaluate": EvaluateParams, "compress": CompressParams,
-                                  "export": ExportParams}
+                                  "export": ExportParams, "tune": TuneParams}
 # Sections with a subsection per registered modality (model's are under model.encoders).
 PER_MODALITY: dict[str, type[Strict]] = {"data": DataBase, "clean": CleanBase, "preprocess": PreprocessBase,
                                          "model": ModelBase}

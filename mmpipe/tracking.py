@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmpipe import summary
+from mmpipe import lineage, summary
 from mmpipe.errors import PipelineError, redact
 from mmpipe.io import flatten, write_json_atomic
 
@@ -151,21 +151,33 @@ class StageRun:
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Log numeric leaves. Step metrics (per epoch, per trial) are best effort: after the retries a
-        failure prints one warning and the work goes on (the stage's metrics files hold the numbers)."""
-        import mlflow
+        failure prints one warning and the work goes on (the stage's metrics files hold the numbers).
+        The run's own metrics only: a registered model's metrics are linked to it explicitly (export), not
+        every later metric of the run that logged it, as MLflow's fluent API would."""
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
 
         leaves = numeric_leaves(metrics)
         if not leaves:
             return
-        if step is None:
-            retrying("log metrics", mlflow.log_metrics, leaves)
-            return
-        try:
-            retrying(f"log step {step} metrics", mlflow.log_metrics, leaves, step=step)
-        except PipelineError as exc:
-            if not self._step_warned:
-                print(f"warning: {exc}; continuing without them (the stage's metrics files are complete)")
-                self._step_warned = True
+        now = int(time.time() * 1000)
+        batch = [Metric(key, value, now, step or 0) for key, value in leaves.items()]
+        for start in range(0, len(batch), 1000):
+            if step is None:
+                retrying("log metrics", MlflowClient().log_batch, self.run_id, metrics=batch[start:start + 1000])
+                continue
+            try:
+                retrying(f"log step {step} metrics", MlflowClient().log_batch, self.run_id, metrics=batch[start:start + 1000])
+            except PipelineError as exc:
+                if not self._step_warned:
+                    print(f"warning: {exc}; continuing without them (the stage's metrics files are complete)")
+                    self._step_warned = True
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        for key, value in tags.items():
+            retrying(f"set tag {key}", MlflowClient().set_tag, self.run_id, key, value)
 
     def write_metrics(self, path: str | os.PathLike, metrics: dict[str, Any]) -> None:
         """The stage's metrics file (written atomically), logged as metrics and as an artifact."""
@@ -184,6 +196,47 @@ class StageRun:
             retrying(f"log {path}", mlflow.log_artifacts, str(path), artifact_path=artifact_path or path.name)
         elif path.exists():
             retrying(f"log {path}", mlflow.log_artifact, str(path), artifact_path=artifact_path)
+
+
+class Curves:
+    """Per-step curves of a stage, fed from one call site to both trackers: MLflow step metrics
+    (``<group>/<key>``, the run's charts) and DVCLive's files in ``folder`` (``metrics.json`` with the
+    latest values, ``plots/metrics/<group>/<key>.tsv``), rewritten after every step, so ``dvc exp show``,
+    ``dvc plots show`` and DVC's VS Code extension follow a run while it trains. dvc.yaml declares the
+    files (``dvcyaml=False``: DVCLive does not write its own). Outside a DVC repository only MLflow gets
+    them: DVCLive would otherwise ``dvc init`` the enclosing git repository."""
+
+    def __init__(self, run: "StageRun", folder: str | os.PathLike):
+        self.run, self.live = run, None
+        if any((p / ".dvc").is_dir() for p in (Path.cwd(), *Path.cwd().parents)):
+            logging.getLogger("dvclive").setLevel(logging.WARNING)
+            from dvclive import Live
+
+            self.live = Live(dir=str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+
+    def log(self, group: str, step: int, row: dict[str, Any]) -> None:
+        # <group>/<key>, as DVCLive names them: apart from the stage's final figures (<group>.<key>, e.g.
+        # the best epoch's fusion.val_accuracy), which MLflow would otherwise show as the last epoch's
+        curves = {f"{group}/{k}": v for k, v in numeric_leaves(row).items() if k not in ("epoch", "step")}
+        self.run.log_metrics(curves, step=step)
+        if self.live is not None:
+            self.live.step = step
+            for key, value in curves.items():
+                self.live.log_metric(key, value)
+            self.live.next_step()  # writes metrics.json and the .tsv rows now
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+@contextlib.contextmanager
+def curves(run: "StageRun", folder: str | os.PathLike) -> Iterator[Curves]:
+    live = Curves(run, folder)
+    try:
+        yield live
+    finally:
+        live.close()
 
 
 def _quiet_mlflow_logs() -> None:
@@ -249,7 +302,7 @@ def _open_store() -> tuple[Any, str]:
     return client, experiment_id
 
 
-def _process_tags() -> dict[str, str]:
+def process_tags() -> dict[str, str]:
     """Which process holds a run RUNNING: so that a later stage can tell a live run from an abandoned one."""
     import psutil
 
@@ -257,7 +310,7 @@ def _process_tags() -> dict[str, str]:
             "mmpipe.process_start": f"{psutil.Process().create_time():.3f}"}
 
 
-def _holder_alive(tags: dict[str, str]) -> bool:
+def holder_alive(tags: dict[str, str]) -> bool:
     import psutil
 
     try:
@@ -277,7 +330,7 @@ def close_abandoned_runs(client: Any, experiment_id: str, stage: str) -> list[st
         tags = run.data.tags
         if tags.get("mmpipe.stage") != stage and tags.get("mmpipe.role") != PIPELINE_ROLE:
             continue
-        if _holder_alive(tags):
+        if holder_alive(tags):
             continue
         client.set_terminated(run.info.run_id, "KILLED")
         print(f"mlflow: run {run.info.run_id} ({run.info.run_name}) was left RUNNING by a process that was killed: "
@@ -286,7 +339,7 @@ def close_abandoned_runs(client: Any, experiment_id: str, stage: str) -> list[st
     return closed
 
 
-def _execution_tags() -> dict[str, str]:
+def execution_tags() -> dict[str, str]:
     return {"dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""), "git.commit": git_commit(),
             "pipeline.id": pipeline_id()}
 
@@ -302,8 +355,8 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
         mlflow.set_system_metrics_samples_before_logging(1)
     params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
     retrying("close runs left RUNNING by killed stages", close_abandoned_runs, client, experiment_id, stage)
-    execution = _execution_tags()
-    tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **execution, "mmpipe.stage": stage, **_process_tags()}
+    execution = execution_tags()
+    tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **execution, "mmpipe.stage": stage, **process_tags()}
     parent_id = retrying("open the pipeline run", pipeline_run, client, experiment_id, execution)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics,
@@ -319,17 +372,65 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
     update_pipeline_run(client, parent_id, stage)
 
 
+TUNE_ROLE, TRIAL_ROLE = "tune", "trial"  # tag mmpipe.role of a study's row and of its trials (children)
+
+
+@contextlib.contextmanager
+def tune_run(study: str, params: Any) -> Iterator[StageRun]:
+    """The MLflow row of hyperparameter study ``study``: one per study, reopened when the study resumes
+    (its params are those of the run that created it; MLflow params cannot change). Trials are its
+    children (``trial_run``)."""
+    client, experiment_id = _open_store()
+    import mlflow
+
+    retrying("close runs left RUNNING by killed stages", close_abandoned_runs, client, experiment_id, "tune")
+    found = retrying("find the study's row", client.search_runs, [experiment_id],
+                     f"tags.`mmpipe.role` = '{TUNE_ROLE}' and tags.`tune.study` = '{study}'", max_results=1)
+    tags = {"mmpipe.role": TUNE_ROLE, "mmpipe.stage": "tune", "tune.study": study, "git.commit": git_commit(),
+            **process_tags()}
+    if found:
+        run = mlflow.start_run(run_id=found[0].info.run_id)
+        retrying("tag the study's row", mlflow.set_tags, tags)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{study}", tags=tags)
+        params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
+        retrying("log params", mlflow.log_params, {k: _param_value(v) for k, v in flatten(params_dict).items()})
+    with run:
+        yield StageRun(run)
+
+
+@contextlib.contextmanager
+def trial_run(study: str, number: int, values: dict[str, Any]) -> Iterator[StageRun]:
+    """A child run of the active study row for trial ``number`` with its sampled ``values`` as params."""
+    import mlflow
+
+    tags = {"mmpipe.role": TRIAL_ROLE, "mmpipe.stage": "tune", "tune.study": study, "optuna.trial": str(number),
+            **process_tags()}
+    parent = mlflow.active_run()
+    with mlflow.start_run(run_name=f"trial-{number}", nested=True, tags=tags,
+                          experiment_id=parent.info.experiment_id if parent else None) as run:
+        retrying("log params", mlflow.log_params, {k: _param_value(v) for k, v in values.items()})
+        yield StageRun(run)
+
+
+def mark_failed(run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    retrying("mark the run failed", MlflowClient().set_terminated, run_id, "FAILED")
+
+
 def complete_pipeline_run() -> Any:
     """Create or refresh this execution's pipeline run with the headline metrics of *every* stage,
     and mark it finished: the summary stage, after the last stage, whether DVC ran or restored them."""
     client, experiment_id = _open_store()
-    run_id = pipeline_run(client, experiment_id, _execution_tags())
+    run_id = pipeline_run(client, experiment_id, execution_tags())
     for local, folder in summary.ARTIFACTS.items():
         path = Path(local)
         if path.is_dir():
             client.log_artifacts(run_id, str(path), folder)
         elif path.is_file():
             client.log_artifact(run_id, str(path), folder)
+    lineage.log_splits(run_id, ["train", "val", "test"], client)  # the execution's data
     update_pipeline_run(client, run_id, None)
     return client.get_run(run_id)
 
@@ -339,21 +440,21 @@ def _param_value(value: Any) -> Any:
 
 
 def pipeline_run(client: Any, experiment_id: str, tags: dict[str, str], params_file: str = "params.yaml") -> str:
-    """Id of the pipeline run of ``tags["pipeline.id"]`` (``tags``: the execution's, _execution_tags);
+    """Id of the pipeline run of ``tags["pipeline.id"]`` (``tags``: the execution's, execution_tags);
     created, with every parameter of ``params_file`` (``section.key``), by the execution's first stage."""
     found = client.search_runs(
         [experiment_id], f"tags.`pipeline.id` = '{tags['pipeline.id']}' and tags.`mmpipe.role` = '{PIPELINE_ROLE}'",
         max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
-        for key, value in _process_tags().items():  # the stage now holding the row open
+        for key, value in process_tags().items():  # the stage now holding the row open
             client.set_tag(found[0].info.run_id, key, value)
         return found[0].info.run_id
     import yaml
     from mlflow.entities import Param
 
     name = tags["dvc.exp_name"] or f"pipeline-{tags['git.commit'][:7]}-{tags['pipeline.id'][:6]}"
-    run = client.create_run(experiment_id, run_name=name, tags=tags | {"mmpipe.role": PIPELINE_ROLE} | _process_tags())
+    run = client.create_run(experiment_id, run_name=name, tags=tags | {"mmpipe.role": PIPELINE_ROLE} | process_tags())
     with contextlib.suppress(OSError):
         values = flatten(yaml.safe_load(Path(params_file).read_text()) or {})
         params = [Param(k, str(_param_value(v))) for k, v in values.items()]

@@ -13,12 +13,12 @@ METRICS = layout.METRICS["compress"]
 
 def main() -> None:
     cfg = params.load("compress")
-    with tracking.stage_run("compress", cfg) as run:
+    with tracking.stage_run("compress", cfg) as run, tracking.curves(run, layout.COMPRESS_LIVE) as curves:
         steps = {}
 
-        def log(name: str, row: dict) -> None:  # fine-tuning epochs and int8 trials as MLflow step metrics
+        def log(name: str, row: dict) -> None:  # fine-tuning epochs and int8 trials: MLflow + DVCLive curves
             steps[name] = steps.get(name, -1) + 1
-            run.log_metrics({f"{name}.{k}": v for k, v in row.items()}, step=steps[name])
+            curves.log(name, steps[name], row)
 
         with atomic_dir(COMPRESSED) as out:
             metrics = compress(cfg, FEATURES, FUSION, out, log)

@@ -5,7 +5,7 @@ gate and a non-zero exit, after the metrics and the report are written, so that 
 and dvc repro goes no further (compress and export depend on this stage).
 """
 
-from mmpipe import layout, params, tracking
+from mmpipe import layout, lineage, params, tracking
 from mmpipe.errors import PipelineError
 from mmpipe.evaluate.evaluate import evaluate, failed_gates
 from mmpipe.evaluate.report import report_markdown, write_plot_data
@@ -20,6 +20,7 @@ PLOTS, REPORT, FIGURES = layout.EVAL_PLOTS, layout.EVAL_REPORT, layout.EVAL_FIGU
 def main() -> None:
     cfg = params.load("evaluate")
     with tracking.stage_run("evaluate", cfg) as run:
+        lineage.log_splits(run.run_id, ["test"])
         result = evaluate(cfg, FEATURES, CLEAN, MODELS)
         metrics = result["metrics"]
         failed = failed_gates(metrics, cfg.gates)

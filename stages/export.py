@@ -4,8 +4,8 @@ predictor's accuracy on the raw test files). A failed check ends the stage non-z
 
 import json
 
-from mmpipe import layout, params, tracking
-from mmpipe.deploy.export import alias_decision, export, failed_checks, register
+from mmpipe import layout, lineage, params, tracking
+from mmpipe.deploy.export import alias_decision, export, failed_checks, model_metrics, register
 from mmpipe.errors import PipelineError
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.stage import run_stage
@@ -18,15 +18,20 @@ def main() -> None:
     with tracking.stage_run("export", cfg) as run:
         with atomic_dir(OUT) as out:
             eval_metrics = json.loads(layout.METRICS["evaluate"].read_text())
+            compress_metrics = json.loads(layout.METRICS["compress"].read_text())
             checks, example = export(cfg, out, layout.COMPRESSED, layout.FUSION, layout.FEATURES, layout.RAW,
-                                     layout.CLEAN, eval_metrics, json.loads(layout.METRICS["compress"].read_text()))
+                                     layout.CLEAN, eval_metrics, compress_metrics)
             failed = failed_checks(checks, cfg)
             if failed:  # keep the metrics so the user sees why; no bundle
                 write_json_atomic(METRICS, checks | {"passed": False, "failed": failed})
                 raise PipelineError("\n".join(failed))
             if cfg.registered_model:  # served by `mlflow models serve -m models:/<name>@<alias>`
                 move, why = alias_decision(cfg.move_alias, eval_metrics)
-                checks["mlflow"] = register(out, cfg.registered_model, cfg.alias if move else None, example)
+                tags = tracking.execution_tags() | {"data.digest": lineage.data_identity()["digest"],
+                                                    "shipped_variant": checks["shipped_variant"]}
+                checks["mlflow"] = register(out, cfg.registered_model, cfg.alias if move else None, example,
+                                            model_metrics(checks, eval_metrics, compress_metrics), tags,
+                                            lineage.split_datasets(["test"])[0][0])
                 checks["mlflow"]["alias_moved"], checks["mlflow"]["alias_decision"] = move, why
                 print(f"export: registered {cfg.registered_model} version {checks['mlflow']['version']}; alias "
                       f"'{cfg.alias}' {'moved to it' if move else 'not moved'}: {why}")

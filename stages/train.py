@@ -1,16 +1,15 @@
 """train: the fusion model on data/features (+ one single-modality baseline per modality).
 
 Writes models/fusion/ and models/baseline_<modality>/ (model.safetensors + config.json),
-metrics/train.json and per-epoch curves under plots/train/. Killed mid-way, it resumes exactly
+metrics/train.json and per-epoch curves in dvclive/train/ (written live, after every epoch: `dvc exp show`
+and `dvc plots show` follow the run; the same values are the MLflow run's step metrics). Killed mid-way, it resumes exactly
 from the last epoch checkpoint in .checkpoints/ (outside DVC's outputs), and models it had finished
 are taken from there, not trained again.
 
 Data-parallel on several GPUs (or CPU processes): torchrun --standalone --nproc_per_node=N -m stages.train
 """
 
-import csv
-
-from mmpipe import layout, params, tracking
+from mmpipe import layout, lineage, params, tracking
 from mmpipe.device import resolve_device
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.layout import CHECKPOINTS, FEATURES, MODELS
@@ -19,7 +18,7 @@ from mmpipe.models.distributed import process_group
 from mmpipe.models.train import clear_checkpoints, train
 from mmpipe.stage import run_stage
 
-METRICS, PLOTS = layout.METRICS["train"], layout.TRAIN_PLOTS
+METRICS, LIVE = layout.METRICS["train"], layout.TRAIN_LIVE
 
 
 def main() -> None:
@@ -36,19 +35,17 @@ def main() -> None:
 
 def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
     results, finished = {}, []
-    with tracking.stage_run("train", {"train": cfg.model_dump(), "model": model_cfg.model_dump()}) as run:
-        with atomic_dir(MODELS) as models, atomic_dir(PLOTS) as plots:
+    with tracking.stage_run("train", {"train": cfg.model_dump(), "model": model_cfg.model_dump()}) as run, \
+            tracking.curves(run, LIVE) as curves:
+        lineage.log_splits(run.run_id, ["train", "val"])
+        with atomic_dir(MODELS) as models:
             for name, modalities in runs.items():
                 def log_epoch(epoch: int, row: dict, name=name) -> None:
-                    run.log_metrics({f"{name}.{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
+                    curves.log(name, epoch, row)
 
                 result = train(cfg, model_cfg, FEATURES, modalities, models / name, CHECKPOINTS, log_epoch)
                 results[name] = result["metrics"]
                 finished.append(result["checkpoint"])
-                with open(plots / f"{name}.csv", "w", newline="") as fh:
-                    writer = csv.DictWriter(fh, fieldnames=list(result["history"][0]))
-                    writer.writeheader()
-                    writer.writerows(result["history"])
                 m = result["metrics"]
                 print(f"train[{name}]: val accuracy {m['val_accuracy']:.4f} at epoch {m['best_epoch']} "
                       f"({m['epochs_run']} epochs, {m['parameters']:,} parameters, {m['samples_per_s']:.0f} samples/s "
@@ -56,7 +53,6 @@ def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
         write_json_atomic(METRICS, results)
         clear_checkpoints(finished)  # every model is written: a re-run trains afresh
         run.log_metrics_file(METRICS)
-        run.log_artifact(PLOTS)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,11 @@ def _search(repo: Path, role_filter: str):
                               order_by=["attributes.start_time ASC"])
 
 
+def all_runs(repo: Path):
+    """Every run in repo's MLflow store (stage runs, pipeline rows, tune rows and trials), oldest first."""
+    return _search(repo, "")
+
+
 def runs(repo: Path):
     """The stage runs in repo's MLflow store, oldest first (not the pipeline rows)."""
     table = _search(repo, "")

@@ -148,7 +148,15 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb
         test = FeatureSet(tiny_corpus / "features", split="test")
         items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, list(names()))
         with mlflow.start_run(experiment_id=experiment):
-            registered = register(bundle["folder"], "tiny-fusion", "champion", example_request(load_predictor(bundle["folder"]).Predictor(bundle["folder"]), items))
+            registered = register(bundle["folder"], "tiny-fusion", "champion", example_request(load_predictor(bundle["folder"]).Predictor(bundle["folder"]), items),
+                                  {"test_accuracy": bundle["eval"]["test"]["accuracy"]}, {"shipped_variant": "int8"})
+        # the version carries the model card as its description, the tags, and the metrics of its logged model
+        client = mlflow.MlflowClient()
+        version = client.get_model_version("tiny-fusion", "1")
+        assert version.description == (bundle["folder"] / "MODEL_CARD.md").read_text() and version.tags["shipped_variant"] == "int8"
+        logged = client.get_logged_model(registered["model_id"])
+        assert {m.key: m.value for m in logged.metrics} == {"test_accuracy": bundle["eval"]["test"]["accuracy"]}
+        assert logged.tags["shipped_variant"] == "int8"
     finally:
         mlflow.set_tracking_uri(previous)
     assert registered["model_uri"] == "models:/tiny-fusion@champion" and registered["version"] == "1"

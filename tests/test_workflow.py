@@ -8,6 +8,7 @@ a passing one) and run in file order; each leaves it in a state the next builds 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from conftest import (ROOT, TINY, copy_repo, dvc, free_port, git_commit, git_init, http_server, pipeline_rows,
+from conftest import (ROOT, TINY, all_runs, copy_repo, dvc, free_port, git_commit, git_init, http_server, pipeline_rows,
                       ran_stages, runs, set_params, stage_env)
 from mmpipe import summary
 from mmpipe.io import flatten
@@ -176,9 +177,8 @@ def test_mlflow_server_rest_api_lists_pipeline_rows_and_their_stage_runs(tiny_ru
         assert {p["key"] for p in train["data"]["params"]} >= {"train.epochs", "model.fusion"}
 
 
-@pytest.mark.parametrize("name", ["explore_data", "compare_experiments"])
-def test_notebook_executes_against_the_tiny_run(tiny_run, name):
-    repo = tiny_run.repo
+def run_notebook(name: str, repo: Path) -> tuple[str, int, list[dict]]:
+    """Execute notebooks/<name>.ipynb against ``repo``: (its text output, how many figures, outputs)."""
     notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     assert all(not cell.get("outputs") and not cell.get("execution_count") for cell in notebook.cells
                if cell.cell_type == "code"), "commit notebooks without outputs"
@@ -194,7 +194,13 @@ def test_notebook_executes_against_the_tiny_run(tiny_run, name):
         os.environ.update(previous)
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
-    images = sum("image/png" in o.get("data", {}) for o in outputs)
+    return text, sum("image/png" in o.get("data", {}) for o in outputs), outputs
+
+
+@pytest.mark.parametrize("name", ["explore_data", "compare_experiments"])
+def test_notebook_executes_against_the_tiny_run(tiny_run, name):
+    repo = tiny_run.repo
+    text, images, outputs = run_notebook(name, repo)
     if name == "explore_data":
         assert f"project: {repo}" in text and "200 samples kept" in text
         assert images >= 3 and any("<audio" in o.get("data", {}).get("text/html", "") for o in outputs)
@@ -204,6 +210,7 @@ def test_notebook_executes_against_the_tiny_run(tiny_run, name):
         # every execution that reached summary keeps its curves (the gated one stopped at evaluate)
         assert "robustness curves for 3 of 4 executions" in text and images >= 2
         assert "Downloading artifacts" not in text
+        assert "no hyperparameter study yet: run `make tune`" in text
 
 
 def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path):
@@ -234,6 +241,16 @@ def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path)
     for key, value in summary.headline(clone).items():
         assert rows[f"metrics.{key}"][0] == pytest.approx(value), key
     shutil.rmtree(clone)
+
+
+def own_copy(repo: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny run's repository (DVC cache, lock and outputs included) with an empty MLflow
+    store of its own (artifact paths are absolute)."""
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    for store in ("mlflow.db", "mlartifacts"):
+        shutil.rmtree(copy / store, ignore_errors=True) if (copy / store).is_dir() else (copy / store).unlink(missing_ok=True)
+    return copy
 
 
 def repro_killed_when(repo: Path, condition, timeout_s: float = 900) -> str:
@@ -308,10 +325,7 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     from safetensors.torch import load_file
     from test_backbones import TINY_WAV2VEC2, corpus_texts, tiny_bert, tiny_wav2vec2
 
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_run.repo, repo, symlinks=True)
-    for store in ("mlflow.db", "mlartifacts"):  # a store of its own (artifact paths are absolute)
-        shutil.rmtree(repo / store, ignore_errors=True) if (repo / store).is_dir() else (repo / store).unlink(missing_ok=True)
+    repo = own_copy(tiny_run.repo, tmp_path)
     torch.manual_seed(3)
     weights = torchvision.models.get_model("resnet18", weights=None).state_dict()
     torch.save(weights, repo / "weights/resnet18.pth")
@@ -369,3 +383,116 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, repo / "weights/resnet18.pth")
     status = dvc(repo, "status", "train")
     assert "train:" in status.stdout and "modified:" in status.stdout and "weights" in status.stdout
+
+
+def test_dvc_exp_run_shows_each_epoch_live_then_in_exp_show_and_mlflow(tiny_run, tmp_path):
+    """DVCLive files are rewritten after every epoch while `dvc exp run` trains; the experiment then
+    carries them (`dvc exp show`), and the MLflow run has the same curve as step metrics."""
+    import threading
+    import time
+
+    from conftest import DVC
+
+    repo = own_copy(tiny_run.repo, tmp_path)
+    live = repo / "dvclive/train/metrics.json"
+    proc = subprocess.Popen([DVC, "exp", "run", "train", "-n", "live", "-S", "train.epochs=6", "-S", "train.batch_size=16"],
+                            cwd=repo, env=stage_env(repo) | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    seen = set()  # epochs whose values were on disk while the stage was still training
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        training = "Running stage 'train'" in "".join(lines) and "train[fusion]: val accuracy" not in "".join(lines)
+        if training and live.exists():
+            with contextlib.suppress(ValueError, OSError):
+                seen.add(json.loads(live.read_text())["step"])
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)[-3000:]
+    assert len(seen) >= 2 and seen <= set(range(6)), seen  # several epochs observed before train ended
+
+    curve = pd.read_csv(repo / "dvclive/train/plots/metrics/fusion/val_accuracy.tsv", sep="\t")
+    assert list(curve["step"]) == list(range(6))
+    final = json.loads(live.read_text())
+    assert final["step"] == 5 and final["fusion"]["val_accuracy"] == pytest.approx(curve["val_accuracy"].iloc[-1])
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    exps = {exp["name"]: exp["data"] for commit in shown for exp in (commit.get("experiments") or []) for exp in exp["revs"]}
+    assert exps["live"]["metrics"]["dvclive/train/metrics.json"]["data"] == final
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    train_run = runs(repo).query("`tags.mmpipe.stage` == 'train'").iloc[-1]
+    history = client.get_metric_history(train_run["run_id"], "fusion/val_accuracy")  # the curve; fusion.val_accuracy: the best
+    assert [m.step for m in history] == list(range(6))
+    assert [m.value for m in history] == pytest.approx(list(curve["val_accuracy"]))
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in client.get_run(train_run["run_id"]).inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val"} and inputs["train"]["mlflow.data.context"] == "training"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert inputs["train"]["dvc.data/clean"] == lock["clean"]["outs"][0]["md5"]
+
+
+def test_tune_prunes_resumes_from_sqlite_and_runs_the_best_as_a_dvc_experiment(tiny_run, tmp_path):
+    """A study of 3 trials (the second forced to be pruned: its learning rate cannot learn anything),
+    resumed to 4; one MLflow row with 4 child runs; the best values run through the whole pipeline as
+    a named DVC experiment whose pipeline row and registered model version carry lineage and metrics."""
+    import optuna
+
+    repo = own_copy(tiny_run.repo, tmp_path)
+    set_params(repo, train={"epochs": 4, "batch_size": 16},
+               tune={"trials": 3, "run_best": False, "pruner": {"kind": "median", "startup_trials": 1, "warmup_epochs": 1},
+                     "space": {"train.lr": {"low": 1e-6, "high": 0.02, "log": True},
+                               "model.fusion": {"choices": ["concat", "gated"]}},
+                     "enqueue": [{"train.lr": 0.01, "model.fusion": "concat"}, {"train.lr": 1e-6, "model.fusion": "concat"}]})
+    command = [sys.executable, "-m", "stages.tune"]
+    first = subprocess.run(command, cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "0 trials done, 3 to run" in first.stdout and "tune: trial 1 pruned (val_accuracy" in first.stdout
+    assert "dvc exp run -n tuned-" in first.stdout  # run_best off: the command is printed
+
+    set_params(repo, tune={"trials": 4, "run_best": True})
+    second = subprocess.run(command, cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "3 trials done, 1 to run" in second.stdout and "tune: trial 3 " in second.stdout
+    name = second.stdout.split("tune: study ", 1)[1].split(" ", 1)[0]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{repo / 'tune.db'}")
+    states = {t.number: t.state.name for t in study.trials}
+    assert len(states) == 4 and states[0] == "COMPLETE" and states[1] == "PRUNED"
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    table = all_runs(repo)
+    tune_rows = table[table["tags.mmpipe.role"] == "tune"]
+    assert len(tune_rows) == 1 and tune_rows["tags.tune.study"].iloc[0] == name
+    trials = table[table["tags.mlflow.parentRunId"] == tune_rows["run_id"].iloc[0]]
+    assert sorted(trials["tags.optuna.trial"].astype(int)) == [0, 1, 2, 3]
+    assert dict(zip(trials["tags.optuna.trial"].astype(int), trials["tags.optuna.state"])) == states
+    assert set(trials["status"]) == {"FINISHED"}  # a pruned trial is finished, marked PRUNED
+    pruned = trials[trials["tags.optuna.trial"] == "1"].iloc[0]
+    assert pruned["tags.tune.pruned_at_epoch"] == "1" and pruned["params.train.lr"] == "1e-06"
+    assert {a.path for a in client.list_artifacts(tune_rows["run_id"].iloc[0])} >= {"history.png", "trials.csv", "summary.json"}
+
+    best = study.best_trial
+    exp = f"tuned-{name}-t{best.number}"
+    assert tune_rows["tags.tune.best_experiment"].iloc[0] == exp
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    exps = {e["name"]: e["data"] for commit in shown for e in (commit.get("experiments") or []) for e in e["revs"]}
+    ran = flatten(exps[exp]["params"]["params.yaml"]["data"])
+    assert all(ran[key] == pytest.approx(value) if isinstance(value, float) else ran[key] == value
+               for key, value in best.params.items())
+    assert 0 <= exps[exp]["metrics"]["metrics/eval.json"]["data"]["test"]["accuracy"] <= 1
+
+    row = pipeline_rows(repo).set_index("tags.dvc.exp_name").loc[exp]
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in client.get_run(row["run_id"]).inputs.dataset_inputs}
+    assert {name: tags["mlflow.data.context"] for name, tags in inputs.items()} == {
+        "train": "training", "val": "validation", "test": "testing"}
+    assert all(tags["dvc.hashes"] == "dvc.lock" and tags["dvc.data/clean"].endswith(".dir") for tags in inputs.values())
+    [version] = client.search_model_versions(f"name = 'mmpipe-fusion' and tag.`dvc.exp_name` = '{exp}'")
+    assert version.description == (repo / "artifacts/deploy/MODEL_CARD.md").read_text()
+    assert version.tags["shipped_variant"] == exps[exp]["metrics"]["metrics/compress.json"]["data"]["shipped"]["variant"]
+    logged = {m.key: m.value for m in client.get_logged_model(version.source.removeprefix("models:/")).metrics}
+    assert logged["test_accuracy"] == pytest.approx(exps[exp]["metrics"]["metrics/eval.json"]["data"]["test"]["accuracy"])
+    assert logged["file_bytes"] == exps[exp]["metrics"]["metrics/compress.json"]["data"]["shipped"]["file_bytes"]
+
+    # the comparison notebook shows the study: its trials and the importance of what was searched
+    text, images, _ = run_notebook("compare_experiments", repo)
+    assert f"study {name}: 4 trials (" in text and f"{list(states.values()).count('PRUNED')} pruned" in text and images >= 3

@@ -355,9 +355,26 @@ def alias_decision(policy: str, eval_metrics: dict, cwd: Path | None = None) -> 
     return True, "quality gates " + ", ".join(f"{k} >= {v}" for k, v in gates["checked"].items()) + " passed in the main workspace"
 
 
-def register(folder: Path, name: str, alias: str | None, example: "pd.DataFrame") -> dict[str, Any]:
+def model_metrics(checks: dict, eval_metrics: dict, compress_metrics: dict) -> dict[str, float]:
+    """The figures a registered version carries (MLflow logged-model metrics: the Models page shows
+    accuracy, size and latency per version): the test split's quality, the shipped file's size and
+    CPU latency, and the bundle's own accuracy on the raw test files."""
+    shipped = compress_metrics["shipped"]
+    figures = {"test_accuracy": eval_metrics["test"]["accuracy"], "test_f1_macro": eval_metrics["test"]["f1_macro"],
+               "test_ece": eval_metrics["test"]["ece"], "fusion_gain": eval_metrics.get("fusion_gain"),
+               "shipped_test_accuracy": shipped["test_accuracy"], "file_bytes": shipped["file_bytes"],
+               "latency_batch_1_p50_ms": shipped["batch_1_p50_ms"], "latency_batch_32_p50_ms": shipped["batch_32_p50_ms"],
+               "predictor_raw_test_accuracy": checks["predictor_raw_test_accuracy"]}
+    return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def register(folder: Path, name: str, alias: str | None, example: "pd.DataFrame", metrics: dict[str, float] | None = None,
+             tags: dict[str, str] | None = None, test_dataset: Any = None) -> dict[str, Any]:
     """Log the bundle as an MLflow pyfunc model in the active run, register it as ``name`` and, when
-    ``alias`` is given, point it at the new version. Returns the model URI and version."""
+    ``alias`` is given, point it at the new version. The version's description is the bundle's model
+    card; ``tags`` (commit, experiment, data digest, variant) go on the logged model and the version;
+    ``metrics`` are linked to the logged model (and to ``test_dataset``, the split they were measured
+    on). Returns the model URI and version."""
     from importlib import metadata
 
     import mlflow
@@ -372,9 +389,15 @@ def register(folder: Path, name: str, alias: str | None, example: "pd.DataFrame"
     requirements += (Path(folder) / "requirements.txt").read_text().split()  # the bundle's own
     info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"bundle": str(folder)},
                                    signature=signature, input_example=example, registered_model_name=name,
-                                   pip_requirements=requirements)
+                                   pip_requirements=requirements, tags=tags or {})
     version = str(info.registered_model_version)
+    client = MlflowClient()
+    if metrics:
+        mlflow.log_metrics(metrics, model_id=info.model_id, dataset=test_dataset)
+    client.update_model_version(name, version, description=(Path(folder) / "MODEL_CARD.md").read_text())
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, value)
     if alias:
-        MlflowClient().set_registered_model_alias(name, alias, version)
-    return {"registered_model": name, "version": version, "alias": alias,
+        client.set_registered_model_alias(name, alias, version)
+    return {"registered_model": name, "version": version, "alias": alias, "model_id": info.model_id,
             "model_uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"}

@@ -79,14 +79,22 @@ def clear_checkpoints(paths) -> None:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, data: FeatureSet, modalities: list[str], device: torch.device,
-             batch_size: int = 512) -> float:
+def score(model: torch.nn.Module, data: FeatureSet, modalities: list[str], device: torch.device,
+          batch_size: int = 512) -> dict[str, float]:
+    """Accuracy and mean cross-entropy (no label smoothing) of ``model`` on ``data``."""
     model.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     for batch in data.batches(batch_size):
         inputs = to_model_inputs(batch, modalities, device)
-        correct += (model(inputs).argmax(dim=1) == inputs["label"]).sum().item()
-    return correct / max(len(data), 1)
+        logits = model(inputs).float()
+        correct += (logits.argmax(dim=1) == inputs["label"]).sum().item()
+        loss += torch.nn.functional.cross_entropy(logits, inputs["label"], reduction="sum").item()
+    return {"accuracy": correct / max(len(data), 1), "loss": loss / max(len(data), 1)}
+
+
+def accuracy(model: torch.nn.Module, data: FeatureSet, modalities: list[str], device: torch.device,
+             batch_size: int = 512) -> float:
+    return score(model, data, modalities, device, batch_size)["accuracy"]
 
 
 @dataclass
@@ -183,6 +191,9 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     name = "+".join(modalities)
     checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root)
     progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None)
+    if on_epoch and world.is_main:  # a resumed run's curves start with the epochs the killed run trained
+        for row in progress.history:
+            on_epoch(row["epoch"], row)
     seen = 0  # samples this process trained on (throughput)
     for epoch in range(progress.start_epoch, params.epochs):
         if progress.stalled >= params.patience:  # early stopping, checked first: a resumed run stops where the original did
@@ -191,10 +202,10 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         loss_sum, correct, n = train_epoch(step_model, model, train_set, opt, params, epoch, world, device, modalities,
                                            rank_batch, steps_per_epoch)
         seen += n
-        val_accuracy = distributed.from_main(accuracy(model, val_set, modalities, device) if world.is_main else 0.0,
-                                             device)
+        val = score(model, val_set, modalities, device) if world.is_main else {"accuracy": 0.0, "loss": 0.0}
+        val_accuracy = distributed.from_main(val["accuracy"], device)
         row = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
-               "val_accuracy": val_accuracy, "lr": opt.schedule.get_last_lr()[0],
+               "val_accuracy": val_accuracy, "val_loss": val["loss"], "lr": opt.schedule.get_last_lr()[0],
                "samples_per_s": n / (time.perf_counter() - tic)}
         progress.record(row, model)
         if on_epoch and world.is_main:
