@@ -9,6 +9,8 @@ from mmpipe.io import atomic_dir
 from mmpipe.stage import run_stage
 
 METRICS = layout.METRICS["compress"]
+CHAIN = ["fp32", "pruned", "int8", "int8_dynamic"]  # the variants in the order they are made
+VARIANT_CURVES = ["val_accuracy", "test_accuracy", "file_bytes", "macs_per_sample", "sparsity", "latency_ms"]
 
 
 def main() -> None:
@@ -22,6 +24,9 @@ def main() -> None:
 
         with atomic_dir(COMPRESSED) as out:
             metrics = compress(cfg, FEATURES, FUSION, out, log)
+        chain = sorted(metrics["variants"], key=lambda v: CHAIN.index(v) if v in CHAIN else len(CHAIN))
+        for step, name in enumerate(chain):  # always one step at least (fp32): dvc.yaml declares the files
+            curves.log("variants", step, {k: metrics["variants"][name].get(k) for k in VARIANT_CURVES})
         run.write_metrics(METRICS, metrics)
     shipped, fp32 = metrics["shipped"], metrics["variants"]["fp32"]
     print(f"compress: chose {shipped['variant']} — val accuracy {shipped['val_accuracy']:.4f} (fp32 {fp32['val_accuracy']:.4f}), "

@@ -43,7 +43,12 @@ def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
                 def log_epoch(epoch: int, row: dict, name=name) -> None:
                     curves.log(name, epoch, row)
 
-                result = train(cfg, model_cfg, FEATURES, modalities, models / name, CHECKPOINTS, log_epoch)
+                def replay(rows: list[dict], name=name) -> None:  # resumed: the killed run's epochs first
+                    for row in rows:
+                        curves.log(name, row["epoch"], row)
+
+                result = train(cfg, model_cfg, FEATURES, modalities, models / name, CHECKPOINTS, log_epoch,
+                               on_resume=replay)
                 results[name] = result["metrics"]
                 finished.append(result["checkpoint"])
                 m = result["metrics"]

@@ -140,11 +140,14 @@ class Optimisation:
 
 def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path | None,
           checkpoint_dir: Path | None, on_epoch: Callable[[int, dict], None] | None = None,
-          init_model: torch.nn.Module | None = None) -> dict[str, Any]:
+          init_model: torch.nn.Module | None = None,
+          on_resume: Callable[[list[dict]], None] | None = None) -> dict[str, Any]:
     """Train one model on ``modalities``; write weights + config to ``out_dir`` (rank 0); return metrics.
 
     ``init_model`` fine-tunes that model instead of a fresh one (the compress stage, after pruning);
     it is then returned with its best weights as ``result["model"]``. ``checkpoint_dir`` None: no resume.
+    ``on_epoch(epoch, row)`` follows each epoch trained now; ``on_resume(rows)`` receives the epochs a
+    killed run had trained when this one resumes from its checkpoint.
 
     With ``checkpoint_dir``, every epoch saves everything needed to continue exactly (weights,
     optimiser, schedule, grad scaler, every RNG, history, best weights, early-stopping counter), and a
@@ -191,9 +194,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     name = "+".join(modalities)
     checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root)
     progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None)
-    if on_epoch and world.is_main:  # a resumed run's curves start with the epochs the killed run trained
-        for row in progress.history:
-            on_epoch(row["epoch"], row)
+    if on_resume and world.is_main and progress.history:  # the epochs the killed run trained (its curves)
+        on_resume(progress.history)
     seen = 0  # samples this process trained on (throughput)
     for epoch in range(progress.start_epoch, params.epochs):
         if progress.stalled >= params.patience:  # early stopping, checked first: a resumed run stops where the original did
