@@ -37,6 +37,11 @@ def _matches(folder: Path, entry: dict) -> bool:
     return len(files) == entry.get("nfiles") and sum(p.stat().st_size for p in files) == entry.get("size")
 
 
+def _data_folders(root: Path) -> set[str]:
+    """The folders a trained model's data is: data/clean and each data/features/<modality>."""
+    return {str(CLEAN)} | {str(p.relative_to(root)) for p in (root / FEATURES).glob("*") if p.is_dir()}
+
+
 def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
     """``{path: md5}`` from ``root/dvc.lock`` for data/clean and each data/features/<modality> whose
     files still match the recorded count and size; ``{}`` without a dvc.lock."""
@@ -44,7 +49,7 @@ def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
         lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
-    wanted = {str(CLEAN)} | {str(p.relative_to(root)) for p in (root / FEATURES).glob("*") if p.is_dir()}
+    wanted = _data_folders(root)
     hashes = {}
     for stage in (lock.get("stages") or {}).values():
         for out in stage.get("outs") or []:
@@ -53,10 +58,11 @@ def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
     return dict(sorted(hashes.items()))
 
 
-def _content_digest(root: Path) -> str:
-    """The feature sets' identity without DVC (index and fitted state of each modality)."""
-    digest = hashlib.sha256()
-    for folder in sorted(p for p in (root / FEATURES).glob("*") if p.is_dir()):
+def features_digest(features_root: Path) -> str:
+    """Identity of the feature sets without DVC: each modality's index and fitted state (also what a
+    training checkpoint is keyed by, so that it resumes only on the very data it was trained on)."""
+    digest = hashlib.sha1()
+    for folder in sorted(p for p in Path(features_root).iterdir() if p.is_dir()):
         for name in ("index.parquet", "state.json"):
             if (folder / name).exists():
                 digest.update((folder / name).read_bytes())
@@ -67,9 +73,8 @@ def data_identity(root: Path = Path(".")) -> dict[str, Any]:
     """``{"digest": ..., "hashes": {path: md5}, "complete": bool}`` of the data a stage reads: the DVC
     hashes when dvc.lock matches every folder, else a content digest of the feature sets."""
     hashes = dvc_hashes(root)
-    folders = {str(CLEAN)} | {str(p.relative_to(root)) for p in (root / FEATURES).glob("*") if p.is_dir()}
-    complete = set(hashes) == folders
-    basis = json.dumps(hashes, sort_keys=True) if complete else _content_digest(root)
+    complete = set(hashes) == _data_folders(root)
+    basis = json.dumps(hashes, sort_keys=True) if complete else features_digest(root / FEATURES)
     return {"digest": hashlib.md5(basis.encode()).hexdigest(), "hashes": hashes, "complete": complete}
 
 

@@ -162,16 +162,20 @@ class StageRun:
             return
         now = int(time.time() * 1000)
         batch = [Metric(key, value, now, step or 0) for key, value in leaves.items()]
-        for start in range(0, len(batch), 1000):
-            if step is None:
-                retrying("log metrics", MlflowClient().log_batch, self.run_id, metrics=batch[start:start + 1000])
-                continue
-            try:
-                retrying(f"log step {step} metrics", MlflowClient().log_batch, self.run_id, metrics=batch[start:start + 1000])
-            except PipelineError as exc:
-                if not self._step_warned:
-                    print(f"warning: {exc}; continuing without them (the stage's metrics files are complete)")
-                    self._step_warned = True
+
+        def send() -> None:
+            client = MlflowClient()
+            for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+                client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+        if step is None:
+            retrying("log metrics", send)
+            return
+        try:
+            retrying(f"log step {step} metrics", send)
+        except PipelineError as exc:
+            if not self._step_warned:
+                print(f"warning: {exc}; continuing without them (the stage's metrics files are complete)")
+                self._step_warned = True
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.tracking import MlflowClient
@@ -353,7 +357,6 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
     if system_metrics:  # CPU/memory (and GPU via nvidia-ml-py) every few seconds
         mlflow.set_system_metrics_sampling_interval(5)
         mlflow.set_system_metrics_samples_before_logging(1)
-    params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
     retrying("close runs left RUNNING by killed stages", close_abandoned_runs, client, experiment_id, stage)
     execution = execution_tags()
     tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **execution, "mmpipe.stage": stage, **process_tags()}
@@ -362,8 +365,7 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
         experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics,
         parent_run_id=parent_id,
     ) as run:
-        flat = {k: _param_value(v) for k, v in flatten(params_dict).items()}
-        retrying("log params", mlflow.log_params, flat)
+        retrying("log params", mlflow.log_params, _flat_params(params))
         try:
             yield StageRun(run)
         except BaseException:
@@ -393,8 +395,7 @@ def tune_run(study: str, params: Any) -> Iterator[StageRun]:
         retrying("tag the study's row", mlflow.set_tags, tags)
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{study}", tags=tags)
-        params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
-        retrying("log params", mlflow.log_params, {k: _param_value(v) for k, v in flatten(params_dict).items()})
+        retrying("log params", mlflow.log_params, _flat_params(params))
     with run:
         yield StageRun(run)
 
@@ -409,7 +410,7 @@ def trial_run(study: str, number: int, values: dict[str, Any]) -> Iterator[Stage
     parent = mlflow.active_run()
     with mlflow.start_run(run_name=f"trial-{number}", nested=True, tags=tags,
                           experiment_id=parent.info.experiment_id if parent else None) as run:
-        retrying("log params", mlflow.log_params, {k: _param_value(v) for k, v in values.items()})
+        retrying("log params", mlflow.log_params, _flat_params(values))
         yield StageRun(run)
 
 
@@ -433,6 +434,12 @@ def complete_pipeline_run() -> Any:
     lineage.log_splits(run_id, ["train", "val", "test"], client)  # the execution's data
     update_pipeline_run(client, run_id, None)
     return client.get_run(run_id)
+
+
+def _flat_params(params: Any) -> dict[str, Any]:
+    """A params section (pydantic model or mapping) as MLflow params: ``split.train`` keys."""
+    params_dict = params.model_dump(mode="json") if hasattr(params, "model_dump") else dict(params)
+    return {k: _param_value(v) for k, v in flatten(params_dict).items()}
 
 
 def _param_value(value: Any) -> Any:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from mmpipe.device import resolve_device
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet, embedding_key
+from mmpipe.lineage import features_digest
 from mmpipe.models import distributed
 from mmpipe.models.fusion import build_model, drop_modalities, load_pretrained, model_config
 from mmpipe.models.model_io import save_model, to_model_inputs
@@ -58,17 +59,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def data_digest(features_root: Path) -> str:
-    """Identity of the feature sets (each modality's index and fitted state): a checkpoint resumes only
-    on the very data it was trained on."""
-    digest = hashlib.sha1()
-    for folder in sorted(p for p in Path(features_root).iterdir() if p.is_dir()):
-        for name in ("index.parquet", "state.json"):
-            if (folder / name).exists():
-                digest.update((folder / name).read_bytes())
-    return digest.hexdigest()
 
 
 def clear_checkpoints(paths) -> None:
@@ -316,7 +306,7 @@ def checkpoint_path(checkpoint_dir: Path | None, name: str, config: dict, params
     """The checkpoint of this very run (same model config, train params and data), or None (no resume)."""
     if checkpoint_dir is None:
         return None
-    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), data_digest(features_root)],
+    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), features_digest(features_root)],
                                       sort_keys=True).encode()).hexdigest()[:16]
     return checkpoint_dir / f"{name}-{run_key}.pt"
 
