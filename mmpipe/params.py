@@ -103,6 +103,7 @@ class TrainParams(Strict):
     baselines: bool = True
     compile: bool = False
     threads: int = Field(0, ge=0, le=256)
+    memory_budget_mb: int = Field(4096, ge=0)
 
 
 class Gates(Strict):

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DVC, TINY, dvc, pipeline_rows, png_bytes, runs, set_params, stage_env
+from conftest import DVC, TINY, dvc, free_port, pipeline_rows, png_bytes, runs, set_params, stage_env
 
 
 def stage(repo: Path, name: str) -> subprocess.CompletedProcess:
@@ -189,7 +189,7 @@ def test_changing_one_modality_param_reruns_only_that_preprocess(repo):
     assert state["n_mels"] == 32 and len(state["mean"]) == 32
 
 
-def test_torchrun_two_cpu_processes_train_like_one(repo):
+def test_torchrun_two_nodes_rendezvous_over_c10d_and_train_like_one_process(repo):
     # default model; enough samples and steps that the tiny run learns (well above the 10 % of chance)
     set_params(repo, data={**TINY["data"], "n_samples": 600}, clean=TINY["clean"],
                train={"epochs": 8, "batch_size": 32, "baselines": False})
@@ -198,10 +198,21 @@ def test_torchrun_two_cpu_processes_train_like_one(repo):
     one = json.loads((repo / "metrics/train.json").read_text())["fusion"]
     n_runs = len(runs(repo))
 
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
-    ddp = subprocess.run([*torchrun, "-m", "stages.train"], cwd=repo, env=stage_env(repo), capture_output=True,
-                         text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    # two "nodes" as a multi-node launch starts them (README "Several machines"): one torchrun per node,
+    # meeting at node 0's c10d rendezvous endpoint, one process each
+    endpoint = f"127.0.0.1:{free_port()}"
+    logs = [repo.parent / f"node{node}.log" for node in (0, 1)]
+    nodes = [subprocess.Popen(
+        [str(Path(sys.executable).parent / "torchrun"), "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint={endpoint}", "--rdzv-id=mmpipe-test",
+         f"--rdzv-conf=is_host={int(node == 0)},join_timeout=120", "-m", "stages.train"],
+        cwd=repo, env=stage_env(repo), stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for node, log in enumerate(logs)]
+    for node in nodes:
+        node.wait(timeout=600)
+    outputs = [log.read_text() for log in logs]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    ddp = subprocess.CompletedProcess([], 0, stdout="".join(outputs))
     two = json.loads((repo / "metrics/train.json").read_text())["fusion"]
     assert (one["processes"], two["processes"]) == (1, 2)
     assert one["val_accuracy"] > 0.35 and abs(two["val_accuracy"] - one["val_accuracy"]) <= 0.15, (one, two)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mmpipe import params
 from mmpipe.features.loader import FeatureSet
 from mmpipe.models.model_io import load_model
-from mmpipe.models.train import accuracy, clear_checkpoints, train
+from mmpipe.models.train import accuracy, clear_checkpoints, place_splits, train
 
 SMALL = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={"image": {"width": 4}, "text": {"embed_dim": 8, "width": 16}, "audio": {"width": 4}})
 
@@ -21,8 +21,9 @@ def features(tiny_corpus):
     return tiny_corpus / "features"
 
 
-def run(features, out, checkpoints, epochs=2, fusion="concat", modalities=("image", "text", "audio"), on_epoch=None):
-    cfg = params.TrainParams(epochs=epochs, batch_size=32, device="cpu", patience=10)
+def run(features, out, checkpoints, epochs=2, fusion="concat", modalities=("image", "text", "audio"), on_epoch=None,
+        memory_budget_mb=4096):
+    cfg = params.TrainParams(epochs=epochs, batch_size=32, device="cpu", patience=10, memory_budget_mb=memory_budget_mb)
     model_cfg = SMALL.model_copy(update={"fusion": fusion})
     return train(cfg, model_cfg, features, list(modalities), out, checkpoints, on_epoch)
 
@@ -96,3 +97,26 @@ def test_saved_model_rebuilds_and_scores_the_same(features, tmp_path):
     val = FeatureSet(features, split="val")
     assert accuracy(model, val, ["text"], torch.device("cpu")) == result["metrics"]["val_accuracy"]
     assert result["metrics"]["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_split_over_the_memory_budget_is_streamed_and_trains_to_the_same_weights(features, tmp_path, monkeypatch):
+    held = run(features, tmp_path / "held", None)
+    assert held["metrics"]["data"] == {"train": "in_memory", "val": "in_memory"}
+
+    def no_loading(self, device):
+        raise AssertionError(f"the {self.split} split was loaded whole")
+    monkeypatch.setattr(FeatureSet, "to", no_loading)
+    streamed = run(features, tmp_path / "streamed", None, memory_budget_mb=0)
+    assert streamed["metrics"]["data"] == {"train": "streamed", "val": "streamed"}
+    assert (tmp_path / "held/model.safetensors").read_bytes() == (tmp_path / "streamed/model.safetensors").read_bytes()
+    assert [{**r, "samples_per_s": 0} for r in held["history"]] == [{**r, "samples_per_s": 0} for r in streamed["history"]]
+
+    # the budget is shared: the train split (larger than 1 MiB here) streams, the small val split still fits
+    monkeypatch.undo()
+    splits = {s: FeatureSet(features, split=s) for s in ("train", "val")}
+    assert splits["train"].nbytes > 2**20 > splits["val"].nbytes
+    assert place_splits(splits, torch.device("cpu"), 2**20) == {"train": "streamed", "val": "in_memory"}
+    batches = list(splits["train"].batches(32, shuffle=True, seed=3))
+    reference = FeatureSet(features, split="train").to("cpu")
+    for got, want in zip(batches, reference.batches(32, shuffle=True, seed=3), strict=True):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

@@ -9,7 +9,10 @@ returned as torch tensors:
 (in the built-in layout; the arrays are whatever each modality's featurizer declares).
 
 Normalisation (mean/std from ``state``) belongs to the model, so the same raw tensors serve any model.
-``to(device)`` holds the whole split on that device (e.g. a GPU) when it fits.
+``place(device, budget)`` holds the whole split in memory (RAM, or the GPU) when it fits the memory
+budget (and, on a GPU, half its measured free memory); else the split is *streamed*: each batch is
+gathered from the memory-mapped shards while the previous one trains (a reader thread; on CUDA into
+pinned memory, copied ahead on a side stream), so RAM holds a few batches, never the split.
 
 With ``embeddings=True`` a modality whose preprocess cached its frozen backbone's output
 (``preprocess.<m>.embed``) is served as ``embedding.<m>`` (B, E) float16 instead of its raw arrays
@@ -19,6 +22,7 @@ export feed the raw arrays to the whole model.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 from pathlib import Path
 from typing import Iterator
@@ -66,7 +70,8 @@ class FeatureSet:
         self._shards: dict[str, list[np.ndarray]] = {}  # batch key -> its shards (memory-mapped)
         self._shard_of: dict[str, int] = {}  # batch key -> rows per shard
         self.embedded: tuple[str, ...] = ()  # modalities served as cached embeddings
-        self._device_arrays: dict[str, torch.Tensor] | None = None
+        self._device_arrays: dict[str, torch.Tensor] | None = None  # the split held in memory (``to``)
+        self._stream_device: torch.device | None = None  # where streamed batches go (``place``)
         reference = None
         available = []
         for m in self.modalities:
@@ -146,12 +151,71 @@ class FeatureSet:
         if n_shards > 1:
             order = np.resize(order, -(-len(order) // n_shards) * n_shards)[rank::n_shards]
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        for start in range(0, stop, batch_size):
-            yield self.get(np.sort(order[start:start + batch_size]) if shuffle else order[start:start + batch_size])
+        picks = (np.sort(order[start:start + batch_size]) if shuffle else order[start:start + batch_size]
+                 for start in range(0, stop, batch_size))
+        if self._device_arrays is not None:  # held in memory: gathering is an index, nothing to overlap
+            yield from (self.get(positions) for positions in picks)
+        else:
+            yield from self._streamed(picks)
+
+    def _streamed(self, picks: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches read from the shards one ahead of the consumer (a thread: the memory-mapped reads and
+        copies release the GIL). With a CUDA stream device, each batch is pinned and copied on a side
+        stream while the previous one computes; the consumer's stream waits for it before use."""
+        cuda = self._stream_device is not None and self._stream_device.type == "cuda"
+        side = torch.cuda.Stream(self._stream_device) if cuda else None
+
+        def load(positions: np.ndarray) -> dict[str, torch.Tensor]:
+            batch = self.get(positions)
+            if not cuda:
+                return batch
+            with torch.cuda.stream(side):
+                return {k: v.pin_memory().to(self._stream_device, non_blocking=True) for k, v in batch.items()}
+
+        with cf.ThreadPoolExecutor(1) as reader:
+            ahead = None
+            for positions in picks:
+                following = reader.submit(load, positions)
+                if ahead is not None:
+                    yield self._ready(ahead.result(), side)
+                ahead = following
+            if ahead is not None:
+                yield self._ready(ahead.result(), side)
+
+    @staticmethod
+    def _ready(batch: dict[str, torch.Tensor], side) -> dict[str, torch.Tensor]:
+        if side is not None:
+            current = torch.cuda.current_stream(side.device)
+            current.wait_stream(side)
+            for t in batch.values():  # the caching allocator must not reuse these until the consumer is done
+                t.record_stream(current)
+        return batch
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this split's served arrays: what holding it in memory takes."""
+        rows = len(self)
+        served = sum(rows * int(np.prod(self._shards[key][0].shape[1:], dtype=np.int64)) * self._shards[key][0].dtype.itemsize
+                     for key in self._served if self._shards[key])
+        return int(served + rows * (self.available.shape[1] + 2 * 8))  # + availability, labels, positions
 
     def to(self, device: str | torch.device) -> "FeatureSet":
-        """Hold the whole split on ``device`` (e.g. 'cuda'); later batches are gathered there."""
+        """Hold the whole split on ``device`` (RAM for 'cpu'); later batches are gathered there."""
         everything = self.get(np.arange(len(self)))
         everything.pop("index")
         self._device_arrays = {name: t.to(device) for name, t in everything.items()}
         return self
+
+    def place(self, device: str | torch.device, budget_bytes: int) -> str:
+        """Hold the split on ``device`` if it fits ``budget_bytes`` (and, on CUDA, half the GPU's free
+        memory, measured now): ``"in_memory"``; else stream its batches to ``device``: ``"streamed"``."""
+        device = torch.device(device)
+        fits = self.nbytes <= budget_bytes
+        if fits and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            fits = self.nbytes <= free // 2  # room left for the model, activations and the other split
+        if fits:
+            self.to(device)
+            return "in_memory"
+        self._stream_device = device
+        return "streamed"

@@ -119,7 +119,9 @@ class Optimisation:
     @classmethod
     def create(cls, params, model: torch.nn.Module, steps_per_epoch: int, device: torch.device) -> "Optimisation":
         total_steps, warmup = steps_per_epoch * params.epochs, int(steps_per_epoch * params.warmup_epochs)
-        optimizer = torch.optim.AdamW(param_groups(model, params.lr), lr=params.lr, weight_decay=params.weight_decay)
+        # fused: one kernel for the whole update on CUDA (the step is launch-bound at this model size)
+        optimizer = torch.optim.AdamW(param_groups(model, params.lr), lr=params.lr, weight_decay=params.weight_decay,
+                                      fused=device.type == "cuda")
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total_steps - warmup, 1)))))
         amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
@@ -153,9 +155,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     # A frozen backbone's output cached by preprocess (preprocess.<m>.embed) replaces its raw arrays.
     train_set = FeatureSet(features_root, split="train", embeddings=True)
     val_set = FeatureSet(features_root, split="val", embeddings=True)
-    if device.type == "cuda":  # small enough to live on the GPU: no host-to-device copies per batch
-        train_set.to(device)
-        val_set.to(device)
+    placement = place_splits({"train": train_set, "val": val_set}, device, params.memory_budget_mb * 2**20)
 
     config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.label_names)
     model, pretrained = init_model, {}
@@ -217,7 +217,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         metrics = {"modalities": modalities, "best_epoch": progress.best["epoch"],
                    "val_accuracy": progress.best["val_accuracy"], "epochs_run": len(progress.history),
                    "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1),
-                   "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size}
+                   "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size,
+                   "data": placement}
         if pretrained:
             metrics["pretrained"] = pretrained
         if device.type == "cuda":
@@ -280,6 +281,17 @@ def param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
     return groups
 
 
+def place_splits(splits: dict[str, FeatureSet], device: torch.device, budget_bytes: int) -> dict[str, str]:
+    """Each split held on ``device`` while the memory budget lasts (no copies per batch), else streamed
+    from its shards batch by batch: {split: "in_memory" | "streamed"}. Same batches either way."""
+    placement = {}
+    for name, data in splits.items():
+        placement[name] = data.place(device, budget_bytes)
+        if placement[name] == "in_memory":
+            budget_bytes -= data.nbytes
+    return placement
+
+
 def prepare_device(params, world) -> torch.device:
     """The device of this process (its own GPU under torchrun), thread count and seeds."""
     device = torch.device(resolve_device(params.device, "train.device"))
@@ -338,14 +350,17 @@ def train_epoch(step_model, model: torch.nn.Module, train_set: FeatureSet, opt: 
                 steps_per_epoch: int) -> tuple[float, int, int]:
     """One pass over this process's shard of the train split. Returns (loss sum, correct, samples) over all ranks."""
     step_model.train()
-    loss_sum, correct, n, tic = 0.0, 0, 0, time.perf_counter()
+    # sums stay on the device: reading them every step (.item()) would wait for the GPU each time
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n, tic = 0, time.perf_counter()
     if world.size > 1:  # each rank draws its own augmentation and modality dropout; per epoch, so resume is exact
         torch.manual_seed((params.seed * 100_003 + epoch) * world.size + world.rank)
     batches = train_set.batches(rank_batch, shuffle=True, seed=params.seed * 100_003 + epoch,
                                 shard=(world.rank, world.size))
     bar = tqdm(batches, total=steps_per_epoch, desc=f"{'+'.join(modalities)} epoch {epoch}",
                disable=None if world.is_main else True, leave=False)
-    for batch in bar:
+    for step, batch in enumerate(bar):
         inputs = to_model_inputs(batch, modalities, device)
         inputs["available"] = drop_modalities(inputs["available"], params.modality_dropout)
         with torch.autocast(device.type, dtype=opt.amp_dtype, enabled=device.type == "cuda"):
@@ -359,11 +374,13 @@ def train_epoch(step_model, model: torch.nn.Module, train_set: FeatureSet, opt: 
         opt.scaler.update()
         opt.schedule.step()
         batch_n = len(inputs["label"])
-        loss_sum += loss.item() * batch_n
-        correct += (logits.argmax(dim=1) == inputs["label"]).sum().item()
+        loss_sum += loss.detach().double() * batch_n
+        correct += (logits.argmax(dim=1) == inputs["label"]).sum()
         n += batch_n
-        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}", samples_s=f"{n / (time.perf_counter() - tic):.0f}")
-    loss_sum, correct, n = distributed.all_sum([loss_sum, correct, n], device)
+        if step % 25 == 24 and not bar.disable:  # the progress bar's figures: one sync every 25 steps
+            bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}",
+                            samples_s=f"{n / (time.perf_counter() - tic):.0f}")
+    loss_sum, correct, n = distributed.all_sum([loss_sum.item(), int(correct.item()), n], device)
     return loss_sum, correct, n
 
 
