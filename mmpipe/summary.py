@@ -19,15 +19,17 @@ from mmpipe.layout import EVAL_FIGURES, EVAL_PLOTS, EVAL_REPORT, METRICS
 # files may still be from an earlier execution.
 ORDER = ["collect", "clean", "preprocess", "train", "evaluate", "compress", "export"]
 
-# stage -> key patterns in its flattened metrics file (layout.METRICS)
+# stage -> key patterns in its flattened metrics file (layout.METRICS); with each stage's own wall time
+# and peak memory (``process``, mmpipe.resources)
+PROCESS = ["process.wall_s", "process.peak_rss_mb"]
 HEADLINE: dict[str, list[str]] = {
-    "collect": ["samples"],
-    "clean": ["kept", "rejected_samples"],
-    "train": ["fusion.val_accuracy", "fusion.seconds"],
-    "evaluate": ["test.accuracy", "test.f1_macro", "test.ece", "fusion_gain", "robustness.*.relative"],
-    "compress": ["shipped.*"],
+    "collect": ["samples", *PROCESS],
+    "clean": ["kept", "rejected_samples", *PROCESS],
+    "train": ["fusion.val_accuracy", "fusion.seconds", *PROCESS],
+    "evaluate": ["test.accuracy", "test.f1_macro", "test.ece", "fusion_gain", "robustness.*.relative", *PROCESS],
+    "compress": ["shipped.*", *PROCESS],
     "export": ["predictor_raw_test_accuracy", "int8_vs_its_fp32_top1_agreement",
-               "fp32_onnx_vs_pytorch_max_abs_logit_diff", "bundle_bytes"],
+               "fp32_onnx_vs_pytorch_max_abs_logit_diff", "bundle_bytes", *PROCESS],
 }
 
 

@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmpipe import lineage, summary
+from mmpipe import lineage, resources, summary
 from mmpipe.errors import PipelineError, redact
 from mmpipe.io import flatten, write_json_atomic
 
@@ -189,7 +189,11 @@ class StageRun:
         self.log_metrics_file(path)
 
     def log_metrics_file(self, path: str | os.PathLike) -> None:
-        self.log_metrics(json.loads(Path(path).read_text()))
+        """Log the stage's metrics file, with what the process used so far added to it under ``process``
+        (wall time since start, peak RSS / GPU memory, bytes written: mmpipe.resources)."""
+        metrics = json.loads(Path(path).read_text()) | {"process": resources.usage()}
+        write_json_atomic(path, metrics)
+        self.log_metrics(metrics)
         self.log_artifact(path)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:

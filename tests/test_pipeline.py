@@ -52,6 +52,10 @@ def test_dvc_repro_clean_then_noop_then_only_changed_stage(repo):
     assert table["params.n_samples"][0] == "200" and table["params.min_per_class"][1] == "2"
     assert table["metrics.samples"][0] == 200 and table["metrics.kept"][1] == 200
     assert table["metrics.split.train"][1] == clean_metrics["split"]["train"]
+    for i, m in enumerate((collect_metrics, clean_metrics)):  # each stage's own cost, in its file and its row
+        assert 0 < m["process"]["wall_s"] < 600 and m["process"]["peak_rss_mb"] > 50, m["process"]
+        assert table["metrics.process.wall_s"][i] == m["process"]["wall_s"]
+    assert collect_metrics["process"]["written_mb"] > 0  # data/raw's parquet files
 
     lock = (repo / "dvc.lock").read_text()
     before = snapshot(repo)

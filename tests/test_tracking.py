@@ -68,7 +68,9 @@ def test_stage_run_logs_tags_params_metrics_artifacts(tmp_path, monkeypatch):
     assert stored.data.tags["dvc.stage"] == "clean" and stored.data.tags["dvc.exp_name"] == "exp-123"
     assert len(stored.data.tags["pipeline.id"]) == 12 and stored.data.tags["git.commit"]
     assert stored.data.params["split.train"] == "0.7" and stored.data.params["on_bad_modality"] == "keep_sample"
-    assert stored.data.metrics == {"kept": 7.0, "split.train": 5.0, "per_class.a b/c.train": 1.0}
+    process = {k: v for k, v in stored.data.metrics.items() if k.startswith("process.")}
+    assert process.keys() >= {"process.wall_s", "process.peak_rss_mb"}  # mmpipe.resources, added on logging
+    assert stored.data.metrics == {"kept": 7.0, "split.train": 5.0, "per_class.a b/c.train": 1.0, **process}
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.run_id)]
     assert artifacts == ["m.json"]
     assert (tmp_path / "mlartifacts").is_dir()  # absolute artifact root, next to the store
