@@ -13,6 +13,7 @@ SOURCE = Path("data/source.json")  # the source stage's fingerprint of data.sour
 RAW = Path("data/raw")
 CLEAN = Path("data/clean")
 FEATURES = Path("data/features")  # one folder per modality
+PARTITIONS = Path("data/partitions")  # preprocess.partitions: data/partitions/<modality>/<k>/
 MODELS = Path("models")  # fusion/ and baseline_<modality>/
 FUSION = MODELS / "fusion"
 WEIGHTS = Path("weights")  # local pretrained weight files (a dependency of train)
@@ -36,6 +37,15 @@ def features(modality: str) -> Path:
     return FEATURES / modality
 
 
+def partitions(modality: str) -> Path:
+    """The partitions' folders of a modality (preprocess.partitions): <k>/ each; the folder itself is in git."""
+    return PARTITIONS / modality
+
+
+def partition(modality: str, part: int | str) -> Path:
+    return partitions(modality) / str(part)
+
+
 def preprocess_metrics(modality: str) -> Path:
     return Path(f"metrics/preprocess_{modality}.json")
 
@@ -51,6 +61,7 @@ def stage_outputs(modality: str = "${item.modality}") -> dict[str, set[str]]:
         "source": {str(SOURCE)},
         "collect": {str(RAW), str(METRICS["collect"])},
         "clean": {str(CLEAN), str(METRICS["clean"])},
+        "preprocess-part": {str(partition(modality, "${item.part}"))},
         "preprocess": {str(features(modality)), str(preprocess_metrics(modality))},
         "train": {str(MODELS), str(METRICS["train"]), *live_files(TRAIN_LIVE)},
         "evaluate": {str(EVAL_PLOTS), str(EVAL_REPORT), str(EVAL_FIGURES), str(METRICS["evaluate"])},

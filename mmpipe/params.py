@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_serializer, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_serializer, model_validator
 
 from mmpipe.data.builtin import BuiltinCorpus
 from mmpipe.errors import PipelineError
@@ -70,6 +70,14 @@ class PreprocessBase(Strict):
     shard_rows: int = Field(16384, ge=1)
     batch_rows: int = Field(512, ge=1)
     embed_batch: int = Field(64, ge=1, le=65536)  # samples per backbone forward pass of the embedding cache
+    partitions: list[int] = Field(default_factory=list, max_length=1024)
+
+    @field_validator("partitions")
+    @classmethod
+    def _numbered(cls, value: list[int]) -> list[int]:
+        if value != list(range(len(value))):
+            raise ValueError(f"must be [] or [0, 1, ..., N-1] (got {value})")
+        return value
 
 
 class ModelBase(Strict):

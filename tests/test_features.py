@@ -265,3 +265,30 @@ def test_torch_log_mel_matches_numpy():
     ours = logmel.log_mel(clips, filters, 512, 160)
     theirs = logmel.log_mel_torch(torch.from_numpy(clips), filters, 512, 160).numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+def test_joining_partitions_refuses_missing_or_stale_ones_in_one_line(tiny_corpus, tmp_path):
+    from mmpipe.features.preprocess import preprocess, preprocess_part
+
+    cfg = params.validate("preprocess", {"workers": 1, "shard_rows": 64, "partitions": [0, 1]})
+    parts = tmp_path / "parts"
+    for k in (0, 1):
+        (parts / str(k)).mkdir(parents=True)
+        preprocess_part("text", cfg, tiny_corpus / "clean", parts / str(k), k)
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    assert preprocess("text", cfg, tiny_corpus / "clean", joined, parts_dir=parts)["partitions"] == 2
+    single = tmp_path / "single"
+    single.mkdir()
+    preprocess("text", cfg.model_copy(update={"partitions": []}), tiny_corpus / "clean", single)
+    assert {p.name: p.read_bytes() for p in joined.iterdir()} == {p.name: p.read_bytes() for p in single.iterdir()}
+
+    other = params.validate("preprocess", {"workers": 1, "shard_rows": 32, "partitions": [0, 1]})
+    with pytest.raises(PipelineError, match=r"parts/0: built from other data or settings than this run "
+                                            r"\(re-run the preprocess-part@text-0 stage\)"):
+        preprocess("text", other, tiny_corpus / "clean", tmp_path / "out", parts_dir=parts)
+    three = params.validate("preprocess", {"workers": 1, "shard_rows": 64, "partitions": [0, 1, 2]})
+    with pytest.raises(PipelineError, match=r"parts/0: built from other data"):  # its place changed with N
+        preprocess("text", three, tiny_corpus / "clean", tmp_path / "out", parts_dir=parts)
+    with pytest.raises(PipelineError, match=r"preprocess.partitions.*must be \[\] or \[0, 1, \.\.\., N-1\]"):
+        params.validate("preprocess", {"partitions": [1, 2]})

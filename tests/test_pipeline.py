@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DVC, TINY, dvc, free_port, pipeline_rows, png_bytes, runs, set_params, stage_env
+from conftest import (DVC, TINY, dvc, free_port, pipeline_rows, png_bytes, ran_stages, runs, set_params,
+                      stage_env)
 
 
 def stage(repo: Path, name: str) -> subprocess.CompletedProcess:
@@ -224,3 +226,36 @@ def test_torchrun_two_nodes_rendezvous_over_c10d_and_train_like_one_process(repo
     table = runs(repo)
     assert len(table) == n_runs + 1 and table["tags.dvc.stage"].iloc[-1] == "train"  # ... and logs
     assert not list((repo / ".checkpoints").rglob("*.pt"))
+
+
+def test_partitioned_preprocessing_joins_into_the_single_run_bytes(repo):
+    def files(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    set_params(repo, data=TINY["data"], clean=TINY["clean"], preprocess={"shard_rows": 48})  # 200 samples: 5 shards
+    single_run = dvc(repo, "repro", "preprocess")
+    assert single_run.returncode == 0, single_run.stdout + single_run.stderr
+    assert not any(s.startswith("preprocess-part") for s in ran_stages(single_run))
+    single = files(repo / "data/features")
+
+    set_params(repo, preprocess={"partitions": [0, 1, 2]})
+    partitioned = dvc(repo, "repro", "preprocess")
+    assert partitioned.returncode == 0, partitioned.stdout + partitioned.stderr
+    modalities = ["image", "text", "audio", "tabular"]
+    assert {f"preprocess-part@{m}-{k}" for m in modalities for k in range(3)} | {f"preprocess@{m}" for m in modalities} \
+        == set(ran_stages(partitioned)) - {"source"}  # source: always runs (cheap fingerprint)
+    assert files(repo / "data/features") == single  # index, state, fitted files and every shard, byte for byte
+    for m in modalities:  # each partition holds its own shards: their union is the single run's, each once
+        union: dict[str, bytes] = {}
+        for k in range(3):
+            shards = {p.name: p.read_bytes() for p in (repo / f"data/partitions/{m}/{k}").glob("*.npy")}
+            assert not union.keys() & shards.keys()
+            union |= shards
+        assert union == {name.split("/")[1]: b for name, b in single.items()
+                         if re.fullmatch(rf"{m}/[\w.]+-\d{{5}}\.npy", name)}  # the shard files
+    assert [json.loads((repo / f"data/partitions/audio/{k}/part.json").read_text())["shards"] for k in range(3)] \
+        == [[0, 1], [1, 3], [3, 5]]
+    assert json.loads((repo / "metrics/preprocess_audio.json").read_text())["partitions"] == 3
+
+    again = dvc(repo, "repro", "preprocess")
+    assert again.returncode == 0 and ran_stages(again) == ["source"]

@@ -8,13 +8,20 @@ Output folder (one per modality):
   embedding-NNNNN.npy  with ``preprocess.<m>.embed``: the frozen backbone's output (mmpipe/features/embed.py)
 
 Memory stays bounded by about one shard per worker thread; shards are written as they complete.
+
+Partitions (``preprocess.partitions``): ``preprocess_part`` featurises the k-th 1/N of the shards into its
+own folder (shard files + its tasks' train statistics + its decode failures), on any machine;
+``preprocess`` then joins the N folders instead of featurising. Tasks never cross a shard boundary and
+statistics are added in task order either way, so the joined folder is byte for byte the single run's.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import hashlib
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -34,6 +41,7 @@ from mmpipe.modalities import MODALITIES
 
 INDEX_FILE = "index.parquet"
 STATE_FILE = "state.json"
+PART_FILE, PART_STATS = "part.json", "train_stats.npz"  # a partition's record and its tasks' statistics
 EMBEDDING_ARRAY = "embedding"  # shard file stem of the cached backbone embeddings (embed.py)
 INDEX_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
@@ -157,17 +165,28 @@ class Runner:
         return (total, squares.sum(axis=axes, dtype=np.float64) * scale ** 2, train.size // total.size), failed
 
 
-def plan_tasks(files: list[Path], batch_rows: int) -> list[Task]:
+def plan_tasks(files: list[Path], batch_rows: int, shard_rows: int) -> list[Task]:
+    """Tasks of at most ``batch_rows`` rows, each within one row group and one shard (so that a
+    partition, a range of shards, is a range of whole tasks)."""
     tasks, first = [], 0
     for path in files:
         meta = pq.ParquetFile(path).metadata
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
-            for start in range(0, n, batch_rows):
-                stop = min(start + batch_rows, n)
+            start = 0
+            while start < n:
+                shard_end = ((first + start) // shard_rows + 1) * shard_rows - first
+                stop = min(start + batch_rows, n, shard_end)
                 tasks.append(Task(str(path), g, start, stop, first + start))
+                start = stop
             first += n
     return tasks
+
+
+def part_shards(total: int, shard_rows: int, part: int, parts: int) -> range:
+    """The shards of partition ``part`` of ``parts``: consecutive, as even as whole shards allow."""
+    shards = -(-total // shard_rows)
+    return range(part * shards // parts, (part + 1) * shards // parts)
 
 
 def train_values(files: list[Path], modality: str) -> list:
@@ -181,10 +200,16 @@ def train_values(files: list[Path], modality: str) -> list:
     return values
 
 
-def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_params=None) -> dict[str, Any]:
-    """Write ``out_dir`` for ``modality`` from ``clean_dir``; return the metrics. ``model_params`` (the
-    ``model`` section) builds the backbone whose output ``preprocess.<m>.embed`` caches."""
-    started = time.perf_counter()
+class Source(NamedTuple):
+    """What every featurising run of one modality reads first: the clean data and the fitted featurizer."""
+    dataset: dict
+    files: list[Path]
+    total: int
+    cfg: Any
+    features: Any  # the modality's Features, fitted on the train split; None: the data has none of it
+
+
+def open_source(modality: str, params, clean_dir: Path, model_params=None) -> Source:
     if modality not in MODALITIES:
         raise PipelineError(f"unknown modality '{modality}' (known: {', '.join(MODALITIES)})")
     module = MODALITIES[modality]
@@ -192,10 +217,112 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
     if not dataset_file.exists():
         raise PipelineError(f"{dataset_file} not found (run the clean stage first)")
     dataset = json.loads(dataset_file.read_text())
-    label_index = {label: i for i, label in enumerate(dataset["labels"])}
     files = sorted((clean_dir / SAMPLES_DIR).glob("part-*.parquet"))
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     if not any(pq.read_table(p, columns=[f"{modality}_available"]).column(0).to_numpy().any() for p in files):
+        return Source(dataset, files, total, None, None)
+    cfg = getattr(params, modality)
+    if hasattr(module, "resolve_preprocess"):  # settings that follow the chosen encoder (image size: auto)
+        cfg = module.resolve_preprocess(cfg, getattr(model_params.encoders, modality, None) if model_params else None)
+    features = module.Features(cfg, dataset)
+    if hasattr(features, "fit"):
+        features.fit(train_values(files, modality))
+    return Source(dataset, files, total, cfg, features)
+
+
+def featurise(source: Source, modality: str, params, out_dir: Path, device: str, shards: range | None = None,
+              ) -> tuple[list, dict[int, tuple[str, str]]]:
+    """Write the shard files of ``shards`` (all: None) to ``out_dir``; return the train statistics of
+    each task, in task order (None where a task has none), and the items that did not decode."""
+    lo, hi = (0, source.total) if shards is None else (shards.start * params.shard_rows,
+                                                        min(shards.stop * params.shard_rows, source.total))
+    tasks = [t for t in plan_tasks(source.files, params.batch_rows, params.shard_rows) if lo <= t.first < hi]
+    runner = Runner(source.features, modality, out_dir, params.shard_rows, source.total, device)
+    partials, failed = [], {}  # failed: clean items this featurizer could not decode: made unavailable
+    # Threads, not processes: the heavy parts (decoders, FFT, BLAS, CUDA kernels) run without the
+    # GIL, and threads start instantly and share the shard buffers (measured 1.8x on 2 cores for
+    # audio). On CUDA they overlap decoding with the GPU's work. BLAS is held to one thread per
+    # worker so that workers do not oversubscribe the cores.
+    workers = worker_count(params.workers)
+    with threadpool_limits(1), cf.ThreadPoolExecutor(workers) as pool, \
+            tqdm(total=hi - lo, desc=f"preprocess {modality}", unit="sample", disable=None) as progress:
+        for task, (partial, task_failed) in zip(tasks, pool.map(runner, tasks)):
+            partials.append(partial)
+            failed |= task_failed
+            runner.write_done(task.first + task.stop - task.start)
+            progress.update(task.stop - task.start)
+    runner.write_done(hi)  # whatever is still buffered
+    return partials, failed
+
+
+def part_record(source: Source, modality: str, params, part: int, parts: int) -> dict:
+    """What a partition must share with the run that joins it: data, settings and its place."""
+    settings = {"cfg": source.cfg.model_dump(mode="json") if hasattr(source.cfg, "model_dump") else str(source.cfg),
+                "shard_rows": params.shard_rows, "features": source.features.state()}
+    return {"modality": modality, "part": part, "parts": parts, "samples": source.total,
+            "labels": source.dataset["labels"],
+            "settings": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]}
+
+
+def preprocess_part(modality: str, params, clean_dir: Path, out_dir: Path, part: int,
+                    model_params=None) -> dict[str, Any]:
+    """Partition ``part`` of ``len(params.partitions)``: its shards, statistics and failures in ``out_dir``."""
+    started = time.perf_counter()
+    parts = len(params.partitions)
+    if part not in params.partitions:
+        raise PipelineError(f"partition {part}: preprocess.partitions is {params.partitions}")
+    source = open_source(modality, params, clean_dir, model_params)
+    record = {"modality": modality, "part": part, "parts": parts, "enabled": source.features is not None}
+    if source.features is not None:
+        shards = part_shards(source.total, params.shard_rows, part, parts)
+        device = resolve_device(params.device, "preprocess.device") if source.features.gpu else "cpu"
+        partials, failed = featurise(source, modality, params, out_dir, device, shards)
+        np.savez(out_dir / PART_STATS, **{f"{k}.{i}": v for k, partial in enumerate(partials) if partial is not None
+                                          for i, v in enumerate(partial)}, tasks=np.int64(len(partials)))
+        record |= part_record(source, modality, params, part, parts) | {
+            "shards": [shards.start, shards.stop], "failed": {str(row): list(v) for row, v in sorted(failed.items())},
+            "seconds": round(time.perf_counter() - started, 3)}
+    write_json_atomic(out_dir / PART_FILE, record)
+    return record
+
+
+def join_parts(source: Source, modality: str, params, parts_dir: Path, out_dir: Path,
+               ) -> tuple[list, dict[int, tuple[str, str]]]:
+    """The partitions' shard files into ``out_dir``; their statistics (in task order) and failures."""
+    partials, failed, covered = [], {}, 0
+    for part in params.partitions:
+        folder = parts_dir / str(part)
+        try:
+            record = json.loads((folder / PART_FILE).read_text())
+        except (OSError, ValueError):
+            raise PipelineError(f"{folder}: no partition record (run the preprocess-part@{modality}-{part} stage)")
+        expected = part_record(source, modality, params, part, len(params.partitions))
+        if any(record.get(key) != value for key, value in expected.items()) or record.get("shards", [0])[0] != covered:
+            raise PipelineError(f"{folder}: built from other data or settings than this run "
+                                f"(re-run the preprocess-part@{modality}-{part} stage)")
+        for shard in range(*record["shards"]):
+            for name in source.features.arrays:
+                shutil.copyfile(shard_path(folder, name, shard), shard_path(out_dir, name, shard))
+        covered = record["shards"][1]
+        with np.load(folder / PART_STATS) as stats:
+            partials += [(stats[f"{k}.0"], stats[f"{k}.1"], int(stats[f"{k}.2"])) if f"{k}.0" in stats else None
+                         for k in range(int(stats["tasks"]))]
+        failed |= {int(row): tuple(v) for row, v in record["failed"].items()}
+    if covered != -(-source.total // params.shard_rows):
+        raise PipelineError(f"{parts_dir}: the partitions cover {covered} shards of "
+                            f"{-(-source.total // params.shard_rows)}")
+    return partials, failed
+
+
+def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_params=None,
+               parts_dir: Path | None = None) -> dict[str, Any]:
+    """Write ``out_dir`` for ``modality`` from ``clean_dir``; return the metrics. ``model_params`` (the
+    ``model`` section) builds the backbone whose output ``preprocess.<m>.embed`` caches. With
+    ``params.partitions``, the shards come from the partitions in ``parts_dir`` (``preprocess_part``)."""
+    started = time.perf_counter()
+    source = open_source(modality, params, clean_dir, model_params)
+    dataset, files, total, cfg, features = source
+    if features is None:
         # the data has none of it (a user's data without audio, say): a cheap no-op, and every later
         # stage leaves the modality out (the loader reads ``enabled``)
         print(f"preprocess {modality}: no sample has this modality: not a model input")
@@ -203,36 +330,22 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
                                                  "labels": dataset["labels"]})
         return {"modality": modality, "enabled": False, "samples": total, "available": 0, "decode_failed": 0,
                 "bytes": 0, "device": "cpu", "seconds": round(time.perf_counter() - started, 3), "samples_per_s": None}
-    cfg = getattr(params, modality)
-    if hasattr(module, "resolve_preprocess"):  # settings that follow the chosen encoder (image size: auto)
-        cfg = module.resolve_preprocess(cfg, getattr(model_params.encoders, modality, None) if model_params else None)
     embed = getattr(cfg, "embed", False)
     if embed and model_params is None:
         raise PipelineError(f"preprocess.{modality}.embed: the model params are needed to build the backbone")
-    features = module.Features(cfg, dataset)
-
-    if hasattr(features, "fit"):
-        features.fit(train_values(files, modality))
     device = resolve_device(params.device, "preprocess.device") if features.gpu else "cpu"
-    tasks = plan_tasks(files, params.batch_rows)
+    if params.partitions:
+        if parts_dir is None:
+            raise PipelineError(f"preprocess.partitions is {params.partitions}: the partitions' folder is needed")
+        partials, failed = join_parts(source, modality, params, parts_dir, out_dir)
+    else:
+        partials, failed = featurise(source, modality, params, out_dir, device)
     stats = RunningStats() if features.stats else None
-    runner = Runner(features, modality, out_dir, params.shard_rows, total, device)
-    failed: dict[int, tuple[str, str]] = {}  # clean items this featurizer could not decode: made unavailable
-    # Threads, not processes: the heavy parts (decoders, FFT, BLAS, CUDA kernels) run without the
-    # GIL, and threads start instantly and share the shard buffers (measured 1.8x on 2 cores for
-    # audio). On CUDA they overlap decoding with the GPU's work. BLAS is held to one thread per
-    # worker so that workers do not oversubscribe the cores.
-    workers = worker_count(params.workers)
-    with threadpool_limits(1), cf.ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=total, desc=f"preprocess {modality}", unit="sample", disable=None) as progress:
-        for task, (partial, task_failed) in zip(tasks, pool.map(runner, tasks)):
-            if stats is not None:
-                stats.add(partial)
-            failed |= task_failed
-            runner.write_done(task.first + task.stop - task.start)
-            progress.update(task.stop - task.start)
-    runner.write_done(total)  # whatever is still buffered
+    for partial in partials if stats is not None else ():
+        stats.add(partial)
+    shards = -(-total // params.shard_rows)
 
+    label_index = {label: i for i, label in enumerate(dataset["labels"])}
     index = {name: [] for name in INDEX_SCHEMA.names}
     for path in files:
         part = pq.read_table(path, columns=["sample_id", "split", "label", f"{modality}_available"]).to_pydict()
@@ -248,7 +361,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
     index["shard"], index["row"] = (positions // params.shard_rows).tolist(), (positions % params.shard_rows).tolist()
     pq.write_table(pa.table(index, schema=INDEX_SCHEMA), out_dir / INDEX_FILE, compression="zstd")
     state = {"modality": modality, "enabled": True, "samples": total, "shard_rows": params.shard_rows,
-             "shards": runner.shards, "labels": dataset["labels"],
+             "shards": shards, "labels": dataset["labels"],
              "arrays": {name: {"shape": list(shape), "dtype": np.dtype(dtype).name}
                         for name, (shape, dtype) in features.arrays.items()},
              "array_order": list(features.arrays),  # JSON is written with sorted keys: the order, kept
@@ -277,9 +390,9 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
         "decode_failed": len(failed),  # kept by clean yet not decodable here: listed, made unavailable
         "decode_failed_samples": {sid: reason for sid, reason in sorted(failed.values())[:100]},
         "splits": dict(collections.Counter(index["split"])),
-        "bytes": sum(shard_path(out_dir, name, k).stat().st_size for name in features.arrays
-                     for k in range(runner.shards)),
+        "bytes": sum(shard_path(out_dir, name, k).stat().st_size for name in features.arrays for k in range(shards)),
         "device": device,
+        "partitions": len(params.partitions),
         "seconds": round(seconds, 3),
         "samples_per_s": round(total / seconds, 1) if seconds > 0 else None,
         **({"embedding": embedding} if embedding else {}),
