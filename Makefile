@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test install ui bench pull push ci exps tune
+.PHONY: repro test install ui bench pull push ci exps tune wheelhouse
 
 install: $(STAMP)
 
@@ -54,3 +54,9 @@ exps: $(STAMP)
 tune: $(STAMP)
 	dvc repro preprocess
 	python -m stages.tune
+
+# For a GPU machine without index access whose Python already has torch (README "On an offline GPU
+# machine"): every other requirement as wheels in .whl/ (~60 MB), with .whl/run-offline.sh to run there.
+wheelhouse:
+	tools/offline/offline-wheelhouse.sh .whl
+	grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
