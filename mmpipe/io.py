@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group: the unit every stage streams by
@@ -118,6 +120,24 @@ def iter_row_groups(path: str | os.PathLike, columns: list[str] | None = None):
     reader = pq.ParquetFile(path)
     for i in range(reader.metadata.num_row_groups):
         yield reader.read_row_group(i, columns=columns)
+
+
+BATCH_BYTES = 64 * 2**20  # at most this many bytes of media per batch a stage holds (photos, long recordings)
+
+
+def bounded_slices(table: pa.Table, max_rows: int, max_bytes: int = BATCH_BYTES) -> Iterator[pa.Table]:
+    """``table`` in consecutive slices of at most ``max_rows`` rows and ``max_bytes`` bytes of its binary
+    columns (at least one row each): with large media, a batch's memory is bounded by bytes, not rows."""
+    binary = [name for name, type_ in zip(table.column_names, table.schema.types) if pa.types.is_binary(type_)]
+    sizes = np.zeros(table.num_rows, np.int64)
+    for name in binary:
+        sizes += pc.fill_null(pc.binary_length(table.column(name)), 0).to_numpy(zero_copy_only=False)
+    start = 0
+    while start < table.num_rows:
+        cumulative = np.cumsum(sizes[start:start + max_rows])
+        take = max(1, int(np.searchsorted(cumulative, max_bytes, side="right")))
+        yield table.slice(start, take)
+        start += take
 
 
 def worker_count(requested: int) -> int:

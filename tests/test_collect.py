@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import png_bytes, wav_bytes
+from conftest import png_bytes, tone, wav_bytes
 from mmpipe.data import collect
 from mmpipe.errors import PipelineError
 
@@ -257,3 +257,30 @@ def test_duplicated_column_is_a_structural_error(tmp_path, data_params):
     with pytest.raises(PipelineError) as info:
         run(data_params, path, tmp_path)
     assert str(info.value) == f"{path}: manifest has the column 'text' more than once"
+
+
+def test_large_media_make_row_groups_bounded_by_bytes_and_clean_batches_too(tmp_path, data_params, clean_params,
+                                                                            monkeypatch):
+    from mmpipe import io as mmio
+    from mmpipe.data import clean
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    names = []
+    for i in range(7):  # ~32 KB recordings: with a 70 KB budget, two per batch
+        (folder / f"{i}.wav").write_bytes(wav_bytes(tone(1.0, freq=200.0 + 50 * i)))
+        names.append(f"media/{i}.wav")
+    pd.DataFrame({"label": ["a", "b"] * 3 + ["a"], "audio": names}).to_csv(tmp_path / "m.csv", index=False)
+    monkeypatch.setattr(collect, "BATCH_BYTES", 70_000)
+    metrics, raw = run(data_params, tmp_path / "m.csv", tmp_path)
+    meta = pq.ParquetFile(next((tmp_path / "raw").glob("part-*.parquet"))).metadata
+    assert metrics["samples"] == 7 and [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [2, 2, 2, 1]
+    assert list(raw.source_row) == list(range(7)) and raw.audio.notna().all()  # order kept across batches
+
+    # clean's batches (two per worker in flight) are cut by bytes the same way, whatever batch_rows says
+    table = pq.read_table(next((tmp_path / "raw").glob("part-*.parquet")))
+    assert [len(s) for s in mmio.bounded_slices(table, max_rows=512, max_bytes=70_000)] == [2, 2, 2, 1]
+    assert [len(s) for s in mmio.bounded_slices(table, max_rows=3, max_bytes=10**9)] == [3, 3, 1]
+    assert [len(s) for s in mmio.bounded_slices(table, max_rows=512, max_bytes=10)] == [1] * 7  # one row at least
+    monkeypatch.setattr(clean, "bounded_slices", lambda t, rows: mmio.bounded_slices(t, rows, 70_000))
+    assert [len(b) for b in clean._raw_batches(tmp_path / "raw", 512)] == [2, 2, 2, 1]

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mmpipe.data.collect import DECLARED_FILE
 from mmpipe.errors import PipelineError
-from mmpipe.io import ROW_GROUP_ROWS, PartWriter, iter_row_groups, worker_count, write_json_atomic
+from mmpipe.io import ROW_GROUP_ROWS, PartWriter, bounded_slices, iter_row_groups, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, names
 from mmpipe.modalities.portable import RejectedInput, describe
 
@@ -169,8 +169,8 @@ def _raw_batches(raw_dir: Path, batch_rows: int) -> Iterator[list[dict[str, Any]
         raise PipelineError(f"{raw_dir}: no part-*.parquet files (run the collect stage first)")
     for path in files:
         for table in iter_row_groups(path):
-            for start in range(0, table.num_rows, batch_rows):
-                yield table.slice(start, batch_rows).to_pylist()
+            for batch in bounded_slices(table, batch_rows):  # in flight: 2 per worker, so bytes matter
+                yield batch.to_pylist()
 
 
 def _spawn_pool(workers: int) -> cf.ProcessPoolExecutor:

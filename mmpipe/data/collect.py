@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mmpipe.data import builtin
 from mmpipe.data.fetch import FetchError, Policy, check, fetch, is_url, local_path
 from mmpipe.errors import PipelineError, redact
-from mmpipe.io import PartWriter, worker_count, write_json_atomic
+from mmpipe.io import BATCH_BYTES, PartWriter, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, by_extension, names
 from mmpipe.modalities.portable import json_object
 
@@ -393,10 +393,20 @@ def _materialize(spec: dict[str, Any], fetch_policy: Policy) -> dict[str, Any]:
 
 
 def _fetched_batches(specs: list[dict[str, Any]], fetch_policy: Policy, threads: int) -> Iterator[list[dict[str, Any]]]:
+    """Rows in batches of at most BATCH_ROWS rows and BATCH_BYTES of fetched bytes (a larger row alone; the batch is a
+    Parquet row group: what every later stage holds at once), fetched by ``threads`` threads."""
     with cf.ThreadPoolExecutor(threads) as pool:
-        for start in range(0, len(specs), BATCH_ROWS):
-            batch = specs[start:start + BATCH_ROWS]
-            yield list(pool.map(lambda s: _materialize(s, fetch_policy), batch))
+        batch, size = [], 0
+        for start in range(0, len(specs), 4 * threads):
+            for row in pool.map(lambda s: _materialize(s, fetch_policy), specs[start:start + 4 * threads]):
+                row_size = sum(len(row[m]) for m in names() if row.get(m) is not None)
+                if batch and (len(batch) >= BATCH_ROWS or size + row_size > BATCH_BYTES):
+                    yield batch
+                    batch, size = [], 0
+                batch.append(row)
+                size += row_size
+        if batch:
+            yield batch
 
 
 # --------------------------------------------------------------------------- entry point
