@@ -22,9 +22,13 @@ repro: $(STAMP)
 test: $(STAMP)
 	python -m pytest
 
-# Benchmarks (not tests): this project's paths vs naive baselines, written to reports/bench.json.
+# Benchmarks (not tests), the CPU figures of docs/benchmarks.md: this project's paths vs naive baselines
+# (reports/bench.json), the pipeline on user-shaped files stage by stage (reports/bench_realistic/), and
+# the scaling curve of every stage (reports/bench_scaling.*). About an hour on 2 cores.
 bench: $(STAMP)
 	python -m bench.run --samples 20000
+	python -m bench.realistic --samples 10000
+	python -m bench.scaling --samples 1000 4000 16000
 
 # MLflow UI on the project's tracking store (the SQLite file the stages write to).
 ui: $(STAMP)

@@ -18,10 +18,13 @@ import importlib.util
 import json
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from mmpipe.compress.onnx_model import onnx_feeds, run_logits, session
@@ -48,28 +51,50 @@ def load_predictor(folder: Path):
     return module
 
 
-def raw_test_items(raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modalities: list[str]) -> list[dict]:
+class RawItems(Sequence):
+    """The raw test items, read on demand: item ``i`` is {modality: the raw bytes clean kept, or None} of
+    ``sample_ids[i]``. Only where each one lies is held (file, row group, row); reading in order reads each
+    row group once (one is cached), so memory is a row group, not the test split's files."""
+
+    def __init__(self, raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modalities: list[str]):
+        self.modalities = list(modalities)
+        kept: dict[str, dict[str, bool]] = {}
+        wanted = set(sample_ids.tolist())
+        for path in sorted((clean_dir / SAMPLES_DIR).glob("part-*.parquet")):
+            for table in iter_row_groups(path, ["sample_id", *(f"{m}_available" for m in modalities)]):
+                for row in table.to_pylist():
+                    if row["sample_id"] in wanted:
+                        kept[row["sample_id"]] = {m: row[f"{m}_available"] for m in modalities}
+        where: dict[str, tuple[str, int, int]] = {}
+        for path in sorted(raw_dir.glob("part-*.parquet")):
+            for group, table in enumerate(iter_row_groups(path, ["sample_id"])):
+                for row, sid in enumerate(table.column("sample_id").to_pylist()):
+                    if sid in wanted and sid not in where:
+                        where[sid] = (str(path), group, row)
+        missing = wanted - set(where)
+        if missing:
+            raise PipelineError(f"{raw_dir}: test sample {sorted(missing)[0]} not found in the raw data (re-run collect)")
+        self._where = [where[sid] for sid in sample_ids]
+        self._kept = [kept[sid] for sid in sample_ids]
+        self._cached: tuple[tuple[str, int], pa.Table] | None = None
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, i: int) -> dict:
+        path, group, row = self._where[i]
+        if self._cached is None or self._cached[0] != (path, group):
+            self._cached = ((path, group), pq.ParquetFile(path).read_row_group(group, columns=self.modalities))
+        values = self._cached[1].slice(row, 1).to_pylist()[0]
+        return {m: values[m] if self._kept[i][m] else None for m in self.modalities}
+
+
+def raw_test_items(raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modalities: list[str]) -> RawItems:
     """For each sample id: the raw bytes of each modality that clean kept (None where it did not)."""
-    kept: dict[str, dict[str, bool]] = {}
-    wanted = set(sample_ids.tolist())
-    for path in sorted((clean_dir / SAMPLES_DIR).glob("part-*.parquet")):
-        for table in iter_row_groups(path, ["sample_id", *(f"{m}_available" for m in modalities)]):
-            for row in table.to_pylist():
-                if row["sample_id"] in wanted:
-                    kept[row["sample_id"]] = {m: row[f"{m}_available"] for m in modalities}
-    raw: dict[str, dict] = {}
-    for path in sorted(raw_dir.glob("part-*.parquet")):
-        for table in iter_row_groups(path, ["sample_id", *modalities]):
-            for row in table.to_pylist():
-                if row["sample_id"] in wanted and row["sample_id"] not in raw:
-                    raw[row["sample_id"]] = row
-    missing = wanted - set(raw)
-    if missing:
-        raise PipelineError(f"{raw_dir}: test sample {sorted(missing)[0]} not found in the raw data (re-run collect)")
-    return [{m: raw[sid][m] if kept[sid][m] else None for m in modalities} for sid in sample_ids]
+    return RawItems(raw_dir, clean_dir, sample_ids, modalities)
 
 
-def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: list[dict], parity_samples: int,
+def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequence[dict], parity_samples: int,
            quantized_from: Path | None = None, batch_size: int = 64) -> dict[str, Any]:
     """Check the bundle in ``folder`` against the PyTorch ``model`` on the ``test`` split, whose raw
     inputs are ``items`` (raw_test_items). ``quantized_from``: the fp32 ONNX model the shipped int8
@@ -103,7 +128,7 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: list[d
 
 
 def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dict, model: torch.nn.Module,
-                      test: FeatureSet, items: list[dict]) -> dict[str, dict[str, Any]]:
+                      test: FeatureSet, items: Sequence[dict]) -> dict[str, dict[str, Any]]:
     """For each modality with ``PARITY_VARIANTS`` and each variant: the raw test items re-encoded, then
     featurised by the pipeline (clean's conversion, preprocess's featurizer) and by the bundle's
     predictor; the share of items on which the fp32 model (other modalities' inputs unchanged) gives
@@ -311,7 +336,7 @@ def failed_checks(checks: dict, params) -> list[str]:
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
 
 
-def example_request(predictor, items: list[dict]) -> "pd.DataFrame":
+def example_request(predictor, items: Sequence[dict]) -> "pd.DataFrame":
     """An input example for the MLflow model: the first raw test sample that has every modality, as
     the request columns of the bundle's ``predictor``."""
     import base64
