@@ -103,6 +103,21 @@ def test_manifest_lists_every_file_with_its_checksum(bundle):
     assert "Verification (export stage)" in (folder / "MODEL_CARD.md").read_text()
 
 
+def test_conversion_parity_in_chunks_and_raw_items_read_on_demand(bundle, tiny_corpus, tiny_model):
+    from mmpipe.deploy.export import conversion_parity
+    from mmpipe.models.model_io import load_model
+    from mmpipe.modalities import names
+
+    test = FeatureSet(tiny_corpus / "features", split="test")
+    items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, list(names()))
+    assert len(items) == len(test) and items[3] == list(items)[3]  # by position or in order: the same bytes
+    dataset = json.loads((tiny_corpus / "clean/dataset.json").read_text())
+    predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"], model="fp32")
+    chunked = conversion_parity(bundle["folder"], predictor, tiny_corpus / "features", dataset, load_model(tiny_model),
+                                test, items, chunk=5)
+    assert chunked == bundle["checks"]["conversion_parity"]  # 5 at a time or all at once: the same figures
+
+
 def test_bundle_alone_with_only_its_dependencies_predicts_raw_files(bundle, tiny_corpus, tmp_path):
     alone = tmp_path / "alone"
     shutil.copytree(bundle["folder"], alone)

@@ -128,60 +128,76 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequen
 
 
 def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dict, model: torch.nn.Module,
-                      test: FeatureSet, items: Sequence[dict]) -> dict[str, dict[str, Any]]:
+                      test: FeatureSet, items: Sequence[dict], chunk: int = 256) -> dict[str, dict[str, Any]]:
     """For each modality with ``PARITY_VARIANTS`` and each variant: the raw test items re-encoded, then
     featurised by the pipeline (clean's conversion, preprocess's featurizer) and by the bundle's
     predictor; the share of items on which the fp32 model (other modalities' inputs unchanged) gives
     the same top-1, and the largest difference of the model's inputs. ``predictor``: the bundle's, with
-    its fp32 model."""
+    its fp32 model. ``chunk`` items at a time (re-encoded long recordings are large)."""
     fp32 = session(folder / "model_fp32.onnx")
     out: dict[str, dict[str, Any]] = {}
     for column, m in enumerate(model.modalities):
         module = MODALITIES[m]
+        if not getattr(module, "PARITY_VARIANTS", None):
+            continue
         positions = np.array([i for i, item in enumerate(items) if item.get(m) is not None], np.int64)
-        if not getattr(module, "PARITY_VARIANTS", None) or not len(positions):
+        if not len(positions):
             continue
         rules = getattr(module, "RULES", module.PARAMS["clean"])(**dataset["clean_rules"][m])
         state = json.loads((features_root / m / STATE_FILE).read_text())
         featurizer = module.Features.from_state(features_root / m, state)
-        arrays = array_names(state)
-        feeds = onnx_feeds(test.get(positions), model)
-        ids = [str(test.sample_ids[i]) for i in positions]
-        out[m] = {}
-        for variant, encode in module.PARITY_VARIANTS.items():
-            converted = [encode(items[i][m]) for i in positions]
-            cleaned = []
-            for item in converted:
-                try:
-                    cleaned.append(module.clean(item, rules).data)
-                except RejectedInput:
-                    cleaned.append(None)
-            undecodable: dict[int, str] = {}
-            pipeline = featurizer.transform(cleaned, ids, errors=undecodable)
-            pipeline_ok = np.array([c is not None and k not in undecodable for k, c in enumerate(cleaned)])
-            served = {name: np.zeros_like(values) for name, values in pipeline.items()}
-            served_ok = np.zeros(len(converted), bool)
-            for k, item in enumerate(converted):
-                try:
-                    arrays_k = predictor.features(**{m: item})
-                except predictor.InputError:
-                    continue
-                for name in arrays:
-                    served[name][k] = arrays_k[name]
-                served_ok[k] = True
-            both = pipeline_ok & served_ok
-            tops = []
-            for values in (pipeline, served):
-                available = feeds["available"].copy()
-                available[:, column] &= both
-                given = {name: values[name].astype(feeds[name].dtype) for name in arrays}
-                tops.append(run_logits(fp32, feeds | given | {"available": available}).argmax(axis=1))
-            agree = (tops[0] == tops[1]) & (pipeline_ok == served_ok)
-            diff = max((float(np.abs(pipeline[n][both].astype(np.float64) - served[n][both]).max(initial=0.0))
-                        for n in arrays), default=0.0)
-            out[m][variant] = {"items": len(converted), "accepted_by_both": int(both.sum()),
-                               "top1_agreement": float(agree.mean()), "max_abs_input_diff": diff}
+        tally = {variant: {"items": 0, "accepted_by_both": 0, "agree": 0, "diff": 0.0} for variant in module.PARITY_VARIANTS}
+        for start in range(0, len(positions), chunk):
+            part = positions[start:start + chunk]
+            feeds = onnx_feeds(test.get(part), model)
+            raw = [items[i][m] for i in part]
+            for variant, encode in module.PARITY_VARIANTS.items():
+                counts = _parity_counts(m, module, rules, featurizer, predictor, fp32, feeds, column, array_names(state),
+                                        [encode(item) for item in raw], [str(test.sample_ids[i]) for i in part])
+                t = tally[variant]
+                t["items"] += len(part)
+                t["accepted_by_both"] += counts["both"]
+                t["agree"] += counts["agree"]
+                t["diff"] = max(t["diff"], counts["diff"])
+        out[m] = {variant: {"items": t["items"], "accepted_by_both": t["accepted_by_both"],
+                            "top1_agreement": t["agree"] / t["items"], "max_abs_input_diff": t["diff"]}
+                  for variant, t in tally.items()}
     return out
+
+
+def _parity_counts(m: str, module, rules, featurizer, predictor, fp32, feeds: dict, column: int, arrays: list[str],
+                   converted: list[bytes], ids: list[str]) -> dict[str, Any]:
+    """One chunk of ``conversion_parity``: items accepted by both paths, top-1 agreements, largest input difference."""
+    cleaned = []
+    for item in converted:
+        try:
+            cleaned.append(module.clean(item, rules).data)
+        except RejectedInput:
+            cleaned.append(None)
+    undecodable: dict[int, str] = {}
+    pipeline = featurizer.transform(cleaned, ids, errors=undecodable)
+    pipeline_ok = np.array([c is not None and k not in undecodable for k, c in enumerate(cleaned)])
+    served = {name: np.zeros_like(values) for name, values in pipeline.items()}
+    served_ok = np.zeros(len(converted), bool)
+    for k, item in enumerate(converted):
+        try:
+            arrays_k = predictor.features(**{m: item})
+        except predictor.InputError:
+            continue
+        for name in arrays:
+            served[name][k] = arrays_k[name]
+        served_ok[k] = True
+    both = pipeline_ok & served_ok
+    tops = []
+    for values in (pipeline, served):
+        available = feeds["available"].copy()
+        available[:, column] &= both
+        given = {name: values[name].astype(feeds[name].dtype) for name in arrays}
+        tops.append(run_logits(fp32, feeds | given | {"available": available}).argmax(axis=1))
+    agree = (tops[0] == tops[1]) & (pipeline_ok == served_ok)
+    diff = max((float(np.abs(pipeline[n][both].astype(np.float64) - served[n][both]).max(initial=0.0))
+                for n in arrays), default=0.0)
+    return {"both": int(both.sum()), "agree": int(agree.sum()), "diff": diff}
 
 
 def git_commit() -> str | None:
