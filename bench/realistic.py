@@ -38,77 +38,63 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["collect", "clean", "preprocess@image", "preprocess@text", "preprocess@audio", "preprocess@tabular",
-          "train", "evaluate", "compress", "export"]
 FILLER = ["The form came in with the morning post.", "Scanned at the regional office.",
           "Ink is a little faded on the left.", "Second copy, the first one was torn.",
           "Filed under batch seven.", "Checked twice by the night shift."]
 EXIF_MAKE, EXIF_MODEL, EXIF_DATETIME, EXIF_ORIENTATION = 0x010F, 0x0110, 0x0132, 0x0112
 
 
-def realistic_sample(index: int, seed: int, folder: Path, bank: dict[int, tuple]) -> dict:
-    """Sample ``index``: its files written under ``folder``; its manifest row returned."""
+def realistic_sample(index: int, seed: int, folder: Path, configs: dict, banks: dict) -> dict:
+    """Sample ``index``: the built-in corpus's sample (``make_sample``: label, group, missing/degraded
+    draws, content) at a 44.1 or 48 kHz rate, reshaped as a user's files under ``folder``; its manifest row
+    returned. ``configs``/``banks``: the corpus settings and speech bank per rate."""
     from mmpipe.data import builtin
 
-    cfg = builtin.BuiltinCorpus(image_size=224, p_jpeg=0.7, tabular=True)
-    rng = np.random.default_rng([seed, index])
-    digit = int(rng.integers(10))
-    states = builtin._draw_states(rng, cfg)
-    scans, _ = builtin.digit_scans()
-    candidates = builtin._scans_by_label()[digit]
-    scan = int(candidates[rng.integers(len(candidates))])
-    row = {"id": f"r-{index:07d}", "label": builtin.LABELS[digit], "group": f"scan-{scan}"}
-    image_rng, audio_rng, text_rng, record_rng = (np.random.default_rng([seed, index, k]) for k in (1, 2, 3, 4))
-    if states["image"] != "missing":
-        encoded = builtin.render_image(scans[scan], image_rng, 224, states["image"] == "degraded", cfg.p_jpeg)
-        photo = Image.open(io.BytesIO(encoded))
+    rng = np.random.default_rng([seed, index, 5])  # a stream make_sample does not use
+    rate = (44100, 48000)[int(rng.integers(2))]
+    sample = builtin.make_sample(index, seed, configs[rate], banks[rate])
+    row = {"id": f"r-{index:07d}", "label": sample.label, "group": sample.group}
+    if sample.image is not None:
+        photo = Image.open(io.BytesIO(sample.image))
         exif = Image.Exif()
-        exif.update({EXIF_MAKE: "Acme", EXIF_MODEL: f"Phone {int(image_rng.integers(3, 9))}",
-                     EXIF_DATETIME: f"2026:0{int(image_rng.integers(1, 10))}:1{int(image_rng.integers(0, 9))} 10:00:00",
+        exif.update({EXIF_MAKE: "Acme", EXIF_MODEL: f"Phone {int(rng.integers(3, 9))}",
+                     EXIF_DATETIME: f"2026:0{int(rng.integers(1, 10))}:1{int(rng.integers(0, 9))} 10:00:00",
                      EXIF_ORIENTATION: 1})
-        name = f"{row['id']}.{'jpg' if photo.format == 'JPEG' else 'png'}"
-        if photo.format == "JPEG":
-            photo.save(folder / name, format="JPEG", quality=int(image_rng.integers(80, 95)), exif=exif)
-        else:
-            photo.save(folder / name, format="PNG", compress_level=1, exif=exif)
-        row["image"] = name
-    if states["audio"] != "missing":
-        rate = (44100, 48000)[int(audio_rng.integers(2))]
-        speech = bank[rate][digit][int(audio_rng.integers(len(bank[rate][digit])))]
-        clip = builtin.render_audio(speech, audio_rng, rate, states["audio"] == "degraded", tuple(cfg.snr_db),
-                                    tuple(cfg.degraded_snr_db), 0.0)
-        mono, _ = sf.read(io.BytesIO(clip), dtype="float32")
-        total = int(audio_rng.uniform(5.0, 10.0) * rate)
-        start = int(audio_rng.uniform(0.0, 0.3) * rate)
+        jpeg = photo.format == "JPEG"
+        row["image"] = f"{row['id']}.{'jpg' if jpeg else 'png'}"
+        photo.save(folder / row["image"], format=photo.format, exif=exif,
+                   **({"quality": int(rng.integers(80, 95))} if jpeg else {"compress_level": 1}))
+    if sample.audio is not None:  # the utterance in the first 0.3 s, then the clip's own noise floor, in stereo
+        mono, _ = sf.read(io.BytesIO(sample.audio), dtype="float32")
+        total = int(rng.uniform(5.0, 10.0) * rate)
+        start = int(rng.uniform(0.0, 0.3) * rate)
         mono = mono[:total - start]
-        noise_level = float(np.std(mono[: int(0.05 * rate)])) + 1e-3  # the clip's own noise floor, continued
-        signal = audio_rng.normal(0.0, noise_level, (total, 2)).astype(np.float32)
-        delay = int(audio_rng.integers(0, 40))  # the second microphone hears it a little later and softer
+        noise_level = float(np.std(mono[: int(0.05 * rate)])) + 1e-3
+        signal = rng.normal(0.0, noise_level, (total, 2)).astype(np.float32)
+        delay = int(rng.integers(0, 40))  # the second microphone hears it a little later and softer
         signal[start:start + len(mono), 0] += mono
         signal[start + delay:start + delay + len(mono), 1] += 0.8 * mono[:total - start - delay]
-        signal = np.clip(signal, -1.0, 1.0)
-        flac = audio_rng.random() < 0.3
-        name = f"{row['id']}.{'flac' if flac else 'wav'}"
-        sf.write(folder / name, signal, rate, format="FLAC" if flac else "WAV", subtype="PCM_16")
-        row["audio"] = name
-    if states["text"] != "missing":
-        sentence = builtin.render_text(digit, text_rng, states["text"] == "degraded").decode()
-        extra = [FILLER[int(k)] for k in text_rng.choice(len(FILLER), int(text_rng.integers(0, 3)), replace=False)]
-        order = [sentence.rstrip(".!?") + ".", *extra]
-        text_rng.shuffle(order)
-        row["text"] = " ".join(order)
-    u = record_rng.random()
-    if u >= cfg.p_missing.tabular:
-        degraded = u < cfg.p_missing.tabular + cfg.p_degraded.tabular
-        row["tabular"] = builtin.render_record(digit, scans[scan], record_rng, degraded, cfg.p_bad_cell).decode()
+        flac = rng.random() < 0.3
+        row["audio"] = f"{row['id']}.{'flac' if flac else 'wav'}"
+        sf.write(folder / row["audio"], np.clip(signal, -1.0, 1.0), rate, format="FLAC" if flac else "WAV",
+                 subtype="PCM_16")
+    if sample.text is not None:
+        sentences = [sample.text.decode().rstrip(".!?") + ".",
+                     *(FILLER[int(k)] for k in rng.choice(len(FILLER), int(rng.integers(0, 3)), replace=False))]
+        rng.shuffle(sentences)
+        row["text"] = " ".join(sentences)
+    if sample.tabular is not None:
+        row["tabular"] = sample.tabular.decode()
     return row
 
 
 def _make_rows(indices: list[int], seed: int, folder: str) -> list[dict]:
     from mmpipe.data import builtin
 
-    bank = {rate: builtin.speech_bank(seed, 16, rate) for rate in (44100, 48000)}
-    return [realistic_sample(i, seed, Path(folder), bank) for i in indices]
+    configs = {rate: builtin.BuiltinCorpus(image_size=224, audio_sample_rate=rate, p_jpeg=0.7, p_flac=0.0, tabular=True)
+               for rate in (44100, 48000)}
+    banks = {rate: builtin.speech_bank(seed, 16, rate) for rate in configs}
+    return [realistic_sample(i, seed, Path(folder), configs, banks) for i in indices]
 
 
 def write_realistic(n: int, folder: Path, seed: int = 0, workers: int | None = None) -> Path:
@@ -165,10 +151,15 @@ def folder_mb(path: Path) -> float:
 
 def stage_figures(work: Path, samples: int) -> dict[str, dict]:
     """Per stage, from its metrics file: the ``process`` block and samples/s over the stage's wall time."""
+    from mmpipe import layout
+    from mmpipe.modalities import names
+
+    files = {stage: layout.METRICS[stage] for stage in ("collect", "clean")}
+    files |= {f"preprocess@{m}": layout.preprocess_metrics(m) for m in names()}
+    files |= {stage: layout.METRICS[stage] for stage in ("train", "evaluate", "compress", "export")}
     out = {}
-    for stage in STAGES:
-        name = {"evaluate": "eval"}.get(stage, stage.replace("@", "_"))
-        path = work / "metrics" / f"{name}.json"
+    for stage, relative in files.items():
+        path = work / relative
         if not path.exists():
             continue
         metrics = json.loads(path.read_text())

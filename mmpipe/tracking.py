@@ -184,17 +184,17 @@ class StageRun:
             retrying(f"set tag {key}", MlflowClient().set_tag, self.run_id, key, value)
 
     def write_metrics(self, path: str | os.PathLike, metrics: dict[str, Any]) -> None:
-        """The stage's metrics file (written atomically), logged as metrics and as an artifact."""
-        write_json_atomic(path, metrics)
-        self.log_metrics_file(path)
-
-    def log_metrics_file(self, path: str | os.PathLike) -> None:
-        """Log the stage's metrics file, with what the process used so far added to it under ``process``
-        (wall time since start, peak RSS / GPU memory, bytes written: mmpipe.resources)."""
-        metrics = json.loads(Path(path).read_text()) | {"process": resources.usage()}
+        """The stage's metrics file (written atomically) with what the process used so far under ``process``
+        (wall time since start, peak RSS / GPU memory, bytes written: mmpipe.resources), logged as metrics
+        and as an artifact."""
+        metrics = metrics | {"process": resources.usage()}
         write_json_atomic(path, metrics)
         self.log_metrics(metrics)
         self.log_artifact(path)
+
+    def log_metrics_file(self, path: str | os.PathLike) -> None:
+        """``write_metrics`` for a metrics file the stage already wrote."""
+        self.write_metrics(path, json.loads(Path(path).read_text()))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         import mlflow

@@ -146,13 +146,14 @@ def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dic
         rules = getattr(module, "RULES", module.PARAMS["clean"])(**dataset["clean_rules"][m])
         state = json.loads((features_root / m / STATE_FILE).read_text())
         featurizer = module.Features.from_state(features_root / m, state)
+        arrays = array_names(state)
         tally = {variant: {"items": 0, "accepted_by_both": 0, "agree": 0, "diff": 0.0} for variant in module.PARITY_VARIANTS}
         for start in range(0, len(positions), chunk):
             part = positions[start:start + chunk]
             feeds = onnx_feeds(test.get(part), model)
             raw = [items[i][m] for i in part]
             for variant, encode in module.PARITY_VARIANTS.items():
-                counts = _parity_counts(m, module, rules, featurizer, predictor, fp32, feeds, column, array_names(state),
+                counts = _parity_counts(m, module, rules, featurizer, predictor, fp32, feeds, column, arrays,
                                         [encode(item) for item in raw], [str(test.sample_ids[i]) for i in part])
                 t = tally[variant]
                 t["items"] += len(part)

@@ -58,6 +58,10 @@ def shard_path(folder: Path, array: str, shard: int) -> Path:
     return folder / f"{array}-{shard:05d}.npy"
 
 
+def shard_count(total: int, shard_rows: int) -> int:
+    return -(-total // shard_rows)
+
+
 class RunningStats:
     """Mean/std from per-task float64 sums."""
 
@@ -103,7 +107,7 @@ class Runner:
     def __init__(self, features, modality: str, out_dir: Path, shard_rows: int, total: int, device: str):
         self.features, self.modality, self.out_dir = features, modality, out_dir
         self.shard_rows, self.total, self.device = shard_rows, total, device
-        self.shards = -(-total // shard_rows)
+        self.shards = shard_count(total, shard_rows)
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: the last row group read
@@ -185,7 +189,7 @@ def plan_tasks(files: list[Path], batch_rows: int, shard_rows: int) -> list[Task
 
 def part_shards(total: int, shard_rows: int, part: int, parts: int) -> range:
     """The shards of partition ``part`` of ``parts``: consecutive, as even as whole shards allow."""
-    shards = -(-total // shard_rows)
+    shards = shard_count(total, shard_rows)
     return range(part * shards // parts, (part + 1) * shards // parts)
 
 
@@ -308,9 +312,9 @@ def join_parts(source: Source, modality: str, params, parts_dir: Path, out_dir: 
             partials += [(stats[f"{k}.0"], stats[f"{k}.1"], int(stats[f"{k}.2"])) if f"{k}.0" in stats else None
                          for k in range(int(stats["tasks"]))]
         failed |= {int(row): tuple(v) for row, v in record["failed"].items()}
-    if covered != -(-source.total // params.shard_rows):
+    if covered != shard_count(source.total, params.shard_rows):
         raise PipelineError(f"{parts_dir}: the partitions cover {covered} shards of "
-                            f"{-(-source.total // params.shard_rows)}")
+                            f"{shard_count(source.total, params.shard_rows)}")
     return partials, failed
 
 
@@ -340,10 +344,12 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
         partials, failed = join_parts(source, modality, params, parts_dir, out_dir)
     else:
         partials, failed = featurise(source, modality, params, out_dir, device)
-    stats = RunningStats() if features.stats else None
-    for partial in partials if stats is not None else ():
-        stats.add(partial)
-    shards = -(-total // params.shard_rows)
+    stats = None
+    if features.stats:
+        stats = RunningStats()
+        for partial in partials:  # in task order: the same sums however the tasks were run
+            stats.add(partial)
+    shards = shard_count(total, params.shard_rows)
 
     label_index = {label: i for i, label in enumerate(dataset["labels"])}
     index = {name: [] for name in INDEX_SCHEMA.names}
