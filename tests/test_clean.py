@@ -250,3 +250,25 @@ def test_a_decoder_crashing_its_worker_costs_only_that_item(tmp_path, clean_para
                                    "action": "modality_dropped"}]
     assert crashed["row"]["text"] == "text 21" and not crashed["row"]["image_available"]
     assert all(r["row"]["image_available"] and not r["rejects"] for k, r in enumerate(results) if k != 21)
+
+
+def test_a_worker_dying_before_the_next_batch_is_submitted_costs_only_that_item(tmp_path, clean_params, monkeypatch):
+    # the race behind a once-flaky run of the test above: the pool breaks while the reader is between
+    # batches, so the next submit (not a result) is where BrokenProcessPool surfaces
+    import time
+
+    rows = [{"sample_id": f"s{i}", "source_row": i, "label": "ab"[i % 2], "split": None, "group": None,
+             "condition": None, "image": b"CRASH" if i == 0 else png_bytes(seed=i), "text": f"text {i}".encode()}
+            for i in range(6)]
+    for row in rows:
+        row.update({f"{m}_{k}": None for m in ("image", "text", "audio") for k in ("ref", "error")} | {"audio": None})
+
+    def slow_batches(raw_dir, batch_rows):
+        for start in range(0, len(rows), 2):
+            yield rows[start:start + 2]
+            time.sleep(3)  # time for the first batch to kill its worker
+    monkeypatch.setattr(clean, "_raw_batches", slow_batches)
+    results = [r for batch in clean._validated_batches(tmp_path, clean_params(workers=2), validate=validate_or_crash)
+               for r in batch]
+    assert [r["row"]["sample_id"] for r in results] == [f"s{i}" for i in range(6)]
+    assert [r["rejects"][0]["code"] if r["rejects"] else None for r in results] == ["decoder_crashed"] + [None] * 5

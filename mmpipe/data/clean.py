@@ -193,13 +193,19 @@ def _validated_batches(raw_dir: Path, params, validate=_validate_batch) -> Itera
             yield validate(rows, params)
         return
     pool = _spawn_pool(workers)
-    pending: collections.deque[tuple[list, cf.Future]] = collections.deque()
+    pending: collections.deque[tuple[list, cf.Future | None]] = collections.deque()
     try:
         for rows in itertools.chain(batches, [None]):
             if rows is not None:
-                pending.append((rows, pool.submit(validate, rows, params)))
-            while pending and (rows is None or len(pending) >= 2 * workers):
                 try:
+                    future = pool.submit(validate, rows, params)
+                except BrokenProcessPool:  # a worker died under an earlier batch before this one went out
+                    future = None
+                pending.append((rows, future))
+            while pending and (rows is None or len(pending) >= 2 * workers or pending[-1][1] is None):
+                try:
+                    if pending[0][1] is None:
+                        raise BrokenProcessPool("the pool broke before this batch was submitted")
                     yield pending[0][1].result()
                     pending.popleft()
                 except BrokenProcessPool:
