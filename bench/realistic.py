@@ -5,9 +5,9 @@
 
 ``--profile realistic`` writes N samples as a user brings them — a folder of files and a CSV manifest
 (docs/data-format.md): 224x224 photos (70 % JPEG, 30 % PNG, with EXIF camera tags), 5-10 s recordings at
-44.1 or 48 kHz stereo (70 % WAV, 30 % FLAC; the utterance within its first second, then room noise),
+44.1 or 48 kHz stereo (70 % WAV, 30 % FLAC; the utterance within its first 0.3 s, then its noise floor),
 1-3 sentence texts and a metadata record (JSON cell), with the built-in corpus's missing and degraded
-rates (its digit scans and speech bank are the content: the task stays learnable). ``--profile builtin``
+rates (each sample is the built-in corpus's ``make_sample`` reshaped: the task stays learnable). ``--profile builtin``
 is the built-in corpus at N samples.
 
 Then ``dvc repro`` (up to ``--until``) runs in a temporary copy of the repository with its own MLflow
