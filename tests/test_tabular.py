@@ -95,7 +95,7 @@ def test_folder_json_records_and_a_manifest_record_cell(tmp_path):
     assert json.loads(rows["x/s1"]["tabular"]) == {"age": 30.0, "city": "Lyon"}
     assert not rows["y/s3"]["tabular_available"] and rows["y/s3"]["text_available"]
     reason = pd.read_parquet(root / "clean" / REJECTS_FILE).reason.tolist()[0]
-    assert reason.startswith("no tabular column has a usable value (column 'city': [\"not\", \"a\", \"value\"] is not a text")
+    assert reason.startswith("no tabular column has a usable value (column 'city': [\"not\", \"a\", \"value\"] (a nested value) is not a text")
 
     conflict = write_csv(tmp_path / "c.csv", ["label", "tabular", "age"], [["x", '{"age": 3}', "4"], ["x", '{"age": 3}', ""]])
     root = run_data(tmp_path / "c", conflict, {"age": "numeric"})
@@ -177,3 +177,70 @@ def test_predict_cli_takes_tabular_json_and_manifest_columns(bundle, tmp_path):
     results = [json.loads(line) for line in rows.stdout.splitlines()]
     assert [r["id"] for r in results] == ["a", "b", "c"]
     assert results[0]["label"] and results[1]["error"].startswith("no input") and results[2]["label"]  # bad cell: missing
+
+
+# Values that reach typing from users' records, as JSON text: each must end as a bad cell (or the
+# record as a reject) with its reason, never as an exception out of clean or the predictor.
+HOSTILE_CELLS = {"int_400_digits": "1" + "0" * 400, "int_5000_digits": "9" * 5000, "float_1e400": "1e400",
+                 "infinity": "Infinity", "minus_infinity": "-Infinity", "nan": "NaN", "object": '{"a": {"b": 1}}',
+                 "array": "[1, [2, 3]]", "deep": "[" * 40 + "]" * 40, "true": "true"}
+
+
+def test_hostile_cells_are_bad_cells_at_clean_with_default_params(tmp_path):
+    """Default params: the columns are typed by auto_types over every record (where a 400-digit integer
+    raised OverflowError and killed the stage)."""
+    folder = tmp_path / "f"
+    for label in ("x", "y"):
+        (folder / label).mkdir(parents=True)
+    for i in range(200):  # enough ordinary numbers that 'age' stays numeric (>= 95 % numbers)
+        (folder / "xy"[i % 2] / f"s{i}.json").write_text(json.dumps({"age": 20 + i % 50, "city": "Lyon" if i % 3 else "Oslo"}))
+    for name, cell in HOSTILE_CELLS.items():  # the same value in the numeric and in the categorical column
+        (folder / "x" / f"h_{name}.json").write_text(f'{{"age": {cell}, "city": {cell}, "note": "kept"}}')
+    (folder / "y" / "h_10mb.json").write_text(json.dumps({"age": 1, "city": "x" * 10_000_000}))
+    root = run_data(tmp_path, folder, {})
+    rows = clean_rows(root)
+    rejects = pd.read_parquet(root / "clean" / REJECTS_FILE)
+    rules = json.loads((root / "clean" / DATASET_FILE).read_text())["clean_rules"]["tabular"]["columns"]
+    assert rules == {"age": "numeric", "city": "categorical", "note": "categorical"}
+    for name in HOSTILE_CELLS:
+        sid = f"x/h_{name}"
+        mine = rejects[rejects.sample_id == sid]
+        reasons = mine.reason.tolist()
+        if name == "true":  # a boolean is a category, not a number
+            assert json.loads(rows[sid]["tabular"]) == {"city": "true", "note": "kept"}
+            assert reasons == ["column 'age': true is not a finite number (made missing)"]
+            continue
+        assert json.loads(rows[sid]["tabular"]) == {"note": "kept"}, name  # the rest of the record is kept
+        assert mine.action.tolist() == ["value_dropped"] * 2 and mine.code.tolist() == ["tabular_bad_cell"] * 2, name
+        assert [r.split(":")[0] for r in reasons] == ["column 'age'", "column 'city'"], name
+        assert all(len(r) < 200 and "\n" not in r and "(made missing)" in r for r in reasons), reasons
+    assert "too large for a float" in rejects[rejects.sample_id == "x/h_int_400_digits"].reason.tolist()[0]
+    assert "(not finite)" in rejects[rejects.sample_id == "x/h_nan"].reason.tolist()[0]
+    assert "(a nested value)" in rejects[rejects.sample_id == "x/h_object"].reason.tolist()[1]
+    big = rejects[rejects.sample_id == "y/h_10mb"]
+    assert big.code.tolist()[0] == "tabular_too_large" and big.reason.tolist()[0].startswith("tabular record is 10,000,")
+
+
+def test_hostile_cells_are_bad_cells_at_serve_time_and_columns_meet_the_record_byte_limit(bundle, tmp_path):
+    predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"])
+    rules = predictor.rules["tabular"]
+    numeric = next(c for c, t in rules["columns"].items() if t == "numeric")
+    categorical = next(c for c, t in rules["columns"].items() if t == "categorical")
+    for name, cell in HOSTILE_CELLS.items():
+        value = json.loads(f"[{cell}]", parse_int=lambda s: int(s) if len(s) < 4000 else float(s))[0]
+        for column, other in ((numeric, {categorical: "Lyon"}), (categorical, {numeric: 1.0})):
+            if column == categorical and name == "true":
+                continue  # a boolean is a category
+            _, dropped = records.decode_record({column: value, **other}, rules)  # the pipeline's verdict
+            assert [code for code, _ in dropped] == ["tabular_bad_cell"], name
+            served = predictor.features(tabular={column: value, **other})  # as the REST adapter hands a row over
+            without = predictor.features(tabular=other)  # the bad cell is a missing cell, as at clean
+            assert all(np.array_equal(served[k], without[k]) for k in served), (name, column)
+    # cells that arrive as columns are held to clean.tabular.max_bytes, as a JSON record is
+    with pytest.raises(predictor.InputError, match=r"tabular record is 70,0\d\d bytes > clean.tabular.max_bytes=65,536"):
+        predictor.features(tabular={categorical: "x" * 70_000})
+    write_csv(tmp_path / "m.csv", ["id", categorical, "text"], [["big", "y" * 70_000, "seven"], ["ok", "y", "seven"]])
+    proc = subprocess.run([sys.executable, "predict.py", "--manifest", str(tmp_path / "m.csv")], cwd=bundle["folder"],
+                          capture_output=True, text=True, timeout=120)
+    big, ok = (json.loads(line) for line in proc.stdout.splitlines())
+    assert "clean.tabular.max_bytes" in big["error"] and ok["label"]

@@ -250,21 +250,28 @@ def _resolve(ref: str, base: str) -> str:
 
 
 def _json_cell(value: Any) -> Any:
-    """A manifest cell as a JSON value (None when empty): numbers stay numbers, the rest text."""
+    """A manifest cell as a JSON value (None when empty): numbers stay numbers (non-finite ones too,
+    written as JSON's NaN/Infinity, so that clean names them as the bad cells they are), nested values
+    (JSONL objects/arrays, Parquet lists and structs) stay nested: clean reports them as bad cells,
+    exactly as the bundle's predictor does when a request sends one. The rest is text."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
         return None if np.isnan(value) else float(value)
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _json_cell(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_cell(v) for v in value]
     return _text(value)
 
 
 def _record(cells: dict[str, Any]) -> str | None:
-    """A row's record columns as one JSON object (None when every cell is empty). Non-finite
-    numbers are written as strings, so that clean names them as the bad cells they are."""
-    present = {c: v if not isinstance(v, float) or np.isfinite(v) else str(v)
-               for c, v in ((c, _json_cell(v)) for c, v in cells.items()) if v is not None}
+    """A row's record columns as one JSON object (None when every cell is empty)."""
+    present = {c: v for c, v in ((c, _json_cell(v)) for c, v in cells.items()) if v is not None}
     return json.dumps(present, ensure_ascii=False) if present else None
 
 

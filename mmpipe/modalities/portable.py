@@ -57,11 +57,20 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
 
 
+MAX_INT_DIGITS = 4000  # Python refuses to parse longer integers (int_max_str_digits, 4300)
+
+
+def _json_int(digits: str) -> int | float:
+    """A JSON integer; one too long for Python's int parser becomes a float (infinite): a cell that
+    typing reports as not finite, not a file that cannot be read."""
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
+
+
 def json_object(text: str | bytes) -> dict:
     """``text`` as a JSON object; ValueError with a one-line reason otherwise (a manifest's JSON line,
     a ``--tabular`` argument, a record)."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=_json_int)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     except (ValueError, RecursionError) as exc:  # invalid UTF-8 bytes, absurd nesting

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -33,54 +34,98 @@ AUTO_NUMERIC_SHARE = 0.95
 
 
 def _empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or \
-        (isinstance(value, float) and math.isnan(value))
+    """A missing cell: null or blank text. (NaN is not "missing" here: the manifest readers and the
+    REST adapter turn their own missing-value markers into null; a NaN that reaches a record was sent
+    as a value, and is reported as the bad cell it is.)"""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
-def as_number(value: Any) -> float | None:
-    """A cell as a finite number, or None when it is not one ("31", " 4.5 ", 31 and 4.5 are)."""
-    if isinstance(value, bool):
+def _finite(value: Any) -> float | None:
+    """A real number (bool excluded) as a finite float; None for anything else, including numbers
+    too large for a float (a 400-digit JSON integer) and +-inf / NaN."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         return None
-    if isinstance(value, (int, float)):
+    try:
         number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-    else:
+    except (OverflowError, ValueError):
         return None
     return number if math.isfinite(number) else None
 
 
+def as_number(value: Any) -> float | None:
+    """A cell as a finite number, or None when it is not one ("31", " 4.5 ", 31 and 4.5 are)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    return _finite(value)
+
+
 def as_category(value: Any, max_chars: int) -> str | None:
     """A cell as a category: text normalised (NFC, no control characters, single spaces), numbers
-    written as the integers they are (3.0 -> "3"), booleans as true/false; None for nested values."""
-    if isinstance(value, bool):
+    written as the integers they are (3.0 -> "3"), booleans as true/false; None for what is none
+    of these (nested values, bytes, non-finite or float-overflowing numbers)."""
+    if isinstance(value, (bool, np.bool_)):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(int(value)) if float(value).is_integer() else repr(float(value))
     if isinstance(value, str):
         return normalize(value)[:max_chars].rstrip() or None
-    return None
+    number = _finite(value)
+    if number is None:
+        return None
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    """A cell for a message: at most 40 characters, whatever its type or size."""
+    if isinstance(value, str):
+        text = json.dumps(value[:40], ensure_ascii=False)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = repr(value) if not isinstance(value, int) or value.bit_length() < 128 else f"a {value.bit_length()}-bit integer"
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=lambda v: f"<{type(v).__name__}>")
+        except (ValueError, TypeError, RecursionError):
+            text = f"<{type(value).__name__}>"
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _what(value: Any) -> str:
+    """What a cell is, when its shown value does not say it ("" when it does)."""
+    if isinstance(value, (dict, list, tuple)):
+        return " (a nested value)"
+    if isinstance(value, (bytes, bytearray)):
+        return " (bytes)"
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and _finite(value) is None:
+        return " (too large for a float)" if isinstance(value, numbers.Integral) else " (not finite)"
+    return ""
+
+
+def cells_size(obj: Mapping[str, Any]) -> int:
+    """UTF-8 bytes of a record's cells as the JSON object collect stores (empty cells left out): how a
+    record that arrives as columns (CSV manifest, REST request) is held to ``max_bytes``."""
+    present = {k: v for k, v in obj.items() if not _empty(v)}
+    text_bytes = sum(len(k) + (len(v) if isinstance(v, str) else 0) for k, v in present.items())
+    if text_bytes > (1 << 24):  # surely over any sane limit: not worth serialising to measure it
+        return text_bytes
+    return len(json.dumps(present, ensure_ascii=False, default=lambda v: f"<{type(v).__name__}>").encode("utf-8", "surrogatepass"))
 
 
 def parse_object(data: bytes | str | Mapping, rules: Mapping[str, Any]) -> dict[str, Any]:
     """Raw bytes / JSON text / a mapping -> the JSON object, bounded by ``rules["max_bytes"]``."""
-    if isinstance(data, Mapping):
-        return dict(data)
-    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+    if isinstance(data, Mapping):  # cells that arrived as columns: the same byte limit as a JSON record
+        size = cells_size(data)
+    else:
+        size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
     if size > rules["max_bytes"]:
         raise RejectedInput("tabular_too_large", f"tabular record is {size:,} bytes > clean.tabular.max_bytes={rules['max_bytes']:,}")
+    if isinstance(data, Mapping):
+        return dict(data)
     try:
-        return json_object(data)
+        obj = json_object(data)
     except ValueError as exc:
         raise RejectedInput("tabular_invalid", f"tabular record: {exc}") from None
+    return obj
 
 
 def decode_record(data: bytes | str | Mapping, rules: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -96,8 +141,9 @@ def decode_record(data: bytes | str | Mapping, rules: Mapping[str, Any]) -> tupl
             continue
         coerced = as_number(value) if kind == NUMERIC else as_category(value, rules["max_chars"])
         if coerced is None:
-            what = "a finite number" if kind == NUMERIC else "a text, number or boolean"
-            dropped.append(("tabular_bad_cell", f"column '{column}': {_shown(value)} is not {what} (made missing)"))
+            wanted = "a finite number" if kind == NUMERIC else "a text, a finite number or a boolean"
+            dropped.append(("tabular_bad_cell", f"column '{column}': {_shown(value)}{_what(value)} is not {wanted} "
+                                                "(made missing)"))
         else:
             values[column] = coerced
     if not values:
