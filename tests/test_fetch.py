@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -74,6 +76,20 @@ class Misbehaving(http.server.BaseHTTPRequestHandler):
                 for piece in self._pieces(PAYLOAD, 1 << 18, pause=0.3):
                     self.wfile.write(piece)
                     self.wfile.flush()
+        elif route == "/drip-body.wav":  # one byte every 0.25 s: every read inside the socket timeout, for 10 s
+            self._start(Content_Length=40)
+            with contextlib.suppress(OSError):
+                for _ in range(40):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.25)
+        elif route == "/drip-headers.wav":  # the same, in the headers: the response never starts
+            with contextlib.suppress(OSError):
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 38 + b"\r\nContent-Length: 0\r\n\r\n":
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.25)
+            self.close_connection = True
         elif route == "/liar.wav":  # announces the whole file, sends half, closes
             self._start(Content_Length=len(PAYLOAD))
             self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
@@ -96,6 +112,10 @@ class Misbehaving(http.server.BaseHTTPRequestHandler):
 class QuietServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         pass  # clients that give up (too large, too slow) reset the connection: expected here
+
+
+class V6Server(QuietServer):
+    address_family = socket.AF_INET6
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +163,51 @@ def test_collect_over_misbehaving_servers_stores_whole_files_or_rejects(server, 
         else:
             assert row["audio"] == PAYLOAD, route
     assert metrics["fetch_errors"]["audio"] == 2
+
+
+@pytest.mark.parametrize("route", ["drip-body.wav", "drip-headers.wav"])
+def test_a_dripping_server_cannot_keep_a_download_past_its_deadline(server, route):
+    """One byte every 0.25 s keeps every read inside a 1 s socket timeout: the download (headers
+    included) must still end at data.fetch_timeout_s, not when the server is done (10 s)."""
+    started = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        fetch(f"{server}/{route}", Policy(max_bytes=8_000_000, timeout_s=1.0))
+    assert time.monotonic() - started < 2.0
+    assert "timed out after 1s (data.fetch_timeout_s)" in info.value.reason
+
+
+def test_collect_over_eight_dripping_urls_ends_by_the_deadline(server, tmp_path, data_params):
+    manifest = tmp_path / "m.csv"
+    routes = ["drip-body.wav", "drip-headers.wav"] * 4 + ["plain.wav"]
+    pd.DataFrame({"label": ["x"] * len(routes), "audio": [f"{server}/{r}" for r in routes]}).to_csv(manifest, index=False)
+    (tmp_path / "raw").mkdir()
+    started = time.monotonic()
+    metrics = collect.collect(data_params(source=str(manifest), max_file_mb=8, fetch_timeout_s=1, fetch_threads=8),
+                              tmp_path / "raw")
+    assert time.monotonic() - started < 5.0
+    raw = pq.read_table(next((tmp_path / "raw").glob("part-*.parquet"))).to_pylist()
+    assert [row["audio_error"].split(" (")[0] for row in raw[:8]] == ["fetch_error: timed out after 1s"] * 8
+    assert raw[8]["audio"] == PAYLOAD and metrics["fetch_errors"]["audio"] == 8
+
+
+def test_credentials_stay_off_a_downgrade_to_http_and_keep_an_ipv6_host(server):
+    from mmpipe.data.fetch import _Redirects
+
+    handler = _Redirects(POLICY)
+    secure = urllib.request.Request("https://example.org/a.wav", headers={"Authorization": "Basic eDp5"})
+    same_host_http = handler.redirect_request(secure, None, 302, "Found", {}, "http://example.org/a.wav")
+    same_host_https = handler.redirect_request(secure, None, 302, "Found", {}, "https://example.org/b.wav")
+    assert not same_host_http.has_header("Authorization")  # would travel in clear text
+    assert same_host_https.has_header("Authorization")
+    # user:pass@[::1]: the address is rebuilt without the credentials, brackets kept
+    httpd = V6Server(("::1", 0), Misbehaving)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        Misbehaving.seen_headers.clear()
+        assert fetch(f"http://alice:s3cret@[::1]:{httpd.server_address[1]}/plain.wav", POLICY) == PAYLOAD
+        assert Misbehaving.seen_headers[-1]["Authorization"] == "Basic YWxpY2U6czNjcmV0"
+    finally:
+        httpd.shutdown()
 
 
 def test_redirects_are_checked_and_do_not_carry_credentials_elsewhere(server, tmp_path):
