@@ -30,6 +30,8 @@ class DataBase(Strict):
     fetch_timeout_s: float = Field(30.0, gt=0)
     max_file_mb: float = Field(64.0, gt=0)
     max_manifest_mb: float = Field(1024.0, gt=0)
+    max_manifest_rows: int = Field(5_000_000, ge=1)
+    max_manifest_columns: int = Field(2048, ge=1, le=1_000_000)
     allowed_protocols: list[str] = Field(default_factory=lambda: ["file", "http", "https"], min_length=1)
     confine_to_root: bool = False
     builtin: BuiltinCorpus = BuiltinCorpus()

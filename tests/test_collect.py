@@ -284,3 +284,47 @@ def test_large_media_make_row_groups_bounded_by_bytes_and_clean_batches_too(tmp_
     assert [len(s) for s in mmio.bounded_slices(table, max_rows=512, max_bytes=10)] == [1] * 7  # one row at least
     monkeypatch.setattr(clean, "bounded_slices", lambda t, rows: mmio.bounded_slices(t, rows, 70_000))
     assert [len(b) for b in clean._raw_batches(tmp_path / "raw", 512)] == [2, 2, 2, 1]
+
+
+def test_manifest_rows_and_columns_are_bounded_before_the_table_is_built(tmp_path, data_params):
+    """Bytes do not bound cells: a few KB of Parquet hold 300,000 rows (run-length encoding), a JSONL
+    whose lines each bring their own key grows as keys x rows in a dense table. Each is refused in one
+    line from what is known before the table is built (footer, header, keys while parsing)."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    many = tmp_path / "rle.parquet"
+    pq.write_table(pa.table({"label": pa.array(["x"] * 300_000).dictionary_encode(),
+                             "text": pa.array(["a"] * 300_000).dictionary_encode()}), many, compression="zstd")
+    assert many.stat().st_size < 20_000
+    with pytest.raises(PipelineError, match=r"^\S+rle.parquet: manifest has more than 100,000 rows \(300,000\) "
+                                            r"\(data.max_manifest_rows\): split it, or raise the limit$"):
+        collect.collect(data_params(source=str(many), max_manifest_rows=100_000), tmp_path)
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(["label", "text", *(f"c{i}" for i in range(3000))]) + "\nx,a\n")
+    with pytest.raises(PipelineError, match=r"manifest has more than 2,048 columns \(data.max_manifest_columns\)"):
+        collect.collect(data_params(source=str(wide)), tmp_path)
+    long = tmp_path / "long.csv"
+    long.write_text("label,text\n" + "x,a\n" * 1001)
+    with pytest.raises(PipelineError, match=r"more than 1,000 rows \(data.max_manifest_rows\)"):
+        collect.collect(data_params(source=str(long), max_manifest_rows=1000), tmp_path)
+    keys = tmp_path / "keys.jsonl"
+    keys.write_text("".join(json.dumps({"label": "x", "text": "a", f"k{i}": i}) + "\n" for i in range(20_000)))
+    assert keys.stat().st_size < 1_000_000
+    with pytest.raises(PipelineError, match=r"more than 2,048 distinct columns \(keys over all lines\) \(data.max_manifest_columns\)"):
+        collect.collect(data_params(source=str(keys)), tmp_path)
+    # under a raised limit the same file costs memory in proportion to its size, not keys x rows
+    out = tmp_path / "raw"
+    out.mkdir()
+    tracemalloc.start()
+    try:
+        metrics = collect.collect(data_params(source=str(keys), max_manifest_columns=100_000,
+                                              tabular={"columns": {"k1": "numeric", "k19999": "numeric"}}), out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert metrics["samples"] == 20_000 and metrics["present"]["tabular"] == 2
+    assert peak < 60e6, f"collect peaked at {peak / 1e6:.0f} MB of Python allocations"
+    raw = read_raw(out)
+    assert raw.tabular[1] == b'{"k1": 1}' and raw.tabular[19_999] == b'{"k19999": 19999}'

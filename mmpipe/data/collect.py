@@ -10,9 +10,11 @@ read (protocols, regular files, size, its root) is mmpipe.data.fetch's trust mod
 from __future__ import annotations
 
 import concurrent.futures as cf
+import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -26,6 +28,7 @@ from urllib.parse import urljoin
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mmpipe.data import builtin
@@ -178,22 +181,82 @@ def _printable(value: Any) -> str:
     return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _jsonl(data: bytes, source: str) -> pd.DataFrame:
-    """JSON Lines parsed line by line (pandas' reader turns an integer column with a null into floats)."""
-    records = []
+@dataclasses.dataclass
+class Manifest:
+    """A manifest read and bounded: its columns, its row count, each record modality's gathered columns,
+    and its rows (a mapping column -> cell per row; an absent key is an empty cell)."""
+
+    columns: list[str]
+    n_rows: int
+    records: dict[str, list[str]]
+    rows: Iterable[dict[str, Any]]
+
+
+def _too_many(source: str, what: str, limit: int, key: str) -> PipelineError:
+    return PipelineError(f"{redact(source)}: manifest has more than {limit:,} {what} (data.{key}): "
+                         "split it, or raise the limit")
+
+
+def _jsonl(data: bytes, source: str, max_rows: int, max_columns: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """JSON Lines parsed line by line, each row kept as its own object (lines that each bring their own
+    keys would make a dense table of every key by every row). Pandas' reader is not used: it turns an
+    integer column with a null into floats."""
+    records, keys = [], {}
     for number, line in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json_object(line))
+            record = json_object(line)
         except ValueError as exc:
             raise PipelineError(f"{source}: line {number}: {exc}") from None
-    return pd.DataFrame(records, dtype=object)
+        if not all(key.isascii() for key in record):  # invalid UTF-8 in a key: shown as escapes
+            record = {_printable(key): value for key, value in record.items()}
+        if len(records) == max_rows:
+            raise _too_many(source, "rows", max_rows, "max_manifest_rows")
+        keys.update(dict.fromkeys(record))
+        if len(keys) > max_columns:
+            raise _too_many(source, "distinct columns (keys over all lines)", max_columns, "max_manifest_columns")
+        records.append(record)
+    return list(keys), records
 
 
-def read_manifest(source: str, params) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """Read a .csv/.parquet/.jsonl manifest (local or URL, fetched under the data params' policy);
-    return it with each record modality's gathered columns (``record_columns``)."""
+def _csv(data: bytes, source: str, max_rows: int, max_columns: int) -> pd.DataFrame:
+    """A CSV manifest, its header counted before pandas reads it, at most ``max_rows`` rows read.
+    An empty cell means "absent"; any other text is kept verbatim (labels with spaces too). Invalid
+    UTF-8 is carried as surrogates so that clean can reject that one cell. The header is read as a
+    row: pandas cannot make column names of invalid UTF-8."""
+    header = next(csv.reader(io.TextIOWrapper(io.BytesIO(data), "utf-8", "surrogateescape", newline="")), [])
+    if len(header) > max_columns:
+        raise _too_many(source, "columns", max_columns, "max_manifest_columns")
+    frame = pd.read_csv(io.BytesIO(data), dtype=object, keep_default_na=False, na_values=[""], encoding="utf-8",
+                        encoding_errors="surrogateescape", header=None, nrows=max_rows + 2)
+    if len(frame) > max_rows + 1:
+        raise _too_many(source, "rows", max_rows, "max_manifest_rows")
+    frame.columns = [_printable(c) for c in frame.iloc[0]] if len(frame) else []
+    return frame.iloc[1:].reset_index(drop=True)
+
+
+def _parquet(data: bytes, source: str, max_rows: int, max_columns: int) -> pd.DataFrame:
+    """A Parquet manifest, its row and column counts read from the footer before any data."""
+    file = pq.ParquetFile(io.BytesIO(data))
+    if len(file.schema_arrow) > max_columns:
+        raise _too_many(source, "columns", max_columns, "max_manifest_columns")
+    if file.metadata.num_rows > max_rows:  # a few KB of run-length encoded Parquet can hold millions of rows
+        raise _too_many(source, f"rows ({file.metadata.num_rows:,})", max_rows, "max_manifest_rows")
+    return file.read().to_pandas()
+
+
+def _frame_rows(frame: pd.DataFrame) -> Iterator[dict[str, Any]]:
+    columns = list(frame.columns)
+    for values in frame.itertuples(index=False, name=None):
+        yield dict(zip(columns, values))
+
+
+def read_manifest(source: str, params) -> Manifest:
+    """Read a .csv/.parquet/.jsonl manifest (local or URL, fetched under the data params' policy),
+    bounded by data.max_manifest_mb (bytes), data.max_manifest_rows and data.max_manifest_columns
+    (checked before the table is built); return it with each record modality's gathered columns
+    (``record_columns``)."""
     suffix = Path(source.split("?")[0]).suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise PipelineError(f"{redact(source)}: unsupported manifest type '{suffix}' (expected {', '.join(MANIFEST_SUFFIXES)})")
@@ -205,38 +268,37 @@ def read_manifest(source: str, params) -> tuple[pd.DataFrame, dict[str, list[str
             raise PipelineError(f"data.source: {redact(source)} does not exist") from None
         reason = exc.reason.replace("data.max_file_mb", "data.max_manifest_mb")
         raise PipelineError(f"data.source: cannot read the manifest: {reason}") from None
+    bounds = (params.max_manifest_rows, params.max_manifest_columns)
     try:
-        if suffix == ".csv":
-            # An empty CSV cell means "absent"; any other text is kept verbatim (labels with spaces
-            # too). Invalid UTF-8 is carried as surrogates so that clean can reject that one cell.
-            # The header is read as a row: pandas cannot make column names of invalid UTF-8.
-            frame = pd.read_csv(io.BytesIO(data), dtype=object, keep_default_na=False, na_values=[""],
-                                encoding="utf-8", encoding_errors="surrogateescape", header=None)
-            frame.columns = [_printable(c) for c in frame.iloc[0]] if len(frame) else []
-            frame = frame.iloc[1:].reset_index(drop=True)
-        elif suffix == ".parquet":
-            frame = pd.read_parquet(io.BytesIO(data))
+        if suffix == ".jsonl":
+            columns, objects = _jsonl(data, redact(source), *bounds)
+            n_rows, rows = len(objects), objects
         else:
-            frame = _jsonl(data, redact(source))
+            frame = _csv(data, source, *bounds) if suffix == ".csv" else _parquet(data, source, *bounds)
+            columns, n_rows, rows = [_printable(c) for c in frame.columns], len(frame), None
     except PipelineError:
         raise
     except Exception as exc:
         raise PipelineError(f"{redact(source)}: cannot read manifest: {_printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
-    frame.columns = [_printable(c) for c in frame.columns]
-    duplicated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    del data
+    if rows is None:
+        frame.columns = columns
+        rows = _frame_rows(frame)
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
     if duplicated:
         raise PipelineError(f"{redact(source)}: manifest has the column '{duplicated[0]}' more than once")
-    if "label" not in frame.columns:
-        raise PipelineError(f"{redact(source)}: manifest has no 'label' column (columns: {', '.join(frame.columns)})")
-    records = record_columns(params, list(frame.columns))
-    gathered = {c for columns in records.values() for c in columns}
-    unknown = [c for c in frame.columns if c not in manifest_columns() and c not in gathered]
+    if "label" not in columns:
+        raise PipelineError(f"{redact(source)}: manifest has no 'label' column (columns: {', '.join(columns)})")
+    records = record_columns(params, columns)
+    gathered = {c for record in records.values() for c in record}
+    unknown = [c for c in columns if c not in manifest_columns() and c not in gathered]
     if unknown:
         hint = "".join(f" (data.{m}.columns: auto gathers them as {m})" for m in records)
-        print(f"collect: ignoring manifest columns not used by the pipeline: {', '.join(unknown)}{hint}")
-    if not gathered and not any(c in frame.columns for c in (*names(), *file_columns())):
+        shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20:,} more" if len(unknown) > 20 else "")
+        print(f"collect: ignoring manifest columns not used by the pipeline: {shown}{hint}")
+    if not gathered and not any(c in columns for c in (*names(), *file_columns())):
         raise PipelineError(f"{redact(source)}: manifest has none of the modality columns {', '.join((*names(), *file_columns()))}")
-    return frame, records
+    return Manifest(columns, n_rows, records, rows)
 
 
 def _resolve(ref: str, base: str) -> str:
@@ -297,35 +359,36 @@ def manifest_base(source: str) -> str:
     return source.rsplit("/", 1)[0] if is_url(source) else str(Path(source).resolve().parent)
 
 
-def manifest_rows(source: str, params) -> list[dict[str, Any]]:
-    """One row spec per manifest row: refs resolved, inline content kept, ids given or derived."""
-    frame, records = read_manifest(source, params)
+def manifest_rows(manifest: Manifest, source: str) -> Iterator[dict[str, Any]]:
+    """One row spec per manifest row, made as they are consumed (never all held): refs resolved,
+    inline content kept, ids given or derived."""
     base = manifest_base(source)
-    specs = []
-    columns = {c: frame[c].tolist() for c in frame.columns if c in manifest_columns()}
+    keyed = {c for c in KEY_COLUMNS if c in manifest.columns}
+    # column -> (its record modality, its place): a row's cells are gathered from the row's own keys,
+    # in column order (a JSONL line holds a few of possibly many keys)
+    gathers = {c: (m, k) for m, record in manifest.records.items() for k, c in enumerate(record)}
 
-    def cell(column: str, i: int) -> str | None:
-        return _text(columns[column][i]) if column in columns else None
-
-    for c in (c for record in records.values() for c in record):
-        columns[c] = frame[c].tolist()
-    for i in range(len(frame)):
-        cells = {m: cell(m, i) for m in names()}
-        for m, record in records.items():
-            gathered = _record({c: columns[c][i] for c in record})
+    for i, row in enumerate(manifest.rows):
+        cells = {m: _text(row.get(m)) for m in names()}
+        by_modality: dict[str, list[tuple[int, str, Any]]] = {m: [] for m in manifest.records}
+        for c, value in row.items():
+            if c in gathers:
+                m, k = gathers[c]
+                by_modality[m].append((k, c, value))
+        for m, record in manifest.records.items():
+            gathered = _record({c: value for _, c, value in sorted(by_modality[m], key=lambda t: t[0])})
             if gathered is not None and cells[m] is not None:
                 cells[m] = ("conflict", f"both '{m}' and its columns {', '.join(record)} are set on this row")
             elif gathered is not None:
                 cells[m] = gathered
-        files = {m: cell(c, i) for c, m in file_columns().items()}
-        label = _key_cell(source, i, "label", columns["label"][i])
-        given_id = _key_cell(source, i, "id", columns["id"][i]) if "id" in columns else None
+        files = {m: _text(row.get(c)) for c, m in file_columns().items()}
+        key = {c: _key_cell(source, i, c, row.get(c)) if c in keyed else None for c in KEY_COLUMNS}
         spec = {
-            "sample_id": given_id if given_id is not None else _derived_id(label, [*cells.values(), *files.values()]),
+            "sample_id": key["id"] if key["id"] is not None else _derived_id(key["label"], [*cells.values(), *files.values()]),
             "source_row": i,
-            "label": label,
-            "split": _key_cell(source, i, "split", columns["split"][i]) if "split" in columns else None,
-            "group": _key_cell(source, i, "group", columns["group"][i]) if "group" in columns else None,
+            "label": key["label"],
+            "split": key["split"],
+            "group": key["group"],
         }
         for m, module in MODALITIES.items():
             value, file = cells[m], files.get(m)
@@ -341,8 +404,7 @@ def manifest_rows(source: str, params) -> list[dict[str, Any]]:
                 spec[m] = ("inline", value)
             else:
                 spec[m] = ("ref", _resolve(value, base))
-        specs.append(spec)
-    return specs
+        yield spec
 
 
 def folder_rows(root: Path) -> list[dict[str, Any]]:
@@ -399,13 +461,14 @@ def _materialize(spec: dict[str, Any], fetch_policy: Policy) -> dict[str, Any]:
     return row
 
 
-def _fetched_batches(specs: list[dict[str, Any]], fetch_policy: Policy, threads: int) -> Iterator[list[dict[str, Any]]]:
+def _fetched_batches(specs: Iterable[dict[str, Any]], fetch_policy: Policy, threads: int) -> Iterator[list[dict[str, Any]]]:
     """Rows in batches of at most BATCH_ROWS rows and BATCH_BYTES of fetched bytes (a larger row alone; the batch is a
     Parquet row group: what every later stage holds at once), fetched by ``threads`` threads."""
+    specs = iter(specs)
     with cf.ThreadPoolExecutor(threads) as pool:
         batch, size = [], 0
-        for start in range(0, len(specs), 4 * threads):
-            for row in pool.map(lambda s: _materialize(s, fetch_policy), specs[start:start + 4 * threads]):
+        while window := list(itertools.islice(specs, 4 * threads)):
+            for row in pool.map(lambda s: _materialize(s, fetch_policy), window):
                 row_size = sum(len(row[m]) for m in names() if row.get(m) is not None)
                 if batch and (len(batch) >= BATCH_ROWS or size + row_size > BATCH_BYTES):
                     yield batch
@@ -447,8 +510,12 @@ def collect(params, out_dir: Path) -> dict[str, Any]:
         total = params.n_samples
         batches: Iterable[list[dict[str, Any]]] = _builtin_batches(params)
     else:
-        specs = manifest_rows(where, params) if kind == "manifest" else folder_rows(where)
-        total = len(specs)
+        if kind == "manifest":
+            manifest = read_manifest(where, params)
+            specs, total = manifest_rows(manifest, where), manifest.n_rows
+        else:
+            specs = folder_rows(where)
+            total = len(specs)
         if total == 0:
             raise PipelineError(f"data.source: {redact(params.source)} holds no samples")
         root = manifest_base(where) if kind == "manifest" else str(where)
@@ -518,7 +585,7 @@ def fingerprint(params) -> dict[str, Any]:
         return {"source": redact(source), "kind": kind, "manifest": redact(where)}
     items = {}
     item_policy = policy(params, manifest_base(where))
-    for spec in manifest_rows(where, params):
+    for spec in manifest_rows(read_manifest(where, params), where):
         for m in names():
             if spec[m] is not None and spec[m][0] == "ref":
                 ref = spec[m][1]
