@@ -19,6 +19,7 @@ from mmpipe import params
 from mmpipe.data.clean import validate_sample
 from mmpipe.deploy.export import load_predictor
 from mmpipe.modalities import names
+from mmpipe.modalities.portable import RejectedInput
 
 N_MUTANTS = {"image": 1200, "audio": 900, "text": 300, "tabular": 300}  # 2,700 in all
 RECORD_COLUMNS = {"age": "numeric", "height": "numeric", "country": "categorical", "device": "categorical"}
@@ -183,3 +184,34 @@ def test_header_lies_are_rejected_from_the_header_before_decoding(lie, code):
     with pytest.raises(RejectedInput) as info:
         MODALITIES[modality].clean(data, getattr(params.CleanParams(), modality))
     assert info.value.code == code
+
+
+def test_the_bundle_predictor_rejects_exactly_the_images_clean_rejects(all_mutants, bundle):
+    """The predictor decodes a JPEG that clean keeps at preprocess's draft scale (one decode): on
+    every image mutant it must still accept and reject what clean does."""
+    from mmpipe.modalities import image
+
+    predict = load_predictor(bundle["folder"])
+    predictor = predict.Predictor(bundle["folder"])
+    rules = params.CleanParams().image
+    photo = io.BytesIO()  # large enough that preprocess decodes it at 1/8 scale (the predictor's draft path)
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (256, 320, 3), dtype=np.uint8)).save(photo, "JPEG")
+    rng = np.random.default_rng(20261202)
+    photos = [("image", mutate(photo.getvalue(), rng)) for _ in range(300)]
+    disagreements = []
+    for k, (modality, data) in enumerate(all_mutants + photos):
+        if modality != "image":
+            continue
+        try:
+            image.clean(data, rules)
+            clean_ok = True
+        except RejectedInput:
+            clean_ok = False
+        try:
+            predictor.features(image=data)
+            served_ok = True
+        except predict.InputError:
+            served_ok = False
+        if clean_ok != served_ok:
+            disagreements.append((k, clean_ok))
+    assert not disagreements

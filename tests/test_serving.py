@@ -201,3 +201,71 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb
         assert post(port, [{"text": "seven"}])[0]["label"]  # still answering
         peak = tree_peak_bytes(server.pid)
     assert peak < PEAK_LIMIT, f"the server peaked at {peak / 2**20:.0f} MiB"
+
+
+def png_4096_flat() -> bytes:
+    """~60 KB of PNG that decodes to 4096 x 4096 RGB (48 MiB): allowed by the default bounds."""
+    pixels = np.full((4096, 4096, 3), (120, 30, 200), np.uint8)
+    pixels[::64, ::64] = 0
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
+def flac_8ch_384k_constant(seconds: int = 29) -> bytes:
+    """~95 KB of FLAC (constant subframes): 29 s of 8 channels at 384 kHz, allowed by the default bounds."""
+    out = io.BytesIO()
+    with sf.SoundFile(out, "w", 384000, 8, format="FLAC", subtype="PCM_16") as f:
+        block = np.full((384000, 8), 0.1, np.float32)
+        for _ in range(seconds):
+            f.write(block)
+    return out.getvalue()
+
+
+PEAK_PROBE = """
+import json, sys
+sys.path.insert(0, '.')
+import predict
+predictor = predict.Predictor()
+def rss(key):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
+growth = {}
+for name in sys.argv[1:]:
+    data = open(name, 'rb').read()
+    predictor.features(**{name.split('.')[-1]: data})  # warm-up: lazy allocations, imports
+    open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS
+    before = rss('VmRSS:')
+    predictor.features(**{name.split('.')[-1]: data})
+    growth[name] = rss('VmHWM:') - before
+print(json.dumps(growth))
+"""
+
+
+def test_an_allowed_large_input_is_decoded_once_and_audio_only_as_far_as_the_model_hears(bundle, tmp_path):
+    """A 60 KB 4096x4096 PNG was decoded twice (~200 MB); a 95 KB 8-channel 384 kHz FLAC was decoded,
+    held and resampled whole (108 MB, 1 s of CPU) though the model hears 1.5 s."""
+    from mmpipe import params
+    from mmpipe.modalities.portable import decode_audio
+
+    png, flac = png_4096_flat(), flac_8ch_384k_constant()
+    assert len(png) < 100_000 and len(flac) < 100_000
+    (tmp_path / "big.image").write_bytes(png)
+    (tmp_path / "big.audio").write_bytes(flac)
+    proc = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(tmp_path / "big.image"), str(tmp_path / "big.audio")],
+                          cwd=bundle["folder"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = json.loads(proc.stdout)
+    assert growth[str(tmp_path / "big.image")] < 70 * 2**20, growth  # one 48 MiB decode, no second one
+    assert growth[str(tmp_path / "big.audio")] < 20 * 2**20, growth
+    # the predictor reads ~2 s of the 29: the samples the model hears are the whole clip's, bit for bit
+    rules = params.CleanParams().audio.model_dump()
+    heard, _ = decode_audio(flac, rules, keep_seconds=1.5)
+    whole, _ = decode_audio(flac, rules)
+    assert len(heard) < 3 * 16000 < len(whole) and np.array_equal(heard[:24000], whole[:24000])
+    for rate, channels in ((22050, 2), (44100, 2), (48000, 1), (8000, 1)):
+        clip = np.random.default_rng(rate).normal(0, 0.1, (rate * 6, channels)).astype(np.float32)
+        encoded = io.BytesIO()
+        sf.write(encoded, clip, rate, format="WAV", subtype="PCM_16")
+        heard, _ = decode_audio(encoded.getvalue(), rules, keep_seconds=1.5)
+        whole, _ = decode_audio(encoded.getvalue(), rules)
+        assert np.array_equal(heard[:24000], whole[:24000]), rate

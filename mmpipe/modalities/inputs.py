@@ -49,11 +49,11 @@ class Input:
 
 class ImageInput(Input):
     def features(self, value: bytes) -> dict[str, np.ndarray]:
-        normalized, facts = portable.decode_image(value, self.rules)
-        # clean kept PNG/JPEG files as they were: load those bytes as preprocess did (JPEG draft scaling)
-        source = value if facts["format"] in portable.PASS_THROUGH_FORMATS and not facts["changed"] else normalized
         s = self.state
-        return {self.arrays[0]: portable.load_pixels(source, s["size"], s["mode"], s["fit"])}
+        # decoded once: a JPEG clean keeps as it is comes back at preprocess's draft scale, so the
+        # decoded image is what preprocess starts from whether clean kept the file or converted it
+        normalized, _ = portable.decode_image(value, self.rules, draft=(s["mode"], s["size"]))
+        return {self.arrays[0]: portable.load_pixels(normalized, s["size"], s["mode"], s["fit"])}
 
 
 class TextInput(Input):
@@ -78,7 +78,8 @@ class AudioInput(Input):
 
     def features(self, value: bytes) -> dict[str, np.ndarray]:
         s = self.state
-        mono, _ = portable.decode_audio(value, self.rules)
+        # decoding stops a little past what the model hears (the header's duration is checked first)
+        mono, _ = portable.decode_audio(value, self.rules, keep_seconds=s["n_samples"] / self.rules["sample_rate"])
         # clean stores 16-bit PCM; preprocess stores the clip or its log-mel as float16: reproduce both roundings
         clip = portable.fix_length(portable.as_pcm16(mono), s["n_samples"])
         if self.waveform:

@@ -38,6 +38,9 @@ PASS_THROUGH_FORMATS = {"PNG", "JPEG"}  # image formats clean keeps as they are 
 # is attack surface and none of the others is what users' data sets hold.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 AUDIO_BLOCK_FRAMES = 65536  # frames decoded at a time (then mixed down to mono)
+# read past what the model hears, so that the resampler's output up to there is what the whole clip's
+# is, bit for bit (soxr HQ at 4 kHz..384 kHz -> 16 kHz: equal from 0.1 s on, measured)
+RESAMPLE_MARGIN_S = 0.5
 RESAMPLE_QUALITY = "HQ"  # soxr quality of every resampling, pipeline and predictor alike
 
 
@@ -135,9 +138,14 @@ def normalize_image(img: Image.Image) -> tuple[Image.Image, bool]:
     return normalized, rotated or normalized is not img
 
 
-def decode_image(data: bytes, rules: Mapping[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
+def decode_image(data: bytes, rules: Mapping[str, Any], draft: tuple[str, int] | None = None) -> tuple[Image.Image, dict[str, Any]]:
     """Encoded image -> (normalised image, facts), under ``rules`` (clean.image: min_side, max_side,
-    max_pixels). The size is checked from the header, before any pixel is decoded."""
+    max_pixels). The size is checked from the header, before any pixel is decoded.
+
+    ``draft`` (mode, size): the predictor's single decode. A JPEG that clean would keep as it is
+    (8-bit L/RGB, upright) is then decoded at the reduced DCT scale preprocess decodes it at
+    (``load_pixels``), so the image returned is the one preprocess starts from, not a full-size one
+    decoded again after."""
     if not data:
         raise RejectedInput("image_decode_error", "image file is empty (0 bytes)")
     try:
@@ -153,7 +161,9 @@ def decode_image(data: bytes, rules: Mapping[str, Any]) -> tuple[Image.Image, di
                 raise RejectedInput("image_size_out_of_bounds", f"image is {width}x{height}; sides must be within "
                                     f"[{rules['min_side']}, {rules['max_side']}] (clean.image)")
             fmt, original_mode = img.format, img.mode
-            img.load()  # full decode: truncated or corrupt files fail here
+            if draft is not None and fmt == "JPEG" and img.mode in ("L", "RGB") and orientation(img) == 1:
+                img.draft("L" if draft[0] == "grayscale" else "RGB", (draft[1], draft[1]))
+            img.load()  # the decode: truncated or corrupt files fail here
             normalized, changed = normalize_image(img)
     except RejectedInput:
         raise
@@ -192,8 +202,9 @@ def load_pixels(data: bytes | Image.Image, size: int, mode: str, fit: str) -> np
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # damaged metadata of a file decode_image accepted
         img = Image.open(io.BytesIO(data)) if isinstance(data, bytes) else data
-        img.draft("L" if mode == "grayscale" else "RGB", (size, size))  # JPEG: decode at reduced scale when larger
-        img = to_square(img.convert("L" if mode == "grayscale" else "RGB"), size, fit)
+        target = "L" if mode == "grayscale" else "RGB"
+        img.draft(target, (size, size))  # JPEG: decode at reduced scale when larger
+        img = to_square(img if img.mode == target else img.convert(target), size, fit)  # (convert copies even when equal)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -232,7 +243,7 @@ def decode_text(data: bytes | str, rules: Mapping[str, Any]) -> tuple[str, dict[
 # --------------------------------------------------------------------------- audio
 
 
-def decode_audio(data: bytes, rules: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+def decode_audio(data: bytes, rules: Mapping[str, Any], keep_seconds: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Encoded audio -> (mono float32 at ``rules["sample_rate"]``, facts), under ``rules``
     (clean.audio: sample_rate, min/max_seconds, min/max_rate, max_channels, silence_dbfs).
 
@@ -240,9 +251,15 @@ def decode_audio(data: bytes, rules: Mapping[str, Any]) -> tuple[np.ndarray, dic
     one; then the file is decoded a block at a time and mixed down to mono, stopping as soon as it
     exceeds ``max_seconds`` — a header that lies cannot make it decode more. One resampler (soxr)
     for the pipeline and the predictor.
+
+    ``keep_seconds`` (the predictor: what the model hears): when the header declares the duration
+    (already checked), decoding stops a little past it and silence and non-finite samples are judged
+    on that part; the samples returned up to ``keep_seconds`` are the whole clip's, bit for bit.
+    Without a declared duration the rest is still read (not kept), to reject a clip that is too long.
     """
     if not data:
         raise RejectedInput("audio_empty", "audio file is empty (0 bytes)")
+    target = rules["sample_rate"]
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate, channels, declared = f.samplerate, f.channels, f.frames
@@ -254,35 +271,43 @@ def decode_audio(data: bytes, rules: Mapping[str, Any]) -> tuple[np.ndarray, dic
                 raise RejectedInput("audio_out_of_bounds", f"audio sample rate {rate} Hz is outside "
                                     f"[{rules['min_rate']}, {rules['max_rate']}] Hz (clean.audio.min_rate/max_rate)")
             max_frames = int(rules["max_seconds"] * rate)
-            if 0 < declared < 2**62 and declared > max_frames:  # libsndfile's "unknown length" is huge: skip it
+            known = 0 < declared < 2**62  # libsndfile's "unknown length" is huge
+            if known and declared > max_frames:
                 raise _too_long(declared / rate, rules)
+            keep_frames = max_frames if keep_seconds is None else int((keep_seconds + RESAMPLE_MARGIN_S) * rate) + 1
             parts, frames = [], 0
             for block in f.blocks(blocksize=AUDIO_BLOCK_FRAMES, dtype="float32", always_2d=True):
                 frames += len(block)
                 if frames > max_frames:
                     raise _too_long(frames / rate, rules, at_least=True)
+                if frames - len(block) >= keep_frames:
+                    continue  # past what is kept: only counted
                 if not np.isfinite(block).all():
                     raise RejectedInput("audio_nonfinite", "audio contains NaN or infinite samples")
                 parts.append(block.mean(axis=1))
+                if known and frames >= keep_frames:
+                    break  # the duration is the header's, already checked
     except RejectedInput:
         raise
     except Exception as exc:  # any decoder failure is this item's problem, never the caller's
         raise RejectedInput("audio_decode_error", f"audio does not decode: {describe(exc)}") from None
     if frames == 0:
         raise RejectedInput("audio_empty", "audio has no samples")
-    seconds = frames / rate
+    seconds = (declared if known and frames < declared else frames) / rate
     if seconds < rules["min_seconds"]:
         raise RejectedInput("audio_duration_out_of_bounds", f"audio lasts {seconds:.3f}s; must be within "
                             f"[{rules['min_seconds']}, {rules['max_seconds']}]s (clean.audio)")
     mono = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    if rate != rules["sample_rate"]:
-        mono = soxr.resample(mono, rate, rules["sample_rate"], quality=RESAMPLE_QUALITY)
+    if rate != target:
+        mono = soxr.resample(mono, rate, target, quality=RESAMPLE_QUALITY)
     mono = np.clip(mono, -1.0, 1.0).astype(np.float32)
-    rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
+    judged = mono if keep_seconds is None else mono[:round(keep_seconds * target)]
+    rms = float(np.sqrt(np.mean(np.square(judged, dtype=np.float64))))
     dbfs = 20.0 * np.log10(rms) if rms > 0 else -np.inf
     if dbfs < rules["silence_dbfs"]:
+        part = "" if keep_seconds is None or len(judged) == len(mono) else f" in the first {keep_seconds:g}s the model hears"
         raise RejectedInput("audio_silent",
-                            f"audio is silent (RMS {dbfs:.1f} dBFS < clean.audio.silence_dbfs={rules['silence_dbfs']})")
+                            f"audio is silent{part} (RMS {dbfs:.1f} dBFS < clean.audio.silence_dbfs={rules['silence_dbfs']})")
     return mono, facts | {"seconds": round(seconds, 6)}
 
 
