@@ -172,6 +172,7 @@ class ExportParams(Strict):
     min_conversion_agreement: float = Field(0.995, ge=0.0, le=1.0)
     max_rows_per_request: int = Field(10_000, ge=1)
     max_item_mb: float = Field(64.0, gt=0.0)
+    max_request_mb: float = Field(100.0, gt=0.0)
     predict_batch_size: int = Field(64, ge=1, le=65536)
     registered_model: str | None = Field("mmpipe-fusion", min_length=1)
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")

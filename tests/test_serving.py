@@ -12,9 +12,11 @@ import os
 import struct
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -129,6 +131,42 @@ def tree_peak_bytes(pid: int) -> int:
     return total
 
 
+JSON, CSV, PARQUET = "application/json", "text/csv", "application/vnd.apache.parquet"
+
+
+def parquet_body(columns: dict) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = io.BytesIO()
+    pq.write_table(pa.table({k: pa.array(v).dictionary_encode() if isinstance(v[0], str) else pa.array(v)
+                             for k, v in columns.items()}), out, compression="zstd", write_statistics=False)
+    return out.getvalue()
+
+
+def send(port: int, body: str | bytes, content_type: str, raw: bool = False) -> tuple[int, Any]:
+    """POST a body as it is; -> (HTTP status, the answer: parsed JSON, or bytes when ``raw``)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", headers={"Content-Type": content_type},
+                                     data=body.encode() if isinstance(body, str) else body)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, answer = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, answer = exc.code, exc.read()
+    return status, answer if raw else json.loads(answer)
+
+
+def rss_growth(pid: int, action) -> tuple[int, Any]:
+    """(peak resident memory of the process tree during ``action`` minus its resident memory before,
+    what ``action`` returned): the peaks (VmHWM) are reset first (/proc/<pid>/clear_refs)."""
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in processes:
+        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+    before = sum(proc.memory_info().rss for proc in processes)
+    result = action()
+    return tree_peak_bytes(pid) - before, result
+
+
 def post(port: int, records: list[dict]) -> list[dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                      data=json.dumps({"dataframe_records": records}).encode(),
@@ -137,7 +175,7 @@ def post(port: int, records: list[dict]) -> list[dict]:
         return json.loads(response.read())["predictions"]
 
 
-def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb(bundle, tiny_corpus, attacks, tmp_path):
+def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_and_refuses_over_limit_ones_in_o1(bundle, tiny_corpus, attacks, tmp_path):
     import mlflow
 
     previous = mlflow.get_tracking_uri()
@@ -167,6 +205,8 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb
         "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # uvicorn
     serve = [mlflow_cli, "models", "serve", "-m", registered["model_uri"], "--env-manager", "local",
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    record_columns = [c for c, (_, kind) in load_predictor(bundle["folder"]).Predictor(bundle["folder"]).request_columns().items()
+                      if kind == "record"]
     with http_server(serve, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env, tmp_path) as server:
         # ordinary requests
         records = example_request(load_predictor(bundle["folder"]).Predictor(bundle["folder"]), items).to_dict(orient="records") + [{"text": "nine"}, {"image": "not base64!"}]
@@ -191,16 +231,37 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_within_1_gb
                 assert answer["label"] and not answer["error"], (name, answer)
             else:
                 assert answer["error"].startswith(expected) and not answer["label"], (name, answer)
-        # 1 MB of tiny rows: over export.max_rows_per_request, every row says so
-        tiny = [{"text": "a"}] * 70_000
-        assert len(json.dumps({"dataframe_records": tiny})) > 1_000_000
-        refused = post(port, tiny)
-        assert len(refused) == 70_000 and refused[0]["error"].startswith("request has 70,000 rows > 10,000 per request")
         many = post(port, [{"text": "a"}] * 9_000)  # under the limit: all predicted, a batch at a time
         assert len(many) == 9_000 and all(r["label"] and not r["error"] for r in many)
+        # rows with none of the request columns are each answered with their error, never dropped
+        for body, content_type in ((json.dumps({"dataframe_records": [{}, {}]}), JSON),
+                                   (json.dumps({"dataframe_records": [{"who": 1}, {"what": "x"}]}), JSON),
+                                   ("who,what\n1,x\n2,y\n", CSV), (parquet_body({"who": [1, 2]}), PARQUET)):
+            status, answer = send(port, body, content_type)
+            assert status == 200 and [r["error"].split(" (")[0] for r in answer["predictions"]] == \
+                ["no input: the row has none of the request columns"] * 2, (body, answer)
+        # typed JSON cells in the request columns: taken as a CSV row would carry them, not a failed request
+        status, answer = send(port, json.dumps({"dataframe_records": [{"text": 7, **{c: 31 for c in record_columns}}]}), JSON)
+        assert status == 200 and answer["predictions"][0]["label"], answer
         assert post(port, [{"text": "seven"}])[0]["label"]  # still answering
         peak = tree_peak_bytes(server.pid)
-    assert peak < PEAK_LIMIT, f"the server peaked at {peak / 2**20:.0f} MiB"
+        assert peak < PEAK_LIMIT, f"the server peaked at {peak / 2**20:.0f} MiB"
+
+        # over the limits: one small error for the whole request, whatever the body makes when parsed
+        over = {"json: 70,000 rows in 1 MB": (json.dumps({"dataframe_records": [{"text": "a"}] * 70_000}), JSON, 400),
+                "csv: 20,000 rows in 40 KB": ("text\n" + "a\n" * 20_000, CSV, 400),
+                "parquet: 1,000,000 rows in 3 KB": (parquet_body({"text": ["a"] * 1_000_000}), PARQUET, 400),
+                "json: nested 100,000 deep": ("[" * 100_000 + "]" * 100_000, JSON, 400),
+                "json: not JSON": ("{\"dataframe_records\": [", JSON, 400)}
+        for name, (body, content_type, expected) in over.items():
+            growth, (status, answer) = rss_growth(server.pid, lambda: send(port, body, content_type, raw=True))
+            assert status == expected, (name, status, answer[:300])
+            assert len(answer) < 1000 and json.loads(answer)["error_code"] == "BAD_REQUEST", (name, answer[:300])
+            assert growth < 50 * 2**20, f"{name}: the server grew by {growth / 2**20:.0f} MiB"
+        assert json.loads(send(port, over["csv: 20,000 rows in 40 KB"][0], CSV, raw=True)[1])["message"] == \
+            "request has more than 10,000 rows (export.max_rows_per_request); send it in parts"
+        assert post(port, [{"text": "seven"}])[0]["label"]  # still answering
+
 
 
 def png_4096_flat() -> bytes:
@@ -269,3 +330,41 @@ def test_an_allowed_large_input_is_decoded_once_and_audio_only_as_far_as_the_mod
         heard, _ = decode_audio(encoded.getvalue(), rules, keep_seconds=1.5)
         whole, _ = decode_audio(encoded.getvalue(), rules)
         assert np.array_equal(heard[:24000], whole[:24000]), rate
+
+
+def test_the_serving_guard_bounds_bytes_rows_columns_and_structure_before_parsing():
+    """The guard's limits one by one, on small limits (the server test above runs the default ones
+    through `mlflow models serve`)."""
+    from mmpipe.deploy.mlflow_model import Limits, RequestRefused
+
+    limits = Limits({"max_rows_per_request": 100, "max_request_bytes": 50_000}, ["image", "text", "age"])
+
+    def refused(body, content_type) -> tuple[int, str]:
+        with pytest.raises(RequestRefused) as info:
+            limits.check(body, content_type)
+        return info.value.status, str(info.value)
+
+    assert refused(b"x" * 50_001, JSON) == (413, "request body is 50,001 bytes > 50,000 (export.max_request_mb); send it in parts")
+    assert refused(json.dumps({"dataframe_split": {"columns": ["text"], "data": [["a"]] * 101}}), JSON)[1].startswith(
+        "request has 101 rows > 100 per request")
+    # 10,000 empty objects in 40 KB: refused from a count, before json.loads builds them
+    status, message = refused(json.dumps({"dataframe_records": [{}] * 10_000}), JSON)
+    assert status == 400 and message.startswith("request has more than 6,916 JSON objects, arrays and keys")
+    # brackets inside strings are text, not structure: a long text of them is fine
+    body, unknown = limits.check(json.dumps({"dataframe_records": [{"text": "{[:" * 5000}]}), JSON)
+    assert unknown is None and body["dataframe_records"][0]["text"].startswith("{[:")
+    assert refused("[" * 5_000 + "]" * 5_000, JSON) == (400, "request body is nested too deeply to be a request")
+    assert refused(json.dumps({"dataframe_records": {"a": 1}}) + "x", JSON)[1].startswith("request body is not valid JSON")
+    assert refused(",".join(f"c{i}" for i in range(80)) + "\n", CSV)[1] == "request has 80 columns > 67"
+    assert refused("text\n" + '"a\nb"\n' * 101, CSV)[1].startswith("request has more than 100 rows")
+    _, unknown = limits.check("text\n" + '"a\nb"\n' * 100, CSV)  # 200 newlines, 100 rows: accepted
+    assert unknown is None
+    assert refused(parquet_body({"text": ["a"] * 101}), PARQUET)[1].startswith("request has 101 rows > 100")
+    # a small compressed body that decodes into a large one
+    status, message = refused(parquet_body({"text": ["x" * 60_000] + ["y"] * 9}), PARQUET)
+    assert status == 400 and message.startswith("request decodes to ") and message.endswith("> 50,000 (export.max_request_mb)")
+    assert refused(b"PAR1 not really", PARQUET)[1].startswith("request body is not a readable Parquet file")
+    # typed JSON cells become the text a CSV row carries; nested values stay (bad cells, as at clean)
+    body, _ = limits.check(json.dumps({"dataframe_records": [{"age": 31, "text": True, "image": [1]}, {"age": 1.5}]}), JSON)
+    assert body["dataframe_records"] == [{"age": "31", "text": "true", "image": [1]}, {"age": "1.5"}]
+    assert limits.check(json.dumps({"dataframe_records": [{"who": 1}] * 3}), JSON)[1] == 3  # answered here, per row

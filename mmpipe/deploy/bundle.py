@@ -63,7 +63,7 @@ def preprocessing(features_root: Path, modalities: list[str]) -> tuple[dict, lis
 def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset: dict, modalities: list[str],
           model_card: str, git_commit: str | None, serving: dict[str, int]) -> dict[str, Any]:
     """Write the bundle into ``out`` (an empty folder); return the manifest. ``serving``: the request
-    bounds (max_rows_per_request, max_item_bytes, batch_size)."""
+    bounds (max_rows_per_request, max_item_bytes, max_request_bytes, batch_size)."""
     shutil.copyfile(compressed / "model.onnx", out / "model.onnx")
     shutil.copyfile(compressed / "fp32.onnx", out / "model_fp32.onnx")
     pre, state_files = preprocessing(features_root, modalities)

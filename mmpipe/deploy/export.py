@@ -299,7 +299,7 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     if "clean_rules" not in dataset:
         raise PipelineError(f"{clean_dir / DATASET_FILE} has no clean_rules (written by an older clean: re-run clean)")
     serving = {"max_rows_per_request": params.max_rows_per_request, "max_item_bytes": int(params.max_item_mb * 1e6),
-               "batch_size": params.predict_batch_size}
+               "max_request_bytes": int(params.max_request_mb * 1e6), "batch_size": params.predict_batch_size}
     manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, "", git_commit(), serving)
     predictor = load_predictor(out).Predictor(out, model="fp32")  # its inputs: flags, columns, parity
     card = model_card(predictor, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model,
