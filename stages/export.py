@@ -1,11 +1,15 @@
 """export: artifacts/compressed + fitted preprocessing state -> artifacts/deploy/ (the self-contained
 bundle) and metrics/export.json (parity of ONNX vs PyTorch, int8 vs fp32 agreement, the standalone
-predictor's accuracy on the raw test files). A failed check ends the stage non-zero, after writing."""
+predictor's accuracy on the raw test files). A failed check ends the stage non-zero, after writing.
+Then, the bundle in place, it is registered in MLflow and the alias moved under the promotion policy
+(docs/deployment.md)."""
 
+import functools
 import json
 
 from mmpipe import layout, lineage, params, tracking
-from mmpipe.deploy.export import alias_decision, export, failed_checks, model_metrics, register
+from mmpipe.deploy.export import bundle_accuracy, export, failed_checks, model_metrics
+from mmpipe.deploy.registry import publish
 from mmpipe.errors import PipelineError
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.stage import run_stage
@@ -25,16 +29,19 @@ def main() -> None:
             if failed:  # keep the metrics so the user sees why; no bundle
                 write_json_atomic(METRICS, checks | {"passed": False, "failed": failed})
                 raise PipelineError("\n".join(failed))
-            if cfg.registered_model:  # served by `mlflow models serve -m models:/<name>@<alias>`
-                move, why = alias_decision(cfg.move_alias, eval_metrics)
-                tags = tracking.execution_tags() | {"data.digest": lineage.data_identity()["digest"],
-                                                    "shipped_variant": checks["shipped_variant"]}
-                checks["mlflow"] = register(out, cfg.registered_model, cfg.alias if move else None, example,
-                                            model_metrics(checks, eval_metrics, compress_metrics), tags,
-                                            lineage.split_datasets(["test"])[0][0])
-                checks["mlflow"]["alias_moved"], checks["mlflow"]["alias_decision"] = move, why
-                print(f"export: registered {cfg.registered_model} version {checks['mlflow']['version']}; alias "
-                      f"'{cfg.alias}' {'moved to it' if move else 'not moved'}: {why}")
+        if cfg.registered_model:  # served by `mlflow models serve -m models:/<name>@<alias>`
+            data_digest = lineage.data_identity()["digest"]
+            checks["mlflow"] = publish(
+                OUT, cfg.registered_model, cfg.alias, cfg.move_alias, eval_metrics, checks["predictor_raw_test_accuracy"],
+                example, functools.partial(bundle_accuracy, features_root=layout.FEATURES, raw_dir=layout.RAW,
+                                           clean_dir=layout.CLEAN, batch_size=cfg.predict_batch_size),
+                data_digest, model_metrics(checks, eval_metrics, compress_metrics),
+                tracking.execution_tags() | {"shipped_variant": checks["shipped_variant"]},
+                lineage.split_datasets(["test"])[0][0])
+            done = checks["mlflow"]
+            print(f"export: {cfg.registered_model} version {done['version']} "
+                  f"{'registered' if done['registered'] else 'already registered'}; alias '{cfg.alias}' "
+                  f"{'moved to it' if done['alias_moved'] else 'not moved'}: {done['alias_decision']}")
         write_json_atomic(METRICS, checks | {"passed": True, "failed": []})
         run.log_metrics_file(METRICS)
         run.log_artifact(OUT / "MODEL_CARD.md")

@@ -25,7 +25,8 @@ import soundfile as sf
 from PIL import Image
 
 from conftest import free_port, http_server, png_bytes
-from mmpipe.deploy.export import example_request, load_predictor, raw_test_items, register
+from mmpipe.deploy.export import example_request, load_predictor, raw_test_items
+from mmpipe.deploy.registry import point_alias, register
 from mmpipe.features.loader import FeatureSet
 from mmpipe.modalities import names
 
@@ -186,18 +187,20 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_and_refuses
         test = FeatureSet(tiny_corpus / "features", split="test")
         items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, list(names()))
         with mlflow.start_run(experiment_id=experiment):
-            registered = register(bundle["folder"], "tiny-fusion", "champion", example_request(load_predictor(bundle["folder"]).Predictor(bundle["folder"]), items),
+            registered = register(bundle["folder"], "tiny-fusion", example_request(load_predictor(bundle["folder"]).Predictor(bundle["folder"]), items),
                                   {"test_accuracy": bundle["eval"]["test"]["accuracy"]}, {"shipped_variant": "int8"})
+            point_alias("tiny-fusion", "champion", registered["version"])
         # the version carries the model card as its description, the tags, and the metrics of its logged model
         client = mlflow.MlflowClient()
         version = client.get_model_version("tiny-fusion", "1")
         assert version.description == (bundle["folder"] / "MODEL_CARD.md").read_text() and version.tags["shipped_variant"] == "int8"
         logged = client.get_logged_model(registered["model_id"])
         assert {m.key: m.value for m in logged.metrics} == {"test_accuracy": bundle["eval"]["test"]["accuracy"]}
-        assert logged.tags["shipped_variant"] == "int8"
+        assert logged.tags["shipped_variant"] == "int8" and str(logged.status) == "READY"
     finally:
         mlflow.set_tracking_uri(previous)
-    assert registered["model_uri"] == "models:/tiny-fusion@champion" and registered["version"] == "1"
+    assert registered["model_uri"] == "models:/tiny-fusion/1" and registered["version"] == "1"
+    registered["model_uri"] = "models:/tiny-fusion@champion"
 
     port = free_port()
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")

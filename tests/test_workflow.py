@@ -134,6 +134,17 @@ def test_export_param_change_reruns_only_export_and_the_row_is_still_complete(ti
         assert latest[f"metrics.{key}"] == pytest.approx(value), key
     children = runs(repo)
     assert list(children[children["tags.mlflow.parentRunId"] == latest["run_id"]]["tags.mmpipe.stage"]) == ["export"]
+    # the bundle did not change (only its verification did): registered once, from artifacts/deploy itself
+    published = json.loads((repo / "metrics/export.json").read_text())["mlflow"]
+    assert not published["registered"] and published["alias_decision"].startswith(f"identical to version {published['version']}")
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'mmpipe-fusion'")
+    assert len({v.tags["bundle.digest"] for v in versions}) == len(versions) >= 1
+    for version in versions:
+        logged = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert str(logged.status) == "READY"
+        stored = mlflow.artifacts.list_artifacts(artifact_uri=f"{logged.artifact_location}/artifacts")
+        assert [a.path.rsplit("/", 1)[-1] for a in stored] == ["deploy"]  # not .deploy.tmp-<pid>-...
     git_commit(repo, "export parity on 64 samples")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,6 +93,42 @@ def raw_test_items(raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modal
     return RawItems(raw_dir, clean_dir, sample_ids, modalities)
 
 
+def predictor_accuracy(predictor, items: Sequence[dict], test: FeatureSet, batch_size: int) -> tuple[float, list[str]]:
+    """A bundle predictor's accuracy on the raw test ``items`` (a row it cannot read counts as a miss),
+    and its errors as ``<sample id>: <reason>``."""
+    results = list(predictor.predict_rows(items, batch_size))
+    names = test.label_names
+    errors = [f"{sid}: {r['error']}" for sid, r in zip(test.sample_ids, results) if "error" in r]
+    return float(np.mean([r.get("label") == names[y] for r, y in zip(results, test.labels)])), errors
+
+
+def _bundle_accuracy(folder: Path, features_root: Path, raw_dir: Path, clean_dir: Path,
+                     batch_size: int) -> tuple[float | None, int, str]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    test = FeatureSet(features_root, split="test")
+    unknown = sorted(set(test.label_names) - set(manifest["labels"]))
+    if unknown:
+        return None, len(test), f"it does not predict the classes {', '.join(unknown[:5])}"
+    modalities = [m for m in manifest["modalities"] if m in MODALITIES]
+    items = raw_test_items(raw_dir, clean_dir, test.sample_ids, modalities)
+    accuracy, _ = predictor_accuracy(load_predictor(folder).Predictor(folder), items, test, batch_size)
+    return accuracy, len(test), "scored on the raw test files"
+
+
+def bundle_accuracy(folder: Path, features_root: Path, raw_dir: Path, clean_dir: Path,
+                    batch_size: int = 64) -> tuple[float | None, int, str]:
+    """Any bundle (another version's, e.g. the registry's champion) on today's raw test files:
+    (accuracy, or None when it cannot be compared; test items; why). In a fresh process: a bundle's
+    predictor imports its own helper modules by their plain names, which another bundle in this
+    process would already have taken."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_bundle_accuracy, Path(folder), Path(features_root), Path(raw_dir), Path(clean_dir),
+                           batch_size).result()
+
+
 def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequence[dict], parity_samples: int,
            quantized_from: Path | None = None, batch_size: int = 64) -> dict[str, Any]:
     """Check the bundle in ``folder`` against the PyTorch ``model`` on the ``test`` split, whose raw
@@ -113,11 +148,8 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequen
     predict = load_predictor(folder)
     accuracy, errors = {}, []
     for which in ("shipped", "fp32"):
-        predictor = predict.Predictor(folder, model=which)
-        results = list(predictor.predict_rows(items, batch_size))
-        errors += [f"{sid}: {r['error']}" for sid, r in zip(test.sample_ids, results) if "error" in r]
-        names = test.label_names  # a row the predictor cannot read counts as a miss
-        accuracy[which] = float(np.mean([r.get("label") == names[y] for r, y in zip(results, test.labels)]))
+        accuracy[which], failed = predictor_accuracy(predict.Predictor(folder, model=which), items, test, batch_size)
+        errors += failed
     return {"parity_samples": len(batch["label"]),
             "fp32_onnx_vs_pytorch_max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
             "shipped_vs_fp32_top1_agreement": float((fp32_top1 == shipped_top1).mean()),
@@ -375,28 +407,6 @@ def example_request(predictor, items: Sequence[dict]) -> "pd.DataFrame":
     return pd.DataFrame([row], columns=list(columns))
 
 
-def alias_decision(policy: str, eval_metrics: dict, cwd: Path | None = None) -> tuple[bool, str]:
-    """Whether export may point the registry alias at the new version (export.move_alias), and why.
-
-    ``gated`` (default): only when at least one quality gate is configured (evaluate.gates) — a failed
-    gate stops the pipeline before export, so it passed — and the run is the main workspace, not one
-    of DVC's temporary experiment workspaces (``dvc exp run --queue/--temp``). ``always`` / ``never``.
-    """
-    if policy == "never":
-        return False, "export.move_alias is never"
-    if policy == "always":
-        return True, "export.move_alias is always"
-    gates = eval_metrics.get("gates", {})
-    if not gates.get("checked"):
-        return False, "no quality gate is configured (evaluate.gates): nothing vouches for this model"
-    if not gates.get("passed"):
-        return False, "a quality gate failed"
-    where = Path(cwd or os.getcwd()).resolve().as_posix() + "/"
-    if "/.dvc/tmp/exps/" in where:
-        return False, "this run is a DVC experiment in a temporary workspace (queue/temp), not the main workspace"
-    return True, "quality gates " + ", ".join(f"{k} >= {v}" for k, v in gates["checked"].items()) + " passed in the main workspace"
-
-
 def model_metrics(checks: dict, eval_metrics: dict, compress_metrics: dict) -> dict[str, float]:
     """The figures a registered version carries (MLflow logged-model metrics: the Models page shows
     accuracy, size and latency per version): the test split's quality, the shipped file's size and
@@ -408,38 +418,3 @@ def model_metrics(checks: dict, eval_metrics: dict, compress_metrics: dict) -> d
                "latency_batch_1_p50_ms": shipped["batch_1_p50_ms"], "latency_batch_32_p50_ms": shipped["batch_32_p50_ms"],
                "predictor_raw_test_accuracy": checks["predictor_raw_test_accuracy"]}
     return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def register(folder: Path, name: str, alias: str | None, example: "pd.DataFrame", metrics: dict[str, float] | None = None,
-             tags: dict[str, str] | None = None, test_dataset: Any = None) -> dict[str, Any]:
-    """Log the bundle as an MLflow pyfunc model in the active run, register it as ``name`` and, when
-    ``alias`` is given, point it at the new version. The version's description is the bundle's model
-    card; ``tags`` (commit, experiment, data digest, variant) go on the logged model and the version;
-    ``metrics`` are linked to the logged model (and to ``test_dataset``, the split they were measured
-    on). Returns the model URI and version."""
-    from importlib import metadata
-
-    import mlflow
-    from mlflow.models.signature import ModelSignature
-    from mlflow.tracking import MlflowClient
-    from mlflow.types.schema import ColSpec, Schema
-
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", column, required=False) for column in example.columns]),
-        outputs=Schema([ColSpec("string", column) for column in ("label", "probabilities", "error")]))
-    requirements = [f"{dist}=={metadata.version(dist)}" for dist in ("mlflow", "pandas")]
-    requirements += (Path(folder) / "requirements.txt").read_text().split()  # the bundle's own
-    info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts={"bundle": str(folder)},
-                                   signature=signature, input_example=example, registered_model_name=name,
-                                   pip_requirements=requirements, tags=tags or {})
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    if metrics:
-        mlflow.log_metrics(metrics, model_id=info.model_id, dataset=test_dataset)
-    client.update_model_version(name, version, description=(Path(folder) / "MODEL_CARD.md").read_text())
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(name, version, key, value)
-    if alias:
-        client.set_registered_model_alias(name, alias, version)
-    return {"registered_model": name, "version": version, "alias": alias, "model_id": info.model_id,
-            "model_uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"}
