@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,30 @@ def test_manifest_rows_with_bad_inputs_get_errors_and_the_rest_are_predicted(bun
     assert rows[1]["error"].startswith("not a readable image")
     assert rows[2]["error"].startswith("missing.wav: cannot read")
     assert rows[3]["error"] == "text is empty after normalisation"
+
+
+def test_predict_cli_refuses_what_would_hang_or_crash_per_row_or_in_one_line(bundle, tmp_path):
+    """A FIFO named by a row (or as the manifest) used to block for ever; bad flags gave tracebacks;
+    one invalid UTF-8 byte made the rest of a CSV unreadable."""
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "m.csv").write_bytes(b"id,image,text\n"
+                                     b"a,,seven\n"
+                                     b"b,pipe.png,\n"
+                                     b"c,,caf\xe9 latin-1\n"
+                                     b"d,,nine\n")
+    predict = [sys.executable, "-I", "-c", GUARD]
+    proc = subprocess.run([*predict, "--manifest", str(tmp_path / "m.csv")], cwd=bundle["folder"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r.get("id") for r in rows] == ["a", "b", None, "d"] and rows[2]["row"] == 3
+    assert "label" in rows[0] and "label" in rows[3]
+    assert rows[1]["error"] == "pipe.png: not a regular file"
+    assert rows[2]["error"].endswith("m.csv: row 3: column 'text' is not valid UTF-8")
+    whole = subprocess.run([*predict, "--manifest", str(tmp_path / "pipe.png")], cwd=bundle["folder"],
+                           capture_output=True, text=True, timeout=120)
+    assert whole.returncode == 1 and json.loads(whole.stdout)["error"].endswith("pipe.png: not a regular file")
+    for flags, message in ((["--batch-size", "-1", "--text", "a"], "argument --batch-size: must be at least 1 (got -1)"),
+                           (["--model", "int4", "--text", "a"], "argument --model: 'int4' is not a model of this bundle")):
+        bad = subprocess.run([*predict, *flags], cwd=bundle["folder"], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

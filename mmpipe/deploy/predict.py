@@ -148,7 +148,8 @@ def read_file(path: str | None, base: Path, max_bytes: int) -> bytes | None:
         return None
     file = Path(path) if Path(path).is_absolute() else base / path
     try:
-        with open(file, "rb") as fh:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+        with os.fdopen(os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)), "rb") as fh:
             info = os.fstat(fh.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise InputError(f"{path}: not a regular file")
@@ -185,9 +186,16 @@ def manifest_rows(path: str, columns: dict[str, tuple[str, str]], max_bytes: int
     csv.field_size_limit(2**31 - 1)  # long text cells are judged by clean.text.max_bytes, not by the CSV reader
     fh = None
     try:
-        fh = open(path, newline="", encoding="utf-8-sig", errors="strict")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))  # a FIFO: no wait for a writer
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InputError(f"{path}: not a regular file")
+        # invalid UTF-8 is carried as surrogates so that only the row holding it is an error
+        fh = open(fd, newline="", encoding="utf-8-sig", errors="surrogateescape")
         reader = csv.DictReader(fh)
         header = set(reader.fieldnames or [])
+    except InputError:
+        raise
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         if fh is not None:
             fh.close()
@@ -207,10 +215,12 @@ def _rows(fh, reader: csv.DictReader, path: str, base: Path, columns: dict[str, 
                 row = next(reader)
             except StopIteration:
                 return
-            except (csv.Error, UnicodeDecodeError) as exc:  # one bad line is that row's error
+            except csv.Error as exc:  # one bad line is that row's error
                 yield ident, InputError(f"{path}: row {number}: not readable as CSV ({exc})")
-                if isinstance(exc, UnicodeDecodeError):
-                    return  # the decoder cannot resynchronise: the rest of the file is unreadable
+                continue
+            bad = next((c for c, v in row.items() if isinstance(v, str) and not _utf8(v)), None)
+            if bad is not None:
+                yield ident, InputError(f"{path}: row {number}: column {_utf8_safe(bad)!r} is not valid UTF-8")
                 continue
             if row.get("id"):
                 ident["id"] = row["id"]
@@ -218,6 +228,25 @@ def _rows(fh, reader: csv.DictReader, path: str, base: Path, columns: dict[str, 
                 yield ident, row_inputs(row, columns, base, max_bytes)
             except InputError as exc:
                 yield ident, exc
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a surrogate: an invalid byte read with surrogateescape
+        return False
+    return True
+
+
+def _utf8_safe(text: str | None) -> str:
+    return (text or "").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
 
 
 def cli_input(kind: str, value: str, max_bytes: int):
@@ -236,13 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Predict the class of one sample or of a manifest of samples.")
     parser.add_argument("--model", default="shipped", help="shipped (default) or fp32")
     known, _ = parser.parse_known_args(argv)
+    models = json.loads((HERE / "manifest.json").read_text())["models"]
+    if known.model not in models:
+        parser.error(f"argument --model: {known.model!r} is not a model of this bundle (choose from {', '.join(models)})")
     predictor = Predictor(model=known.model)
     helps = {"file": "file (path)", "string": "the string itself", "record": "a JSON object of its fields"}
     for m, reader in predictor.readers.items():
         parser.add_argument(f"--{m}", help=f"{m}: {helps[reader.KIND]}")
     columns = predictor.request_columns()
     parser.add_argument("--manifest", help=f"CSV with the columns {', '.join(columns)} (any of them) and optional id")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows predicted at a time")
+    parser.add_argument("--batch-size", type=_positive, default=None, help="rows predicted at a time")
     args = parser.parse_args(argv)
     max_bytes = predictor.serving["max_item_bytes"]
 
