@@ -447,7 +447,10 @@ def _flat_params(params: Any) -> dict[str, Any]:
 
 
 def _param_value(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, (list, dict)) else value
+    """A param as MLflow stores it: lists and mappings as JSON; text with any credential redacted
+    (``data.source`` may be ``https://user:pass@host/...`` or carry a token in its query)."""
+    value = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return redact(value) if isinstance(value, str) else value
 
 
 def pipeline_run(client: Any, experiment_id: str, tags: dict[str, str], params_file: str = "params.yaml") -> str:

@@ -18,7 +18,7 @@ def main() -> None:
         run.write_metrics(METRICS, metrics)
     present = ", ".join(f"{m} {n}" for m, n in metrics["present"].items())
     errors = sum(metrics["fetch_errors"].values())
-    print(f"collect: {metrics['samples']} samples from {data.source} into {metrics['files']} file(s) "
+    print(f"collect: {metrics['samples']} samples from {metrics['source']} into {metrics['files']} file(s) "
           f"[present: {present}; fetch errors: {errors}] in {metrics['seconds']:.1f}s")
 
 

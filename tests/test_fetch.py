@@ -90,6 +90,10 @@ class Misbehaving(http.server.BaseHTTPRequestHandler):
                     self.wfile.flush()
                     time.sleep(0.25)
             self.close_connection = True
+        elif route == "/manifest.csv":
+            body = b"label,text\nx,seven\ny,eight\n"
+            self._start(Content_Length=len(body))
+            self.wfile.write(body)
         elif route == "/liar.wav":  # announces the whole file, sends half, closes
             self._start(Content_Length=len(PAYLOAD))
             self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
@@ -319,3 +323,29 @@ def test_folder_source_lists_what_it_cannot_read_and_keeps_to_its_root(tmp_path,
         else:
             assert rows["cat/dangling"]["image_error"].startswith("not_found")
             assert rows["cat/link"]["image"] == (outside / "secret.png").read_bytes()
+
+
+def test_credentials_in_data_source_reach_neither_mlflow_nor_the_output(server, repo):
+    """data.source = a URL with user:password@ and a token: the stages' prints, their MLflow params
+    (the stage runs' and the pipeline row's) and data/source.json hold it redacted."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from conftest import set_params, stage_env
+
+    host = server.split("//")[1]
+    set_params(repo, data={"source": f"http://alice:s3cret@{host}/manifest.csv?token=abc123"})
+    for stage in ("source", "collect"):
+        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=stage_env(repo),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "s3cret" not in proc.stdout + proc.stderr and "abc123" not in proc.stdout + proc.stderr
+    assert "collect: 2 samples from http://***@" in proc.stdout
+    assert "s3cret" not in (repo / "data/source.json").read_text()
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = [value for run in runs for value in run.data.params.values()]
+    assert any("***" in value for value in logged)
+    assert not any("s3cret" in value or "abc123" in value for value in logged)

@@ -573,8 +573,8 @@ def fingerprint(params) -> dict[str, Any]:
     The ``source`` stage writes this before every run so that ``collect`` re-runs exactly when
     the user's data changed. Remote (URL) items are fingerprinted by their address only.
     """
-    source = params.source
-    kind, where = describe_source(source)
+    source = redact(params.source)
+    kind, where = describe_source(params.source)
     if kind == "builtin":
         return {"source": source, "kind": kind, "generator": builtin.__name__}
     if kind == "folder":
@@ -582,7 +582,7 @@ def fingerprint(params) -> dict[str, Any]:
         return {"source": source, "kind": kind,
                 "files": {str(p.relative_to(where)): _file_digest(p) for p in files}}
     if is_url(where):
-        return {"source": redact(source), "kind": kind, "manifest": redact(where)}
+        return {"source": source, "kind": kind, "manifest": redact(where)}
     items = {}
     item_policy = policy(params, manifest_base(where))
     for spec in manifest_rows(read_manifest(where, params), where):
