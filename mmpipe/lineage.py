@@ -132,7 +132,7 @@ def log_splits(run_id: str, splits: list[str], client: Any = None, root: Path = 
     with it is one warning line); nothing without data/clean."""
     from mlflow.tracking import MlflowClient
 
-    from mmpipe.tracking import retrying
+    from mmpipe.tracking import best_effort
 
     if not (root / CLEAN / "samples").is_dir():
         return
@@ -141,4 +141,4 @@ def log_splits(run_id: str, splits: list[str], client: Any = None, root: Path = 
     except (OSError, ValueError, KeyError) as exc:
         print(f"warning: dataset lineage not logged: {redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}")
         return
-    retrying("log dataset inputs", (client or MlflowClient()).log_inputs, run_id, inputs)
+    best_effort("log dataset inputs", (client or MlflowClient()).log_inputs, run_id, inputs)

@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -365,17 +366,28 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
     execution = execution_tags()
     tags = {"dvc.stage": os.environ.get("DVC_STAGE", stage), **execution, "mmpipe.stage": stage, **process_tags()}
     parent_id = retrying("open the pipeline run", pipeline_run, client, experiment_id, execution)
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics,
-        parent_run_id=parent_id,
-    ) as run:
+    run = retrying("start the stage's run", mlflow.start_run, experiment_id=experiment_id, run_name=stage, tags=tags,
+                   log_system_metrics=system_metrics, parent_run_id=parent_id)
+    try:
         retrying("log params", mlflow.log_params, _flat_params(params))
-        try:
-            yield StageRun(run)
-        except BaseException:
-            client.set_terminated(parent_id, "FAILED")
-            raise
-    update_pipeline_run(client, parent_id, stage)
+        yield StageRun(run)
+    except BaseException:
+        # the stage's own error is what the user must see: the store failing now is a warning, never
+        # a traceback in its place (the next stage closes what is left RUNNING: close_abandoned_runs)
+        best_effort("mark the stage's run failed", mlflow.end_run, "FAILED")
+        best_effort("mark the pipeline run failed", client.set_terminated, parent_id, "FAILED")
+        raise
+    retrying("finish the stage's run", mlflow.end_run)
+    retrying("update the pipeline run", update_pipeline_run, client, parent_id, stage)
+
+
+def best_effort(what: str, call, *args, **kwargs) -> None:
+    """``retrying``, then one warning line on stderr instead of an error: for tracking calls in a
+    stage's failure path, where the stage's own error must stay the one line the user sees."""
+    try:
+        retrying(what, call, *args, **kwargs)
+    except PipelineError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
 
 
 TUNE_ROLE, TRIAL_ROLE = "tune", "trial"  # tag mmpipe.role of a study's row and of its trials (children)

@@ -87,6 +87,36 @@ def test_failed_stage_marks_run_failed(tmp_path, monkeypatch):
     assert mlflow.get_run(run.run_id).info.status == "FAILED"
 
 
+def test_a_store_failing_in_the_failure_path_leaves_the_stage_s_own_one_line_error(tmp_path, monkeypatch, capsys):
+    """The stage fails with its one-line error; the tracking calls of the failure path (marking the
+    runs FAILED) then fail too: warnings, never a traceback in place of the stage's error."""
+    from mmpipe.stage import run_stage
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "BACKOFF_S", 0.01)
+
+    def store_gone(*args, **kwargs):
+        raise ConnectionError("the tracking server went away")
+
+    def stage() -> None:
+        with tracking.stage_run("clean", params.CleanParams(), system_metrics=False):
+            monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", store_gone)
+            monkeypatch.setattr(mlflow, "end_run", store_gone)
+            raise PipelineError("data/raw: no part-*.parquet files (run the collect stage first)")
+
+    with pytest.raises(SystemExit) as info:
+        run_stage(stage)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: data/raw: no part-*.parquet files (run the collect stage first)"
+    assert "warning: MLflow: could not mark the stage's run failed after 4 attempts: the tracking server went away" in err
+    assert "warning: MLflow: could not mark the pipeline run failed after 4 attempts" in err
+    mlflow.end_run()
+
+
 def test_stage_script_reports_unreachable_server_without_traceback(tmp_path):
     from conftest import ROOT, stage_env
 
