@@ -328,3 +328,26 @@ def test_manifest_rows_and_columns_are_bounded_before_the_table_is_built(tmp_pat
     assert peak < 60e6, f"collect peaked at {peak / 1e6:.0f} MB of Python allocations"
     raw = read_raw(out)
     assert raw.tabular[1] == b'{"k1": 1}' and raw.tabular[19_999] == b'{"k19999": 19999}'
+
+
+def test_a_symlinked_label_folder_is_followed_and_what_is_not_read_is_listed(tmp_path, data_params, capsys):
+    """A label folder that is a symlink (data kept elsewhere) was skipped without a word."""
+    elsewhere = tmp_path / "elsewhere" / "dogs"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "d1.png").write_bytes(png_bytes(seed=3))
+    root = tmp_path / "data"
+    (root / "cat" / "deeper").mkdir(parents=True)
+    (root / "cat" / "c1.png").write_bytes(png_bytes(seed=1))
+    (root / "cat" / "deeper" / "c2.png").write_bytes(png_bytes(seed=2))
+    (root / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a cycle: read one level down, no further
+    metrics, raw = run(data_params, root, tmp_path)
+    assert sorted(raw.sample_id) == ["cat/c1", "dog/d1"] and metrics["per_label"] == {"cat": 1, "dog": 1}
+    assert raw.set_index("sample_id").image["dog/d1"] == (elsewhere / "d1.png").read_bytes()
+    out = capsys.readouterr().out
+    assert "collect: ignoring 4 entries outside <label>/<stem>.<ext> or of unknown type: cat/deeper/, loop/cat/, " \
+           "loop/dog/, loop/loop/" in out
+    # the source fingerprint follows the same files: a change behind the link re-runs collect
+    before = collect.fingerprint(data_params(source=str(root)))
+    (elsewhere / "d1.png").write_bytes(png_bytes(seed=4))
+    assert collect.fingerprint(data_params(source=str(root)))["files"]["dog/d1.png"] != before["files"]["dog/d1.png"]

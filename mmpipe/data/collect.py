@@ -407,20 +407,39 @@ def manifest_rows(manifest: Manifest, source: str) -> Iterator[dict[str, Any]]:
         yield spec
 
 
+def folder_files(root: Path) -> tuple[list[Path], list[str]]:
+    """The files of ``<root>/<label>/`` (each label folder read through a symlink too: a link to a
+    data folder elsewhere is a label like any other), and what is not one, as paths relative to
+    ``root``: files at the top, folders inside a label folder (listed, not descended: no depth, so no
+    cycle), hidden folders. FIFOs and dangling links are files here: fetch rejects them, row by row."""
+    files, ignored = [], []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            ignored.append(entry.name + ("/" if entry.is_dir() else ""))
+        elif not entry.is_dir():  # (is_dir follows a symlink)
+            ignored.append(entry.name)
+        else:
+            for path in sorted(entry.iterdir()):
+                if path.is_dir():
+                    ignored.append(f"{entry.name}/{path.name}/")
+                else:
+                    files.append(path)
+    return files, ignored
+
+
 def folder_rows(root: Path) -> list[dict[str, Any]]:
     """``<root>/<label>/<stem>.<ext>``: files sharing a stem are one sample."""
     samples: dict[tuple[str, str], dict[str, list[Path]]] = {}
-    ignored = []
-    for path in sorted(p for p in root.rglob("*") if not p.is_dir()):  # FIFOs, dangling links: rejected by fetch, not skipped
-        rel = path.relative_to(root)
+    files, ignored = folder_files(root)
+    for path in files:
         modality = by_extension(path.suffix)
-        if len(rel.parts) != 2 or modality is None or path.name.startswith("."):
-            ignored.append(str(rel))
+        if modality is None or path.name.startswith("."):
+            ignored.append(f"{path.parent.name}/{path.name}")
             continue
-        samples.setdefault((rel.parts[0], path.stem), {}).setdefault(modality, []).append(path)
+        samples.setdefault((path.parent.name, path.stem), {}).setdefault(modality, []).append(path)
     if ignored:
         shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
-        print(f"collect: ignoring {len(ignored)} file(s) outside <label>/<stem>.<ext> or of unknown type: {shown}")
+        print(f"collect: ignoring {len(ignored)} entries outside <label>/<stem>.<ext> or of unknown type: {shown}")
     if not samples:
         raise PipelineError(f"data.source: folder {root} holds no <label>/<stem>.<ext> files "
                             f"({', '.join(e for m in MODALITIES.values() for e in m.EXTENSIONS)})")
@@ -578,9 +597,8 @@ def fingerprint(params) -> dict[str, Any]:
     if kind == "builtin":
         return {"source": source, "kind": kind, "generator": builtin.__name__}
     if kind == "folder":
-        files = sorted(p for p in where.rglob("*") if not p.is_dir())
-        return {"source": source, "kind": kind,
-                "files": {str(p.relative_to(where)): _file_digest(p) for p in files}}
+        files, _ = folder_files(where)
+        return {"source": source, "kind": kind, "files": {f"{p.parent.name}/{p.name}": _file_digest(p) for p in files}}
     if is_url(where):
         return {"source": source, "kind": kind, "manifest": redact(where)}
     items = {}
