@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,20 @@ def test_joining_partitions_refuses_missing_or_stale_ones_in_one_line(tiny_corpu
         preprocess("text", three, tiny_corpus / "clean", tmp_path / "out", parts_dir=parts)
     with pytest.raises(PipelineError, match=r"preprocess.partitions.*must be \[\] or \[0, 1, \.\.\., N-1\]"):
         params.validate("preprocess", {"partitions": [1, 2]})
+    # the same number of samples, labels and settings, but other content: refused too
+    changed = tmp_path / "clean"
+    shutil.copytree(tiny_corpus / "clean", changed)
+    part_file = sorted((changed / "samples").glob("part-*.parquet"))[0]
+    table = pq.read_table(part_file)
+    texts = table.column("text").to_pylist()
+    first = next(i for i, t in enumerate(texts) if t)
+    texts[first] = texts[first] + " changed"
+    pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts, pa.string())), part_file)
+    with pytest.raises(PipelineError, match=r"parts/0: built from other data or settings than this run"):
+        preprocess("text", cfg, changed, tmp_path / "out2", parts_dir=parts)
+    # a shard file of a partition gone: one line naming it, not a traceback
+    next((parts / "1").glob("*.npy")).unlink()
+    (tmp_path / "out3").mkdir()
+    with pytest.raises(PipelineError, match=r"\.npy: missing or unreadable \(No such file or directory; re-run the "
+                                            r"preprocess-part@text-1 stage\)"):
+        preprocess("text", cfg, tiny_corpus / "clean", tmp_path / "out3", parts_dir=parts)

@@ -259,12 +259,22 @@ def featurise(source: Source, modality: str, params, out_dir: Path, device: str,
     return partials, failed
 
 
+def clean_digest(source: Source) -> str:
+    """The content of data/clean (its part files, byte for byte): partitions and their join must have
+    read the very same data, not only as many samples with the same labels."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in source.files:
+        with open(path, "rb") as fh:
+            digest.update(path.name.encode() + b"\0" + hashlib.file_digest(fh, "blake2b").digest())
+    return digest.hexdigest()
+
+
 def part_record(source: Source, modality: str, params, part: int, parts: int) -> dict:
     """What a partition must share with the run that joins it: data, settings and its place."""
     settings = {"cfg": source.cfg.model_dump(mode="json") if hasattr(source.cfg, "model_dump") else str(source.cfg),
                 "shard_rows": params.shard_rows, "features": source.features.state()}
     return {"modality": modality, "part": part, "parts": parts, "samples": source.total,
-            "labels": source.dataset["labels"],
+            "labels": source.dataset["labels"], "data": clean_digest(source),
             "settings": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]}
 
 
@@ -304,13 +314,18 @@ def join_parts(source: Source, modality: str, params, parts_dir: Path, out_dir: 
         if any(record.get(key) != value for key, value in expected.items()) or record.get("shards", [0])[0] != covered:
             raise PipelineError(f"{folder}: built from other data or settings than this run "
                                 f"(re-run the preprocess-part@{modality}-{part} stage)")
-        for shard in range(*record["shards"]):
-            for name in source.features.arrays:
-                shutil.copyfile(shard_path(folder, name, shard), shard_path(out_dir, name, shard))
+        try:
+            for shard in range(*record["shards"]):
+                for name in source.features.arrays:
+                    shutil.copyfile(shard_path(folder, name, shard), shard_path(out_dir, name, shard))
+            with np.load(folder / PART_STATS) as stats:
+                partials += [(stats[f"{k}.0"], stats[f"{k}.1"], int(stats[f"{k}.2"])) if f"{k}.0" in stats else None
+                             for k in range(int(stats["tasks"]))]
+        except (OSError, ValueError, KeyError) as exc:  # a file of the partition missing or damaged
+            where = getattr(exc, "filename", None) or folder / PART_STATS
+            raise PipelineError(f"{where}: missing or unreadable ({getattr(exc, 'strerror', None) or type(exc).__name__}; "
+                                f"re-run the preprocess-part@{modality}-{part} stage)") from None
         covered = record["shards"][1]
-        with np.load(folder / PART_STATS) as stats:
-            partials += [(stats[f"{k}.0"], stats[f"{k}.1"], int(stats[f"{k}.2"])) if f"{k}.0" in stats else None
-                         for k in range(int(stats["tasks"]))]
         failed |= {int(row): tuple(v) for row, v in record["failed"].items()}
     if covered != shard_count(source.total, params.shard_rows):
         raise PipelineError(f"{parts_dir}: the partitions cover {covered} shards of "
