@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmpipe import params as params_module
-from mmpipe.errors import PipelineError
+from mmpipe.errors import PipelineError, redact
 
 STUDY_FILE = "tune.db"
+KILLED = "mmpipe.killed"  # user attribute of a trial a killed process left running
 SEARCHABLE = ("train", "model")  # what a trial can change without new features
 DIRECTION = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
@@ -126,8 +127,10 @@ def open_study(cfg, name: str, storage_path: Path, max_epochs: int):
                                 sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner, load_if_exists=True)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not holder_alive(trial.user_attrs):
+            storage.set_trial_user_attr(trial._trial_id, KILLED, True)  # (only a running trial takes attributes)
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-            print(f"tune: trial {trial.number} was left running by a process that was killed: marked FAIL")
+            print(f"tune: trial {trial.number} was left running by a process that was killed: marked FAIL "
+                  "(not counted in tune.trials)")
     for values in cfg.enqueue:
         study.enqueue_trial(values, skip_if_exists=True)
     return study
@@ -135,6 +138,12 @@ def open_study(cfg, name: str, storage_path: Path, max_epochs: int):
 
 def finished(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+
+
+def counted(study) -> list:
+    """The finished trials that count against ``tune.trials``: not those a killed process left behind
+    (their search did not run to an answer; the study runs another in their place)."""
+    return [t for t in finished(study) if not t.user_attrs.get(KILLED)]
 
 
 def objective(cfg, sections: dict[str, Any], train_once: Callable[[Any, Any, Callable], dict], study_label: str,
@@ -172,15 +181,17 @@ def objective(cfg, sections: dict[str, Any], train_once: Callable[[Any, Any, Cal
                 mlrun.set_tags({"optuna.state": "PRUNED", "tune.pruned_at_epoch": str(pruned_at)})
                 log(f"tune: trial {trial.number} pruned ({exc}); {_shown(values)}")
                 stopped = exc
-            except PipelineError as exc:
-                mlrun.set_tags({"optuna.state": "FAIL", "tune.error": str(exc).splitlines()[0][:500]})
-                log(f"tune: trial {trial.number} failed: {str(exc).splitlines()[0]}")
+            except Exception as exc:  # any error of one trial's values (a diverged run, an OOM, a shape error) fails that trial
+                reason = str(exc).splitlines()[0] if str(exc) else ""
+                reason = reason if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {reason}".rstrip(": ")
+                mlrun.set_tags({"optuna.state": "FAIL", "tune.error": redact(reason)[:500]})
+                log(f"tune: trial {trial.number} failed: {redact(reason)}")
                 stopped = exc
             else:
                 mlrun.log_metrics({cfg.metric: value, "epochs_run": len(history), "seconds": result["metrics"]["seconds"]})
                 mlrun.set_tags({"optuna.state": "COMPLETE"})
                 log(f"tune: trial {trial.number} {cfg.metric} {value:.4f} ({len(history)} epochs); {_shown(values)}")
-        if isinstance(stopped, PipelineError):
+        if stopped is not None and not isinstance(stopped, optuna.TrialPruned):
             tracking.mark_failed(mlrun.run_id)
         if stopped is not None:
             raise stopped

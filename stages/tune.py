@@ -29,8 +29,8 @@ def main() -> None:
         raise PipelineError(f"{FEATURES}: no feature sets; run `dvc repro preprocess` first (make tune does)")
     name = tune.study_name(cfg, sections, lineage.data_identity()["digest"])
     study = tune.open_study(cfg, name, tracking.project_root() / tune.STUDY_FILE, sections["train"].epochs)
-    remaining = cfg.trials - len(tune.finished(study))
-    print(f"tune: study {name} ({tune.STUDY_FILE}): {len(tune.finished(study))} trials done, {max(remaining, 0)} to run; "
+    remaining = cfg.trials - len(tune.counted(study))
+    print(f"tune: study {name} ({tune.STUDY_FILE}): {len(tune.counted(study))} trials done, {max(remaining, 0)} to run; "
           f"{cfg.metric} on the validation split, {cfg.pruner.kind} pruning")
 
     def train_once(train_cfg, model_cfg, on_epoch):  # the fusion model only: baselines do not change the choice
@@ -39,7 +39,7 @@ def main() -> None:
     with tracking.tune_run(name, cfg) as run:
         if remaining > 0:
             study.optimize(tune.objective(cfg, sections, train_once, name), n_trials=remaining, timeout=cfg.timeout_s,
-                           catch=(PipelineError,))
+                           catch=(Exception,))  # one trial's error fails that trial (objective), not the study
         result = tune.summary(study)
         folder = TUNE_REPORTS / name
         for path in tune.write_plots(study, folder):

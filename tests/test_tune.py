@@ -85,5 +85,30 @@ def test_study_resumes_from_sqlite_and_fails_trials_a_killed_process_left_runnin
     states = [t.state for t in again.trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.FAIL]
     assert again.trials[0].params == {"train.lr": 0.003}  # the enqueued trial ran first, and only once
-    assert len(tune.finished(again)) == 3
+    assert len(tune.finished(again)) == 3 and len(tune.counted(again)) == 2  # the killed one does not count
     assert "trial 2 was left running by a process that was killed: marked FAIL" in capsys.readouterr().out
+
+
+def test_any_error_in_a_trial_fails_that_trial_and_the_study_goes_on(tmp_path, monkeypatch):
+    from mmpipe import tracking
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tune_params(space={"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}, pruner={"kind": "none"})
+    study = tune.open_study(cfg, "errors", tmp_path / "tune.db", max_epochs=3)
+    outcomes = iter([RuntimeError("CUDA out of memory"), ValueError("heads must divide dim"), None])
+    lines = []
+
+    def train_once(train_cfg, model_cfg, on_epoch):
+        error = next(outcomes)
+        if error is not None:
+            raise error
+        on_epoch(0, {"epoch": 0, "val_accuracy": 0.5})
+        return {"history": [{"val_accuracy": 0.5}], "metrics": {"seconds": 0.1}}
+
+    with tracking.tune_run("errors", cfg):
+        study.optimize(tune.objective(cfg, sections(), train_once, "errors", lines.append), n_trials=3, catch=(Exception,))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2 + [optuna.trial.TrialState.COMPLETE]
+    assert lines[:2] == ["tune: trial 0 failed: RuntimeError: CUDA out of memory",
+                         "tune: trial 1 failed: ValueError: heads must divide dim"]
