@@ -3,6 +3,7 @@ encoders by architecture name."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -575,10 +576,18 @@ def test_a_stale_cache_stops_train_with_one_line(tiny_corpus, tmp_path):
     encoder = {"arch": "resnet18", "weights": str(tmp_path / "a.pth"), "freeze": "all"}
     embedded_features(tiny_corpus / "features", tiny_corpus / "clean", tmp_path / "f", "image", {}, encoder)
     random_weights("resnet18", tmp_path / "a.pth", seed=2)
+    with pytest.raises(PipelineError) as err:  # the weights file changed: told from its sha256, before any forward pass
+        train_with(tmp_path / "f", tmp_path, ["image", "text"], encoder)
+    assert "the cached embeddings (preprocess.image.embed) were computed with weights of sha256 " in str(err.value)
+    assert f"but {tmp_path / 'a.pth'} now has " in str(err.value)
+    assert "re-run preprocess@image" in str(err.value) and "\n" not in str(err.value)
+    state_file = tmp_path / "f" / "image" / "state.json"  # a cache that does not say its weights: the outputs decide
+    state = json.loads(state_file.read_text())
+    state["embedding"].pop("sha256")
+    state_file.write_text(json.dumps(state))
     with pytest.raises(PipelineError) as err:
         train_with(tmp_path / "f", tmp_path, ["image", "text"], encoder)
     assert "the cached embeddings (preprocess.image.embed) are not this model's backbone output" in str(err.value)
-    assert "re-run preprocess@image" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(PipelineError) as err:  # the backbone would train: the cache cannot stand for it
         train_with(tmp_path / "f", tmp_path, ["image", "text"], {**encoder, "freeze": "none"})
     assert "need model.encoders.image to be the frozen backbone that computed them" in str(err.value)

@@ -64,6 +64,32 @@ def test_killed_training_resumes_from_last_epoch(features, tmp_path):
     assert not list((tmp_path / "ck2").glob("*.pt"))
 
 
+def test_a_killed_run_does_not_resume_into_changed_model_code_or_weights(features, tmp_path, monkeypatch):
+    from mmpipe.models import train as train_module
+
+    def die_at_epoch_1(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(features, tmp_path / "killed", tmp_path / "ck", epochs=2, on_epoch=die_at_epoch_1)
+    monkeypatch.setattr(train_module, "code_digest", lambda: "the model code after an edit")
+    epochs_seen = []
+    run(features, tmp_path / "after", tmp_path / "ck", epochs=2, on_epoch=lambda epoch, row: epochs_seen.append(epoch))
+    assert epochs_seen == [0, 1]  # trained from the start, not from the old code's checkpoint
+    # the digest follows the files' bytes; the weights files' sha256 is part of the key too
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "fusion.py").write_text("x = 1\n")
+    monkeypatch.undo()
+    monkeypatch.setattr(train_module, "MODEL_CODE", [code])
+    before = train_module.code_digest()
+    (code / "fusion.py").write_text("x = 2\n")
+    assert train_module.code_digest() != before
+    cfg = params.TrainParams(epochs=2)
+    key = [tmp_path, "m", {"a": 1}, cfg, features]
+    assert train_module.checkpoint_path(*key, {"image": "aa"}) != train_module.checkpoint_path(*key, {"image": "bb"})
+
+
 def test_resume_after_a_non_improving_epoch_is_exact(features, tmp_path):
     """The early-stopping counter and every RNG survive a kill: a run killed right after an epoch that did
     not improve stops at the same epoch, with the same weights, as the run that was never killed."""

@@ -169,7 +169,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                       + f", {info['frozen_blocks']} of {info['blocks']} blocks frozen")
                 for warning in info.get("warnings", []):
                     print(f"train[{'+'.join(modalities)}]: warning: {warning}")
-    for m in check_cached_embeddings(model, train_set, modalities):
+    for m in check_cached_embeddings(model, train_set, modalities, pretrained):
         if m in pretrained:
             pretrained[m]["cached_embeddings"] = True
         if world.is_main:
@@ -182,7 +182,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     opt = Optimisation.create(params, model, steps_per_epoch, device)
 
     name = "+".join(modalities)
-    checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root)
+    checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root,
+                                 {m: info.get("sha256") for m, info in pretrained.items()})
     progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None)
     if on_resume and world.is_main and progress.history:  # the epochs the killed run trained (its curves)
         on_resume(progress.history)
@@ -234,17 +235,22 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
 
 
 def check_cached_embeddings(model: torch.nn.Module, data: FeatureSet, modalities: list[str],
-                            samples: int = 8) -> list[str]:
+                            pretrained: dict[str, dict] | None = None, samples: int = 8) -> list[str]:
     """The ``modalities`` ``data`` serves as cached embeddings, each checked to be the output of this
-    model's (frozen) backbone: its raw arrays of a few train samples go through the backbone and must
-    give the cached vectors (within float16/bf16 rounding). Else one line: a stale cache would train
-    heads on features the shipped model never computes."""
+    model's (frozen) backbone: computed from the very weights file train loaded (``pretrained``: what
+    ``load_pretrained`` said, sha256 included), and its raw arrays of a few train samples going through
+    the backbone must give the cached vectors (within float16/bf16 rounding). Else one line: a stale
+    cache would train heads on features the shipped model never computes."""
     checked = []
     for m in modalities:
         if m not in data.embedded:
             continue
         encoder = model.encoders[m]
         where = f"{data.root / m}: the cached embeddings (preprocess.{m}.embed)"
+        cached_from, loaded = data.state[m]["embedding"].get("sha256"), (pretrained or {}).get(m, {}).get("sha256")
+        if cached_from and loaded and cached_from != loaded:
+            raise PipelineError(f"{where} were computed with weights of sha256 {cached_from[:12]}, but "
+                                f"{(pretrained or {})[m].get('weights')} now has {loaded[:12]}: re-run preprocess@{m}")
         if not hasattr(encoder, "embed") or any(p.requires_grad for p in encoder.backbone.parameters()):
             raise PipelineError(f"{where} need model.encoders.{m} to be the frozen backbone that computed them "
                                 f"(a pretrained arch, freeze: all): re-run preprocess@{m}, or set embed: false")
@@ -314,12 +320,27 @@ def place_model(model: torch.nn.Module, device: torch.device, world, compile_mod
     return model, (torch.compile(step_model) if compile_model else step_model)
 
 
-def checkpoint_path(checkpoint_dir: Path | None, name: str, config: dict, params, features_root: Path) -> Path | None:
-    """The checkpoint of this very run (same model config, train params and data), or None (no resume)."""
+MODEL_CODE = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "modalities"]
+
+
+def code_digest() -> str:
+    """The model code: every module of mmpipe/models and mmpipe/modalities (architectures, encoders,
+    the training loop), byte for byte."""
+    digest = hashlib.sha1()
+    for path in sorted(p for folder in MODEL_CODE for p in folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def checkpoint_path(checkpoint_dir: Path | None, name: str, config: dict, params, features_root: Path,
+                    weights: dict[str, str | None] | None = None) -> Path | None:
+    """The checkpoint of this very run (same model config, train params, data, model code and
+    pretrained weights files' content: ``weights``, sha256 by modality), or None (no resume). A run
+    killed before a code or weights change does not resume into the changed model."""
     if checkpoint_dir is None:
         return None
-    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), features_digest(features_root)],
-                                      sort_keys=True).encode()).hexdigest()[:16]
+    run_key = hashlib.sha1(json.dumps([config, params.model_dump(), features_digest(features_root), code_digest(),
+                                       weights or {}], sort_keys=True).encode()).hexdigest()[:16]
     return checkpoint_dir / f"{name}-{run_key}.pt"
 
 
