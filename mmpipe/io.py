@@ -28,32 +28,94 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/<pid>/stat field 22); None when no
+    such process. With the pid it names one process, also where pids are reused from run to run (a
+    container's stage is often pid 7 every time)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, start: int | None = None) -> bool:
+    """Process ``pid`` runs (and, given ``start``, is the one that started then)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
+        pass
+    return start is None or process_start(pid) in (start, None)
+
+
+def owner_tag() -> str:
+    """``<pid>@<start>``: what a temporary's name says of the process that writes it."""
+    return f"{os.getpid()}@{process_start(os.getpid()) or 0}"
+
+
+# ".<name>.tmp-<pid>@<start>-…" / ".<name>.old-<pid>@<start>" (earlier: without @<start>)
+_OWNER = r"(?:(?P<pid>\d+)(?:@(?P<start>\d+))?(?:-.*)?|.*)"
+
+
+def _stale(match: re.Match) -> bool:
+    if not match["pid"]:
         return True
-    return True
+    return not process_alive(int(match["pid"]), int(match["start"]) if match["start"] and match["start"] != "0" else None)
 
 
 def remove_stale_temporaries(final: Path) -> list[Path]:
-    """Remove what writers of ``final`` killed mid-way left next to it — ``.<name>.tmp-<pid>-*`` and
-    ``.<name>.old-<pid>`` whose process is gone (a live writer's are kept) — and say so."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(?:(?P<pid>\d+)(?:-.*)?|.*)")
+    """Remove what writers of ``final`` killed mid-way left next to it — ``.<name>.tmp-<pid>@<start>-*``
+    and ``.<name>.old-<pid>@<start>`` whose process is gone, or whose pid now belongs to a process
+    that started at another time (a live writer's are kept) — and say so."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-{_OWNER}")
     removed = []
     for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.*")):
         match = pattern.fullmatch(path.name)
-        if match is None or (match["pid"] and _alive(int(match["pid"]))):
+        if match is None or not _stale(match):
             continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        print(f"removed {path}: left behind by a run that was killed")
+        _remove(path)
         removed.append(path)
     return removed
+
+
+def remove_stale_temporaries_in(folder: Path) -> list[Path]:
+    """``remove_stale_temporaries`` for every entry of ``folder``, at any depth (a folder of files
+    each written atomically: DVCLive's)."""
+    pattern = re.compile(rf"\.(?P<name>.+?)\.(?:tmp|old)-{_OWNER}")
+    removed = []
+    for path in sorted(Path(folder).rglob(".*")) if Path(folder).is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        if match is not None and path.exists() and _stale(match):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    print(f"removed {path}: left behind by a run that was killed")
+
+
+@contextlib.contextmanager
+def scratch(final: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside output ``final`` that is also the process's temporary folder
+    (``tempfile.tempdir``: what ONNX Runtime's quantizer and every TemporaryDirectory use) while the
+    block runs; removed after it. A stage killed with -9 leaves it beside its output, where the next
+    run's ``remove_stale_temporaries`` finds it — not in the system's temporary folder for ever."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
+    folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner_tag()}-scratch-", dir=final.parent))
+    previous, tempfile.tempdir = tempfile.tempdir, str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -63,7 +125,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner_tag()}-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
@@ -72,7 +134,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f".{final.name}.old-{owner_tag()}")
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
@@ -83,7 +145,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-{owner_tag()}-", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -26,9 +26,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -38,7 +40,8 @@ from typing import Any, Iterator
 
 from mmpipe import lineage, resources, summary
 from mmpipe.errors import PipelineError, redact
-from mmpipe.io import flatten, write_json_atomic
+from mmpipe.io import (flatten, owner_tag, remove_stale_temporaries, remove_stale_temporaries_in, write_bytes_atomic,
+                       write_json_atomic)
 
 DEFAULT_EXPERIMENT = "mmpipe"
 PIPELINE_ROLE = "pipeline"  # tag mmpipe.role of the parent rows
@@ -210,18 +213,28 @@ class StageRun:
 class Curves:
     """Per-step curves of a stage, fed from one call site to both trackers: MLflow step metrics
     (``<group>/<key>``, the run's charts) and DVCLive's files in ``folder`` (``metrics.json`` with the
-    latest values, ``plots/metrics/<group>/<key>.tsv``), rewritten after every step, so ``dvc exp show``,
+    latest values, ``plots/metrics/<group>/<key>.tsv``), published after every step, so ``dvc exp show``,
     ``dvc plots show`` and DVC's VS Code extension follow a run while it trains. dvc.yaml declares the
     files (``dvcyaml=False``: DVCLive does not write its own). Outside a DVC repository only MLflow gets
-    them: DVCLive would otherwise ``dvc init`` the enclosing git repository."""
+    them: DVCLive would otherwise ``dvc init`` the enclosing git repository.
+
+    DVCLive writes its files in place (a stage killed mid-write leaves a truncated metrics.json that
+    ``dvc metrics show`` cannot read): it writes into a private folder beside ``folder`` instead, and
+    each step's files are copied into ``folder`` one atomic rename each. What a killed run left (the
+    private folder, a half-copied file) is removed by the next one."""
 
     def __init__(self, run: "StageRun", folder: str | os.PathLike):
-        self.run, self.live = run, None
+        self.run, self.live, self.folder = run, None, Path(folder)
         if any((p / ".dvc").is_dir() for p in (Path.cwd(), *Path.cwd().parents)):
             logging.getLogger("dvclive").setLevel(logging.WARNING)
             from dvclive import Live
 
-            self.live = Live(dir=str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+            remove_stale_temporaries(self.folder)  # private folders of killed runs
+            remove_stale_temporaries_in(self.folder)  # half-copied files of killed runs
+            shutil.rmtree(self.folder, ignore_errors=True)  # a new run's curves (DVCLive's resume=False)
+            self.private = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-{owner_tag()}-live-",
+                                                 dir=self.folder.parent))
+            self.live = Live(dir=str(self.private), dvcyaml=False, save_dvc_exp=False, report=None)
 
     def log(self, group: str, step: int, row: dict[str, Any]) -> None:
         # <group>/<key>, as DVCLive names them: apart from the stage's final figures (<group>.<key>, e.g.
@@ -232,11 +245,18 @@ class Curves:
             self.live.step = step
             for key, value in curves.items():
                 self.live.log_metric(key, value)
-            self.live.next_step()  # writes metrics.json and the .tsv rows now
+            self.live.next_step()  # writes metrics.json and the .tsv rows (privately)
+            self._publish()
+
+    def _publish(self) -> None:
+        for path in sorted(p for p in self.private.rglob("*") if p.is_file()):
+            write_bytes_atomic(self.folder / path.relative_to(self.private), path.read_bytes())
 
     def close(self) -> None:
         if self.live is not None:
             self.live.end()
+            self._publish()
+            shutil.rmtree(self.private, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ and metrics/compress.json (accuracy, size, MACs, sparsity, latency of each varia
 from mmpipe import layout, params, tracking
 from mmpipe.layout import COMPRESSED, FEATURES, FUSION
 from mmpipe.compress.compress import compress
-from mmpipe.io import atomic_dir
+from mmpipe.io import atomic_dir, scratch
 from mmpipe.stage import run_stage
 
 METRICS = layout.METRICS["compress"]
@@ -22,7 +22,7 @@ def main() -> None:
             steps[name] = steps.get(name, -1) + 1
             curves.log(name, steps[name], row)
 
-        with atomic_dir(COMPRESSED) as out:
+        with atomic_dir(COMPRESSED) as out, scratch(COMPRESSED):  # ONNX Runtime's temporary files beside the output
             metrics = compress(cfg, FEATURES, FUSION, out, log)
         chain = sorted(metrics["variants"], key=lambda v: CHAIN.index(v) if v in CHAIN else len(CHAIN))
         for step, name in enumerate(chain):  # always one step at least (fp32): dvc.yaml declares the files

@@ -11,7 +11,7 @@ from mmpipe import layout, lineage, params, tracking
 from mmpipe.deploy.export import bundle_accuracy, export, failed_checks, model_metrics
 from mmpipe.deploy.registry import publish
 from mmpipe.errors import PipelineError
-from mmpipe.io import atomic_dir, write_json_atomic
+from mmpipe.io import atomic_dir, scratch, write_json_atomic
 from mmpipe.stage import run_stage
 
 OUT, METRICS = layout.DEPLOY, layout.METRICS["export"]
@@ -19,7 +19,7 @@ OUT, METRICS = layout.DEPLOY, layout.METRICS["export"]
 
 def main() -> None:
     cfg = params.load("export")
-    with tracking.stage_run("export", cfg) as run:
+    with tracking.stage_run("export", cfg) as run, scratch(OUT):  # temporary files (the champion's bundle) beside the output
         with atomic_dir(OUT) as out:
             eval_metrics = json.loads(layout.METRICS["evaluate"].read_text())
             compress_metrics = json.loads(layout.METRICS["compress"].read_text())

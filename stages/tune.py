@@ -14,7 +14,7 @@ import sys
 from mmpipe import lineage, params, tracking, tune
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import feature_modalities
-from mmpipe.io import write_json_atomic
+from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.layout import FEATURES, TUNE_REPORTS
 from mmpipe.models.train import train
 from mmpipe.stage import run_stage
@@ -42,13 +42,14 @@ def main() -> None:
                            catch=(Exception,))  # one trial's error fails that trial (objective), not the study
         result = tune.summary(study)
         folder = TUNE_REPORTS / name
-        for path in tune.write_plots(study, folder):
+        with atomic_dir(folder) as tmp:  # the study's report lands whole or not at all
+            tune.write_plots(study, tmp)
+            write_json_atomic(tmp / "summary.json", result)
+        for path in sorted(folder.iterdir()):
             run.log_artifact(path)
-        write_json_atomic(folder / "summary.json", result)
         run.log_metrics({k: result[k] for k in ("trials", "complete", "pruned", "fail")}
                         | {f"best_{cfg.metric}": result.get("best", {}).get("value"),
                            **{f"importance.{k}": v for k, v in result.get("importance", {}).items()}})
-        run.log_artifact(folder / "summary.json")
     if "best" not in result:
         raise PipelineError(f"tune: study {name} has no completed trial ({result['pruned']} pruned, {result['fail']} "
                             "failed): nothing to run")

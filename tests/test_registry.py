@@ -19,6 +19,7 @@ from mlflow.entities import LoggedModelStatus
 from mmpipe.deploy import registry
 from mmpipe.deploy.export import _bundle_accuracy, bundle_accuracy, example_request, load_predictor, raw_test_items
 from mmpipe.features.loader import FeatureSet
+from mmpipe.io import owner_tag
 from mmpipe.modalities import names
 
 GATED = {"gates": {"checked": {"min_accuracy": 0.1}, "passed": True, "failed": []}}
@@ -123,7 +124,7 @@ def test_a_failed_or_killed_registration_leaves_no_version_and_nothing_pending(b
     me = os.getpid()
     run_id = mlflow.active_run().info.run_id
     left = {}
-    for name, pid in (("dead", f"{dead.stdout.strip()}:1"), ("reused", f"{me}:1"), ("alive", f"{me}:{registry._start_time(me)}")):
+    for name, pid in (("dead", f"{dead.stdout.strip()}@1"), ("reused", f"{me}@1"), ("alive", owner_tag())):
         left[name] = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags={
             registry.PID_TAG: pid, registry.HOST_TAG: registry.socket.gethostname()}).model_id
     assert sorted(registry.fail_abandoned(store)) == sorted([left["dead"], left["reused"]])

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmpipe.deploy.mlflow_model import OUTPUT
+from mmpipe.io import owner_tag, process_alive
 
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
 DIGEST_TAG, PID_TAG, HOST_TAG = "bundle.digest", "mmpipe.pid", "mmpipe.host"
@@ -117,16 +118,6 @@ def find_version(name: str, digest: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_abandoned(experiment_id: str) -> list[str]:
     """Mark FAILED the logged models an export on this host left PENDING when it was killed (its pid
     no longer runs, or is now another process: the tag records the start time too); -> their ids."""
@@ -138,23 +129,15 @@ def fail_abandoned(experiment_id: str) -> list[str]:
     while True:
         page = client.search_logged_models([experiment_id], filter_string=f"tags.`{HOST_TAG}` = '{host}'", page_token=token)
         for model in page:
-            pid, started = (model.tags.get(PID_TAG) or ":").partition(":")[::2]
+            pid, _, started = (model.tags.get(PID_TAG) or "").partition("@")
             if model.status != LoggedModelStatus.PENDING or not pid.isdigit():
                 continue
-            if not _alive(int(pid)) or str(_start_time(int(pid))) != started:
+            if not process_alive(int(pid), int(started) if started.isdigit() and started != "0" else None):
                 client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
                 failed.append(model.model_id)
         token = page.token
         if not token:
             return failed
-
-
-def _start_time(pid: int) -> int | None:
-    """A process's start time (clock ticks after boot): with the pid, names a process even when the pid is reused."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def register(folder: Path, name: str, example: Any, metrics: dict[str, float] | None = None,
@@ -179,9 +162,8 @@ def register(folder: Path, name: str, example: Any, metrics: dict[str, float] | 
     requirements += (Path(folder) / "requirements.txt").read_text().split()  # the bundle's own
     tags = dict(tags or {})
     client = MlflowClient()
-    me = os.getpid()
     model = mlflow.initialize_logged_model(name="model", source_run_id=mlflow.active_run().info.run_id, tags={
-        **tags, PID_TAG: f"{me}:{_start_time(me)}", HOST_TAG: socket.gethostname()})
+        **tags, PID_TAG: owner_tag(), HOST_TAG: socket.gethostname()})
     version = None
     try:
         info = mlflow.pyfunc.log_model(name="model", model_id=model.model_id, python_model=str(MODEL_CODE),
