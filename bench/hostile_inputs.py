@@ -6,7 +6,13 @@ replaced, side by side in one run (absolute times hold for this machine only; ra
    FFT resampler the predictor used to have;
 2. an 8-channel 96 kHz FLAC of 143 s (112 KB on disk): both paths, time and traced peak memory;
 3. the bundle's predictor on 20,000 text-only rows: ``predict_rows`` (a batch at a time) vs features
-   for every row first and one ONNX call (what the pyfunc did), traced peak memory and time.
+   for every row first and one ONNX call (what the pyfunc did), traced peak memory and time;
+4. allowed but large inputs through the predictor: a 4096x4096 PNG of ~60 KB and a 29 s 8-channel
+   384 kHz FLAC of 95 KB, decoded once (and audio only as far as the model hears) vs the former
+   double decode / whole-clip decode;
+5. over-limit requests through MLflow's scoring code path in-process (the bundle as the pyfunc
+   model): the guard (``mlflow_model.guard_scoring_server``) vs MLflow's own parsing, answer bytes,
+   traced peak memory and time, for a Parquet, a CSV and a JSON body.
 
     python -m bench.hostile_inputs --bundle artifacts/deploy
 """
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from PIL import Image
 
 from mmpipe import params
 from mmpipe.modalities import audio
@@ -68,10 +75,94 @@ def flac(seconds: float, rate: int, channels: int, silent: bool = False) -> byte
     return out.getvalue()
 
 
+def png_4096_flat() -> bytes:
+    """~60 KB of PNG that decodes to 4096 x 4096 RGB (48 MiB): allowed by the default bounds."""
+    pixels = np.full((4096, 4096, 3), (120, 30, 200), np.uint8)
+    pixels[::64, ::64] = 0
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
+def flac_8ch_384k_constant(seconds: int = 29) -> bytes:
+    """~95 KB of FLAC (constant subframes): 29 s of 8 channels at 384 kHz, allowed by the default bounds."""
+    out = io.BytesIO()
+    with sf.SoundFile(out, "w", 384000, 8, format="FLAC", subtype="PCM_16") as f:
+        block = np.full((384000, 8), 0.1, np.float32)
+        for _ in range(seconds):
+            f.write(block)
+    return out.getvalue()
+
+
+def large_inputs(predictor, rules: dict) -> dict:
+    """Section 4: the predictor's single decode vs decoding twice (image) / the whole clip (audio)."""
+    png, wav = png_4096_flat(), flac_8ch_384k_constant()
+    image_state = predictor.readers["image"].state
+
+    def image_twice() -> None:  # decode_image, then load_pixels decoding the PNG bytes again
+        portable.decode_image(png, predictor.rules["image"])
+        portable.load_pixels(png, image_state["size"], image_state["mode"], image_state["fit"])
+
+    def audio_whole() -> None:
+        portable.decode_audio(wav, predictor.rules["audio"])
+    out = {}
+    for name, data, ours, naive in (("png_4096x4096", png, lambda: predictor.features(image=png), image_twice),
+                                     ("flac_29s_8ch_384k", wav, lambda: predictor.features(audio=wav), audio_whole)):
+        a, b = measured(ours, repeats=3), measured(naive, repeats=3)
+        out[name] = {"bytes": len(data), "predictor": a, "naive": b, "speedup": round(b["seconds"] / a["seconds"], 2),
+                     "memory_ratio": round(b["peak_mb"] / max(a["peak_mb"], 0.1), 1)}
+    return out
+
+
+def over_limit_requests(folder: Path, predictor, rows: int) -> dict:
+    """Section 5: MLflow's scoring path on over-limit bodies, guarded vs MLflow's own parsing."""
+    import tempfile
+
+    import mlflow
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.models.signature import ModelSignature
+    from mlflow.pyfunc import scoring_server
+    from mlflow.types.schema import ColSpec, Schema
+
+    from mmpipe.deploy.registry import MODEL_CODE
+
+    columns = list(predictor.request_columns())
+    signature = ModelSignature(inputs=Schema([ColSpec("string", c, required=False) for c in columns]),
+                               outputs=Schema([ColSpec("string", c) for c in ("label", "probabilities", "error")]))
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({"text": pa.array(["a"] * rows).dictionary_encode()}), parquet, compression="zstd")
+    bodies = {f"parquet_{rows}_rows": (parquet.getvalue(), "application/vnd.apache.parquet"),
+              "csv_20000_rows": ("text\n" + "a\n" * 20_000, "text/csv"),
+              "json_70000_rows": (json.dumps({"dataframe_records": [{"text": "a"}] * 70_000}), "application/json")}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(f"{tmp}/model", python_model=str(MODEL_CODE), artifacts={"bundle": str(folder)},
+                                 signature=signature)
+        model = scoring_server.load_model_with_mlflow_config(f"{tmp}/model")  # installs the guard
+        schema = model.metadata.get_input_schema()
+        guarded, unguarded = scoring_server.invocations, scoring_server.invocations.unguarded
+        for name, (body, content_type) in bodies.items():
+            answers = {}
+
+            def call(invoke, key) -> None:
+                try:
+                    answers[key] = len(invoke(body, content_type, model, schema).response)
+                except Exception as exc:  # MLflow's path raises for some bodies: its error is the answer
+                    answers[key] = len(str(exc))
+            a, b = measured(lambda: call(guarded, "guarded")), measured(lambda: call(unguarded, "mlflow"))
+            out[f"request_{name}"] = {"body_bytes": len(body), "guarded": a | {"answer_bytes": answers["guarded"]},
+                                      "mlflow_parsing": b | {"answer_bytes": answers["mlflow"]},
+                                      "speedup": round(b["seconds"] / a["seconds"], 1),
+                                      "memory_ratio": round(b["peak_mb"] / max(a["peak_mb"], 0.1), 1)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default="artifacts/deploy", help="a deployment bundle (export stage output)")
     parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--over-rows", type=int, default=1_000_000, help="rows of the over-limit Parquet request")
     parser.add_argument("--out", default="reports/bench_hostile.json")
     args = parser.parse_args()
     rules = audio.Clean().model_dump()
@@ -110,6 +201,8 @@ def main() -> None:
     report[f"predictor_{args.rows}_text_rows"] = {"predict_rows": ours, "all_rows_at_once": naive,
                                                   "speedup": round(naive["seconds"] / ours["seconds"], 2),
                                                   "memory_ratio": round(naive["peak_mb"] / max(ours["peak_mb"], 0.1), 1)}
+    report |= large_inputs(predictor, rules)
+    report |= over_limit_requests(folder, predictor, args.over_rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

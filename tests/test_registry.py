@@ -129,3 +129,15 @@ def test_a_failed_or_killed_registration_leaves_no_version_and_nothing_pending(b
             registry.PID_TAG: pid, registry.HOST_TAG: registry.socket.gethostname()}).model_id
     assert sorted(registry.fail_abandoned(store)) == sorted([left["dead"], left["reused"]])
     assert client.get_logged_model(left["alive"]).status == LoggedModelStatus.PENDING  # a live export's: kept
+
+
+def test_a_champion_that_cannot_be_scored_keeps_the_alias_unless_it_cannot_compare():
+    base = {"version": "3", "items": 0, "data_changed": False}
+    unreachable = base | {"fetched": False, "accuracy": None, "why": "its bundle could not be fetched: OSError"}
+    assert registry.decide("gated", GATED, 0.99, unreachable) == (
+        False, "champion version 3 could not be scored (its bundle could not be fetched: OSError): alias not moved")
+    other_classes = base | {"fetched": True, "accuracy": None, "why": "it does not predict the classes cat"}
+    moved, why = registry.decide("gated", GATED, 0.5, other_classes)
+    assert moved and why.endswith("champion version 3 not comparable (it does not predict the classes cat)")
+    assert registry.decide("always", {}, 0.1, unreachable) == (True, "export.move_alias is always")
+    assert registry.decide("never", GATED, 1.0, None) == (False, "export.move_alias is never")

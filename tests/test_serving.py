@@ -24,6 +24,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from bench.hostile_inputs import flac_8ch_384k_constant, png_4096_flat
 from conftest import free_port, http_server, png_bytes
 from mmpipe.deploy.export import example_request, load_predictor, raw_test_items
 from mmpipe.deploy.registry import point_alias, register
@@ -265,25 +266,6 @@ def test_mlflow_models_serve_answers_requests_and_attacks_row_by_row_and_refuses
             "request has more than 10,000 rows (export.max_rows_per_request); send it in parts"
         assert post(port, [{"text": "seven"}])[0]["label"]  # still answering
 
-
-
-def png_4096_flat() -> bytes:
-    """~60 KB of PNG that decodes to 4096 x 4096 RGB (48 MiB): allowed by the default bounds."""
-    pixels = np.full((4096, 4096, 3), (120, 30, 200), np.uint8)
-    pixels[::64, ::64] = 0
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "PNG", optimize=True)
-    return out.getvalue()
-
-
-def flac_8ch_384k_constant(seconds: int = 29) -> bytes:
-    """~95 KB of FLAC (constant subframes): 29 s of 8 channels at 384 kHz, allowed by the default bounds."""
-    out = io.BytesIO()
-    with sf.SoundFile(out, "w", 384000, 8, format="FLAC", subtype="PCM_16") as f:
-        block = np.full((384000, 8), 0.1, np.float32)
-        for _ in range(seconds):
-            f.write(block)
-    return out.getvalue()
 
 
 PEAK_PROBE = """

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmpipe.deploy.mlflow_model import OUTPUT
+from mmpipe.errors import redact
 from mmpipe.io import owner_tag, process_alive
+from mmpipe.modalities.portable import describe
 
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
 DIGEST_TAG, PID_TAG, HOST_TAG = "bundle.digest", "mmpipe.pid", "mmpipe.host"
@@ -71,6 +73,8 @@ def decide(policy: str, eval_metrics: dict, candidate: float, champion: dict | N
     allowed, why = gates_allow(policy, eval_metrics, cwd)
     if not allowed or policy == "always" or champion is None:
         return allowed, why + ("; no current champion" if allowed and champion is None else "")
+    if not champion["fetched"]:
+        return False, f"champion version {champion['version']} could not be scored ({champion['why']}): alias not moved"
     if champion["accuracy"] is None:  # its classes or inputs are not today's: nothing to compare
         return True, f"{why}; champion version {champion['version']} not comparable ({champion['why']})"
     changed = f" (the test data changed since version {champion['version']} was registered)" if champion["data_changed"] else ""
@@ -96,15 +100,22 @@ def champion_score(name: str, alias: str, score: Callable[[Path], tuple[float | 
         return None
     import mlflow
 
+    out = {"version": str(version.version), "accuracy": None, "items": 0, "fetched": False,
+           "data_changed": version.tags.get("data.digest", data_digest) != data_digest}
     with tempfile.TemporaryDirectory(prefix="mmpipe-champion-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp))
+        except Exception as exc:  # the artifact store unreachable: nothing says the candidate is better
+            return out | {"why": f"its bundle could not be fetched: {redact(describe(exc))}"}
         bundles = [p.parent for p in local.rglob("predict.py") if (p.parent / "manifest.json").exists()]
+        out["fetched"] = True
         if not bundles:
-            accuracy, items, why = None, 0, "its model holds no bundle"
-        else:
+            return out | {"why": "its model holds no bundle"}
+        try:
             accuracy, items, why = score(bundles[0])
-    return {"version": str(version.version), "accuracy": accuracy, "items": items, "why": why,
-            "data_changed": version.tags.get("data.digest", data_digest) != data_digest}
+        except Exception as exc:  # a bundle of another age that cannot take today's data
+            return out | {"why": f"its bundle does not run on today's test files: {redact(describe(exc))}"}
+    return out | {"accuracy": accuracy, "items": items, "why": why}
 
 
 # --------------------------------------------------------------------------- the registry
