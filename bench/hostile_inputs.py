@@ -32,7 +32,6 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from mmpipe import params
 from mmpipe.modalities import audio
 from mmpipe.deploy.export import load_predictor
 from mmpipe.modalities import portable

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from mlflow.entities import LoggedModelStatus
 from mmpipe.deploy import registry
 from mmpipe.deploy.export import _bundle_accuracy, bundle_accuracy, example_request, load_predictor, raw_test_items
 from mmpipe.features.loader import FeatureSet
-from mmpipe.io import owner_tag
+from mmpipe.tracking import process_tags
 from mmpipe.modalities import names
 
 GATED = {"gates": {"checked": {"min_accuracy": 0.1}, "passed": True, "failed": []}}
@@ -121,12 +120,12 @@ def test_a_failed_or_killed_registration_leaves_no_version_and_nothing_pending(b
 
     # kill -9 cannot be caught: the next export marks what a dead (or reused) pid left PENDING as FAILED
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    me = os.getpid()
     run_id = mlflow.active_run().info.run_id
     left = {}
-    for name, pid in (("dead", f"{dead.stdout.strip()}@1"), ("reused", f"{me}@1"), ("alive", owner_tag())):
-        left[name] = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags={
-            registry.PID_TAG: pid, registry.HOST_TAG: registry.socket.gethostname()}).model_id
+    mine = process_tags()
+    for name, tags in (("dead", mine | {"mmpipe.pid": dead.stdout.strip()}), ("reused", mine | {"mmpipe.process_start": "1.0"}),
+                       ("alive", mine)):
+        left[name] = mlflow.initialize_logged_model(name=name, source_run_id=run_id, tags=tags).model_id
     assert sorted(registry.fail_abandoned(store)) == sorted([left["dead"], left["reused"]])
     assert client.get_logged_model(left["alive"]).status == LoggedModelStatus.PENDING  # a live export's: kept
 

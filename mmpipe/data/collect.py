@@ -36,7 +36,7 @@ from mmpipe.data.fetch import FetchError, Policy, check, fetch, is_url, local_pa
 from mmpipe.errors import PipelineError, redact
 from mmpipe.io import BATCH_BYTES, PartWriter, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, by_extension, names
-from mmpipe.modalities.portable import json_object
+from mmpipe.modalities.portable import json_object, printable
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA = ("digits",)
@@ -176,11 +176,6 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-def _printable(value: Any) -> str:
-    """For messages: invalid UTF-8 (kept as surrogates) shown as escapes, never an encoding error."""
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 @dataclasses.dataclass
 class Manifest:
     """A manifest read and bounded: its columns, its row count, each record modality's gathered columns,
@@ -210,7 +205,7 @@ def _jsonl(data: bytes, source: str, max_rows: int, max_columns: int) -> tuple[l
         except ValueError as exc:
             raise PipelineError(f"{source}: line {number}: {exc}") from None
         if not all(key.isascii() for key in record):  # invalid UTF-8 in a key: shown as escapes
-            record = {_printable(key): value for key, value in record.items()}
+            record = {printable(key): value for key, value in record.items()}
         if len(records) == max_rows:
             raise _too_many(source, "rows", max_rows, "max_manifest_rows")
         keys.update(dict.fromkeys(record))
@@ -232,7 +227,7 @@ def _csv(data: bytes, source: str, max_rows: int, max_columns: int) -> pd.DataFr
                         encoding_errors="surrogateescape", header=None, nrows=max_rows + 2)
     if len(frame) > max_rows + 1:
         raise _too_many(source, "rows", max_rows, "max_manifest_rows")
-    frame.columns = [_printable(c) for c in frame.iloc[0]] if len(frame) else []
+    frame.columns = [printable(c) for c in frame.iloc[0]] if len(frame) else []
     return frame.iloc[1:].reset_index(drop=True)
 
 
@@ -275,11 +270,11 @@ def read_manifest(source: str, params) -> Manifest:
             n_rows, rows = len(objects), objects
         else:
             frame = _csv(data, source, *bounds) if suffix == ".csv" else _parquet(data, source, *bounds)
-            columns, n_rows, rows = [_printable(c) for c in frame.columns], len(frame), None
+            columns, n_rows, rows = [printable(c) for c in frame.columns], len(frame), None
     except PipelineError:
         raise
     except Exception as exc:
-        raise PipelineError(f"{redact(source)}: cannot read manifest: {_printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
+        raise PipelineError(f"{redact(source)}: cannot read manifest: {printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
     del data
     if rows is None:
         frame.columns = columns
@@ -469,14 +464,14 @@ def _materialize(spec: dict[str, Any], fetch_policy: Policy) -> dict[str, Any]:
             elif kind == "conflict":
                 error = f"conflict: {value}"
             else:
-                ref = redact(_printable(value))  # stored and shown: credentials out, valid UTF-8
+                ref = redact(printable(value))  # stored and shown: credentials out, valid UTF-8
                 try:
                     content = fetch(value, fetch_policy)
                 except FetchError as exc:
                     error = f"{exc.code}: {exc.reason}"
                 except Exception as exc:  # never one file's problem beyond its own row
                     error = f"fetch_error: {redact(type(exc).__name__ + ': ' + str(exc))}"
-        row.update({m: content, f"{m}_ref": ref, f"{m}_error": error and _printable(error)})
+        row.update({m: content, f"{m}_ref": ref, f"{m}_error": error and printable(error)})
     return row
 
 
@@ -610,7 +605,7 @@ def fingerprint(params) -> dict[str, Any]:
                 try:
                     check(ref, item_policy)
                 except FetchError as exc:
-                    items[redact(_printable(ref))] = f"refused: {exc.code}"
+                    items[redact(printable(ref))] = f"refused: {exc.code}"
                     continue
                 local = local_path(ref)
                 items[redact(ref)] = "url" if local is None else _file_digest(local)

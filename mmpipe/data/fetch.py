@@ -34,7 +34,6 @@ import re
 import socket
 import stat
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request

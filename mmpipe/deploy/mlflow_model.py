@@ -44,7 +44,6 @@ from mlflow.pyfunc import PythonModel
 OUTPUT = ["label", "probabilities", "error"]
 CSV, JSON, PARQUET = "text/csv", "application/json", "application/vnd.apache.parquet"
 EXTRA_COLUMNS = 64  # columns a request may carry beyond the model's (ids, the caller's own)
-MAX_INT_DIGITS = 4000  # longer JSON integers read as floats (Python refuses to parse them as int)
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
@@ -54,10 +53,6 @@ class RequestRefused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def _json_int(digits: str) -> int | float:
-    return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
 
 
 def _outside_strings(data: bytes, *tokens: bytes) -> int:
@@ -72,8 +67,8 @@ def _as_text(value: Any) -> Any:
     (bad cells of a record, exactly as at clean)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value) if value.bit_length() < 4000 else "Infinity"
+    if isinstance(value, int):  # (at most 4,000 digits: longer ones were parsed as infinite floats)
+        return str(value)
     if isinstance(value, float):
         return json.dumps(value) if not math.isfinite(value) or not value.is_integer() else str(int(value))
     return value
@@ -82,7 +77,8 @@ def _as_text(value: Any) -> Any:
 class Limits:
     """The serving limits of the bundle (manifest.json ``serving``) and the request columns."""
 
-    def __init__(self, serving: dict, columns: list[str]):
+    def __init__(self, serving: dict, columns: list[str], parse_int: Callable[[str], int | float] = int):
+        self.parse_int = parse_int  # the bundle's portable.json_int: a 5,000-digit integer is a number, not a 500
         self.max_bytes = int(serving.get("max_request_bytes", 100_000_000))  # (bundles before the limit: 100 MB)
         self.max_rows = int(serving["max_rows_per_request"])
         self.columns = columns
@@ -163,7 +159,7 @@ class Limits:
             raise RequestRefused(400, f"request has more than {bound:,} JSON objects, arrays and keys "
                                       f"(at most {self.max_rows:,} rows of {self.max_columns:,} columns)")
         try:
-            body = json.loads(data, parse_int=_json_int)
+            body = json.loads(data, parse_int=self.parse_int)
         except RecursionError:
             raise RequestRefused(400, "request body is nested too deeply to be a request") from None
         except ValueError as exc:  # JSONDecodeError, invalid UTF-8
@@ -231,7 +227,8 @@ class BundleModel(PythonModel):
         self.predict_module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.predict_module)
         self.predictor = self.predict_module.Predictor(folder)
-        self.limits = Limits(self.predictor.serving, list(self.predictor.request_columns()))
+        self.limits = Limits(self.predictor.serving, list(self.predictor.request_columns()),
+                             self.predict_module.portable.json_int)
         guard_scoring_server(self.limits)
 
     def _inputs(self, record: dict[str, Any]) -> dict:

@@ -218,9 +218,10 @@ def _rows(fh, reader: csv.DictReader, path: str, base: Path, columns: dict[str, 
             except csv.Error as exc:  # one bad line is that row's error
                 yield ident, InputError(f"{path}: row {number}: not readable as CSV ({exc})")
                 continue
-            bad = next((c for c, v in row.items() if isinstance(v, str) and not _utf8(v)), None)
+            # (an invalid byte is a surrogate here, which printable() shows as an escape)
+            bad = next((c for c, v in row.items() if isinstance(v, str) and portable.printable(v) != v), None)
             if bad is not None:
-                yield ident, InputError(f"{path}: row {number}: column {_utf8_safe(bad)!r} is not valid UTF-8")
+                yield ident, InputError(f"{path}: row {number}: column {portable.printable(bad)!r} is not valid UTF-8")
                 continue
             if row.get("id"):
                 ident["id"] = row["id"]
@@ -228,18 +229,6 @@ def _rows(fh, reader: csv.DictReader, path: str, base: Path, columns: dict[str, 
                 yield ident, row_inputs(row, columns, base, max_bytes)
             except InputError as exc:
                 yield ident, exc
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a surrogate: an invalid byte read with surrogateescape
-        return False
-    return True
-
-
-def _utf8_safe(text: str | None) -> str:
-    return (text or "").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _positive(text: str) -> int:

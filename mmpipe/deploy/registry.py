@@ -13,7 +13,7 @@ numbers that do not measure the same thing.
 Registration happens after the bundle reached ``artifacts/deploy`` (never from a temporary folder),
 in a logged model created first and finalized last: a failure marks it FAILED and removes the
 version it had made; a process killed mid-way leaves a PENDING model that the next export marks
-FAILED (``fail_abandoned``, by the dead process's pid and host tags).
+FAILED (``fail_abandoned``, by the process tags every run of the project carries: host, pid, start).
 """
 
 from __future__ import annotations
@@ -21,18 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from mmpipe.deploy.mlflow_model import OUTPUT
 from mmpipe.errors import redact
-from mmpipe.io import owner_tag, process_alive
 from mmpipe.modalities.portable import describe
 
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
-DIGEST_TAG, PID_TAG, HOST_TAG = "bundle.digest", "mmpipe.pid", "mmpipe.host"
+DIGEST_TAG = "bundle.digest"
 NOT_CONTENT = ("MODEL_CARD.md", "manifest.json")  # the card quotes latencies; the manifest is hashed apart
 
 
@@ -135,15 +133,14 @@ def fail_abandoned(experiment_id: str) -> list[str]:
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
 
-    client, host, failed = MlflowClient(), socket.gethostname(), []
+    from mmpipe.tracking import holder_alive, process_tags
+
+    client, host, failed = MlflowClient(), process_tags()["mmpipe.host"], []
     token = None
     while True:
-        page = client.search_logged_models([experiment_id], filter_string=f"tags.`{HOST_TAG}` = '{host}'", page_token=token)
-        for model in page:
-            pid, _, started = (model.tags.get(PID_TAG) or "").partition("@")
-            if model.status != LoggedModelStatus.PENDING or not pid.isdigit():
-                continue
-            if not process_alive(int(pid), int(started) if started.isdigit() and started != "0" else None):
+        page = client.search_logged_models([experiment_id], filter_string=f"tags.`mmpipe.host` = '{host}'", page_token=token)
+        for model in page:  # the tags of tracking.process_tags: host, pid and its start time (pids are reused)
+            if model.status == LoggedModelStatus.PENDING and not holder_alive(model.tags):
                 client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
                 failed.append(model.model_id)
         token = page.token
@@ -173,8 +170,10 @@ def register(folder: Path, name: str, example: Any, metrics: dict[str, float] | 
     requirements += (Path(folder) / "requirements.txt").read_text().split()  # the bundle's own
     tags = dict(tags or {})
     client = MlflowClient()
-    model = mlflow.initialize_logged_model(name="model", source_run_id=mlflow.active_run().info.run_id, tags={
-        **tags, PID_TAG: owner_tag(), HOST_TAG: socket.gethostname()})
+    from mmpipe.tracking import process_tags
+
+    model = mlflow.initialize_logged_model(name="model", source_run_id=mlflow.active_run().info.run_id,
+                                           tags={**tags, **process_tags()})  # so that a later export tells a killed one
     version = None
     try:
         info = mlflow.pyfunc.log_model(name="model", model_id=model.model_id, python_model=str(MODEL_CODE),

@@ -63,17 +63,22 @@ def describe(exc: BaseException) -> str:
 MAX_INT_DIGITS = 4000  # Python refuses to parse longer integers (int_max_str_digits, 4300)
 
 
-def _json_int(digits: str) -> int | float:
+def json_int(digits: str) -> int | float:
     """A JSON integer; one too long for Python's int parser becomes a float (infinite): a cell that
     typing reports as not finite, not a file that cannot be read."""
     return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
+
+
+def printable(value: object) -> str:
+    """Text for messages and stored names: invalid UTF-8 (kept as surrogates) shown as escapes."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def json_object(text: str | bytes) -> dict:
     """``text`` as a JSON object; ValueError with a one-line reason otherwise (a manifest's JSON line,
     a ``--tabular`` argument, a record)."""
     try:
-        value = json.loads(text, parse_int=_json_int)
+        value = json.loads(text, parse_int=json_int)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     except (ValueError, RecursionError) as exc:  # invalid UTF-8 bytes, absurd nesting
