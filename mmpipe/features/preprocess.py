@@ -269,12 +269,13 @@ def clean_digest(source: Source) -> str:
     return digest.hexdigest()
 
 
-def part_record(source: Source, modality: str, params, part: int, parts: int) -> dict:
-    """What a partition must share with the run that joins it: data, settings and its place."""
+def part_record(source: Source, modality: str, params, part: int, parts: int, data: str) -> dict:
+    """What a partition must share with the run that joins it: data (``data``: ``clean_digest``),
+    settings and its place."""
     settings = {"cfg": source.cfg.model_dump(mode="json") if hasattr(source.cfg, "model_dump") else str(source.cfg),
                 "shard_rows": params.shard_rows, "features": source.features.state()}
     return {"modality": modality, "part": part, "parts": parts, "samples": source.total,
-            "labels": source.dataset["labels"], "data": clean_digest(source),
+            "labels": source.dataset["labels"], "data": data,
             "settings": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]}
 
 
@@ -293,7 +294,7 @@ def preprocess_part(modality: str, params, clean_dir: Path, out_dir: Path, part:
         partials, failed = featurise(source, modality, params, out_dir, device, shards)
         np.savez(out_dir / PART_STATS, **{f"{k}.{i}": v for k, partial in enumerate(partials) if partial is not None
                                           for i, v in enumerate(partial)}, tasks=np.int64(len(partials)))
-        record |= part_record(source, modality, params, part, parts) | {
+        record |= part_record(source, modality, params, part, parts, clean_digest(source)) | {
             "shards": [shards.start, shards.stop], "failed": {str(row): list(v) for row, v in sorted(failed.items())},
             "seconds": round(time.perf_counter() - started, 3)}
     write_json_atomic(out_dir / PART_FILE, record)
@@ -304,13 +305,14 @@ def join_parts(source: Source, modality: str, params, parts_dir: Path, out_dir: 
                ) -> tuple[list, dict[int, tuple[str, str]]]:
     """The partitions' shard files into ``out_dir``; their statistics (in task order) and failures."""
     partials, failed, covered = [], {}, 0
+    data = clean_digest(source)  # once, not per partition: it reads all of data/clean
     for part in params.partitions:
         folder = parts_dir / str(part)
         try:
             record = json.loads((folder / PART_FILE).read_text())
         except (OSError, ValueError):
             raise PipelineError(f"{folder}: no partition record (run the preprocess-part@{modality}-{part} stage)")
-        expected = part_record(source, modality, params, part, len(params.partitions))
+        expected = part_record(source, modality, params, part, len(params.partitions), data)
         if any(record.get(key) != value for key, value in expected.items()) or record.get("shards", [0])[0] != covered:
             raise PipelineError(f"{folder}: built from other data or settings than this run "
                                 f"(re-run the preprocess-part@{modality}-{part} stage)")
