@@ -47,11 +47,10 @@ import torch
 from mmpipe import params
 from mmpipe.compress import quantize
 from mmpipe.compress.onnx_model import export_onnx, onnx_feeds, session
-from mmpipe.features.loader import available_key, embedding_key
+from mmpipe.names import available_key, embedding_key
 from mmpipe.io import write_json_atomic
-from mmpipe.models.model_io import to_model_inputs
-from mmpipe.models.fusion import build_model, model_config
-from mmpipe.models.train import param_groups
+from mmpipe.training.model_io import build_model, model_config, to_model_inputs
+from mmpipe.training.train import param_groups
 from mmpipe.timing import latency_ms
 
 REPORT = Path("reports/backbones.json")

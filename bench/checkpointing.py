@@ -21,7 +21,7 @@ import torch
 
 from bench.backbones import batch_of, build, family, samples_per_s
 from mmpipe.io import write_json_atomic
-from mmpipe.models.model_io import to_model_inputs
+from mmpipe.training.model_io import to_model_inputs
 
 REPORT = Path("reports/checkpointing.json")
 

@@ -20,7 +20,7 @@ import torch
 from mmpipe.compress.onnx_model import onnx_feeds, session
 from mmpipe.features.loader import FeatureSet
 from mmpipe.io import write_json_atomic
-from mmpipe.models.model_io import load_model, to_model_inputs
+from mmpipe.training.model_io import load_model, to_model_inputs
 from mmpipe.timing import latency_ms
 
 VARIANTS = Path("artifacts/compressed")

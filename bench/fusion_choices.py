@@ -20,15 +20,16 @@ from mmpipe import params
 from mmpipe.features.loader import FeatureSet
 from mmpipe.io import write_json_atomic
 from mmpipe.modalities import names
-from mmpipe.models.model_io import load_model
-from mmpipe.models.train import accuracy, train
+from mmpipe.names import FUSIONS
+from mmpipe.training.model_io import load_model
+from mmpipe.training.train import accuracy, train
 
 FEATURES, REPORT = Path("data/features"), Path("reports/fusion_choices.json")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fusions", nargs="+", default=["concat", "gated", "attention"])
+    parser.add_argument("--fusions", nargs="+", default=list(FUSIONS))
     parser.add_argument("--baselines", action="store_true", help="also train image-, text- and audio-only models")
     args = parser.parse_args()
 

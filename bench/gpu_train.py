@@ -21,7 +21,7 @@ from mmpipe import params
 from mmpipe.data.clean import clean
 from mmpipe.data.collect import collect
 from mmpipe.features.preprocess import preprocess
-from mmpipe.models.train import train
+from mmpipe.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

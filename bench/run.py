@@ -31,10 +31,11 @@ import torch
 
 from bench import naive
 from mmpipe import params
-from mmpipe.data.clean import SAMPLES_DIR, clean
+from mmpipe.data.clean import clean
 from mmpipe.data.collect import collect
 from mmpipe.features.loader import FeatureSet
-from mmpipe.features.preprocess import preprocess, shard_path
+from mmpipe.features.preprocess import preprocess
+from mmpipe.names import SAMPLES_DIR, shard_path
 from mmpipe.modalities import names
 from mmpipe.modalities.tokenizer import Tokenizer
 

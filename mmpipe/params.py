@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from mmpipe.data.builtin import BuiltinCorpus
 from mmpipe.errors import PipelineError
 from mmpipe.modalities import MODALITIES
+from mmpipe.names import FUSIONS
 from mmpipe.schema import Strict
 
 PARAMS_FILE = "params.yaml"
@@ -83,7 +84,7 @@ class PreprocessBase(Strict):
 
 
 class ModelBase(Strict):
-    fusion: Literal["concat", "gated", "attention"] = "concat"
+    fusion: Literal[FUSIONS] = "concat"
     dim: int = Field(128, ge=8, le=4096)
     hidden: int = Field(256, ge=8, le=16384)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
@@ -231,7 +232,7 @@ class TuneParams(Strict):
         "train.weight_decay": SearchDimension(low=1e-4, high=1e-1, log=True),
         "train.modality_dropout": SearchDimension(low=0.0, high=0.5),
         "model.dropout": SearchDimension(low=0.0, high=0.5),
-        "model.fusion": SearchDimension(choices=["concat", "gated", "attention"])}, min_length=1)
+        "model.fusion": SearchDimension(choices=list(FUSIONS))}, min_length=1)
 
 
 FIXED: dict[str, type[Strict]] = {"train": TrainParams, "evaluate": EvaluateParams, "compress": CompressParams,

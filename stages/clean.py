@@ -3,7 +3,8 @@
 
 from mmpipe import layout, params, tracking
 from mmpipe.layout import CLEAN, RAW
-from mmpipe.data.clean import REJECTS_FILE, clean
+from mmpipe.data.clean import clean
+from mmpipe.names import REJECTS_FILE
 from mmpipe.io import atomic_dir
 from mmpipe.stage import run_stage
 

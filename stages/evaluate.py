@@ -5,7 +5,8 @@ gate and a non-zero exit, after the metrics and the report are written, so that 
 and dvc repro goes no further (compress and export depend on this stage).
 """
 
-from mmpipe import layout, lineage, params, tracking
+from mmpipe import layout, params, tracking
+from mmpipe.tracking import lineage
 from mmpipe.errors import PipelineError
 from mmpipe.evaluate.evaluate import evaluate, failed_gates
 from mmpipe.evaluate.report import report_markdown, write_plot_data

@@ -7,7 +7,8 @@ Then, the bundle in place, it is registered in MLflow and the alias moved under 
 import functools
 import json
 
-from mmpipe import layout, lineage, params, tracking
+from mmpipe import layout, params, tracking
+from mmpipe.tracking import lineage
 from mmpipe.deploy.export import bundle_accuracy, export, failed_checks, model_metrics
 from mmpipe.deploy.registry import publish
 from mmpipe.errors import PipelineError

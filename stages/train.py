@@ -9,13 +9,14 @@ are taken from there, not trained again.
 Data-parallel on several GPUs (or CPU processes): torchrun --standalone --nproc_per_node=N -m stages.train
 """
 
-from mmpipe import layout, lineage, params, tracking
+from mmpipe import layout, params, tracking
+from mmpipe.tracking import lineage
 from mmpipe.device import resolve_device
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.layout import CHECKPOINTS, FEATURES, MODELS
 from mmpipe.features.loader import feature_modalities
-from mmpipe.models.distributed import process_group
-from mmpipe.models.train import clear_checkpoints, train
+from mmpipe.training.distributed import process_group
+from mmpipe.training.train import clear_checkpoints, train
 from mmpipe.stage import run_stage
 
 METRICS, LIVE = layout.METRICS["train"], layout.TRAIN_LIVE

@@ -11,12 +11,13 @@ import json
 import subprocess
 import sys
 
-from mmpipe import lineage, params, tracking, tune
+from mmpipe import params, tracking, tune
+from mmpipe.tracking import lineage
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import feature_modalities
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.layout import FEATURES, TUNE_REPORTS
-from mmpipe.models.train import train
+from mmpipe.training.train import train
 from mmpipe.stage import run_stage
 
 

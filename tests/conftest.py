@@ -220,7 +220,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_corpus, tmp_path_factory) -> Path:
     """A small fusion model trained 3 epochs on the tiny corpus: models/fusion-like folder."""
-    from mmpipe.models.train import train
+    from mmpipe.training.train import train
 
     out = tmp_path_factory.mktemp("tiny_model") / "fusion"
     small = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={

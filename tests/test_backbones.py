@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from mmpipe import params
 from mmpipe.errors import PipelineError
 from mmpipe.models.backbones import leading_blocks
-from mmpipe.models.model_io import WEIGHTS_FILE, load_model
-from mmpipe.models.train import train
+from mmpipe.names import WEIGHTS_FILE
+from mmpipe.training.model_io import load_model
+from mmpipe.training.train import train
 
 SMALL = {"dim": 16, "hidden": 16, "encoders": {"text": {"embed_dim": 8, "width": 16}, "audio": {"width": 8},
                                                "tabular": {"width": 16}}}
@@ -141,7 +142,7 @@ def test_backbone_params_are_validated(image, expected):
 
 
 def test_lr_scale_gives_the_backbone_its_own_parameter_group(tiny_corpus, tmp_path):
-    from mmpipe.models.train import param_groups
+    from mmpipe.training.train import param_groups
 
     random_weights("resnet18", tmp_path / "r.pth")
     result, out = train_with_image(tiny_corpus, tmp_path, {"arch": "resnet18", "lr_scale": 0.25})
@@ -450,7 +451,7 @@ def test_a_backbone_the_dynamo_exporter_cannot_convert_exports_with_the_torchscr
     import onnxruntime as ort
 
     from mmpipe.compress.onnx_model import export_onnx, input_dtypes
-    from mmpipe.models.fusion import build_model, model_config
+    from mmpipe.training.model_io import build_model, model_config
 
     wavlm = {**TINY_WAV2VEC2, "encoder_num_buckets": 32, "encoder_max_distance": 128}
     state = {"array_order": ["audio"], "arrays": {"audio": {"dtype": "float16", "shape": [8000]}},
@@ -505,9 +506,10 @@ def test_cached_embeddings_train_the_same_model_as_raw_features(tiny_corpus, wav
     accuracy, and the model trained on it scores the same on raw features (what it is shipped with)."""
     import json
 
-    from mmpipe.features.loader import FeatureSet, embedding_key
+    from mmpipe.features.loader import FeatureSet
+    from mmpipe.names import embedding_key
     from mmpipe.models.backbones import files_sha256
-    from mmpipe.models.train import accuracy
+    from mmpipe.training.train import accuracy
 
     modality, raw_root, pre, encoder, partner = cache_case(family, tiny_corpus, waveform_features, bert, tmp_path)
     metrics, model_params = embedded_features(raw_root, tiny_corpus / "clean", tmp_path / "features", modality, pre,
@@ -547,7 +549,8 @@ def test_cached_embeddings_train_the_same_model_as_raw_features(tiny_corpus, wav
 
 def load_model_like(model_params, data, modality):
     """A fresh model of ``modality`` with its backbone's weights loaded (what preprocess embedded with)."""
-    from mmpipe.models.fusion import build_model, load_pretrained, model_config
+    from mmpipe.models.fusion import load_pretrained
+    from mmpipe.training.model_io import build_model, model_config
 
     model = build_model(model_config([modality], data.state, model_params.model_dump(), data.label_names))
     load_pretrained(model)
@@ -598,7 +601,7 @@ def test_pruning_leaves_frozen_blocks_and_fine_tunes_on_the_cache(tiny_corpus, t
     fine-tune still runs on the cached embeddings; the trainable layers do shrink."""
     from mmpipe.compress.compress import pruned_model
     from mmpipe.features.loader import FeatureSet
-    from mmpipe.models.model_io import to_model_inputs
+    from mmpipe.training.model_io import to_model_inputs
 
     random_weights("resnet18", tmp_path / "r.pth")
     encoder = {"arch": "resnet18", "weights": str(tmp_path / "r.pth"), "freeze": "all"}
@@ -654,8 +657,9 @@ def test_checkpointing_keeps_less_for_backward_and_the_same_gradients(waveform_f
     import copy
 
     from mmpipe.features.loader import FeatureSet
-    from mmpipe.models.fusion import build_model, load_pretrained, model_config
-    from mmpipe.models.model_io import to_model_inputs
+    from mmpipe.models.fusion import load_pretrained
+    from mmpipe.training.model_io import build_model, model_config
+    from mmpipe.training.model_io import to_model_inputs
 
     if family == "audio":
         tiny_wav2vec2(tmp_path / "w.pth")

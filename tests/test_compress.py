@@ -12,7 +12,7 @@ from mmpipe.compress import prune, quantize
 from mmpipe.compress.compress import CHOSEN_FILE, compress
 from mmpipe.compress.onnx_model import export_onnx, input_dtypes, onnx_feeds, run_logits, session
 from mmpipe.features.loader import FeatureSet
-from mmpipe.models.model_io import load_model, to_model_inputs
+from mmpipe.training.model_io import load_model, to_model_inputs
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model):

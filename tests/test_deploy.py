@@ -106,7 +106,7 @@ def test_manifest_lists_every_file_with_its_checksum(bundle):
 
 def test_conversion_parity_in_chunks_and_raw_items_read_on_demand(bundle, tiny_corpus, tiny_model):
     from mmpipe.deploy.export import conversion_parity
-    from mmpipe.models.model_io import load_model
+    from mmpipe.training.model_io import load_model
     from mmpipe.modalities import names
 
     test = FeatureSet(tiny_corpus / "features", split="test")

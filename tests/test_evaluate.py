@@ -14,9 +14,9 @@ from mmpipe import params
 from mmpipe.evaluate.evaluate import SplitInputs, evaluate, failed_gates, subsets
 from mmpipe.evaluate.metrics import area_under, calibration, classification
 from mmpipe.evaluate.report import report_markdown, write_plot_data
-from mmpipe.features.preprocess import STATE_FILE
+from mmpipe.names import STATE_FILE
 from mmpipe.modalities import MODALITIES, audio, image, text
-from mmpipe.models.train import train
+from mmpipe.training.train import train
 
 SMALL = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={"image": {"width": 4}, "text": {"embed_dim": 8, "width": 16}, "audio": {"width": 4}})
 

@@ -16,11 +16,12 @@ import torch
 from bench import naive
 from conftest import png_bytes
 from mmpipe import params
-from mmpipe.data.clean import SAMPLES_DIR, clean
+from mmpipe.data.clean import clean
 from mmpipe.data.collect import collect
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
-from mmpipe.features.preprocess import preprocess, shard_path
+from mmpipe.features.preprocess import preprocess
+from mmpipe.names import SAMPLES_DIR, shard_path
 from mmpipe.modalities import names
 from mmpipe.modalities import image as image_modality
 from mmpipe.modalities.tokenizer import Tokenizer

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmpipe import params
-from mmpipe.models.fusion import FUSIONS, build_model, drop_modalities, model_config
+from mmpipe.models.fusion import FUSIONS, drop_modalities
+from mmpipe.training.model_io import build_model, model_config
 
 STATES = {
     "image": {"arrays": {"image": {"shape": [3, 32, 32]}}, "array_order": ["image"], "mean": [0.5] * 3, "std": [0.25] * 3},

@@ -17,7 +17,8 @@ from pydantic import Field
 
 from mmpipe import params
 from mmpipe.compress.onnx_model import export_onnx, onnx_feeds, run_logits, session
-from mmpipe.data.clean import DATASET_FILE, clean
+from mmpipe.data.clean import clean
+from mmpipe.names import DATASET_FILE
 from mmpipe.data.collect import collect
 from mmpipe.deploy import bundle
 from mmpipe.deploy.export import load_predictor
@@ -26,8 +27,8 @@ from mmpipe.features.preprocess import preprocess
 from mmpipe.modalities import names, register, unregister
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import RejectedInput
-from mmpipe.models.model_io import load_model, to_model_inputs
-from mmpipe.models.train import train
+from mmpipe.training.model_io import load_model, to_model_inputs
+from mmpipe.training.train import train
 from mmpipe.schema import Strict
 
 LENGTH = 6

@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 
 from mmpipe import params
-from mmpipe.data.clean import DATASET_FILE, REJECTS_FILE, clean
+from mmpipe.data.clean import clean
+from mmpipe.names import DATASET_FILE, REJECTS_FILE, STATE_FILE
 from mmpipe.data.collect import collect
 from mmpipe.deploy.export import load_predictor
-from mmpipe.features.preprocess import STATE_FILE, preprocess
+from mmpipe.features.preprocess import preprocess
 from mmpipe.modalities import names, records, tabular
 
 

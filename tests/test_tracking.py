@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from mmpipe import params, tracking
+from mmpipe.tracking import retries
 from mmpipe.errors import PipelineError
 
 
@@ -95,7 +96,7 @@ def test_a_store_failing_in_the_failure_path_leaves_the_stage_s_own_one_line_err
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(retries, "BACKOFF_S", 0.01)
 
     def store_gone(*args, **kwargs):
         raise ConnectionError("the tracking server went away")
@@ -250,7 +251,7 @@ def test_a_failing_tracking_call_per_epoch_does_not_stop_the_work(tmp_path, monk
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(retries, "BACKOFF_S", 0.01)
     calls = []
 
     def flaky(self, run_id, metrics=(), **kwargs):  # what a tracking server answering 503 does to the client
@@ -262,8 +263,8 @@ def test_a_failing_tracking_call_per_epoch_does_not_stop_the_work(tmp_path, monk
             run.log_metrics({"loss": 1.0 / (epoch + 1)}, step=epoch)  # best effort: no exception
         with pytest.raises(PipelineError) as info:  # final metrics: retried, then one line
             run.log_metrics({"accuracy": 0.9})
-    assert len(calls) == 4 * (tracking.RETRIES + 1)  # every call retried, with backoff
-    assert str(info.value).startswith(f"MLflow: could not log metrics after {tracking.RETRIES + 1} attempts: 503")
+    assert len(calls) == 4 * (retries.RETRIES + 1)  # every call retried, with backoff
+    assert str(info.value).startswith(f"MLflow: could not log metrics after {retries.RETRIES + 1} attempts: 503")
     assert "secret" not in str(info.value) and "***" in str(info.value)
     out = capsys.readouterr().out
     assert out.count("warning: MLflow: could not log step") == 1  # said once, not per epoch

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from mmpipe import params
 from mmpipe.features.loader import FeatureSet
-from mmpipe.models.model_io import load_model
-from mmpipe.models.train import accuracy, clear_checkpoints, place_splits, train
+from mmpipe.training.model_io import load_model
+from mmpipe.training.train import accuracy, clear_checkpoints, place_splits, train
 
 SMALL = params.ModelParams(dim=16, hidden=32, attention_heads=2, encoders={"image": {"width": 4}, "text": {"embed_dim": 8, "width": 16}, "audio": {"width": 4}})
 

@@ -28,7 +28,7 @@ from nbclient import NotebookClient
 
 from conftest import (ROOT, TINY, all_runs, copy_repo, dvc, free_port, git_commit, git_init, http_server, pipeline_rows,
                       ran_stages, runs, set_params, stage_env)
-from mmpipe import summary
+from mmpipe.tracking import summary
 from mmpipe.io import flatten
 
 STAGES = ["collect", "clean", "preprocess@image", "preprocess@text", "preprocess@audio", "preprocess@tabular", "train",
@@ -95,7 +95,7 @@ def test_gated_run_is_failed_and_the_passing_run_has_a_complete_row(tiny_run):
     logged = {c.removeprefix("params."): row[c] for c in rows.columns if c.startswith("params.") and pd.notna(row[c])}
     assert set(logged) == set(params) and logged["model.fusion"] == str(params["model.fusion"])
     # collect .. train were skipped in this execution; their headline still comes from their files
-    expected = summary.headline(repo)
+    expected = summary.stage_figures(repo)
     assert {key.split(".")[0] for key in expected} == {"collect", "clean", "train", "evaluate", "compress", "export"}
     for key, value in expected.items():
         assert row[f"metrics.{key}"] == pytest.approx(value), key
@@ -130,7 +130,7 @@ def test_export_param_change_reruns_only_export_and_the_row_is_still_complete(ti
     latest = rows.iloc[-1]
     assert latest["params.export.parity_samples"] == "64"
     # the stages DVC skipped still fill the row, from their metrics files
-    for key, value in summary.headline(repo).items():
+    for key, value in summary.stage_figures(repo).items():
         assert latest[f"metrics.{key}"] == pytest.approx(value), key
     children = runs(repo)
     assert list(children[children["tags.mlflow.parentRunId"] == latest["run_id"]]["tags.mmpipe.stage"]) == ["export"]
@@ -249,7 +249,7 @@ def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path)
     assert len(rows) == 1 and rows["status"][0] == "FINISHED"
     kept = mlflow.MlflowClient(f"sqlite:///{clone / 'mlflow.db'}").list_artifacts(rows["run_id"][0], "eval")
     assert {Path(a.path).name for a in kept} >= {"robustness_image_fused.csv", "confusion.csv"}
-    for key, value in summary.headline(clone).items():
+    for key, value in summary.stage_figures(clone).items():
         assert rows[f"metrics.{key}"][0] == pytest.approx(value), key
     shutil.rmtree(clone)
 

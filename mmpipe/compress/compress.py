@@ -28,8 +28,8 @@ from mmpipe.compress.onnx_model import export_onnx, onnx_feeds, run_logits, sess
 from mmpipe.features.loader import FeatureSet
 from mmpipe.params import ModelParams, TrainParams
 from mmpipe.timing import latency_ms
-from mmpipe.models.model_io import load_model, to_model_inputs
-from mmpipe.models.train import train
+from mmpipe.training.model_io import load_model, to_model_inputs
+from mmpipe.training.train import train
 
 CHOSEN_FILE = "model.onnx"
 # quantize.layers: not_slower keeps a layer in fp32 when int8 costs more than 2 % of the batch time; layers
@@ -129,7 +129,7 @@ def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
 
     chosen = choose(variants, params.prefer)
     shutil.copyfile(out_dir / f"{chosen}.onnx", out_dir / CHOSEN_FILE)
-    return {"shipped": headline(variants.rows["fp32"], variants.rows[chosen], chosen), "variants": variants.rows,
+    return {"shipped": shipped_figures(variants.rows["fp32"], variants.rows[chosen], chosen), "variants": variants.rows,
             "chosen": chosen, "prefer": params.prefer, "base_for_int8": base,
             "pytorch_fp32_latency_ms": eager_latency(model, data.example, params.latency_runs),
             "threads": params.threads, "max_accuracy_drop": params.max_accuracy_drop,
@@ -221,7 +221,7 @@ def eager_latency(model: torch.nn.Module, example: dict, runs: int) -> dict:
                 for b in (1, 32) if b <= len(example["label"])}
 
 
-def headline(fp32: dict, shipped: dict, chosen: str) -> dict:
+def shipped_figures(fp32: dict, shipped: dict, chosen: str) -> dict:
     """The shipped variant's figures, and how much smaller and faster it is than fp32 ONNX."""
     return {"variant": chosen, "file_bytes": shipped["file_bytes"], "gzip_bytes": shipped["gzip_bytes"],
             "val_accuracy": shipped["val_accuracy"], "test_accuracy": shipped["test_accuracy"],

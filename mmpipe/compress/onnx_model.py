@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mmpipe.modalities.base import model_dtype
-from mmpipe.models.model_io import to_model_inputs
+from mmpipe.training.model_io import to_model_inputs
 
 def input_dtypes(model: nn.Module) -> dict[str, np.dtype]:
     """The graph's inputs of ``model`` (a FusionModel), in order, with their dtypes."""

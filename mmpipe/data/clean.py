@@ -29,18 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mmpipe.data.collect import DECLARED_FILE
 from mmpipe.errors import PipelineError
 from mmpipe.io import ROW_GROUP_ROWS, PartWriter, bounded_slices, iter_row_groups, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, names
+from mmpipe.names import DATASET_FILE, DECLARED_FILE, REJECTS_FILE, SAMPLES_DIR
 from mmpipe.modalities.portable import RejectedInput, describe
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}
-SAMPLES_DIR = "samples"  # only part files in it: pd.read_parquet("data/clean/samples") reads them all
-REJECTS_FILE = "rejects.parquet"
-DATASET_FILE = "dataset.json"
 _PASS1_FILE = ".validated.parquet"
 
 REJECT_SCHEMA = pa.schema([
@@ -310,14 +307,14 @@ def _raw_items(raw_dir: Path, modality: str) -> Iterator[bytes]:
 
 
 def resolve_rules(params, raw_dir: Path):
-    """``params`` with the rules of each modality that decides some over all raw items first
-    (``resolve_rules``: e.g. the types of tabular columns left to ``auto``), from what collect
-    recorded of the user's declarations (``declared.json``)."""
+    """``params`` with the rules each modality decides over all raw items first (``resolve_rules``:
+    e.g. the types of tabular columns left to ``auto``; by default the rules as they are, no item
+    read), from what collect recorded of the user's declarations (``declared.json``)."""
     path = raw_dir / DECLARED_FILE
     declared = json.loads(path.read_text()) if path.exists() else {}
     updates = {m: module.resolve_rules(getattr(params, m), declared.get(m, {}), _raw_items(raw_dir, m))
-               for m, module in MODALITIES.items() if hasattr(module, "resolve_rules")}
-    return params.model_copy(update=updates) if updates else params
+               for m, module in MODALITIES.items()}
+    return params.model_copy(update=updates)
 
 
 # --------------------------------------------------------------------------- entry point

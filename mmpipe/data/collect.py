@@ -37,6 +37,7 @@ from mmpipe.errors import PipelineError, redact
 from mmpipe.io import BATCH_BYTES, PartWriter, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES, by_extension, names
 from mmpipe.modalities.portable import json_object, printable
+from mmpipe.names import DECLARED_FILE
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA = ("digits",)
@@ -54,11 +55,11 @@ def manifest_columns() -> tuple[str, ...]:
 
 
 def record_columns(params, columns: list[str]) -> dict[str, list[str]]:
-    """Record modality (one with ``record_columns``, e.g. tabular) -> the manifest columns gathered
+    """Record modality (one whose ``record_columns`` hook is set, e.g. tabular) -> the manifest columns gathered
     into its JSON item, under its ``data.<modality>`` params."""
     used, out = set(manifest_columns()), {}
     for m, module in MODALITIES.items():
-        if hasattr(module, "record_columns"):
+        if module.record_columns is not None:
             out[m] = module.record_columns(getattr(params, m), columns, used)
             used |= set(out[m])
     return out
@@ -67,10 +68,9 @@ def record_columns(params, columns: list[str]) -> dict[str, list[str]]:
 def declared(params) -> dict[str, Any]:
     """What collect records in ``DECLARED_FILE`` for clean: each record modality's data params."""
     return {m: getattr(params, m).model_dump(mode="json") for m, module in MODALITIES.items()
-            if hasattr(module, "record_columns")}
+            if module.record_columns is not None}
 
 
-DECLARED_FILE = "declared.json"
 BATCH_ROWS = 512
 
 

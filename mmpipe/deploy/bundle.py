@@ -17,9 +17,9 @@ from typing import Any
 
 import onnx
 
-from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.modalities import MODALITIES
 from mmpipe.modalities.base import array_names
+from mmpipe.names import STATE_FILE
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # the predictor and the helpers every modality's input class may import (see modalities/inputs.py)
@@ -70,7 +70,7 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
     for path in dict.fromkeys([*SHIPPED_CODE, *state_files]):
         shutil.copyfile(path, out / path.name)
     extra = [name for m in modalities  # tokenizers, with a pretrained text model
-             for name in getattr(MODALITIES[m], "extra_requirements", lambda state: [])(pre[m])]
+             for name in MODALITIES[m].extra_requirements(pre[m])]
     runtime = {**RUNTIME, **{name: name for name in extra}}
     (out / "requirements.txt").write_text("".join(f"{name}=={metadata.version(dist)}\n" for name, dist in runtime.items()))
     (out / "MODEL_CARD.md").write_text(model_card)

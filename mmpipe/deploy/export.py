@@ -27,16 +27,15 @@ import pyarrow.parquet as pq
 import torch
 
 from mmpipe.compress.onnx_model import onnx_feeds, run_logits, session
-from mmpipe.data.clean import DATASET_FILE, SAMPLES_DIR
 from mmpipe.deploy import bundle
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
-from mmpipe.features.preprocess import STATE_FILE
 from mmpipe.io import iter_row_groups
 from mmpipe.modalities import MODALITIES
 from mmpipe.modalities.base import array_names
 from mmpipe.modalities.portable import RejectedInput
-from mmpipe.models.model_io import load_model, to_model_inputs
+from mmpipe.names import DATASET_FILE, SAMPLES_DIR, STATE_FILE
+from mmpipe.training.model_io import load_model, to_model_inputs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -170,12 +169,12 @@ def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dic
     out: dict[str, dict[str, Any]] = {}
     for column, m in enumerate(model.modalities):
         module = MODALITIES[m]
-        if not getattr(module, "PARITY_VARIANTS", None):
+        if not module.PARITY_VARIANTS:
             continue
         positions = np.array([i for i, item in enumerate(items) if item.get(m) is not None], np.int64)
         if not len(positions):
             continue
-        rules = getattr(module, "RULES", module.PARAMS["clean"])(**dataset["clean_rules"][m])
+        rules = module.RULES(**dataset["clean_rules"][m])
         state = json.loads((features_root / m / STATE_FILE).read_text())
         featurizer = module.Features.from_state(features_root / m, state)
         arrays = array_names(state)

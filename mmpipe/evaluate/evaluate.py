@@ -17,16 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpipe.data.clean import SAMPLES_DIR
 from mmpipe.device import resolve_device
 from mmpipe.errors import PipelineError
 from mmpipe.evaluate.metrics import area_under, classification
-from mmpipe.features.loader import FeatureSet, available_key
-from mmpipe.features.preprocess import STATE_FILE
+from mmpipe.features.loader import FeatureSet
 from mmpipe.io import iter_row_groups
 from mmpipe.modalities import MODALITIES
+from mmpipe.names import SAMPLES_DIR, STATE_FILE, available_key
 from mmpipe.timing import latency_ms
-from mmpipe.models.model_io import CONFIG_FILE, load_model, to_model_inputs
+from mmpipe.training.model_io import CONFIG_FILE, load_model, to_model_inputs
 
 
 class SplitInputs:
@@ -130,7 +129,7 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
     data = SplitInputs(features_root, clean_dir, split)
     fused, baselines = load_models(models_dir, device)
 
-    metrics, report = headline(fused, baselines, data, device, params.ece_bins)
+    metrics, report = model_scores(fused, baselines, data, device, params.ece_bins)
     metrics = {"split": split, **metrics}
     progress(f"evaluate: accuracy {report['summary']['accuracy']:.4f}, macro F1 {report['summary']['f1_macro']:.4f}"
              + (f", fusion gain {metrics['fusion_gain']:+.4f} over {metrics['best_baseline']}"
@@ -157,7 +156,7 @@ def load_models(models_dir: Path, device: torch.device) -> tuple[torch.nn.Module
     return fused, baselines
 
 
-def headline(fused, baselines: dict, data: SplitInputs, device: torch.device, ece_bins: int) -> tuple[dict, dict]:
+def model_scores(fused, baselines: dict, data: SplitInputs, device: torch.device, ece_bins: int) -> tuple[dict, dict]:
     """Classification metrics of the fused model, each baseline's accuracy, and the gain of fusion over
     the best baseline (None without baselines). Returns (metrics, the full classification report)."""
     report = classification(predict(fused, data.tensors, device), data.labels, data.label_names, ece_bins)

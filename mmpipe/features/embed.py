@@ -19,16 +19,15 @@ import torch
 from tqdm import tqdm
 
 from mmpipe.errors import PipelineError
-from mmpipe.features.preprocess import EMBEDDING_ARRAY, shard_path
+from mmpipe.modalities import build_encoder
 from mmpipe.modalities.base import array_names
+from mmpipe.names import EMBEDDING_ARRAY, shard_path
 
 
 def frozen_backbone(modality: str, state: dict, model_params) -> tuple[torch.nn.Module, dict]:
     """The encoder ``model.encoders.<modality>`` builds, its weights loaded, in eval mode; one line when
     it is not a backbone that can be cached (small_cnn, blocks left trainable, no weights file); and what
     ``load_pretrained`` loaded."""
-    from mmpipe.models.fusion import build_encoder
-
     cfg = getattr(model_params.encoders, modality)
     field = f"preprocess.{modality}.embed"
     if cfg.arch == "small_cnn":

@@ -32,18 +32,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mmpipe.errors import PipelineError
-from mmpipe.features.preprocess import EMBEDDING_ARRAY, INDEX_FILE, STATE_FILE, shard_path
 from mmpipe.modalities import names
-
-
-def available_key(modality: str) -> str:
-    """The batch key of a modality's availability column."""
-    return f"available.{modality}"
-
-
-def embedding_key(modality: str) -> str:
-    """The batch key of a modality's cached backbone embedding."""
-    return f"embedding.{modality}"
+from mmpipe.names import EMBEDDING_ARRAY, INDEX_FILE, STATE_FILE, available_key, embedding_key, shard_path
 
 
 def feature_modalities(root: str | Path) -> tuple[str, ...]:

@@ -33,16 +33,12 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from mmpipe.data.clean import DATASET_FILE, SAMPLES_DIR
 from mmpipe.device import resolve_device
 from mmpipe.errors import PipelineError
 from mmpipe.io import iter_row_groups, worker_count, write_json_atomic
 from mmpipe.modalities import MODALITIES
+from mmpipe.names import DATASET_FILE, INDEX_FILE, PART_FILE, PART_STATS, SAMPLES_DIR, STATE_FILE, shard_path
 
-INDEX_FILE = "index.parquet"
-STATE_FILE = "state.json"
-PART_FILE, PART_STATS = "part.json", "train_stats.npz"  # a partition's record and its tasks' statistics
-EMBEDDING_ARRAY = "embedding"  # shard file stem of the cached backbone embeddings (embed.py)
 INDEX_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("split", pa.string(), nullable=False),
@@ -52,10 +48,6 @@ INDEX_SCHEMA = pa.schema([
     pa.field("row", pa.int32(), nullable=False),
     pa.field("available", pa.bool_(), nullable=False),
 ])
-
-
-def shard_path(folder: Path, array: str, shard: int) -> Path:
-    return folder / f"{array}-{shard:05d}.npy"
 
 
 def shard_count(total: int, shard_rows: int) -> int:
@@ -226,10 +218,10 @@ def open_source(modality: str, params, clean_dir: Path, model_params=None) -> So
     if not any(pq.read_table(p, columns=[f"{modality}_available"]).column(0).to_numpy().any() for p in files):
         return Source(dataset, files, total, None, None)
     cfg = getattr(params, modality)
-    if hasattr(module, "resolve_preprocess"):  # settings that follow the chosen encoder (image size: auto)
-        cfg = module.resolve_preprocess(cfg, getattr(model_params.encoders, modality, None) if model_params else None)
+    # settings that follow the chosen encoder (image size: auto)
+    cfg = module.resolve_preprocess(cfg, getattr(model_params.encoders, modality, None) if model_params else None)
     features = module.Features(cfg, dataset)
-    if hasattr(features, "fit"):
+    if features.fit is not None:
         features.fit(train_values(files, modality))
     return Source(dataset, files, total, cfg, features)
 

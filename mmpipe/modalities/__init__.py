@@ -10,20 +10,23 @@ everywhere (tables, model inputs, availability columns, bundle, predictor flags)
 from __future__ import annotations
 
 import typing
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 from mmpipe.modalities import audio, image, tabular, text
-from mmpipe.modalities.base import Cleaned, Modality  # noqa: F401  (re-exported)
+from mmpipe.modalities.base import Cleaned, Modality, fill_defaults  # noqa: F401  (Cleaned re-exported)
 
 _BUILT_IN = (image, text, audio, tabular)
 MODALITIES: dict[str, ModuleType] = {}
 
 
 def register(module: ModuleType) -> None:
-    """Add a modality module (checked against the interface) at the end of the order."""
+    """Add a modality module (checked against the interface, its optional hooks' defaults filled in)
+    at the end of the order."""
     if not isinstance(module, Modality):
         missing = [name for name in typing._get_protocol_attrs(Modality) if not hasattr(module, name)]  # noqa: SLF001
         raise TypeError(f"{module.__name__} is not a modality module: it lacks {', '.join(sorted(missing))}")
+    fill_defaults(module)
     MODALITIES[module.NAME] = module
 
 
@@ -42,6 +45,14 @@ def by_extension(suffix: str) -> str | None:
         if suffix in module.EXTENSIONS:
             return name
     return None
+
+
+def build_encoder(modality: str, state: dict, model_params: dict[str, Any]):
+    """``modality``'s encoder (a torch module) from its module's factory, its fitted state and the
+    model params (a JSON-able mapping; its ``encoders.<modality>`` subsection validated here)."""
+    module = MODALITIES[modality]
+    section = module.PARAMS["model"](**model_params.get("encoders", {}).get(modality, {}))
+    return module.build_encoder(state, section, SimpleNamespace(**model_params))
 
 
 for _module in _BUILT_IN:

@@ -43,8 +43,9 @@ class Featurizer(Protocol):
     gpu: ClassVar[bool]
     """True when ``transform`` can use the device it is given."""
 
-    def fit(self, train_values: list) -> None:
-        """Fit state (vocabulary, statistics) on the clean values of the train split's available items."""
+    fit: Callable[[list], None] | None
+    """Fit state (vocabulary, statistics) on the clean values of the train split's available items;
+    optional (None: the featurizer has nothing to fit)."""
 
     def transform(self, items: list, ids: list[str], noise: Callable | None = None, *,
                   errors: dict[int, str], device: str = "cpu") -> dict[str, np.ndarray]:
@@ -104,30 +105,64 @@ class Modality(Protocol):
         """One line for the model card: what the bundle accepts for this modality under clean's rules."""
 
 
-class Optional:
-    """Optional module attributes, for modalities whose raw item is not one file or one cell.
+class OptionalHooks:
+    """Optional module attributes, for modalities whose raw item is not one file or one cell. A module
+    that leaves one out gets the default below when it is registered (``fill_defaults``), so every
+    caller uses the hook as it is, never probing for it.
 
-    ``record_columns(cfg, manifest_columns, used) -> list[str]``
+    ``record_columns(cfg, manifest_columns, used) -> list[str]`` (default None: not a record modality)
         A *record* modality (tabular metadata): the manifest columns gathered into one JSON object
         per row, which is the modality's raw item (``cfg``: its ``data.<name>`` params; ``used``:
         the columns the pipeline already reads). collect writes ``cfg`` to ``data/raw/declared.json``.
-    ``resolve_rules(cfg, declared, raw_items) -> cfg``
+    ``resolve_rules(cfg, declared, raw_items) -> cfg`` (default: ``cfg`` as it is, nothing read)
         Rules decided once over all raw items before any is cleaned (column types a user left to
         ``auto``): ``cfg`` is ``clean.<name>``, ``declared`` the ``data.<name>`` params collect
         recorded, ``raw_items`` an iterator over every raw item's bytes. The returned rules are what
         every item is cleaned under and what ``dataset.json`` (and the bundle) records; ``RULES``
-        is their schema (``PARAMS["clean"]`` plus what is resolved).
-    ``resolve_preprocess(cfg, encoder) -> cfg``
+        (default ``PARAMS["clean"]``) is their schema (``PARAMS["clean"]`` plus what is resolved).
+    ``resolve_preprocess(cfg, encoder) -> cfg`` (default: ``cfg`` as it is)
         Preprocess settings that follow the encoder chosen in ``model.encoders.<name>`` (``encoder``;
         None when the model params are not given): image ``size: auto`` = the torchvision backbone's
         resolution. preprocess featurizes with the returned settings (and records them in the state).
-    ``extra_requirements(state) -> list[str]``
+    ``extra_requirements(state) -> list[str]`` (default: none)
         Packages the bundle's predictor needs for this fitted state beyond numpy, onnxruntime,
         soundfile, soxr and pillow (text: ``tokenizers`` with a pretrained model's tokenizer).
-    ``PARITY_VARIANTS: dict[str, Callable[[bytes], bytes]]``
+    ``PARITY_VARIANTS: dict[str, Callable[[bytes], bytes]]`` (default: none)
         Name -> re-encoding of one raw item; export checks the bundle's predictor against the
         pipeline on each (audio: other rates, stereo).
+    ``Features.fit`` (default None: nothing to fit)
+        See :class:`Featurizer`; preprocess reads the train split's values only for a featurizer that fits.
     """
+
+    record_columns = None
+
+    @staticmethod
+    def resolve_rules(cfg, declared: dict, raw_items) -> Any:
+        return cfg
+
+    @staticmethod
+    def resolve_preprocess(cfg, encoder) -> Any:
+        return cfg
+
+    @staticmethod
+    def extra_requirements(state: dict) -> list[str]:
+        return []
+
+
+OPTIONAL_HOOKS = ("record_columns", "resolve_rules", "resolve_preprocess", "extra_requirements")
+
+
+def fill_defaults(module) -> None:
+    """Give a modality module the optional hooks it left out (at registration, once)."""
+    for name in OPTIONAL_HOOKS:
+        if not hasattr(module, name):
+            setattr(module, name, getattr(OptionalHooks, name))
+    if not hasattr(module, "PARITY_VARIANTS"):
+        module.PARITY_VARIANTS = {}
+    if not hasattr(module, "RULES"):
+        module.RULES = module.PARAMS["clean"]
+    if not hasattr(module.Features, "fit"):
+        module.Features.fit = None
 
 
 def array_names(state: dict) -> list[str]:

@@ -8,7 +8,8 @@ and one of three fusions (``model.fusion``):
 
 The availability mask (B, n_modalities) is an input: a missing modality's vector is replaced by
 its learned placeholder, in training and at inference. ``config`` (JSON-able) holds everything
-needed to rebuild the model without the data: ``build_model(config)``.
+needed to rebuild the model without the data (``mmpipe.training.model_io.build_model``, which builds
+the encoders from the modality registry and hands them in: this module knows torch, not modalities).
 """
 
 from __future__ import annotations
@@ -19,30 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpipe.features.loader import embedding_key
-from mmpipe.modalities import MODALITIES
-from mmpipe.modalities.base import array_names
-
-FUSIONS = ("concat", "gated", "attention")
-
-
-def model_config(modalities: list[str], states: dict[str, dict], model_params: dict[str, Any],
-                 labels: list[str]) -> dict[str, Any]:
-    """The JSON config of a model: its modalities, their fitted state (what their encoders are built
-    from), the model params (a JSON-able mapping), labels."""
-    return {"modalities": list(modalities), "labels": list(labels), "model": dict(model_params),
-            "states": {m: states[m] for m in modalities}}
-
-
-def build_encoder(modality: str, state: dict, model_params: dict[str, Any]) -> nn.Module:
-    """``modality``'s encoder from its module's factory, its fitted state and its ``model.encoders`` params."""
-    module = MODALITIES[modality]
-    section = module.PARAMS["model"](**model_params.get("encoders", {}).get(modality, {}))
-    return module.build_encoder(state, section, SimpleNamespace(**model_params))
+from mmpipe.names import FUSIONS, embedding_key
 
 
 class FusionModel(nn.Module):
-    def __init__(self, config: dict[str, Any]):
+    """``config``: the model's JSON config (modalities, labels, model params, fitted states); ``encoders``:
+    one module per modality, taking its arrays positionally (``arrays``: their names, in that order)."""
+
+    def __init__(self, config: dict[str, Any], encoders: dict[str, nn.Module], arrays: dict[str, list[str]]):
         super().__init__()
         self.config = config
         cfg = SimpleNamespace(**config["model"])
@@ -51,10 +36,8 @@ class FusionModel(nn.Module):
         if self.fusion not in FUSIONS:
             raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
         n, dim, n_classes = len(self.modalities), cfg.dim, len(config["labels"])
-        self.encoders = nn.ModuleDict({m: build_encoder(m, config["states"][m], config["model"])
-                                       for m in self.modalities})
-        # each encoder takes its modality's arrays positionally, in the featurizer's order
-        self.arrays = {m: array_names(config["states"][m]) for m in self.modalities}
+        self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
+        self.arrays = {m: list(arrays[m]) for m in self.modalities}
         self.placeholders = nn.Parameter(torch.zeros(n, dim))
         if self.fusion == "concat":
             fused = n * dim
@@ -101,10 +84,6 @@ class FusionModel(nn.Module):
             padding = torch.cat([torch.zeros_like(available[:, :1]), ~available], dim=1)  # the class token is never masked
             fused = self.transformer(sequence, src_key_padding_mask=padding)[:, 0]
         return self.head(fused)
-
-
-def build_model(config: dict[str, Any]) -> FusionModel:
-    return FusionModel(config)
 
 
 def load_pretrained(model: nn.Module) -> dict[str, dict]:

@@ -7,14 +7,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmpipe.features.loader import available_key
-from mmpipe.models.fusion import build_model
+from mmpipe.modalities import build_encoder
+from mmpipe.modalities.base import array_names
+from mmpipe.models.fusion import FusionModel
+from mmpipe.names import CONFIG_FILE, WEIGHTS_FILE, available_key
 
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+def model_config(modalities: list[str], states: dict[str, dict], model_params: dict[str, Any],
+                 labels: list[str]) -> dict[str, Any]:
+    """The JSON config of a model: its modalities, their fitted state (what their encoders are built
+    from), the model params (a JSON-able mapping), labels."""
+    return {"modalities": list(modalities), "labels": list(labels), "model": dict(model_params),
+            "states": {m: states[m] for m in modalities}}
+
+
+def build_model(config: dict[str, Any]) -> FusionModel:
+    """The fusion model ``config`` describes, freshly initialised: each modality's encoder from its
+    module's factory (built first, in the model's modality order: the seeded initialisation depends on it)."""
+    encoders = {m: build_encoder(m, config["states"][m], config["model"]) for m in config["modalities"]}
+    # each encoder takes its modality's arrays positionally, in the featurizer's order
+    arrays = {m: array_names(config["states"][m]) for m in config["modalities"]}
+    return FusionModel(config, encoders, arrays)
 
 
 def save_model(folder: Path, weights: dict[str, torch.Tensor], config: dict) -> None:

@@ -3,7 +3,7 @@
 One MLflow run per stage execution, tagged with the DVC stage, the DVC experiment, the git
 commit and a pipeline id, and nested under one *pipeline run* per pipeline execution (same
 pipeline id): the row to compare in the MLflow UI. The pipeline run holds every parameter of
-params.yaml and the headline metrics of every stage (mmpipe.summary), refreshed from the metrics
+params.yaml and the headline metrics of every stage (mmpipe.tracking.summary), refreshed from the metrics
 files each time a stage finishes, so stages DVC restored from its cache still fill it.
 
 The default store is a SQLite file at an *absolute* path in the main checkout, so runs started
@@ -26,11 +26,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -38,10 +35,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmpipe import lineage, resources, summary
+from mmpipe import resources
+from mmpipe.tracking import lineage, summary
+from mmpipe.tracking.curves import Curves, curves, numeric_leaves  # noqa: F401  (re-exported)
+from mmpipe.tracking.retries import best_effort, retrying  # noqa: F401  (re-exported)
 from mmpipe.errors import PipelineError, redact
-from mmpipe.io import (flatten, owner_tag, remove_stale_temporaries, remove_stale_temporaries_in, write_bytes_atomic,
-                       write_json_atomic)
+from mmpipe.io import flatten, write_json_atomic
 
 DEFAULT_EXPERIMENT = "mmpipe"
 PIPELINE_ROLE = "pipeline"  # tag mmpipe.role of the parent rows
@@ -117,34 +116,6 @@ def pipeline_id(params_file: str | os.PathLike = "params.yaml") -> str:
     return digest.hexdigest()[:12]
 
 
-_METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
-
-
-def numeric_leaves(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric leaves of a nested metrics dict, with keys MLflow accepts."""
-    out = {}
-    for key, value in flatten(metrics).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        out[_METRIC_KEY.sub("_", key)] = float(value)
-    return out
-
-
-RETRIES, BACKOFF_S = 3, 1.0  # our own retries, on top of MLflow's HTTP ones: also for SQLite "database is locked"
-
-
-def retrying(what: str, call, *args, **kwargs):
-    """``call(*args, **kwargs)``, retried with exponential backoff; then one PipelineError line (redacted)."""
-    for attempt in range(RETRIES + 1):
-        try:
-            return call(*args, **kwargs)
-        except Exception as exc:  # MLflow, HTTP and SQLAlchemy errors alike
-            if attempt == RETRIES:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise PipelineError(f"MLflow: could not {what} after {RETRIES + 1} attempts: {redact(first)}") from None
-            time.sleep(BACKOFF_S * 2 ** attempt)
-
-
 class StageRun:
     """Handle on the active MLflow run of a stage."""
 
@@ -208,64 +179,6 @@ class StageRun:
             retrying(f"log {path}", mlflow.log_artifacts, str(path), artifact_path=artifact_path or path.name)
         elif path.exists():
             retrying(f"log {path}", mlflow.log_artifact, str(path), artifact_path=artifact_path)
-
-
-class Curves:
-    """Per-step curves of a stage, fed from one call site to both trackers: MLflow step metrics
-    (``<group>/<key>``, the run's charts) and DVCLive's files in ``folder`` (``metrics.json`` with the
-    latest values, ``plots/metrics/<group>/<key>.tsv``), published after every step, so ``dvc exp show``,
-    ``dvc plots show`` and DVC's VS Code extension follow a run while it trains. dvc.yaml declares the
-    files (``dvcyaml=False``: DVCLive does not write its own). Outside a DVC repository only MLflow gets
-    them: DVCLive would otherwise ``dvc init`` the enclosing git repository.
-
-    DVCLive writes its files in place (a stage killed mid-write leaves a truncated metrics.json that
-    ``dvc metrics show`` cannot read): it writes into a private folder beside ``folder`` instead, and
-    each step's files are copied into ``folder`` one atomic rename each. What a killed run left (the
-    private folder, a half-copied file) is removed by the next one."""
-
-    def __init__(self, run: "StageRun", folder: str | os.PathLike):
-        self.run, self.live, self.folder = run, None, Path(folder)
-        if any((p / ".dvc").is_dir() for p in (Path.cwd(), *Path.cwd().parents)):
-            logging.getLogger("dvclive").setLevel(logging.WARNING)
-            from dvclive import Live
-
-            remove_stale_temporaries(self.folder)  # private folders of killed runs
-            remove_stale_temporaries_in(self.folder)  # half-copied files of killed runs
-            shutil.rmtree(self.folder, ignore_errors=True)  # a new run's curves (DVCLive's resume=False)
-            self.private = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.tmp-{owner_tag()}-live-",
-                                                 dir=self.folder.parent))
-            self.live = Live(dir=str(self.private), dvcyaml=False, save_dvc_exp=False, report=None)
-
-    def log(self, group: str, step: int, row: dict[str, Any]) -> None:
-        # <group>/<key>, as DVCLive names them: apart from the stage's final figures (<group>.<key>, e.g.
-        # the best epoch's fusion.val_accuracy), which MLflow would otherwise show as the last epoch's
-        curves = {f"{group}/{k}": v for k, v in numeric_leaves(row).items() if k not in ("epoch", "step")}
-        self.run.log_metrics(curves, step=step)
-        if self.live is not None:
-            self.live.step = step
-            for key, value in curves.items():
-                self.live.log_metric(key, value)
-            self.live.next_step()  # writes metrics.json and the .tsv rows (privately)
-            self._publish()
-
-    def _publish(self) -> None:
-        for path in sorted(p for p in self.private.rglob("*") if p.is_file()):
-            write_bytes_atomic(self.folder / path.relative_to(self.private), path.read_bytes())
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.end()
-            self._publish()
-            shutil.rmtree(self.private, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def curves(run: "StageRun", folder: str | os.PathLike) -> Iterator[Curves]:
-    live = Curves(run, folder)
-    try:
-        yield live
-    finally:
-        live.close()
 
 
 def _quiet_mlflow_logs() -> None:
@@ -401,15 +314,6 @@ def stage_run(stage: str, params: Any, system_metrics: bool = True) -> Iterator[
     retrying("update the pipeline run", update_pipeline_run, client, parent_id, stage)
 
 
-def best_effort(what: str, call, *args, **kwargs) -> None:
-    """``retrying``, then one warning line on stderr instead of an error: for tracking calls in a
-    stage's failure path, where the stage's own error must stay the one line the user sees."""
-    try:
-        retrying(what, call, *args, **kwargs)
-    except PipelineError as exc:
-        print(f"warning: {exc}", file=sys.stderr)
-
-
 TUNE_ROLE, TRIAL_ROLE = "tune", "trial"  # tag mmpipe.role of a study's row and of its trials (children)
 
 
@@ -515,7 +419,7 @@ def update_pipeline_run(client: Any, run_id: str, stage: str | None, root: Path 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in summary.headline(root or Path.cwd(), stage).items()]
+    metrics = [Metric(k, v, now, 0) for k, v in summary.stage_figures(root or Path.cwd(), stage).items()]
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
     client.set_terminated(run_id, "FINISHED")

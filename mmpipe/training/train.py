@@ -4,7 +4,7 @@
 schedule -> resume -> epochs (``train_epoch``, validate, early stopping, checkpoint) -> best weights and
 metrics; each step is a named function below it. Seeded; deterministic on CPU.
 
-Under torchrun (see mmpipe.models.distributed) the same loop runs in every process with the model
+Under torchrun (see mmpipe.training.distributed) the same loop runs in every process with the model
 wrapped in DistributedDataParallel: each rank trains on its shard of every epoch, rank 0 alone
 validates (and shares the result, so every rank stops together) and writes checkpoints and outputs.
 """
@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from mmpipe.device import resolve_device
 from mmpipe.errors import PipelineError
-from mmpipe.features.loader import FeatureSet, embedding_key
-from mmpipe.lineage import features_digest
-from mmpipe.models import distributed
-from mmpipe.models.fusion import build_model, drop_modalities, load_pretrained, model_config
-from mmpipe.models.model_io import save_model, to_model_inputs
+from mmpipe.features.loader import FeatureSet
+from mmpipe.names import embedding_key, features_digest
+from mmpipe.training import distributed
+from mmpipe.models.fusion import drop_modalities, load_pretrained
+from mmpipe.training.model_io import build_model, model_config, save_model, to_model_inputs
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -107,6 +107,15 @@ class Progress:
             self.stalled += 1
 
 
+def warmup_cosine(warmup: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of each optimiser step: linear warm-up over ``warmup`` steps, then
+    half a cosine from 1 down to 0 at ``total_steps``."""
+    def multiplier(step: int) -> float:
+        ramp = min(1.0, (step + 1) / max(warmup, 1))
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total_steps - warmup, 1))))
+    return multiplier
+
+
 @dataclass
 class Optimisation:
     """Optimiser, warmup + cosine schedule, loss and mixed precision of one run."""
@@ -122,8 +131,7 @@ class Optimisation:
         # fused: one kernel for the whole update on CUDA (the step is launch-bound at this model size)
         optimizer = torch.optim.AdamW(param_groups(model, params.lr), lr=params.lr, weight_decay=params.weight_decay,
                                       fused=device.type == "cuda")
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (
-            1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total_steps - warmup, 1)))))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
         amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
         return cls(optimizer, schedule, scaler, torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing),

@@ -43,7 +43,7 @@ def stage_family(stage: str) -> str:
     return stage.split("@", 1)[0]
 
 
-def headline(root: Path, upto: str | None = None) -> dict[str, float]:
+def stage_figures(root: Path, upto: str | None = None) -> dict[str, float]:
     """``{"<stage>.<key>": value}`` from the metrics files of ``upto`` and the stages before it
     (all stages when None); missing files and non-numeric values are skipped."""
     last = ORDER.index(stage_family(upto)) if upto and stage_family(upto) in ORDER else len(ORDER) - 1

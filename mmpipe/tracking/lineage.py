@@ -24,6 +24,8 @@ import yaml
 
 from mmpipe.errors import redact
 from mmpipe.layout import CLEAN, FEATURES, SOURCE
+from mmpipe.names import features_digest
+from mmpipe.tracking.retries import best_effort
 
 CONTEXT = {"train": "training", "val": "validation", "test": "testing"}  # mlflow.data.context of each split
 _COLUMNS = ["sample_id", "label", "split", "group"]  # + <modality>_available
@@ -56,17 +58,6 @@ def dvc_hashes(root: Path = Path(".")) -> dict[str, str]:
             if out.get("path") in wanted and _matches(root / out["path"], out):
                 hashes[out["path"]] = out["md5"]
     return dict(sorted(hashes.items()))
-
-
-def features_digest(features_root: Path) -> str:
-    """Identity of the feature sets without DVC: each modality's index and fitted state (also what a
-    training checkpoint is keyed by, so that it resumes only on the very data it was trained on)."""
-    digest = hashlib.sha1()
-    for folder in sorted(p for p in Path(features_root).iterdir() if p.is_dir()):
-        for name in ("index.parquet", "state.json"):
-            if (folder / name).exists():
-                digest.update((folder / name).read_bytes())
-    return digest.hexdigest()
 
 
 def data_identity(root: Path = Path(".")) -> dict[str, Any]:
@@ -132,7 +123,6 @@ def log_splits(run_id: str, splits: list[str], client: Any = None, root: Path = 
     with it is one warning line); nothing without data/clean."""
     from mlflow.tracking import MlflowClient
 
-    from mmpipe.tracking import best_effort
 
     if not (root / CLEAN / "samples").is_dir():
         return
