@@ -33,7 +33,7 @@ import soundfile as sf
 from PIL import Image
 
 from mmpipe.modalities import audio
-from mmpipe.deploy.export import load_predictor
+from mmpipe.deploy.verify import load_predictor
 from mmpipe.modalities import portable
 from mmpipe.modalities.portable import RejectedInput
 

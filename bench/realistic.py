@@ -111,10 +111,13 @@ def write_realistic(n: int, folder: Path, seed: int = 0, workers: int | None = N
 
 
 def copy_repo(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
+    """The git-tracked files of this checkout, as they are on disk (one a running stage has just removed
+    is left out), committed in a fresh repository at ``dest``."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode()
+    for rel in filter(None, files.split("\0")):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
     for stale in (dest / "metrics").glob("*.json"):  # this repository's figures, not the run's
         stale.unlink()
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],

@@ -1,6 +1,6 @@
 """Scale check for collect + clean: wall time and peak memory (whole process tree) at N samples.
 
-    python bench/scale_collect_clean.py --samples 100000
+    python -m bench.scale_collect_clean --samples 100000
 
 Runs both stages in a temporary copy of the repository (its own MLflow store), samples the
 resident memory of the stage process and all its workers every 0.2 s, and prints/writes
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 import yaml
+
+from bench.realistic import copy_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,13 +55,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench_scale.json")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mmpipe-scale-"))
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, work / rel)
+    copy_repo(work)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["data"]["n_samples"] = args.samples
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -71,10 +71,10 @@ def main() -> None:
         results[stage] = run_stage(f"stages.{stage}", work, env)
     results["total_seconds"] = round(results["collect"]["seconds"] + results["clean"]["seconds"], 1)
     results["peak_rss_mb"] = max(results["collect"]["peak_rss_mb"], results["clean"]["peak_rss_mb"])
-    results["raw_mb"] = round(sum(p.stat().st_size for p in (work / "data/raw").glob("*")) / 2**20, 1)
-    results["clean_mb"] = round(sum(p.stat().st_size for p in (work / "data/clean").glob("*")) / 2**20, 1)
-    out = ROOT / "reports" / "bench_scale.json"
-    out.parent.mkdir(exist_ok=True)
+    results["raw_mb"] = round(sum(p.stat().st_size for p in (work / "data/raw").rglob("*") if p.is_file()) / 2**20, 1)
+    results["clean_mb"] = round(sum(p.stat().st_size for p in (work / "data/clean").rglob("*") if p.is_file()) / 2**20, 1)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     if not args.keep:

@@ -61,10 +61,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"params.yaml overrides after {' '.join(BUDGET)}")
     parser.add_argument("--out", type=Path, default=ROOT / "reports")
+    parser.add_argument("--until", default="export", help="the last stage dvc repro runs (the tests': clean)")
     args = parser.parse_args()
     results = []
     for n in sorted(args.samples):
-        results.append(run(n, args.profile, [*BUDGET, *args.set], "export"))
+        results.append(run(n, args.profile, [*BUDGET, *args.set], args.until))
         print(f"{n}: dvc repro {results[-1]['dvc_repro_wall_s']} s", flush=True)
     fitted = slopes(results) if len(results) > 1 else {}
     args.out.mkdir(parents=True, exist_ok=True)

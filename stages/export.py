@@ -9,7 +9,8 @@ import json
 
 from mmpipe import layout, params, tracking
 from mmpipe.tracking import lineage
-from mmpipe.deploy.export import bundle_accuracy, export, failed_checks, model_metrics
+from mmpipe.deploy.export import export, model_metrics
+from mmpipe.deploy.verify import bundle_accuracy, failed_checks
 from mmpipe.deploy.registry import publish
 from mmpipe.errors import PipelineError
 from mmpipe.io import atomic_dir, scratch, write_json_atomic

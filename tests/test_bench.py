@@ -1,19 +1,29 @@
-"""The benchmarks the README tells users to run, at a tiny size, so that a change that breaks one fails
-here (no timing is asserted: figures belong in docs/benchmarks.md)."""
+"""Every entry point under bench/, at a tiny size, so that a change that breaks one fails here (no
+timing is asserted: figures belong in docs/benchmarks.md). ``test_every_bench_entry_point_is_run_here``
+keeps the list complete: a new benchmark without a smoke run fails it."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from conftest import TINY, set_params
+
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE_RUNS: set[str] = set()  # the entry points this file runs (filled as the tests are collected)
 
 
-def run_bench(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run_bench(*args: str, cwd: Path = ROOT) -> str:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 def test_make_bench_preprocessing_and_loader_run_with_every_registered_modality(tmp_path):
@@ -32,3 +42,58 @@ def test_hostile_inputs_bench_runs_on_a_bundle(bundle, tmp_path):
     over = report["request_parquet_20000_rows"]
     assert over["guarded"]["answer_bytes"] < 1000 < over["mlflow_parsing_then_per_row_errors"]["answer_bytes"]
     assert report["png_4096x4096"]["bytes"] < 100_000 and report["flac_29s_8ch_384k"]["predictor"]["seconds"] > 0
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_corpus, tiny_model, bundle, tmp_path_factory) -> Path:
+    """A folder laid out as the benchmarks expect the repository after `make repro` (data/features,
+    models/fusion, artifacts/compressed), on the session's tiny run, with the tiny params profile."""
+    root = tmp_path_factory.mktemp("bench_workspace")
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(root, **TINY)
+    for link, target in (("data/features", tiny_corpus / "features"), ("models/fusion", tiny_model),
+                         ("artifacts/compressed", bundle["folder"].parent / "compressed")):
+        (root / link).parent.mkdir(parents=True, exist_ok=True)
+        (root / link).symlink_to(target)
+    return root
+
+
+SELF_CONTAINED = {  # entry point -> tiny arguments; they build their own inputs
+    "bench.int8_kernels": ["--runs", "1"],
+    "bench.backbones": ["--archs", "image:resnet18", "--size", "32", "--batch", "2", "--repeats", "1", "--runs", "1"],
+    "bench.checkpointing": ["--archs", "image:resnet18", "--size", "32", "--batch", "2", "--repeats", "1"],
+    "bench.gpu_train": ["--device", "cpu", "--samples", "60", "--epochs", "1", "--no-compile"],
+    "bench.gpu_preprocess": ["--device", "cpu", "--samples", "60"],
+    "bench.scale_collect_clean": ["--samples", "100", "--out", "{tmp}/scale.json"],
+    "bench.realistic": ["--samples", "40", "--until", "collect", "--out", "{tmp}/realistic"],
+    "bench.scaling": ["--samples", "40", "--until", "collect", "--out", "{tmp}/scaling"],
+}
+ON_THE_WORKSPACE = {  # entry point -> tiny arguments; they read what `make repro` leaves in the repository
+    "bench.fusion_choices": ["--fusions", "concat"],
+    "bench.prune_sweep": ["0.3:1"],
+    "bench.compressed_variants": ["--rounds", "1", "--runs", "2"],
+}
+SMOKE_RUNS |= {"bench.run", "bench.hostile_inputs", *SELF_CONTAINED, *ON_THE_WORKSPACE}
+
+
+@pytest.mark.parametrize("entry", sorted(SELF_CONTAINED))
+def test_self_contained_bench_runs_at_a_tiny_size(entry, tmp_path):
+    out = run_bench(entry, *(arg.format(tmp=tmp_path) for arg in SELF_CONTAINED[entry]), cwd=tmp_path)
+    assert out.strip()
+
+
+@pytest.mark.parametrize("entry", sorted(ON_THE_WORKSPACE))
+def test_bench_on_the_pipeline_outputs_runs_at_a_tiny_size(entry, workspace):
+    run_bench(entry, *ON_THE_WORKSPACE[entry], cwd=workspace)
+    report = {"bench.fusion_choices": "fusion_choices.json", "bench.prune_sweep": "prune_sweep.json",
+              "bench.compressed_variants": "compressed_variants.json"}[entry]
+    assert json.loads((workspace / "reports" / report).read_text())
+
+
+def test_every_bench_entry_point_is_run_here():
+    entries = {f"bench.{p.stem}" for p in (ROOT / "bench").glob("*.py")
+               if re.search(r'^if __name__ == "__main__":', p.read_text(), re.M)}
+    assert entries == SMOKE_RUNS
+    # and what the README and the Makefile tell users to run is among them
+    told = set(re.findall(r"python -m (bench\.\w+)", (ROOT / "README.md").read_text() + (ROOT / "Makefile").read_text()))
+    assert told <= entries, told - entries

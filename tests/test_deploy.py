@@ -15,7 +15,7 @@ import pytest
 from conftest import png_bytes
 from mmpipe import params
 from mmpipe.deploy.bundle import RUNTIME
-from mmpipe.deploy.export import failed_checks, load_predictor, raw_test_items
+from mmpipe.deploy.verify import failed_checks, load_predictor, raw_test_items
 from mmpipe.features.loader import FeatureSet
 
 # Runs predict.py with imports limited to the standard library, the bundle's own modules and its five
@@ -105,7 +105,7 @@ def test_manifest_lists_every_file_with_its_checksum(bundle):
 
 
 def test_conversion_parity_in_chunks_and_raw_items_read_on_demand(bundle, tiny_corpus, tiny_model):
-    from mmpipe.deploy.export import conversion_parity
+    from mmpipe.deploy.verify import conversion_parity
     from mmpipe.training.model_io import load_model
     from mmpipe.modalities import names
 

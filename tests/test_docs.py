@@ -61,3 +61,18 @@ def test_layout_is_where_dvc_yaml_says_each_stage_writes():
     # every stage's inputs among them are declared as dependencies too
     assert str(layout.SOURCE) in paths(stages["collect"]["deps"]) and str(layout.RAW) in paths(stages["clean"]["deps"])
     assert {str(layout.FEATURES), str(layout.WEIGHTS)} <= paths(stages["train"]["deps"]) and str(layout.FUSION.parent) in paths(stages["evaluate"]["deps"])
+
+
+def test_dvc_yaml_matrices_and_plots_follow_the_modality_registry():
+    from mmpipe.modalities import MODALITIES, names
+
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for stage in ("preprocess", "preprocess-part"):
+        assert dvc_yaml["stages"][stage]["matrix"]["modality"] == list(names()), f"dvc.yaml {stage}'s matrix"
+    plots = {name: spec for entry in dvc_yaml["plots"] for name, spec in entry.items()}
+    for m, module in MODALITIES.items():
+        spec = plots.get(f"Robustness, {m} corrupted")
+        assert spec, f"dvc.yaml has no robustness plot of {m}"
+        for model in ("fused", "baseline"):
+            columns = spec["y"][f"plots/eval/robustness_{m}_{model}.csv"]
+            assert sorted([columns] if isinstance(columns, str) else columns) == sorted(module.CORRUPTIONS), (m, model)

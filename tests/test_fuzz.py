@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import tone
 from mmpipe import params
 from mmpipe.data.clean import validate_sample
-from mmpipe.deploy.export import load_predictor
+from mmpipe.deploy.verify import load_predictor
 from mmpipe.modalities import names
 from mmpipe.modalities.portable import RejectedInput
 

@@ -21,7 +21,7 @@ from mmpipe.data.clean import clean
 from mmpipe.names import DATASET_FILE
 from mmpipe.data.collect import collect
 from mmpipe.deploy import bundle
-from mmpipe.deploy.export import load_predictor
+from mmpipe.deploy.verify import load_predictor
 from mmpipe.features.loader import FeatureSet
 from mmpipe.features.preprocess import preprocess
 from mmpipe.modalities import names, register, unregister

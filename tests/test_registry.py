@@ -16,7 +16,8 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 
 from mmpipe.deploy import registry
-from mmpipe.deploy.export import _bundle_accuracy, bundle_accuracy, example_request, load_predictor, raw_test_items
+from mmpipe.deploy.export import example_request
+from mmpipe.deploy.verify import _bundle_accuracy, bundle_accuracy, load_predictor, raw_test_items
 from mmpipe.features.loader import FeatureSet
 from mmpipe.tracking import process_tags
 from mmpipe.modalities import names

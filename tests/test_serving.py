@@ -26,7 +26,8 @@ from PIL import Image
 
 from bench.hostile_inputs import flac_8ch_384k_constant, png_4096_flat
 from conftest import free_port, http_server, png_bytes
-from mmpipe.deploy.export import example_request, load_predictor, raw_test_items
+from mmpipe.deploy.export import example_request
+from mmpipe.deploy.verify import load_predictor, raw_test_items
 from mmpipe.deploy.registry import point_alias, register
 from mmpipe.features.loader import FeatureSet
 from mmpipe.modalities import names

@@ -214,6 +214,22 @@ def test_processes_creating_a_fresh_store_at_once_all_succeed(tmp_path):
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outs]
     assert len({out.strip() for out, _ in outs}) == 1  # one experiment, created once
+    # marked as a model-training experiment, so that MLflow's UI opens it on its runs, not on GenAI traces
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment(outs[0][0].strip())
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_created_before_the_kind_tag_gets_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    old = client.create_experiment(tracking.DEFAULT_EXPERIMENT)
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert tracking._experiment_id(client, tracking.DEFAULT_EXPERIMENT) == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(old, "mlflow.experimentKind", "genai_development")  # a user's own choice stays
+    tracking._experiment_id(client, tracking.DEFAULT_EXPERIMENT)
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "genai_development"
 
 
 def test_runs_left_running_by_a_killed_stage_are_closed_as_killed(tmp_path, monkeypatch):

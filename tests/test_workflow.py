@@ -148,6 +148,32 @@ def test_export_param_change_reruns_only_export_and_the_row_is_still_complete(ti
     git_commit(repo, "export parity on 64 samples")
 
 
+def changed_stages(repo: Path) -> set[str]:
+    """Stages `dvc status` reports changed, apart from the two that always run."""
+    status = json.loads(dvc(repo, "status", "--json").stdout or "{}")
+    return set(status) - {"source", "summary"}
+
+
+@pytest.mark.parametrize("edited, expected", [
+    ("mmpipe/modalities/audio.py", {"preprocess@audio", "clean", "train", "evaluate", "compress", "export"}),
+    ("mmpipe/models/fusion.py", {"train", "evaluate", "compress", "export"}),
+    ("mmpipe/training/train.py", {"train", "compress"}),
+])
+def test_an_edit_marks_only_the_stages_whose_code_it_is(tiny_run, edited, expected):
+    """Stage dependencies follow the code: the audio module re-runs no other modality's features, the
+    fusion head and the training loop no feature stage at all (a real `dvc status` after a real edit)."""
+    repo = tiny_run.repo
+    assert changed_stages(repo) == set()  # the previous test left everything up to date
+    path = repo / edited
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# an edit\n")
+        assert changed_stages(repo) == expected
+    finally:
+        path.write_bytes(original)
+    assert changed_stages(repo) == set()
+
+
 def test_mlflow_server_rest_api_lists_pipeline_rows_and_their_stage_runs(tiny_run, tmp_path):
     repo = tiny_run.repo
     port = free_port()

@@ -61,9 +61,11 @@ def preprocessing(features_root: Path, modalities: list[str]) -> tuple[dict, lis
 
 
 def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset: dict, modalities: list[str],
-          model_card: str, git_commit: str | None, serving: dict[str, int]) -> dict[str, Any]:
-    """Write the bundle into ``out`` (an empty folder); return the manifest. ``serving``: the request
-    bounds (max_rows_per_request, max_item_bytes, max_request_bytes, batch_size)."""
+          git_commit: str | None, serving: dict[str, int]) -> dict[str, Any]:
+    """Write the bundle into ``out`` (an empty folder), all but its model card; return the manifest.
+    ``serving``: the request bounds (max_rows_per_request, max_item_bytes, max_request_bytes,
+    batch_size). The manifest is written now because the bundle's predictor reads it (the export
+    stage verifies the bundle through it before the card, which reports that, exists): ``seal``."""
     shutil.copyfile(compressed / "model.onnx", out / "model.onnx")
     shutil.copyfile(compressed / "fp32.onnx", out / "model_fp32.onnx")
     pre, state_files = preprocessing(features_root, modalities)
@@ -73,7 +75,6 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
              for name in MODALITIES[m].extra_requirements(pre[m])]
     runtime = {**RUNTIME, **{name: name for name in extra}}
     (out / "requirements.txt").write_text("".join(f"{name}=={metadata.version(dist)}\n" for name, dist in runtime.items()))
-    (out / "MODEL_CARD.md").write_text(model_card)
     manifest = {
         "format": 1,
         "labels": dataset["labels"],
@@ -91,6 +92,17 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
         "versions": {"python": platform.python_version(), "git_commit": git_commit,
                      **{dist: metadata.version(dist) for dist in ("torch", "onnx", "onnxruntime", "numpy")}},
     }
-    manifest["files"] = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out, manifest)
     return manifest
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """manifest.json, with the sha256 of every other file of the bundle."""
+    manifest["files"] = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def seal(out: Path, manifest: dict[str, Any], model_card: str) -> None:
+    """Add the model card (written once, with the verification it reports) and digest it in the manifest."""
+    (out / "MODEL_CARD.md").write_text(model_card)
+    write_manifest(out, manifest)

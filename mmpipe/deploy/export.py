@@ -1,320 +1,28 @@
-"""The export stage's work: build the bundle, then prove it computes what the pipeline evaluated.
+"""The export stage's work: build the bundle, verify it (``verify``), render its card once (``card``).
 
-Verification (metrics/export.json):
-- fp32 ONNX vs PyTorch: max |logit difference| on the first ``parity_samples`` test samples;
-- shipped (e.g. int8) vs fp32 ONNX: top-1 agreement on the test split;
-- the standalone predictor, run on the **raw** test files (as collected, before clean) through its
-  own preprocessing, with the shipped and the fp32 model: accuracy, next to the evaluate stage's
-  accuracy (PyTorch on the pipeline's features) and compress's test accuracy of the shipped variant;
-- train/serve parity on the re-encodings users bring (a modality's ``PARITY_VARIANTS``; audio: each
-  raw test clip converted to 22.05, 44.1 and 48 kHz stereo), featurised by the pipeline (clean ->
-  preprocess) and by the bundle's predictor: the fp32 model's top-1 must agree on at least
-  ``min_conversion_agreement`` of them.
+The steps: the bundle's files and manifest (``bundle.build``) -> its predictor, loaded from the bundle
+itself -> the checks of ``verify`` (metrics/export.json) -> MODEL_CARD.md, with those checks, and the
+manifest's file digests (``bundle.seal``). The registry (``registry``) takes it from there, in the stage.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-
-from mmpipe.compress.onnx_model import onnx_feeds, run_logits, session
 from mmpipe.deploy import bundle
+from mmpipe.deploy.card import model_card, verification_lines
+from mmpipe.deploy.verify import conversion_parity, load_predictor, raw_test_items, verify
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
-from mmpipe.io import iter_row_groups
-from mmpipe.modalities import MODALITIES
-from mmpipe.modalities.base import array_names
-from mmpipe.modalities.portable import RejectedInput
-from mmpipe.names import DATASET_FILE, SAMPLES_DIR, STATE_FILE
-from mmpipe.training.model_io import load_model, to_model_inputs
+from mmpipe.names import DATASET_FILE
+from mmpipe.tracking import git_commit
+from mmpipe.training.model_io import load_model
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-def load_predictor(folder: Path):
-    """The bundle's own predict.py, imported from the bundle folder (not from this package)."""
-    spec = importlib.util.spec_from_file_location("bundle_predict", folder / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class RawItems(Sequence):
-    """The raw test items, read on demand: item ``i`` is {modality: the raw bytes clean kept, or None} of
-    ``sample_ids[i]``. Only where each one lies is held (file, row group, row); reading in order reads each
-    row group once (one is cached), so memory is a row group, not the test split's files."""
-
-    def __init__(self, raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modalities: list[str]):
-        self.modalities = list(modalities)
-        kept: dict[str, dict[str, bool]] = {}
-        wanted = set(sample_ids.tolist())
-        for path in sorted((clean_dir / SAMPLES_DIR).glob("part-*.parquet")):
-            for table in iter_row_groups(path, ["sample_id", *(f"{m}_available" for m in modalities)]):
-                for row in table.to_pylist():
-                    if row["sample_id"] in wanted:
-                        kept[row["sample_id"]] = {m: row[f"{m}_available"] for m in modalities}
-        where: dict[str, tuple[str, int, int]] = {}
-        for path in sorted(raw_dir.glob("part-*.parquet")):
-            for group, table in enumerate(iter_row_groups(path, ["sample_id"])):
-                for row, sid in enumerate(table.column("sample_id").to_pylist()):
-                    if sid in wanted and sid not in where:
-                        where[sid] = (str(path), group, row)
-        missing = wanted - set(where)
-        if missing:
-            raise PipelineError(f"{raw_dir}: test sample {sorted(missing)[0]} not found in the raw data (re-run collect)")
-        self._where = [where[sid] for sid in sample_ids]
-        self._kept = [kept[sid] for sid in sample_ids]
-        self._cached: tuple[tuple[str, int], pa.Table] | None = None
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __getitem__(self, i: int) -> dict:
-        path, group, row = self._where[i]
-        if self._cached is None or self._cached[0] != (path, group):
-            self._cached = ((path, group), pq.ParquetFile(path).read_row_group(group, columns=self.modalities))
-        values = self._cached[1].slice(row, 1).to_pylist()[0]
-        return {m: values[m] if self._kept[i][m] else None for m in self.modalities}
-
-
-def raw_test_items(raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modalities: list[str]) -> RawItems:
-    """For each sample id: the raw bytes of each modality that clean kept (None where it did not)."""
-    return RawItems(raw_dir, clean_dir, sample_ids, modalities)
-
-
-def predictor_accuracy(predictor, items: Sequence[dict], test: FeatureSet, batch_size: int) -> tuple[float, list[str]]:
-    """A bundle predictor's accuracy on the raw test ``items`` (a row it cannot read counts as a miss),
-    and its errors as ``<sample id>: <reason>``."""
-    results = list(predictor.predict_rows(items, batch_size))
-    names = test.label_names
-    errors = [f"{sid}: {r['error']}" for sid, r in zip(test.sample_ids, results) if "error" in r]
-    return float(np.mean([r.get("label") == names[y] for r, y in zip(results, test.labels)])), errors
-
-
-def _bundle_accuracy(folder: Path, features_root: Path, raw_dir: Path, clean_dir: Path,
-                     batch_size: int) -> tuple[float | None, int, str]:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    test = FeatureSet(features_root, split="test")
-    unknown = sorted(set(test.label_names) - set(manifest["labels"]))
-    if unknown:
-        return None, len(test), f"it does not predict the classes {', '.join(unknown[:5])}"
-    modalities = [m for m in manifest["modalities"] if m in MODALITIES]
-    items = raw_test_items(raw_dir, clean_dir, test.sample_ids, modalities)
-    accuracy, _ = predictor_accuracy(load_predictor(folder).Predictor(folder), items, test, batch_size)
-    return accuracy, len(test), "scored on the raw test files"
-
-
-def bundle_accuracy(folder: Path, features_root: Path, raw_dir: Path, clean_dir: Path,
-                    batch_size: int = 64) -> tuple[float | None, int, str]:
-    """Any bundle (another version's, e.g. the registry's champion) on today's raw test files:
-    (accuracy, or None when it cannot be compared; test items; why). In a fresh process: a bundle's
-    predictor imports its own helper modules by their plain names, which another bundle in this
-    process would already have taken."""
-    import concurrent.futures as cf
-    import multiprocessing
-
-    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_bundle_accuracy, Path(folder), Path(features_root), Path(raw_dir), Path(clean_dir),
-                           batch_size).result()
-
-
-def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequence[dict], parity_samples: int,
-           quantized_from: Path | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """Check the bundle in ``folder`` against the PyTorch ``model`` on the ``test`` split, whose raw
-    inputs are ``items`` (raw_test_items). ``quantized_from``: the fp32 ONNX model the shipped int8
-    one was quantized from (None: not int8)."""
-    modalities = model.modalities
-    batch = test.get(np.arange(min(parity_samples, len(test))))
-    with torch.no_grad():
-        torch_logits = model(to_model_inputs(batch, modalities, torch.device("cpu"))).numpy()
-    fp32 = session(folder / "model_fp32.onnx")
-    onnx_logits = run_logits(fp32, onnx_feeds(batch, model))
-    everything = onnx_feeds(test.get(np.arange(len(test))), model)
-    fp32_top1 = run_logits(fp32, everything).argmax(axis=1)
-    shipped_top1 = run_logits(session(folder / "model.onnx"), everything).argmax(axis=1)
-    base_top1 = run_logits(session(quantized_from), everything).argmax(axis=1) if quantized_from else shipped_top1
-
-    predict = load_predictor(folder)
-    accuracy, errors = {}, []
-    for which in ("shipped", "fp32"):
-        accuracy[which], failed = predictor_accuracy(predict.Predictor(folder, model=which), items, test, batch_size)
-        errors += failed
-    return {"parity_samples": len(batch["label"]),
-            "fp32_onnx_vs_pytorch_max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
-            "shipped_vs_fp32_top1_agreement": float((fp32_top1 == shipped_top1).mean()),
-            "int8_vs_its_fp32_top1_agreement": float((base_top1 == shipped_top1).mean()) if quantized_from else None,
-            "predictor_raw_test_accuracy": accuracy["shipped"],
-            "predictor_raw_test_accuracy_fp32": accuracy["fp32"],
-            "predictor_input_errors": sorted(set(errors))}
-
-
-def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dict, model: torch.nn.Module,
-                      test: FeatureSet, items: Sequence[dict], chunk: int = 256) -> dict[str, dict[str, Any]]:
-    """For each modality with ``PARITY_VARIANTS`` and each variant: the raw test items re-encoded, then
-    featurised by the pipeline (clean's conversion, preprocess's featurizer) and by the bundle's
-    predictor; the share of items on which the fp32 model (other modalities' inputs unchanged) gives
-    the same top-1, and the largest difference of the model's inputs. ``predictor``: the bundle's, with
-    its fp32 model. ``chunk`` items at a time (re-encoded long recordings are large)."""
-    fp32 = session(folder / "model_fp32.onnx")
-    out: dict[str, dict[str, Any]] = {}
-    for column, m in enumerate(model.modalities):
-        module = MODALITIES[m]
-        if not module.PARITY_VARIANTS:
-            continue
-        positions = np.array([i for i, item in enumerate(items) if item.get(m) is not None], np.int64)
-        if not len(positions):
-            continue
-        rules = module.RULES(**dataset["clean_rules"][m])
-        state = json.loads((features_root / m / STATE_FILE).read_text())
-        featurizer = module.Features.from_state(features_root / m, state)
-        arrays = array_names(state)
-        tally = {variant: {"items": 0, "accepted_by_both": 0, "agree": 0, "diff": 0.0} for variant in module.PARITY_VARIANTS}
-        for start in range(0, len(positions), chunk):
-            part = positions[start:start + chunk]
-            feeds = onnx_feeds(test.get(part), model)
-            raw = [items[i][m] for i in part]
-            for variant, encode in module.PARITY_VARIANTS.items():
-                counts = _parity_counts(m, module, rules, featurizer, predictor, fp32, feeds, column, arrays,
-                                        [encode(item) for item in raw], [str(test.sample_ids[i]) for i in part])
-                t = tally[variant]
-                t["items"] += len(part)
-                t["accepted_by_both"] += counts["both"]
-                t["agree"] += counts["agree"]
-                t["diff"] = max(t["diff"], counts["diff"])
-        out[m] = {variant: {"items": t["items"], "accepted_by_both": t["accepted_by_both"],
-                            "top1_agreement": t["agree"] / t["items"], "max_abs_input_diff": t["diff"]}
-                  for variant, t in tally.items()}
-    return out
-
-
-def _parity_counts(m: str, module, rules, featurizer, predictor, fp32, feeds: dict, column: int, arrays: list[str],
-                   converted: list[bytes], ids: list[str]) -> dict[str, Any]:
-    """One chunk of ``conversion_parity``: items accepted by both paths, top-1 agreements, largest input difference."""
-    cleaned = []
-    for item in converted:
-        try:
-            cleaned.append(module.clean(item, rules).data)
-        except RejectedInput:
-            cleaned.append(None)
-    undecodable: dict[int, str] = {}
-    pipeline = featurizer.transform(cleaned, ids, errors=undecodable)
-    pipeline_ok = np.array([c is not None and k not in undecodable for k, c in enumerate(cleaned)])
-    served = {name: np.zeros_like(values) for name, values in pipeline.items()}
-    served_ok = np.zeros(len(converted), bool)
-    for k, item in enumerate(converted):
-        try:
-            arrays_k = predictor.features(**{m: item})
-        except predictor.InputError:
-            continue
-        for name in arrays:
-            served[name][k] = arrays_k[name]
-        served_ok[k] = True
-    both = pipeline_ok & served_ok
-    tops = []
-    for values in (pipeline, served):
-        available = feeds["available"].copy()
-        available[:, column] &= both
-        given = {name: values[name].astype(feeds[name].dtype) for name in arrays}
-        tops.append(run_logits(fp32, feeds | given | {"available": available}).argmax(axis=1))
-    agree = (tops[0] == tops[1]) & (pipeline_ok == served_ok)
-    diff = max((float(np.abs(pipeline[n][both].astype(np.float64) - served[n][both]).max(initial=0.0))
-                for n in arrays), default=0.0)
-    return {"both": int(both.sum()), "agree": int(agree.sum()), "diff": diff}
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def encoder_lines(model_params: dict, modalities: list[str]) -> list[str]:
-    """One line per modality whose encoder is a pretrained backbone: its architecture and the weights
-    it started from (whose licence the bundle inherits), as the model config records them."""
-    lines = []
-    for m in modalities:
-        cfg = model_params.get("encoders", {}).get(m, {})
-        if cfg.get("arch", "small_cnn") != "small_cnn":
-            start = f"weights from `{cfg['weights']}`" if cfg.get("weights") else "random initialisation (no weights file)"
-            lines.append(f"- {m}: `{cfg['arch']}` backbone, {start}, frozen blocks: {cfg.get('freeze', 'none')}.")
-    return lines
-
-
-def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
-               modalities: list[str], name: str | None, model_params: dict) -> str:
-    """The bundle's MODEL_CARD.md: what this model classifies, from what, how well, and its limits —
-    all read from this run's data (labels, modalities, clean's rules) and metrics."""
-    t, v = eval_metrics["test"], compress_metrics["variants"]
-    shipped, labels, rules = v[chosen], dataset["labels"], dataset["clean_rules"]
-    pretrained = encoder_lines(model_params, modalities)
-    shown = ", ".join(labels[:20]) + (f", … ({len(labels) - 20} more)" if len(labels) > 20 else "")
-    example = {"file": "FILE", "string": '"…"', "record": "'{\"…\": …}'"}
-    lines = [
-        f"# Model card: {name or 'mmpipe fusion model'} — {len(labels)}-class classifier from "
-        + " + ".join(modalities),
-        "",
-        "## What it does",
-        f"Classifies a sample into one of {len(labels)} classes ({shown}) from any non-empty subset of: "
-        + ", ".join(f"an {m}" if m[0] in "aeiou" else f"a {m}" for m in modalities) + ". Missing modalities "
-        "are allowed (the model was trained with random modality dropout and has a learned placeholder for each).",
-        "",
-        "## Data",
-        f"{dataset['samples']:,} samples after cleaning (splits: "
-        + ", ".join(f"{k} {n:,}" for k, n in dataset["splits"].items())
-        + "). Splits are assigned by sample id; the test split was used only for the numbers below.",
-        "",
-        "## Quality (test split)",
-        "",
-        "| model | accuracy |",
-        "|---|---|",
-        f"| fused, PyTorch fp32 (evaluate stage) | {100 * t['accuracy']:.2f} % |",
-        f"| shipped ONNX `{chosen}` (compress stage) | {100 * shipped['test_accuracy']:.2f} % |",
-        *[f"| {m} only (baseline) | {100 * b['accuracy']:.2f} % |" for m, b in eval_metrics["baselines"].items()],
-        "",
-        f"Macro F1 {t['f1_macro']:.4f}; expected calibration error {t['ece']:.4f}.",
-        "",
-        "With only some modalities: " + ", ".join(f"{k} {100 * x['accuracy']:.1f} %" for k, x in eval_metrics["missing"].items()) + ".",
-        "",
-        "Relative robustness (area under accuracy vs noise level 0..1, one modality corrupted): "
-        + ", ".join(f"{m} {r['relative']:.3f}" for m, r in eval_metrics["robustness"].items()) + ".",
-        "",
-        "## The shipped model",
-        f"`model.onnx` is the `{chosen}` variant: {shipped['file_bytes'] / 1e6:.2f} MB, "
-        f"{shipped['macs_per_sample'] / 1e6:.1f} M multiply-accumulates per sample, "
-        f"batch-32 CPU latency p50 {shipped['latency_ms']['batch_32']['p50']:.2f} ms on the build machine "
-        f"({compress_metrics['threads']} threads). `model_fp32.onnx` is the unpruned fp32 export "
-        f"({v['fp32']['file_bytes'] / 1e6:.2f} MB).",
-        *(["", "Pretrained encoders (their weights' licences apply to this model):", *pretrained] if pretrained else []),
-        "",
-        "## Inputs and limits",
-        "The predictor checks every input under the rules the training data was cleaned with "
-        "(`manifest.json` → `clean`) and answers an error for that input instead of a prediction:",
-        *[f"- {m}: {MODALITIES[m].describe_rules(rules[m])}." for m in modalities],
-        "- Only these classes can be predicted; inputs unlike the training data (other languages, image styles, "
-        "recording conditions) are outside what was measured.",
-        "- Probabilities are not perfectly calibrated (ECE above).",
-        "",
-        "## Use",
-        "```",
-        "pip install -r requirements.txt",
-        "python predict.py " + " ".join(f"--{m} {example[predictor.readers[m].KIND]}" for m in modalities),
-        "python predict.py --manifest samples.csv   # columns " + ", ".join(predictor.request_columns())
-        + " (any of them; and optional id)",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def export(params, out: Path, compressed: Path, model_dir: Path, features_root: Path, raw_dir: Path,
@@ -331,54 +39,24 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
         raise PipelineError(f"{clean_dir / DATASET_FILE} has no clean_rules (written by an older clean: re-run clean)")
     serving = {"max_rows_per_request": params.max_rows_per_request, "max_item_bytes": int(params.max_item_mb * 1e6),
                "max_request_bytes": int(params.max_request_mb * 1e6), "batch_size": params.predict_batch_size}
-    manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities, "", git_commit(), serving)
+    commit = git_commit()
+    manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities,
+                            None if commit == "unknown" else commit, serving)
     predictor = load_predictor(out).Predictor(out, model="fp32")  # its inputs: flags, columns, parity
-    card = model_card(predictor, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model,
-                      model.config["model"])
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
     checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None,
                     params.predict_batch_size)
     checks["conversion_parity"] = conversion_parity(out, predictor, features_root, dataset, model, test, items)
     checks |= {"evaluate_test_accuracy": eval_metrics["test"]["accuracy"],
                "compress_test_accuracy_shipped": compress_metrics["variants"][chosen]["test_accuracy"],
-               "shipped_variant": chosen, "bundle_files": len(manifest["files"]),
-               "bundle_bytes": sum((out / name).stat().st_size for name in manifest["files"])}
+               "shipped_variant": chosen}
     checks["predictor_gap_vs_evaluate"] = checks["predictor_raw_test_accuracy_fp32"] - checks["evaluate_test_accuracy"]
-    with open(out / "MODEL_CARD.md", "w") as fh:
-        fh.write(card + "## Verification (export stage)\n\n"
-                 f"- fp32 ONNX vs PyTorch, {checks['parity_samples']} test samples: max |logit difference| "
-                 f"{checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.2e}\n"
-                 f"- shipped vs unpruned fp32 top-1 agreement (test): {100 * checks['shipped_vs_fp32_top1_agreement']:.2f} %"
-                 + (f"; int8 vs the fp32 model it was quantized from: {100 * checks['int8_vs_its_fp32_top1_agreement']:.2f} %"
-                    if checks["int8_vs_its_fp32_top1_agreement"] is not None else "") + "\n"
-                 f"- this predictor on the raw test files: {100 * checks['predictor_raw_test_accuracy']:.2f} % "
-                 f"(fp32 model: {100 * checks['predictor_raw_test_accuracy_fp32']:.2f} %; evaluate stage: "
-                 f"{100 * checks['evaluate_test_accuracy']:.2f} %)\n"
-                 + "".join(f"- {m} as {variant}: this predictor and the pipeline agree on "
-                           f"{100 * r['top1_agreement']:.2f} % of {r['items']} test items\n"
-                           for m, variants in checks["conversion_parity"].items() for variant, r in variants.items()))
-    manifest["files"]["MODEL_CARD.md"] = bundle.sha256(out / "MODEL_CARD.md")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    card = model_card(predictor, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model,
+                      model.config["model"])
+    bundle.seal(out, manifest, card + "\n".join(verification_lines(checks)) + "\n")
+    checks |= {"bundle_files": len(manifest["files"]),
+               "bundle_bytes": sum((out / name).stat().st_size for name in manifest["files"])}
     return checks, example_request(predictor, items)
-
-
-def failed_checks(checks: dict, params) -> list[str]:
-    failed = []
-    if checks["fp32_onnx_vs_pytorch_max_abs_logit_diff"] > params.max_abs_logit_diff:
-        failed.append(f"export check failed: fp32 ONNX differs from PyTorch by {checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.2e} "
-                      f"(> export.max_abs_logit_diff {params.max_abs_logit_diff})")
-    for m, variants in checks["conversion_parity"].items():
-        for variant, parity in variants.items():
-            if parity["top1_agreement"] < params.min_conversion_agreement:
-                failed.append(f"export check failed: {m} as {variant}: the predictor and the pipeline agree on "
-                              f"{parity['top1_agreement']:.4f} of test items (< export.min_conversion_agreement "
-                              f"{params.min_conversion_agreement})")
-    if abs(checks["predictor_gap_vs_evaluate"]) > params.max_predictor_accuracy_gap:
-        failed.append(f"export check failed: the predictor on raw test files scores "
-                      f"{checks['predictor_raw_test_accuracy_fp32']:.4f} with the fp32 model vs "
-                      f"{checks['evaluate_test_accuracy']:.4f} in evaluate (> export.max_predictor_accuracy_gap "
-                      f"{params.max_predictor_accuracy_gap})")
-    return failed
 
 
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"

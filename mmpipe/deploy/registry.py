@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -58,8 +57,9 @@ def gates_allow(policy: str, eval_metrics: dict, cwd: Path | None = None) -> tup
         return False, "no quality gate is configured (evaluate.gates): nothing vouches for this model"
     if not gates.get("passed"):
         return False, "a quality gate failed"
-    where = Path(cwd or os.getcwd()).resolve().as_posix() + "/"
-    if "/.dvc/tmp/exps/" in where:
+    from mmpipe.tracking import in_experiment_workspace
+
+    if in_experiment_workspace(cwd):
         return False, "this run is a DVC experiment in a temporary workspace (queue/temp), not the main workspace"
     return True, "quality gates " + ", ".join(f"{k} >= {v}" for k, v in gates["checked"].items()) + " passed in the main workspace"
 

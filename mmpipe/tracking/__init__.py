@@ -49,6 +49,11 @@ ARTIFACTS_DIR = "mlartifacts"
 _EXP_WORKSPACE = re.compile(r"^(.*?)/\.dvc/tmp/exps/")
 
 
+def in_experiment_workspace(path: str | os.PathLike | None = None) -> bool:
+    """True inside one of DVC's temporary experiment workspaces (``dvc exp run --queue/--temp``)."""
+    return _EXP_WORKSPACE.match(Path(path or os.getcwd()).resolve().as_posix() + "/") is not None
+
+
 def project_root(start: str | os.PathLike | None = None) -> Path:
     """The main checkout: the nearest folder holding dvc.yaml, stepping out of DVC exp workspaces."""
     here = Path(start or os.getcwd()).resolve()
@@ -186,22 +191,29 @@ def _quiet_mlflow_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# MLflow 3's UI opens an experiment it cannot classify on its GenAI overview (traces, tokens); this tag
+# (the one its experiment-type selector writes) makes it open on the training runs instead.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: Any, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # Artifacts next to the store, by absolute URI: a relative default would follow the cwd.
-    location = (project_root() / ARTIFACTS_DIR).as_uri()
-    uri = tracking_uri()
-    if not uri.startswith("sqlite:"):
-        location = None  # a server decides where artifacts go
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # another stage created it at the same moment
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        # Artifacts next to the store, by absolute URI: a relative default would follow the cwd.
+        location = (project_root() / ARTIFACTS_DIR).as_uri()
+        uri = tracking_uri()
+        if not uri.startswith("sqlite:"):
+            location = None  # a server decides where artifacts go
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except Exception:  # another stage created it at the same moment
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():  # a store created before the tag (or a user's experiment)
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 @contextlib.contextmanager
