@@ -5,7 +5,7 @@ output, so collect re-runs exactly when the user's manifest or files changed.
 """
 
 from mmpipe import layout, params
-from mmpipe.data.collect import fingerprint
+from mmpipe.data.source import fingerprint
 from mmpipe.io import write_json_atomic
 from mmpipe.stage import run_stage
 

@@ -10,13 +10,19 @@ from mmpipe.stage import run_stage
 
 
 def main() -> None:
+    unchanged = tracking.unchanged_pipeline_row()
+    if unchanged is not None:  # a no-op `dvc repro`: the row already holds all of it
+        print(unchanged + " (unchanged)")
+        return
     run = tracking.complete_pipeline_run()
     metrics = run.data.metrics
     shown = ", ".join(f"{key} {metrics[key]:.4g}" for key in (
         "evaluate.test.accuracy", "evaluate.test.f1_macro", "compress.shipped.file_bytes",
         "compress.shipped.batch_32_p50_ms") if key in metrics)
-    print(f"summary: MLflow run '{run.info.run_name}' ({run.info.run_id}): {len(run.data.params)} params, "
-          f"{len(metrics)} headline metrics; {shown}")
+    line = (f"summary: MLflow run '{run.info.run_name}' ({run.info.run_id}): {len(run.data.params)} params, "
+            f"{len(metrics)} headline metrics; {shown}")
+    print(line)
+    tracking.remember_pipeline_row(line)
 
 
 if __name__ == "__main__":

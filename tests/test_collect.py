@@ -14,6 +14,7 @@ import pytest
 
 from conftest import png_bytes, tone, wav_bytes
 from mmpipe.data import collect
+from mmpipe.data import source as data_source
 from mmpipe.errors import PipelineError
 
 
@@ -175,11 +176,11 @@ def test_builtin_source_is_parallel_and_deterministic(tmp_path, data_params):
 def test_fingerprint_changes_with_content(media, tmp_path, data_params):
     path = tmp_path / "m.csv"
     pd.DataFrame({"label": ["x"], "image": ["media/a.png"]}).to_csv(path, index=False)
-    first = collect.fingerprint(data_params(source=str(path)))
-    assert collect.fingerprint(data_params(source=str(path))) == first
+    first = data_source.fingerprint(data_params(source=str(path)))
+    assert data_source.fingerprint(data_params(source=str(path))) == first
     (media / "a.png").write_bytes(png_bytes(seed=99))
-    assert collect.fingerprint(data_params(source=str(path))) != first
-    assert json.dumps(collect.fingerprint(data_params(source="builtin:digits")))
+    assert data_source.fingerprint(data_params(source=str(path))) != first
+    assert json.dumps(data_source.fingerprint(data_params(source="builtin:digits")))
 
 
 def test_invalid_utf8_label_is_a_structural_error(tmp_path, data_params):
@@ -348,6 +349,6 @@ def test_a_symlinked_label_folder_is_followed_and_what_is_not_read_is_listed(tmp
     assert "collect: ignoring 4 entries outside <label>/<stem>.<ext> or of unknown type: cat/deeper/, loop/cat/, " \
            "loop/dog/, loop/loop/" in out
     # the source fingerprint follows the same files: a change behind the link re-runs collect
-    before = collect.fingerprint(data_params(source=str(root)))
+    before = data_source.fingerprint(data_params(source=str(root)))
     (elsewhere / "d1.png").write_bytes(png_bytes(seed=4))
-    assert collect.fingerprint(data_params(source=str(root)))["files"]["dog/d1.png"] != before["files"]["dog/d1.png"]
+    assert data_source.fingerprint(data_params(source=str(root)))["files"]["dog/d1.png"] != before["files"]["dog/d1.png"]

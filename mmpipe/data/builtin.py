@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import soundfile as sf
-import soxr
-from PIL import Image
 from pydantic import Field, model_validator
 
-from mmpipe.data import tts
 from mmpipe.schema import Strict
+
+# The renderers import their codecs (Pillow, soundfile, soxr, espeak-ng) when they run: params imports
+# this module for its schema in every stage, which then pays nothing for them.
 
 LABELS = tuple(str(d) for d in range(10))
 STATES = ("clean", "degraded", "missing")
@@ -117,6 +116,10 @@ def _scans_by_label() -> list[np.ndarray]:
 @lru_cache(maxsize=2)
 def speech_bank(seed: int, variants_per_digit: int, sample_rate: int) -> tuple[tuple[np.ndarray, ...], ...]:
     """``bank[digit][k]``: float32 speech at ``sample_rate``, the same for the same arguments."""
+    import soxr
+
+    from mmpipe.data import tts
+
     rng = np.random.default_rng([seed, 0xBA4C])
     requests: list[tts.Request] = []
     for digit in range(10):
@@ -159,6 +162,8 @@ def _draw_states(rng: np.random.Generator, cfg) -> dict[str, str]:
 
 
 def render_image(scan: np.ndarray, rng: np.random.Generator, size: int, degraded: bool, p_jpeg: float) -> bytes:
+    from PIL import Image
+
     inner = int(round(size * rng.uniform(0.65, 0.95)))
     glyph = Image.fromarray(scan).resize((inner, inner), Image.Resampling.BICUBIC)
     canvas = Image.new("L", (size, size), 0)
@@ -191,6 +196,9 @@ def render_image(scan: np.ndarray, rng: np.random.Generator, size: int, degraded
 def render_audio(speech: np.ndarray, rng: np.random.Generator, sample_rate: int, degraded: bool,
                  snr_db: tuple[float, float], degraded_snr_db: tuple[float, float], p_flac: float) -> bytes:
     """One recording of a bank utterance: new speed, gain, silence around it, noise at a random SNR."""
+    import soundfile as sf
+    import soxr
+
     speed = rng.uniform(0.85, 1.15)  # tempo and pitch together, like a tape played faster/slower
     speech = soxr.resample(speech, sample_rate * speed, sample_rate, quality="MQ").astype(np.float32)
     speech *= rng.uniform(0.3, 0.9) / max(float(np.abs(speech).max()), 1e-6)

@@ -33,6 +33,8 @@ HEADLINE: dict[str, list[str]] = {
 }
 
 
+METRICS_FILES = [str(METRICS[stage]) for stage in ORDER if stage in HEADLINE]  # what the figures are read from
+
 # Outputs whose copy the pipeline run keeps as artifacts (local path -> artifact folder), so that
 # an execution's curves and report stay with its row even when DVC restored evaluate from its cache.
 # The report links its figures as eval/<name>.png: they go next to it.
