@@ -30,9 +30,10 @@ bench: $(STAMP)
 	python -m bench.realistic --samples 10000
 	python -m bench.scaling --samples 1000 4000 16000
 
-# MLflow UI on the project's tracking store (the SQLite file the stages write to).
+# MLflow UI on the project's tracking store (the SQLite file the stages write to); prints the address
+# that opens it on the pipeline's runs (MLflow 3 opens on its GenAI overview otherwise).
 ui: $(STAMP)
-	mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --host 127.0.0.1 --port 5000
+	python tools/mlflow_ui.py --port 5000
 
 # DVC remote (default: the folder ../mmpipe-dvc-remote; see README "CI and the run-cache").
 # pull: the data of dvc.lock and the run-cache (missing objects are fine on a first run).

@@ -210,7 +210,7 @@ def test_mlflow_server_rest_api_lists_pipeline_rows_and_their_stage_runs(tiny_ru
         found = post("runs/search", {"experiment_ids": [experiment_id], "max_results": 100,
                                      "filter": "tags.`mmpipe.role` = 'pipeline'", "order_by": ["attributes.start_time ASC"]})
         parents = found["runs"]
-        assert len(parents) >= 4  # gated, passed, compress, export (+ the no-op repro test's execution)
+        assert len(parents) == 5  # gated, passed, compress, export, and the no-op test's commit
         gated, passed = parents[0], parents[1]
         params = {p["key"]: p["value"] for p in passed["data"]["params"]}
         metrics = {m["key"]: m["value"] for m in passed["data"]["metrics"]}
@@ -258,10 +258,11 @@ def test_notebook_executes_against_the_tiny_run(tiny_run, name):
         assert f"project: {repo}" in text and "200 samples kept" in text
         assert images >= 3 and any("<audio" in o.get("data", {}).get("text/html", "") for o in outputs)
     else:
-        # the gated execution never reached compress: no size or latency
-        assert "4 pipeline executions" in text and "3 executions with accuracy, latency and size" in text
+        # gated, passed, compress, export, and the no-op test's commit; the gated execution never
+        # reached compress: no size or latency
+        assert "5 pipeline executions" in text and "4 executions with accuracy, latency and size" in text
         # every execution that reached summary keeps its curves (the gated one stopped at evaluate)
-        assert "robustness curves for 3 of 4 executions" in text and images >= 2
+        assert "robustness curves for 4 of 5 executions" in text and images >= 2
         assert "Downloading artifacts" not in text
         assert "no hyperparameter study yet: run `make tune`" in text
 
