@@ -186,7 +186,7 @@ def test_a_fifth_modality_defined_in_a_test_goes_from_raw_to_the_bundles_predict
     dataset = json.loads((root / "clean" / DATASET_FILE).read_text())
     out = root / "deploy"
     out.mkdir()
-    manifest = bundle.build(out, compressed, "fp32", root / "features", dataset, modalities, "card", None,
+    manifest = bundle.build(out, compressed, "fp32", root / "features", dataset, modalities, None,
                             {"max_rows_per_request": 100, "max_item_bytes": 10_000, "batch_size": 8})
     assert "sensor_input.py" in manifest["files"] and manifest["preprocessing"]["sensor"]["input"]["class"] == "SensorInput"
     predictor = load_predictor(out).Predictor(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_killed_training_resumes_from_last_epoch(features, tmp_path):
 
 
 def test_a_killed_run_does_not_resume_into_changed_model_code_or_weights(features, tmp_path, monkeypatch):
-    from mmpipe.models import train as train_module
+    from mmpipe.training import train as train_module
 
     def die_at_epoch_1(epoch, row):
         if epoch == 1:
@@ -76,6 +77,12 @@ def test_a_killed_run_does_not_resume_into_changed_model_code_or_weights(feature
     epochs_seen = []
     run(features, tmp_path / "after", tmp_path / "ck", epochs=2, on_epoch=lambda epoch, row: epochs_seen.append(epoch))
     assert epochs_seen == [0, 1]  # trained from the start, not from the old code's checkpoint
+    # the digest covers the loop, the networks (the fusion head included) and the encoders' factories
+    import mmpipe.modalities.audio
+    import mmpipe.models.fusion
+
+    covered = {p.resolve() for folder in train_module.MODEL_CODE for p in folder.glob("*.py")}
+    assert {Path(m.__file__).resolve() for m in (train_module, mmpipe.models.fusion, mmpipe.modalities.audio)} <= covered
     # the digest follows the files' bytes; the weights files' sha256 is part of the key too
     code = tmp_path / "code"
     code.mkdir()

@@ -328,12 +328,13 @@ def place_model(model: torch.nn.Module, device: torch.device, world, compile_mod
     return model, (torch.compile(step_model) if compile_model else step_model)
 
 
-MODEL_CODE = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "modalities"]
+PACKAGE = Path(__file__).resolve().parents[1]
+MODEL_CODE = [PACKAGE / "training", PACKAGE / "models", PACKAGE / "modalities"]
 
 
 def code_digest() -> str:
-    """The model code: every module of mmpipe/models and mmpipe/modalities (architectures, encoders,
-    the training loop), byte for byte."""
+    """The model code: every module of mmpipe/training, mmpipe/models and mmpipe/modalities (the
+    training loop, the networks, the encoders' factories), byte for byte."""
     digest = hashlib.sha1()
     for path in sorted(p for folder in MODEL_CODE for p in folder.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
