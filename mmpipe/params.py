@@ -21,6 +21,24 @@ from mmpipe.schema import Strict
 PARAMS_FILE = "params.yaml"
 
 
+class TargetParams(Strict):
+    """data.target: what the model predicts (mmpipe/targets/)."""
+    column: str = Field("label", min_length=1)
+    type: Literal["category", "number", "set"] = "category"
+    transform: Literal["none", "log"] = "none"  # number
+    separator: str = Field(";", min_length=1)  # set
+    min_count: int = Field(1, ge=1)  # set
+    empty: Literal["no_tags", "unlabelled"] = "no_tags"  # set
+
+    @field_validator("column")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        reserved = ("id", "split", "group", *MODALITIES, *(f"{m}_file" for m in MODALITIES))
+        if value in reserved:
+            raise ValueError(f"{value!r} is a column the pipeline reads for another purpose")
+        return value
+
+
 class DataBase(Strict):
     source: str = "builtin:digits"
     n_samples: int = Field(4000, ge=10, le=10_000_000)
@@ -36,6 +54,7 @@ class DataBase(Strict):
     allowed_protocols: list[str] = Field(default_factory=lambda: ["file", "http", "https"], min_length=1)
     confine_to_root: bool = False
     builtin: BuiltinCorpus = BuiltinCorpus()
+    target: TargetParams = TargetParams()
 
     @model_validator(mode="after")
     def _check_protocols(self) -> "DataBase":
@@ -122,6 +141,9 @@ class Gates(Strict):
     min_accuracy: float | None = Field(None, ge=0.0, le=1.0)
     min_f1_macro: float | None = Field(None, ge=0.0, le=1.0)
     min_fusion_gain: float | None = Field(None, ge=-1.0, le=1.0)
+    # any test metric of the target by name (metrics/eval.json: test), e.g. min: {r2: 0.6}, max: {rmse: 40}
+    min: dict[str, float] = Field(default_factory=dict)
+    max: dict[str, float] = Field(default_factory=dict)
 
 
 class EvaluateParams(Strict):
@@ -221,7 +243,7 @@ class Pruner(Strict):
 class TuneParams(Strict):
     trials: int = Field(20, ge=1, le=100_000)
     timeout_s: float | None = Field(None, gt=0)
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    metric: Literal["headline", "val_accuracy", "val_loss"] = "headline"
     seed: int = Field(0, ge=0)
     study: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     pruner: Pruner = Pruner()

@@ -25,7 +25,18 @@ from mmpipe.errors import PipelineError, redact
 STUDY_FILE = "tune.db"
 KILLED = "mmpipe.killed"  # user attribute of a trial a killed process left running
 SEARCHABLE = ("train", "model")  # what a trial can change without new features
-DIRECTION = {"val_accuracy": "maximize", "val_loss": "minimize"}
+# the validation figures a trial may be judged by: each target's headline (maximised) and the loss
+DIRECTION = {"val_accuracy": "maximize", "val_r2": "maximize", "val_f1_micro": "maximize", "val_loss": "minimize"}
+
+
+def resolve_metric(cfg, headline: str):
+    """``cfg`` with ``tune.metric`` as the training rows name it: ``headline`` -> ``val_<the target's
+    headline>`` (val_accuracy, val_r2, val_f1_micro); val_accuracy only for a class target."""
+    metric = f"val_{headline}" if cfg.metric == "headline" else cfg.metric
+    if metric not in DIRECTION or (metric.startswith("val_") and metric != "val_loss" and metric != f"val_{headline}"):
+        raise PipelineError(f"tune.metric: {cfg.metric} is not a validation figure of this target "
+                            f"(its headline is {headline}): use headline or val_loss")
+    return cfg.model_copy(update={"metric": metric})
 
 
 def _set(doc: dict, dotted: str, value: Any) -> None:

@@ -1,5 +1,6 @@
 """compress: models/fusion -> artifacts/compressed/ (fp32, pruned, int8 ONNX + the chosen model.onnx)
-and metrics/compress.json (accuracy, size, MACs, sparsity, latency of each variant; the choice)."""
+and metrics/compress.json (the target's headline metric, size, MACs, sparsity, latency of each variant; the
+choice)."""
 
 
 from mmpipe import layout, params, tracking
@@ -10,7 +11,7 @@ from mmpipe.stage import run_stage
 
 METRICS = layout.METRICS["compress"]
 CHAIN = ["fp32", "pruned", "int8", "int8_dynamic"]  # the variants in the order they are made
-VARIANT_CURVES = ["val_accuracy", "test_accuracy", "file_bytes", "macs_per_sample", "sparsity", "latency_ms"]
+VARIANT_CURVES = ["file_bytes", "macs_per_sample", "sparsity", "latency_ms"]  # after val_/test_<headline>
 
 
 def main() -> None:
@@ -25,11 +26,13 @@ def main() -> None:
         with atomic_dir(COMPRESSED) as out, scratch(COMPRESSED):  # ONNX Runtime's temporary files beside the output
             metrics = compress(cfg, FEATURES, FUSION, out, log)
         chain = sorted(metrics["variants"], key=lambda v: CHAIN.index(v) if v in CHAIN else len(CHAIN))
+        h = metrics["headline"]
         for step, name in enumerate(chain):  # always one step at least (fp32): dvc.yaml declares the files
-            curves.log("variants", step, {k: metrics["variants"][name].get(k) for k in VARIANT_CURVES})
+            curves.log("variants", step, {k: metrics["variants"][name].get(k)
+                                          for k in (f"val_{h}", f"test_{h}", *VARIANT_CURVES)})
         run.write_metrics(METRICS, metrics)
-    shipped, fp32 = metrics["shipped"], metrics["variants"]["fp32"]
-    print(f"compress: chose {shipped['variant']} — val accuracy {shipped['val_accuracy']:.4f} (fp32 {fp32['val_accuracy']:.4f}), "
+    shipped, fp32, key = metrics["shipped"], metrics["variants"]["fp32"], f"val_{metrics['headline']}"
+    print(f"compress: chose {shipped['variant']} — val {metrics['headline']} {shipped[key]:.4f} (fp32 {fp32[key]:.4f}), "
           f"{shipped['smaller_than_fp32_onnx']:.1f}x smaller, batch-32 {shipped['faster_than_fp32_onnx_batch_32']:.2f}x "
           f"faster than fp32 ONNX")
 

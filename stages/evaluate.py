@@ -24,9 +24,14 @@ def main() -> None:
         lineage.log_splits(run.run_id, ["test"])
         result = evaluate(cfg, FEATURES, CLEAN, MODELS)
         metrics = result["metrics"]
-        failed = failed_gates(metrics, cfg.gates)
-        checked = {k: v for k, v in cfg.gates.model_dump().items() if v is not None}  # export's alias policy reads it
+        failed, skipped = failed_gates(metrics, cfg.gates)
+        for line in skipped.values():
+            print(f"evaluate: note: {line}: not checked")
+        checked = {k: v for k, v in cfg.gates.model_dump().items()  # export's alias policy reads it
+                   if v not in (None, {}) and k not in skipped}
         metrics["gates"] = {"checked": checked, "passed": not failed, "failed": failed}
+        if skipped:
+            metrics["gates"]["not_applicable"] = list(skipped.values())
         with atomic_dir(PLOTS) as plots:
             write_plot_data(result["tables"], plots)
         with atomic_dir(FIGURES) as figures:  # the report's PNGs, linked from reports/eval.md as eval/<name>.png

@@ -53,7 +53,8 @@ def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
                 results[name] = result["metrics"]
                 finished.append(result["checkpoint"])
                 m = result["metrics"]
-                print(f"train[{name}]: val accuracy {m['val_accuracy']:.4f} at epoch {m['best_epoch']} "
+                headline = m.get("headline", "accuracy")
+                print(f"train[{name}]: val {headline} {m[f'val_{headline}']:.4f} at epoch {m['best_epoch']} "
                       f"({m['epochs_run']} epochs, {m['parameters']:,} parameters, {m['samples_per_s']:.0f} samples/s "
                       f"on {m['device']}, {m['seconds']:.0f}s)")
         write_json_atomic(METRICS, results)

@@ -14,7 +14,7 @@ import sys
 from mmpipe import params, tracking, tune
 from mmpipe.tracking import lineage
 from mmpipe.errors import PipelineError
-from mmpipe.features.loader import feature_modalities
+from mmpipe.features.loader import FeatureSet, feature_modalities
 from mmpipe.io import atomic_dir, write_json_atomic
 from mmpipe.layout import FEATURES, TUNE_REPORTS
 from mmpipe.training.train import train
@@ -28,6 +28,7 @@ def main() -> None:
     modalities = list(feature_modalities(FEATURES)) if FEATURES.is_dir() else []
     if not modalities:
         raise PipelineError(f"{FEATURES}: no feature sets; run `dvc repro preprocess` first (make tune does)")
+    cfg = tune.resolve_metric(cfg, FeatureSet(FEATURES, split="val").target.HEADLINE)  # headline -> val_r2, ...
     name = tune.study_name(cfg, sections, lineage.data_identity()["digest"])
     study = tune.open_study(cfg, name, tracking.project_root() / tune.STUDY_FILE, sections["train"].epochs)
     remaining = cfg.trials - len(tune.counted(study))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import io
 from pathlib import Path
 
@@ -124,14 +126,17 @@ def write_manifest(tmp_path, rows, name="m.csv"):
     return path
 
 
-def test_min_per_class_and_missing_label(tmp_path, data_params, clean_params):
+def test_min_per_class_and_a_missing_label_kept_unlabelled(tmp_path, data_params, clean_params):
     rows = [{"label": "big", "text": f"t{i}"} for i in range(6)] + [{"label": "tiny", "text": "x"},
                                                                     {"label": None, "text": "y"}]
     metrics, kept, rejects = collect_and_clean(tmp_path, write_manifest(tmp_path, rows), data_params, clean_params,
                                                min_per_class=5)
-    assert set(kept.label) == {"big"}
-    assert sorted(rejects.code) == ["class_too_small", "label_missing"]
+    assert sorted(kept.label) == [""] + ["big"] * 6  # "": kept without a target (a later pre-training can use it)
+    assert sum(metrics["unlabelled"].values()) == 1 and list(metrics["per_class"]) == ["big"]
+    assert sorted(rejects.code) == ["class_too_small"]
     assert "class 'tiny' has 1 samples < clean.min_per_class=5" in set(rejects.reason)
+    dataset = json.loads((tmp_path / "clean" / "dataset.json").read_text())
+    assert dataset["labels"] == ["big"] and dataset["target"]["state"] == {"labels": ["big"]}
 
 
 def test_conflicting_labels_are_all_rejected(tmp_path, data_params, clean_params):

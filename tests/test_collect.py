@@ -91,7 +91,7 @@ def test_manifest_without_label_column_fails_in_one_line(media, tmp_path, data_p
     pd.DataFrame({"image": ["media/a.png"]}).to_csv(path, index=False)
     with pytest.raises(PipelineError) as info:
         run(data_params, path, tmp_path)
-    assert str(info.value) == f"{path}: manifest has no 'label' column (columns: image)"
+    assert str(info.value) == f"{path}: manifest has no 'label' column (data.target.column; columns: image)"
 
 
 @pytest.mark.parametrize("source,message", [

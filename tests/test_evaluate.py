@@ -12,7 +12,8 @@ from sklearn.metrics import f1_score
 
 from mmpipe import params
 from mmpipe.evaluate.evaluate import SplitInputs, evaluate, failed_gates, subsets
-from mmpipe.evaluate.metrics import area_under, calibration, classification
+from mmpipe.evaluate.metrics import area_under
+from mmpipe.targets.metrics import calibration, classification
 from mmpipe.evaluate.report import report_markdown, write_plot_data
 from mmpipe.names import STATE_FILE
 from mmpipe.modalities import MODALITIES, audio, image, text
@@ -149,8 +150,20 @@ def test_gates_fail_one_line_each():
     metrics = {"test": {"accuracy": 0.91, "f1_macro": 0.90}, "fusion_gain": None}
     gates = params.validate("evaluate", {"gates": {"min_accuracy": 0.999, "min_f1_macro": 0.5,
                                                    "min_fusion_gain": 0.1}}).gates
-    assert failed_gates(metrics, gates) == [
+    assert failed_gates(metrics, gates) == ([
         "quality gate evaluate.gates.min_accuracy failed: test accuracy is 0.9100, below 0.999",
         "quality gate evaluate.gates.min_fusion_gain: no fusion gain over the best baseline to check "
-        "(train.baselines is false)"]
-    assert failed_gates(metrics, params.EvaluateParams().gates) == []
+        "(train.baselines is false)"], {})
+    assert failed_gates(metrics, params.EvaluateParams().gates) == ([], {})
+
+
+def test_gates_by_metric_name_and_class_gates_skipped_for_a_number():
+    metrics = {"target": {"type": "number", "headline": "r2"}, "test": {"samples": 9, "r2": 0.55, "rmse": 41.0},
+               "fusion_gain": 0.1}
+    gates = params.validate("evaluate", {"gates": {"min_accuracy": 0.9, "min": {"r2": 0.6}, "max": {"rmse": 40, "mape": 1},
+                                                   "min_fusion_gain": 0.05}}).gates
+    failed, skipped = failed_gates(metrics, gates)
+    assert failed == ["quality gate evaluate.gates.min.r2 failed: test r2 is 0.5500, below 0.6",
+                      "quality gate evaluate.gates.max.rmse failed: test rmse is 41.0000, above 40.0",
+                      "evaluate.gates.max.mape: this number target has no test mape (its metrics: r2, rmse)"]
+    assert list(skipped) == ["min_accuracy"]  # the default bar of a class: not this target's, said and not checked

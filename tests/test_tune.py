@@ -16,8 +16,18 @@ def sections(**train):
     return {"train": params.TrainParams(**train), "model": params.ModelParams()}
 
 
-def tune_params(**overrides):
-    return params.validate("tune", overrides)
+def tune_params(headline: str = "accuracy", **overrides):
+    """tune params as the tune stage holds them: ``metric: headline`` made the target's (val_accuracy)."""
+    return tune.resolve_metric(params.validate("tune", overrides), headline)
+
+
+def test_the_headline_metric_is_the_targets_and_a_class_metric_is_refused_for_a_number():
+    assert params.validate("tune", {}).metric == "headline"
+    assert tune_params().metric == "val_accuracy" and tune_params("r2").metric == "val_r2"
+    assert tune_params("f1_micro", metric="val_loss").metric == "val_loss"
+    assert tune.DIRECTION[tune_params("r2").metric] == "maximize"
+    with pytest.raises(PipelineError, match="tune.metric: val_accuracy is not a validation figure of this target"):
+        tune_params("r2", metric="val_accuracy")
 
 
 @pytest.mark.parametrize("space, expected", [

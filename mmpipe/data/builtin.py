@@ -36,6 +36,16 @@ from mmpipe.schema import Strict
 # this module for its schema in every stage, which then pays nothing for them.
 
 LABELS = tuple(str(d) for d in range(10))
+# data.target.type set: properties of the digit each sample shows (1 has none: the empty set occurs)
+DIGIT_TAGS = {"even": {0, 2, 4, 6, 8}, "prime": {2, 3, 5, 7}, "loop": {0, 6, 8, 9}, "large": {5, 6, 7, 8, 9}}
+
+
+def target_cell(label: str, target_type: str) -> str:
+    """The corpus's target cell of a sample showing ``label`` (a digit) for data.target.type: the digit as a
+    class (category), its value (number), the ``;``-separated tags of its properties (set)."""
+    if target_type == "set":
+        return ";".join(tag for tag, digits in DIGIT_TAGS.items() if int(label) in digits)
+    return label  # the class "7" and the number 7 are written alike
 STATES = ("clean", "degraded", "missing")
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import hashlib
 import itertools
 import json
 import multiprocessing
 import time
-import unicodedata
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +34,7 @@ from mmpipe.io import ROW_GROUP_ROWS, PartWriter, bounded_slices, iter_row_group
 from mmpipe.modalities import MODALITIES, names
 from mmpipe.names import DATASET_FILE, DECLARED_FILE, REJECTS_FILE, SAMPLES_DIR
 from mmpipe.modalities.portable import RejectedInput, describe
+from mmpipe.targets import UNLABELLED, BadTarget, Target, target_of
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -85,8 +86,9 @@ def split_of(key: str, seed: int, fractions) -> str:
 # --------------------------------------------------------------------------- pass 1: per sample
 
 
-def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
-    """Validate one raw row. Returns the normalised row, its rejects and its content keys."""
+def validate_sample(row: dict[str, Any], params, target: Target | None = None) -> dict[str, Any]:
+    """Validate one raw row against the clean params and the declared ``target`` (None: one class per
+    sample). Returns the normalised row, its rejects and its content keys."""
     sid, source_row = row["sample_id"], row["source_row"]
     rejects: list[dict[str, Any]] = []
     out: dict[str, Any] = {"sample_id": sid, "source_row": source_row, "group": row.get("group"),
@@ -98,10 +100,13 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
                         "reason": reason, "ref": ref, "action": action})
 
     raw_label = row.get("label")
-    label = unicodedata.normalize("NFC", raw_label).strip() if raw_label is not None else ""
-    flags["label_stripped"] = raw_label is not None and label != raw_label
-    if not label:
-        reject("label", "label_missing", "label is missing or empty")
+    try:  # the canonical text of the target cell; "" (UNLABELLED): kept without a target
+        label = (target or target_of(None)).parse(raw_label)
+    except BadTarget as exc:
+        reject("label", exc.code, exc.reason)
+        label = UNLABELLED
+    flags["label_stripped"] = (target is None or target.NAME == "category") and raw_label is not None \
+        and label not in (raw_label, UNLABELLED)
     out["label"] = label
 
     split = None
@@ -156,8 +161,8 @@ def validate_sample(row: dict[str, Any], params) -> dict[str, Any]:
             "content_key": "|".join(key_parts), "label": label}
 
 
-def _validate_batch(rows: list[dict[str, Any]], params) -> list[dict[str, Any]]:
-    return [validate_sample(r, params) for r in rows]
+def _validate_batch(rows: list[dict[str, Any]], params, target: Target | None = None) -> list[dict[str, Any]]:
+    return [validate_sample(r, params, target) for r in rows]
 
 
 def _raw_batches(raw_dir: Path, batch_rows: int) -> Iterator[list[dict[str, Any]]]:
@@ -251,8 +256,10 @@ def _isolated(rows: list[dict[str, Any]], params, validate) -> list[dict[str, An
 # --------------------------------------------------------------------------- decisions on the key table
 
 
-def _decide(keys: list[dict[str, Any]], params) -> tuple[dict[int, str], list[dict[str, Any]]]:
-    """Given the surviving samples' keys (in source order), return {position: split} and new rejects."""
+def _decide(keys: list[dict[str, Any]], params, classes: bool = True) -> tuple[dict[int, str], list[dict[str, Any]]]:
+    """Given the surviving samples' keys (in source order), return {position: split} and new rejects.
+    ``classes``: the target is a class (clean.min_per_class applies). Identical content with different
+    targets is rejected; with the same target (or one labelled and one not), the first labelled copy stays."""
     rejected: dict[int, tuple[str, str]] = {}
 
     by_content: dict[str, list[int]] = collections.defaultdict(list)
@@ -261,15 +268,16 @@ def _decide(keys: list[dict[str, Any]], params) -> tuple[dict[int, str], list[di
     for positions in by_content.values():
         if len(positions) < 2:
             continue
-        labels = {keys[p]["label"] for p in positions}
+        labels = {keys[p]["label"] for p in positions} - {UNLABELLED}
         if len(labels) > 1:
             ids = ", ".join(keys[p]["sample_id"] for p in positions[:5])
             for p in positions:
                 rejected[p] = ("conflicting_labels", f"identical content has different labels {sorted(labels)} ({ids})")
         else:
-            first = keys[positions[0]]["sample_id"]
-            for p in positions[1:]:
-                rejected[p] = ("duplicate", f"exact duplicate of sample {first}")
+            keeper = next((p for p in positions if keys[p]["label"] != UNLABELLED), positions[0])
+            for p in positions:
+                if p != keeper:
+                    rejected[p] = ("duplicate", f"exact duplicate of sample {keys[keeper]['sample_id']}")
 
     seen_ids: dict[str, int] = {}
     for pos, k in enumerate(keys):
@@ -281,7 +289,7 @@ def _decide(keys: list[dict[str, Any]], params) -> tuple[dict[int, str], list[di
             seen_ids[k["sample_id"]] = pos
 
     counts = collections.Counter(k["label"] for pos, k in enumerate(keys) if pos not in rejected)
-    small = {label for label, n in counts.items() if n < params.min_per_class}
+    small = {label for label, n in counts.items() if n < params.min_per_class and label != UNLABELLED} if classes else set()
     for pos, k in enumerate(keys):
         if pos not in rejected and k["label"] in small:
             rejected[pos] = ("class_too_small", f"class {k['label']!r} has {counts[k['label']]} samples "
@@ -306,12 +314,18 @@ def _raw_items(raw_dir: Path, modality: str) -> Iterator[bytes]:
             yield from (v for v in table.column(0).to_pylist() if v is not None)
 
 
+def declarations(raw_dir: Path) -> dict[str, Any]:
+    """What collect recorded of the user's data declarations (``declared.json``): the target, each record
+    modality's data params."""
+    path = raw_dir / DECLARED_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def resolve_rules(params, raw_dir: Path):
     """``params`` with the rules each modality decides over all raw items first (``resolve_rules``:
     e.g. the types of tabular columns left to ``auto``; by default the rules as they are, no item
     read), from what collect recorded of the user's declarations (``declared.json``)."""
-    path = raw_dir / DECLARED_FILE
-    declared = json.loads(path.read_text()) if path.exists() else {}
+    declared = declarations(raw_dir)
     updates = {m: module.resolve_rules(getattr(params, m), declared.get(m, {}), _raw_items(raw_dir, m))
                for m, module in MODALITIES.items()}
     return params.model_copy(update=updates)
@@ -320,11 +334,21 @@ def resolve_rules(params, raw_dir: Path):
 # --------------------------------------------------------------------------- entry point
 
 
+def _target_summary(target: Target, per_value: dict[str, collections.Counter]) -> dict[str, Any]:
+    """metrics/clean.json's view of a number or set target: its fitted state's headline figures."""
+    state = {k: v for k, v in target.state.items() if k not in ("thresholds", "train_count", "pos_weight")}
+    if target.NAME == "set":
+        state["tags"] = len(target.state["tags"])
+        state["empty_sets"] = sum(c[s] for v, c in per_value.items() if v == "[]" for s in SPLITS)
+    return {"type": target.NAME, "column": target.spec.get("column", "label"), **state}
+
+
 def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Validate ``raw_dir`` into ``out_dir`` (samples/part-*.parquet, rejects.parquet, dataset.json); return metrics."""
     started = time.perf_counter()
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(raw_dir.glob("part-*.parquet")))
     params = resolve_rules(params, raw_dir)
+    target = target_of(declarations(raw_dir).get("target"))
     pass1_path = out_dir / _PASS1_FILE
     pass1_schema = _pass1_schema()
     rejects: list[dict[str, Any]] = []
@@ -333,7 +357,7 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     converted = collections.Counter()
     with pq.ParquetWriter(pass1_path, pass1_schema, compression="none") as pass1, \
             tqdm(total=total, desc="clean", unit="sample", disable=None) as progress:
-        for results in _validated_batches(raw_dir, params):
+        for results in _validated_batches(raw_dir, params, functools.partial(_validate_batch, target=target)):
             kept_rows = []
             for res in results:
                 rejects.extend(res["rejects"])
@@ -349,7 +373,7 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
                 pass1.write_table(pa.Table.from_pylist(kept_rows, schema=pass1_schema), row_group_size=ROW_GROUP_ROWS)
             progress.update(len(results))
 
-    splits, late_rejects = _decide(keys, params)
+    splits, late_rejects = _decide(keys, params, classes=target.NAME == "category")
     rejects.extend(late_rejects)
     if not splits:
         raise PipelineError(f"clean: no sample survived validation ({len(rejects)} rejects; see the rejects table)")
@@ -358,6 +382,9 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     (out_dir / SAMPLES_DIR).mkdir()
     writer = PartWriter(out_dir / SAMPLES_DIR, schema, rows_per_file=50_000)
     per_class: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    unlabelled: collections.Counter[str] = collections.Counter()
+    unlabelled_ids: list[str] = []
+    train_cells: list[str] = []
     available = collections.Counter()
     pos = 0
     for table in iter_row_groups(pass1_path):
@@ -371,8 +398,15 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
         table = table.set_column(table.schema.get_field_index("split"), pa.field("split", pa.string(), nullable=False),
                                  split_column).cast(schema)
         writer.write(table)
-        for label, split in zip(table.column("label").to_pylist(), split_column.to_pylist()):
+        for sid, label, split in zip(table.column("sample_id").to_pylist(), table.column("label").to_pylist(),
+                                     split_column.to_pylist()):
+            if label == UNLABELLED:
+                unlabelled[split] += 1
+                unlabelled_ids.append(sid)
+                continue
             per_class[label][split] += 1
+            if split == "train":
+                train_cells.append(label)
         for m in names():
             available[m] += sum(table.column(f"{m}_available").to_pylist())
     writer.close()
@@ -381,11 +415,21 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     reject_table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
     pq.write_table(reject_table, out_dir / REJECTS_FILE, compression="zstd")
 
-    split_counts = {s: sum(c[s] for c in per_class.values()) for s in SPLITS}
+    split_counts = {s: sum(c[s] for c in per_class.values()) + unlabelled[s] for s in SPLITS}
     rejected_ids = {r["sample_id"] + "\0" + str(r["source_row"]) for r in rejects if r["action"] == "sample_rejected"}
-    labels = sorted(per_class)
+    try:  # the target's state, learnt on the labelled train rows only (the classes: every kept one)
+        target = target.fitted(target.fit(train_cells, list(per_class)))
+    except ValueError as exc:
+        raise PipelineError(f"clean: data.target ({target.NAME}, column {target.spec.get('column', 'label')!r}): "
+                            f"{exc}") from None
+    is_category = target.NAME == "category"
+    labels = sorted(per_class) if is_category else target.state.get("tags", [])
     warnings = [f"class {label!r} has no {s} samples" for label in labels for s in SPLITS
-                if per_class[label][s] == 0 and split_counts[s] > 0]
+                if is_category and per_class[label][s] == 0 and split_counts[s] > 0]
+    if unlabelled_ids:
+        shown = ", ".join(unlabelled_ids[:5]) + (f" and {len(unlabelled_ids) - 5} more" if len(unlabelled_ids) > 5 else "")
+        print(f"clean: {len(unlabelled_ids)} samples have no target: kept unlabelled, out of supervised training "
+              f"and evaluation ({shown})")
     for w in warnings:
         print(f"clean: warning: {w}")
     # what later stages (and the deployment bundle) must reproduce of clean's normalisation
@@ -393,6 +437,9 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
                # clean's per-item rules (bounds included): the featurizers and the bundle's predictor follow them
                "clean_rules": {m: getattr(params, m).model_dump(mode="json") for m in names()},
                "samples": writer.rows, "splits": split_counts, "files": writer.files}
+    dataset["target"] = target.describe()  # type, options, the state fitted on train: every later stage's target
+    if unlabelled_ids:
+        dataset["unlabelled"] = {s: unlabelled[s] for s in SPLITS}
     write_json_atomic(out_dir / DATASET_FILE, dataset)
     seconds = time.perf_counter() - started
     return {
@@ -407,7 +454,9 @@ def clean(params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
         "labels_stripped": counters["label_stripped"],
         "truncated": counters["truncated"],
         "split": split_counts,
-        "per_class": {label: {s: per_class[label][s] for s in SPLITS} for label in labels},
+        "per_class": {label: {s: per_class[label][s] for s in SPLITS} for label in labels} if is_category else {},
+        "unlabelled": {s: unlabelled[s] for s in SPLITS},
+        **({} if is_category else {"target": _target_summary(target, per_class)}),
         "warnings": len(warnings),
         "seconds": round(seconds, 3),
         "samples_per_s": round(total / seconds, 1) if seconds > 0 else None,

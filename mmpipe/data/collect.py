@@ -31,9 +31,11 @@ from mmpipe.modalities.portable import printable
 from mmpipe.names import DECLARED_FILE
 
 def declared(params) -> dict[str, Any]:
-    """What collect records in ``DECLARED_FILE`` for clean: each record modality's data params."""
-    return {m: getattr(params, m).model_dump(mode="json") for m, module in MODALITIES.items()
-            if module.record_columns is not None}
+    """What collect records in ``DECLARED_FILE`` for clean: the target (data.target) and each record
+    modality's data params."""
+    return {"target": params.target.model_dump(mode="json")} | {
+        m: getattr(params, m).model_dump(mode="json") for m, module in MODALITIES.items()
+        if module.record_columns is not None}
 
 
 BATCH_ROWS = 512
@@ -56,7 +58,8 @@ def raw_schema() -> pa.Schema:
 class Stats:
     """Counts for metrics/collect.json."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_labels: bool = True) -> None:
+        self.count_labels = count_labels  # classes: a few values; numbers and tag sets: as many as rows
         self.per_label: Counter[str] = Counter()
         self.present: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -64,7 +67,8 @@ class Stats:
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            self.per_label[str(row["label"])] += 1
+            if self.count_labels:
+                self.per_label[str(row["label"])] += 1
             for m in names():
                 if row.get(m) is not None:
                     self.present[m] += 1
@@ -84,11 +88,12 @@ def _set_bank(bank) -> None:
     _BANK = bank
 
 
-def _builtin_rows(indices: list[int], seed: int, cfg) -> list[dict[str, Any]]:
+def _builtin_rows(indices: list[int], seed: int, cfg, target: str = "category") -> list[dict[str, Any]]:
     rows = []
     for i in indices:
         s = builtin.make_sample(i, seed, cfg, _BANK)
-        row = {"sample_id": f"digits-{i:07d}", "source_row": i, "label": s.label, "split": None,
+        row = {"sample_id": f"digits-{i:07d}", "source_row": i, "label": builtin.target_cell(s.label, target),
+               "split": None,
                "group": s.group, "condition": s.condition}
         for m in names():
             content = getattr(s, m, None)
@@ -104,7 +109,7 @@ def _star_builtin_rows(job) -> list[dict[str, Any]]:
 def _builtin_batches(params) -> Iterator[list[dict[str, Any]]]:
     cfg = params.builtin
     bank = builtin.speech_bank(params.seed, cfg.tts_variants, cfg.audio_sample_rate)
-    jobs = [(list(range(start, min(start + BATCH_ROWS, params.n_samples))), params.seed, cfg)
+    jobs = [(list(range(start, min(start + BATCH_ROWS, params.n_samples))), params.seed, cfg, params.target.type)
             for start in range(0, params.n_samples, BATCH_ROWS)]
     workers = worker_count(params.workers)
     if workers == 1 or len(jobs) == 1:
@@ -206,6 +211,9 @@ def collect(params, out_dir: Path) -> dict[str, Any]:
             manifest = read_manifest(where, params)
             specs, total = manifest_rows(manifest, where), manifest.n_rows
         else:
+            if params.target.type != "category":
+                raise PipelineError(f"data.target.type {params.target.type}: a folder's layout gives one class per "
+                                    "sample (its folder name); use a manifest with a target column")
             specs = folder_rows(where)
             total = len(specs)
         if total == 0:
@@ -214,15 +222,14 @@ def collect(params, out_dir: Path) -> dict[str, Any]:
         batches = _fetched_batches(specs, policy(params, root), params.fetch_threads)
     schema = raw_schema()
     writer = PartWriter(out_dir, schema, params.rows_per_file)
-    stats = Stats()
+    stats = Stats(count_labels=params.target.type == "category")
     with tqdm(total=total, desc="collect", unit="sample", disable=None) as progress:
         for rows in batches:
             stats.add(rows)
             writer.write(pa.Table.from_pylist(rows, schema=schema))
             progress.update(len(rows))
     writer.close()
-    if declared(params):
-        write_json_atomic(out_dir / DECLARED_FILE, declared(params))
+    write_json_atomic(out_dir / DECLARED_FILE, declared(params))
     seconds = time.perf_counter() - started
     return {
         "source": redact(params.source),

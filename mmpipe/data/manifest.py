@@ -25,7 +25,7 @@ from mmpipe.modalities import MODALITIES, names
 from mmpipe.modalities.portable import json_object, printable
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl")
-KEY_COLUMNS = ("label", "id", "split", "group")
+KEY_COLUMNS = ("label", "id", "split", "group")  # "label": the target column (data.target.column)
 
 
 def file_columns() -> dict[str, str]:
@@ -33,14 +33,16 @@ def file_columns() -> dict[str, str]:
     return {f"{m}_file": m for m, module in MODALITIES.items() if module.INLINE}
 
 
-def manifest_columns() -> tuple[str, ...]:
-    return (*KEY_COLUMNS, *names(), *file_columns())
+def manifest_columns(target_column: str = "label") -> tuple[str, ...]:
+    """The columns the pipeline reads for a purpose of their own (never gathered as metadata: the target
+    least of all, which would leak the answer into the inputs)."""
+    return (target_column, *KEY_COLUMNS[1:], *names(), *file_columns())
 
 
 def record_columns(params, columns: list[str]) -> dict[str, list[str]]:
     """Record modality (one whose ``record_columns`` hook is set, e.g. tabular) -> the manifest columns gathered
     into its JSON item, under its ``data.<modality>`` params."""
-    used, out = set(manifest_columns()), {}
+    used, out = set(manifest_columns(params.target.column)), {}
     for m, module in MODALITIES.items():
         if module.record_columns is not None:
             out[m] = module.record_columns(getattr(params, m), columns, used)
@@ -58,7 +60,9 @@ def policy(params, root: str | None = None) -> Policy:
 def _text(value: Any) -> str | None:
     """A manifest cell as a string, or None when empty (None/NaN/pd.NA/NaT). Numbers read as floats
     only because their column has a null (JSONL, Parquet) are written as the integers they are."""
-    if value is None or isinstance(value, (list, tuple, dict, np.ndarray)):
+    if isinstance(value, np.ndarray):  # a Parquet list cell
+        value = value.tolist()
+    if value is None or isinstance(value, (list, tuple, dict)):
         return None if value is None else json.dumps(value, default=str)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "surrogateescape")
@@ -78,6 +82,7 @@ class Manifest:
     n_rows: int
     records: dict[str, list[str]]
     rows: Iterable[dict[str, Any]]
+    target_column: str = "label"
 
 
 def _too_many(source: str, what: str, limit: int, key: str) -> PipelineError:
@@ -175,18 +180,20 @@ def read_manifest(source: str, params) -> Manifest:
     duplicated = sorted({c for c in columns if columns.count(c) > 1})
     if duplicated:
         raise PipelineError(f"{redact(source)}: manifest has the column '{duplicated[0]}' more than once")
-    if "label" not in columns:
-        raise PipelineError(f"{redact(source)}: manifest has no 'label' column (columns: {', '.join(columns)})")
+    target = params.target.column
+    if target not in columns:
+        shown = ", ".join(columns[:30]) + (f" and {len(columns) - 30:,} more" if len(columns) > 30 else "")
+        raise PipelineError(f"{redact(source)}: manifest has no '{target}' column (data.target.column; columns: {shown})")
     records = record_columns(params, columns)
     gathered = {c for record in records.values() for c in record}
-    unknown = [c for c in columns if c not in manifest_columns() and c not in gathered]
+    unknown = [c for c in columns if c not in manifest_columns(target) and c not in gathered]
     if unknown:
         hint = "".join(f" (data.{m}.columns: auto gathers them as {m})" for m in records)
         shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20:,} more" if len(unknown) > 20 else "")
         print(f"collect: ignoring manifest columns not used by the pipeline: {shown}{hint}")
     if not gathered and not any(c in columns for c in (*names(), *file_columns())):
         raise PipelineError(f"{redact(source)}: manifest has none of the modality columns {', '.join((*names(), *file_columns()))}")
-    return Manifest(columns, n_rows, records, rows)
+    return Manifest(columns, n_rows, records, rows, target)
 
 
 def _resolve(ref: str, base: str) -> str:
@@ -251,7 +258,8 @@ def manifest_rows(manifest: Manifest, source: str) -> Iterator[dict[str, Any]]:
     """One row spec per manifest row, made as they are consumed (never all held): refs resolved,
     inline content kept, ids given or derived."""
     base = manifest_base(source)
-    keyed = {c for c in KEY_COLUMNS if c in manifest.columns}
+    columns = {"label": manifest.target_column} | {c: c for c in KEY_COLUMNS[1:]}  # key -> its manifest column
+    keyed = {k for k, c in columns.items() if c in manifest.columns}
     # column -> (its record modality, its place): a row's cells are gathered from the row's own keys,
     # in column order (a JSONL line holds a few of possibly many keys)
     gathers = {c: (m, k) for m, record in manifest.records.items() for k, c in enumerate(record)}
@@ -270,7 +278,7 @@ def manifest_rows(manifest: Manifest, source: str) -> Iterator[dict[str, Any]]:
             elif gathered is not None:
                 cells[m] = gathered
         files = {m: _text(row.get(c)) for c, m in file_columns().items()}
-        key = {c: _key_cell(source, i, c, row.get(c)) if c in keyed else None for c in KEY_COLUMNS}
+        key = {k: _key_cell(source, i, c, row.get(c)) if k in keyed else None for k, c in columns.items()}
         spec = {
             "sample_id": key["id"] if key["id"] is not None else _derived_id(key["label"], [*cells.values(), *files.values()]),
             "source_row": i,

@@ -27,7 +27,7 @@ SHIPPED_CODE = [PACKAGE / "deploy" / "predict.py", PACKAGE / "modalities" / "por
                 PACKAGE / "modalities" / "logmel.py", PACKAGE / "modalities" / "tokenizer.py"]
 # preprocess's bookkeeping, and what lives inside the model (normalisation): not the predictor's business
 NOT_SHIPPED_STATE = ("modality", "samples", "shard_rows", "shards", "labels", "mean", "std", "stats_of", "model_config",
-                     "embedding")
+                     "embedding", "target")
 RUNTIME = {"numpy": "numpy", "onnxruntime": "onnxruntime", "soundfile": "soundfile", "soxr": "soxr", "pillow": "pillow"}
 ONNX_TYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32",
               onnx.TensorProto.BOOL: "bool"}
@@ -61,10 +61,11 @@ def preprocessing(features_root: Path, modalities: list[str]) -> tuple[dict, lis
 
 
 def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset: dict, modalities: list[str],
-          git_commit: str | None, serving: dict[str, int]) -> dict[str, Any]:
+          git_commit: str | None, serving: dict[str, int], target: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the bundle into ``out`` (an empty folder), all but its model card; return the manifest.
     ``serving``: the request bounds (max_rows_per_request, max_item_bytes, max_request_bytes,
-    batch_size). The manifest is written now because the bundle's predictor reads it (the export
+    batch_size); ``target``: the model's (type, options, fitted state: what its outputs mean; None: a class
+    from ``dataset``'s labels). The manifest is written now because the bundle's predictor reads it (the export
     stage verifies the bundle through it before the card, which reports that, exists): ``seal``."""
     shutil.copyfile(compressed / "model.onnx", out / "model.onnx")
     shutil.copyfile(compressed / "fp32.onnx", out / "model_fp32.onnx")
@@ -75,12 +76,19 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
              for name in MODALITIES[m].extra_requirements(pre[m])]
     runtime = {**RUNTIME, **{name: name for name in extra}}
     (out / "requirements.txt").write_text("".join(f"{name}=={metadata.version(dist)}\n" for name, dist in runtime.items()))
+    target = target or {"type": "category", "column": "label", "state": {"labels": dataset["labels"]}}
+    width = 1 if target["type"] == "number" else len(dataset["labels"])
     manifest = {
         "format": 1,
-        "labels": dataset["labels"],
+        "labels": dataset["labels"],  # the classes, or the tags ([] for a number)
+        # what the model predicts and how its outputs are read (predict.py: Predictor.predict)
+        "target": target,
         "modalities": modalities,
         "inputs": input_spec(out / "model.onnx"),
-        "output": {"name": "logits", "shape": ["batch", len(dataset["labels"])], "dtype": "float32"},
+        "output": {"name": "logits", "shape": ["batch", width], "dtype": "float32",
+                   "meaning": {"category": "class logits (softmax: probabilities)",
+                               "number": "the standardised (transformed) value: x * std + mean, then expm1 if log",
+                               "set": "tag logits (sigmoid: probabilities, >= threshold: the tag)"}[target["type"]]},
         "models": {"shipped": {"file": "model.onnx", "variant": chosen}, "fp32": {"file": "model_fp32.onnx", "variant": "fp32"}},
         "preprocessing": pre,
         # clean's per-item rules (size bounds included): the predictor accepts and rejects what clean did

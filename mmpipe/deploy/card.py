@@ -17,22 +17,52 @@ def encoder_lines(model_params: dict, modalities: list[str]) -> list[str]:
     return lines
 
 
+HEADLINE_NAMES = {"accuracy": "accuracy", "r2": "R²", "f1_micro": "micro-F1"}
+
+
+def _what_it_does(target: dict, labels: list[str], modalities: list[str]) -> tuple[str, str]:
+    """(the card's title phrase, the sentence saying what the model answers), by target type."""
+    shown = ", ".join(labels[:20]) + (f", … ({len(labels) - 20} more)" if len(labels) > 20 else "")
+    inputs = ", ".join(f"an {m}" if m[0] in "aeiou" else f"a {m}" for m in modalities)
+    column, state = target.get("column", "label"), target.get("state", {})
+    if target["type"] == "number":
+        transform = " (trained on log1p of it)" if state.get("transform") == "log" else ""
+        return ("regression model", f"Predicts the number `{column}`{transform} — answered as `{{\"value\": …}}` in "
+                f"the training data's units (train range {state.get('train_min', 0):g} … {state.get('train_max', 0):g}) — "
+                f"from any non-empty subset of: {inputs}.")
+    if target["type"] == "set":
+        return (f"{len(labels)}-tag multi-label model", f"Predicts which of {len(labels)} tags ({shown}) apply — "
+                f"any number of them, none included; answered as `{{\"tags\": [...], \"scores\": {{...}}}}`, a tag given "
+                f"when its probability reaches its threshold (tuned on the validation split) — from any non-empty "
+                f"subset of: {inputs}.")
+    return (f"{len(labels)}-class classifier",
+            f"Classifies a sample into one of {len(labels)} classes ({shown}) from any non-empty subset of: {inputs}.")
+
+
 def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
-               modalities: list[str], name: str | None, model_params: dict) -> str:
-    """The bundle's MODEL_CARD.md: what this model classifies, from what, how well, and its limits —
-    all read from this run's data (labels, modalities, clean's rules) and metrics."""
+               modalities: list[str], name: str | None, model_params: dict, target: dict | None = None) -> str:
+    """The bundle's MODEL_CARD.md: what this model predicts, from what, how well, and its limits —
+    all read from this run's data (target, labels, modalities, clean's rules) and metrics."""
     t, v = eval_metrics["test"], compress_metrics["variants"]
     shipped, labels, rules = v[chosen], dataset["labels"], dataset["clean_rules"]
+    target = target or {"type": "category", "column": "label"}
+    h = eval_metrics.get("target", {}).get("headline", "accuracy")
+    metric = HEADLINE_NAMES.get(h, h)
+    show = (lambda x: f"{x:.4f}") if h == "r2" else (lambda x: f"{100 * x:.2f} %")
     pretrained = encoder_lines(model_params, modalities)
-    shown = ", ".join(labels[:20]) + (f", … ({len(labels) - 20} more)" if len(labels) > 20 else "")
     example = {"file": "FILE", "string": '"…"', "record": "'{\"…\": …}'"}
+    title, what = _what_it_does(target, labels, modalities)
+    companions = {"category": f"Macro F1 {t.get('f1_macro', 0):.4f}; expected calibration error {t.get('ece', 0):.4f}.",
+                  "number": f"MAE {t.get('mae', 0):.4g}, RMSE {t.get('rmse', 0):.4g}, median absolute percentage error "
+                            + (f"{100 * t['median_ape']:.1f} %." if t.get("median_ape") is not None else "–."),
+                  "set": f"Macro F1 {t.get('f1_macro', 0):.4f}, mean average precision {t.get('map') or 0:.4f}, subset "
+                         f"accuracy {100 * t.get('subset_accuracy', 0):.1f} %, calibration error of the tag "
+                         f"probabilities {t.get('ece', 0):.4f}."}[target["type"]]
     lines = [
-        f"# Model card: {name or 'mmpipe fusion model'} — {len(labels)}-class classifier from "
-        + " + ".join(modalities),
+        f"# Model card: {name or 'mmpipe fusion model'} — {title} from " + " + ".join(modalities),
         "",
         "## What it does",
-        f"Classifies a sample into one of {len(labels)} classes ({shown}) from any non-empty subset of: "
-        + ", ".join(f"an {m}" if m[0] in "aeiou" else f"a {m}" for m in modalities) + ". Missing modalities "
+        what + " Missing modalities "
         "are allowed (the model was trained with random modality dropout and has a learned placeholder for each).",
         "",
         "## Data",
@@ -42,17 +72,17 @@ def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: d
         "",
         "## Quality (test split)",
         "",
-        "| model | accuracy |",
+        f"| model | {metric} |",
         "|---|---|",
-        f"| fused, PyTorch fp32 (evaluate stage) | {100 * t['accuracy']:.2f} % |",
-        f"| shipped ONNX `{chosen}` (compress stage) | {100 * shipped['test_accuracy']:.2f} % |",
-        *[f"| {m} only (baseline) | {100 * b['accuracy']:.2f} % |" for m, b in eval_metrics["baselines"].items()],
+        f"| fused, PyTorch fp32 (evaluate stage) | {show(t[h])} |",
+        f"| shipped ONNX `{chosen}` (compress stage) | {show(shipped[f'test_{h}'])} |",
+        *[f"| {m} only (baseline) | {show(b[h])} |" for m, b in eval_metrics["baselines"].items()],
         "",
-        f"Macro F1 {t['f1_macro']:.4f}; expected calibration error {t['ece']:.4f}.",
+        companions,
         "",
-        "With only some modalities: " + ", ".join(f"{k} {100 * x['accuracy']:.1f} %" for k, x in eval_metrics["missing"].items()) + ".",
+        f"With only some modalities ({metric}): " + ", ".join(f"{k} {show(x[h])}" for k, x in eval_metrics["missing"].items()) + ".",
         "",
-        "Relative robustness (area under accuracy vs noise level 0..1, one modality corrupted): "
+        f"Relative robustness (area under {metric} vs noise level 0..1, one modality corrupted): "
         + ", ".join(f"{m} {r['relative']:.3f}" for m, r in eval_metrics["robustness"].items()) + ".",
         "",
         "## The shipped model",
@@ -67,9 +97,11 @@ def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: d
         "The predictor checks every input under the rules the training data was cleaned with "
         "(`manifest.json` → `clean`) and answers an error for that input instead of a prediction:",
         *[f"- {m}: {MODALITIES[m].describe_rules(rules[m])}." for m in modalities],
-        "- Only these classes can be predicted; inputs unlike the training data (other languages, image styles, "
-        "recording conditions) are outside what was measured.",
-        "- Probabilities are not perfectly calibrated (ECE above).",
+        {"category": "- Only these classes can be predicted; ", "set": "- Only these tags can be predicted; ",
+         "number": "- Values far outside the training range are extrapolations; "}[target["type"]]
+        + "inputs unlike the training data (other languages, image styles, recording conditions) are outside what was "
+        "measured.",
+        *(["- Probabilities are not perfectly calibrated (ECE above)."] if target["type"] != "number" else []),
         "",
         "## Use",
         "```",
@@ -86,16 +118,20 @@ def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: d
 def verification_lines(checks: dict) -> list[str]:
     """The card's last section: what the export stage measured of this very bundle."""
     int8 = checks["int8_vs_its_fp32_top1_agreement"]
+    h = checks.get("headline", "accuracy")
+    show = (lambda x: f"R² {x:.4f}") if h == "r2" else (lambda x: f"{100 * x:.2f} %")
+    agreeing = {"accuracy": "top-1 agreement", "r2": "agreement (values within 1e-3 train standard deviations)",
+                "f1_micro": "agreement (identical tag sets)"}.get(h, "agreement")
     return [
         "## Verification (export stage)",
         "",
         f"- fp32 ONNX vs PyTorch, {checks['parity_samples']} test samples: max |logit difference| "
         f"{checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.2e}",
-        f"- shipped vs unpruned fp32 top-1 agreement (test): {100 * checks['shipped_vs_fp32_top1_agreement']:.2f} %"
+        f"- shipped vs unpruned fp32 {agreeing} (test): {100 * checks['shipped_vs_fp32_top1_agreement']:.2f} %"
         + (f"; int8 vs the fp32 model it was quantized from: {100 * int8:.2f} %" if int8 is not None else ""),
-        f"- this predictor on the raw test files: {100 * checks['predictor_raw_test_accuracy']:.2f} % "
-        f"(fp32 model: {100 * checks['predictor_raw_test_accuracy_fp32']:.2f} %; evaluate stage: "
-        f"{100 * checks['evaluate_test_accuracy']:.2f} %)",
+        f"- this predictor on the raw test files: {show(checks[f'predictor_raw_test_{h}'])} "
+        f"(fp32 model: {show(checks[f'predictor_raw_test_{h}_fp32'])}; evaluate stage: "
+        f"{show(checks[f'evaluate_test_{h}'])})",
         *(f"- {m} as {variant}: this predictor and the pipeline agree on {100 * r['top1_agreement']:.2f} % of "
           f"{r['items']} test items" for m, variants in checks["conversion_parity"].items() for variant, r in variants.items()),
     ]

@@ -41,18 +41,19 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
                "max_request_bytes": int(params.max_request_mb * 1e6), "batch_size": params.predict_batch_size}
     commit = git_commit()
     manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities,
-                            None if commit == "unknown" else commit, serving)
+                            None if commit == "unknown" else commit, serving, model.target.describe())
     predictor = load_predictor(out).Predictor(out, model="fp32")  # its inputs: flags, columns, parity
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
     checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None,
                     params.predict_batch_size)
     checks["conversion_parity"] = conversion_parity(out, predictor, features_root, dataset, model, test, items)
-    checks |= {"evaluate_test_accuracy": eval_metrics["test"]["accuracy"],
-               "compress_test_accuracy_shipped": compress_metrics["variants"][chosen]["test_accuracy"],
+    h = model.target.HEADLINE  # accuracy, r2, f1_micro: every figure below is in it
+    checks |= {f"evaluate_test_{h}": eval_metrics["test"][h],
+               f"compress_test_{h}_shipped": compress_metrics["variants"][chosen][f"test_{h}"],
                "shipped_variant": chosen}
-    checks["predictor_gap_vs_evaluate"] = checks["predictor_raw_test_accuracy_fp32"] - checks["evaluate_test_accuracy"]
+    checks["predictor_gap_vs_evaluate"] = checks[f"predictor_raw_test_{h}_fp32"] - checks[f"evaluate_test_{h}"]
     card = model_card(predictor, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model,
-                      model.config["model"])
+                      model.config["model"], model.target.describe())
     bundle.seal(out, manifest, card + "\n".join(verification_lines(checks)) + "\n")
     checks |= {"bundle_files": len(manifest["files"]),
                "bundle_bytes": sum((out / name).stat().st_size for name in manifest["files"])}
@@ -86,12 +87,14 @@ def example_request(predictor, items: Sequence[dict]) -> "pd.DataFrame":
 
 def model_metrics(checks: dict, eval_metrics: dict, compress_metrics: dict) -> dict[str, float]:
     """The figures a registered version carries (MLflow logged-model metrics: the Models page shows
-    accuracy, size and latency per version): the test split's quality, the shipped file's size and
-    CPU latency, and the bundle's own accuracy on the raw test files."""
-    shipped = compress_metrics["shipped"]
-    figures = {"test_accuracy": eval_metrics["test"]["accuracy"], "test_f1_macro": eval_metrics["test"]["f1_macro"],
-               "test_ece": eval_metrics["test"]["ece"], "fusion_gain": eval_metrics.get("fusion_gain"),
-               "shipped_test_accuracy": shipped["test_accuracy"], "file_bytes": shipped["file_bytes"],
+    quality, size and latency per version): the test split's quality (the target's headline metric and its
+    companions), the shipped file's size and CPU latency, and the bundle's own headline on the raw test files."""
+    shipped, test = compress_metrics["shipped"], eval_metrics["test"]
+    h = checks.get("headline", "accuracy")
+    figures = {f"test_{h}": test[h],
+               **{f"test_{k}": test[k] for k in ("f1_macro", "ece", "rmse", "mae", "map") if k in test and k != h},
+               "fusion_gain": eval_metrics.get("fusion_gain"),
+               f"shipped_test_{h}": shipped[f"test_{h}"], "file_bytes": shipped["file_bytes"],
                "latency_batch_1_p50_ms": shipped["batch_1_p50_ms"], "latency_batch_32_p50_ms": shipped["batch_32_p50_ms"],
-               "predictor_raw_test_accuracy": checks["predictor_raw_test_accuracy"]}
+               f"predictor_raw_test_{h}": checks[f"predictor_raw_test_{h}"]}
     return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -3,9 +3,10 @@
 Input: a DataFrame with any of the bundle predictor's request columns (``Predictor.request_columns``):
 one per file modality (image, audio: the file bytes, base64-encoded, so that a JSON request can carry
 them), one per text modality (the text), one per field of a record modality (tabular: its columns);
-an empty or missing cell means that input is missing. Output: one row per input row with ``label``,
-``probabilities`` (a JSON object as text) and ``error``: either the first two are set and ``error``
-is empty, or the reverse. A row with none of the request columns (``{}``, only unknown keys) gets
+an empty or missing cell means that input is missing. Output: one row per input row, its columns by the
+model's target (``OUTPUTS``): a class ``label`` + ``probabilities`` (a JSON object as text); a number
+``value`` (in the training data's units); a tag set ``tags`` (a JSON list as text) + ``scores`` (a JSON
+object as text); and ``error``: either the answer is set and ``error`` is empty, or the reverse. A row with none of the request columns (``{}``, only unknown keys) gets
 its error like any other bad row: no input row ever goes unanswered.
 
 Serving is bounded (manifest.json ``serving``; docs/deployment.md "Serving limits"). MLflow's
@@ -41,7 +42,24 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-OUTPUT = ["label", "probabilities", "error"]
+OUTPUTS = {"category": ["label", "probabilities", "error"], "number": ["value", "error"],
+           "set": ["tags", "scores", "error"]}
+OUTPUT = OUTPUTS["category"]
+
+
+def target_type(manifest: dict) -> str:
+    return (manifest.get("target") or {"type": "category"})["type"]
+
+
+def output_row(result: dict, kind: str) -> dict[str, Any]:
+    """One predictor result as a row of the output frame (``OUTPUTS[kind]`` columns)."""
+    if "error" in result:
+        return {c: (None if c == "value" else "") for c in OUTPUTS[kind][:-1]} | {"error": result["error"]}
+    if kind == "number":
+        return {"value": result["value"], "error": ""}
+    if kind == "set":
+        return {"tags": json.dumps(result["tags"]), "scores": json.dumps(result["scores"]), "error": ""}
+    return {"label": result["label"], "probabilities": json.dumps(result["probabilities"]), "error": ""}
 CSV, JSON, PARQUET = "text/csv", "application/json", "application/vnd.apache.parquet"
 EXTRA_COLUMNS = 64  # columns a request may carry beyond the model's (ids, the caller's own)
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -192,7 +210,7 @@ class Limits:
         return body, None
 
 
-def guard_scoring_server(limits: Limits) -> None:
+def guard_scoring_server(limits: Limits, kind: str = "category") -> None:
     """Put ``limits`` in front of the request parsing of MLflow's scoring server (the process
     ``mlflow models serve`` starts, which loads this model before it serves): its request handler
     calls ``scoring_server.invocations`` by name, so the guard takes that name. A refused request gets
@@ -211,7 +229,7 @@ def guard_scoring_server(limits: Limits) -> None:
             return scoring_server.InvocationsResponse(json.dumps({"error_code": code, "message": str(refused)}),
                                                       refused.status, "application/json")
         if unknown_rows is not None:  # every row answered with its error (MLflow would answer no row)
-            row = {"label": "", "probabilities": "", "error": limits.no_input()}
+            row = output_row({"error": limits.no_input()}, kind)
             return scoring_server.InvocationsResponse(json.dumps({"predictions": [row] * unknown_rows}), 200,
                                                       "application/json")
         return parse(data, content_type, model, input_schema)
@@ -229,7 +247,8 @@ class BundleModel(PythonModel):
         self.predictor = self.predict_module.Predictor(folder)
         self.limits = Limits(self.predictor.serving, list(self.predictor.request_columns()),
                              self.predict_module.portable.json_int)
-        guard_scoring_server(self.limits)
+        self.kind = target_type(self.predictor.manifest)
+        guard_scoring_server(self.limits, self.kind)
 
     def _inputs(self, record: dict[str, Any]) -> dict:
         """One request row -> the predictor's raw inputs; InputError for a cell that cannot be one."""
@@ -272,10 +291,9 @@ class BundleModel(PythonModel):
                 except self.predict_module.InputError as exc:
                     yield exc
 
-        out = [{"label": "", "probabilities": "", "error": result["error"]} if "error" in result else
-               {"label": result["label"], "probabilities": json.dumps(result["probabilities"]), "error": ""}
-               for result in self.predictor.predict_rows(rows())]
-        return pd.DataFrame(out, columns=OUTPUT)
+        out = [output_row(result, self.kind) for result in self.predictor.predict_rows(rows())]
+        # object columns: an unanswered row's value stays None (JSON null), not a float NaN (invalid JSON)
+        return pd.DataFrame(out, columns=OUTPUTS[self.kind], dtype=object)
 
 
 mlflow.models.set_model(BundleModel())

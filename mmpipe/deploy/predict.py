@@ -110,10 +110,25 @@ class Predictor:
         return out
 
     def predict(self, samples: list[dict]) -> list[dict]:
-        """Probabilities for a batch of samples (each a ``features()`` dict)."""
+        """Answers for a batch of samples (each a ``features()`` dict), in the terms of the model's target
+        (manifest.json: target; the pipeline's mmpipe/targets, which export checks this against):
+        a class {"label", "probabilities"}, a number {"value"} in the training data's units, a tag set
+        {"tags", "scores"} (the tags whose probability reaches their threshold, tuned on validation data)."""
         feeds = {name: np.stack([s[name] for s in samples]).astype(spec["dtype"]) for name, spec in self.inputs.items()}
-        logits = self.session.run(["logits"], feeds)[0].astype(np.float64)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        outputs = self.session.run(["logits"], feeds)[0].astype(np.float64)
+        target = self.manifest.get("target") or {"type": "category"}
+        state = target.get("state", {})
+        if target["type"] == "number":  # standardised (transformed) value -> the user's units
+            values = outputs[:, 0] * state["std"] + state["mean"]
+            if state.get("transform") == "log":
+                values = np.expm1(values)
+            return [{"value": float(v)} for v in values]
+        if target["type"] == "set":
+            probs = 1.0 / (1.0 + np.exp(-outputs))
+            tags, thresholds = state["tags"], state["thresholds"]
+            return [{"tags": [t for t, p, thr in zip(tags, row, thresholds) if p >= thr],
+                     "scores": {t: round(float(p), 6) for t, p in zip(tags, row)}} for row in probs]
+        probs = np.exp(outputs - outputs.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         labels = self.manifest["labels"]
         return [{"label": labels[int(p.argmax())], "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)}}
@@ -121,8 +136,7 @@ class Predictor:
 
     def predict_rows(self, rows: Iterable[dict | InputError], batch_size: int | None = None) -> Iterator[dict]:
         """Rows of raw inputs (``features``' keyword arguments, any of them None; or the InputError met
-        while reading that row) -> one result per row, in order: {"label",
-        "probabilities"} or {"error"}. Rows are turned into features and predicted ``batch_size`` at a
+        while reading that row) -> one result per row, in order: the answer (``predict``) or {"error"}. Rows are turned into features and predicted ``batch_size`` at a
         time, so memory stays bounded however many rows come."""
         rows = iter(rows)
         while chunk := list(itertools.islice(rows, batch_size or self.serving["batch_size"])):

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from mmpipe.deploy.mlflow_model import OUTPUT
+from mmpipe.deploy.mlflow_model import OUTPUTS, target_type
 from mmpipe.errors import redact
 from mmpipe.modalities.portable import describe
 
@@ -61,7 +61,9 @@ def gates_allow(policy: str, eval_metrics: dict, cwd: Path | None = None) -> tup
 
     if in_experiment_workspace(cwd):
         return False, "this run is a DVC experiment in a temporary workspace (queue/temp), not the main workspace"
-    return True, "quality gates " + ", ".join(f"{k} >= {v}" for k, v in gates["checked"].items()) + " passed in the main workspace"
+    bars = [f"{name} {'<=' if k == 'max' else '>='} {bar}" for k, v in gates["checked"].items()
+            for name, bar in (v.items() if isinstance(v, dict) else [(k, v)])]  # min: {r2: 0.6} -> "r2 >= 0.6"
+    return True, "quality gates " + ", ".join(bars) + " passed in the main workspace"
 
 
 def decide(policy: str, eval_metrics: dict, candidate: float, champion: dict | None,
@@ -163,9 +165,11 @@ def register(folder: Path, name: str, example: Any, metrics: dict[str, float] | 
     from mlflow.tracking import MlflowClient
     from mlflow.types.schema import ColSpec, Schema
 
+    kind = target_type(json.loads((Path(folder) / "manifest.json").read_text()))
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", column, required=False) for column in example.columns]),
-        outputs=Schema([ColSpec("string", column) for column in OUTPUT]))
+        outputs=Schema([ColSpec("double" if column == "value" else "string", column, required=column != "value")
+                        for column in OUTPUTS[kind]]))
     requirements = [f"{dist}=={metadata.version(dist)}" for dist in ("mlflow", "pandas", "pyarrow")]
     requirements += (Path(folder) / "requirements.txt").read_text().split()  # the bundle's own
     tags = dict(tags or {})

@@ -1,10 +1,14 @@
 """Proof that a bundle computes what the pipeline evaluated (the export stage's checks, metrics/export.json).
 
+"Agreement" is in the target's terms (mmpipe/targets: ``agree``): a class, the same top-1; a number, within
+1e-3 of the train values' standard deviation; a tag set, the same tags. "Accuracy" is the target's
+headline metric (accuracy, R², micro-F1), the checks' keys name it.
+
 - fp32 ONNX vs PyTorch: max |logit difference| on the first ``parity_samples`` test samples;
-- shipped (e.g. int8) vs fp32 ONNX: top-1 agreement on the test split;
+- shipped (e.g. int8) vs fp32 ONNX: agreement on the test split;
 - the standalone predictor, run on the **raw** test files (as collected, before clean) through its
-  own preprocessing, with the shipped and the fp32 model: accuracy, next to the evaluate stage's
-  accuracy (PyTorch on the pipeline's features) and compress's test accuracy of the shipped variant;
+  own preprocessing, with the shipped and the fp32 model: its headline metric, next to the evaluate
+  stage's (PyTorch on the pipeline's features) and compress's test figure of the shipped variant;
 - train/serve parity on the re-encodings users bring (a modality's ``PARITY_VARIANTS``; audio: each
   raw test clip converted to 22.05, 44.1 and 48 kHz stereo), featurised by the pipeline (clean ->
   preprocess) and by the bundle's predictor: the fp32 model's top-1 must agree on at least
@@ -86,32 +90,41 @@ def raw_test_items(raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modal
     return RawItems(raw_dir, clean_dir, sample_ids, modalities)
 
 
-def predictor_accuracy(predictor, items: Sequence[dict], test: FeatureSet, batch_size: int) -> tuple[float, list[str]]:
-    """A bundle predictor's accuracy on the raw test ``items`` (a row it cannot read counts as a miss),
-    and its errors as ``<sample id>: <reason>``."""
+def predictor_accuracy(predictor, items: Sequence[dict], test: FeatureSet, batch_size: int,
+                       target=None) -> tuple[float, list[str]]:
+    """A bundle predictor's headline metric (``target``'s; None: the test split's) on the raw test ``items``
+    (a row it cannot read counts as a miss), and its errors as ``<sample id>: <reason>``."""
     results = list(predictor.predict_rows(items, batch_size))
-    names = test.label_names
     errors = [f"{sid}: {r['error']}" for sid, r in zip(test.sample_ids, results) if "error" in r]
-    return float(np.mean([r.get("label") == names[y] for r, y in zip(results, test.labels)])), errors
+    return (target or test.target).score_answers(results, test.labels), errors
 
 
 def _bundle_accuracy(folder: Path, features_root: Path, raw_dir: Path, clean_dir: Path,
                      batch_size: int) -> tuple[float | None, int, str]:
     manifest = json.loads((folder / "manifest.json").read_text())
     test = FeatureSet(features_root, split="test")
+    theirs = manifest.get("target") or {"type": "category", "column": "label"}
+    ours = test.target.spec
+    if (theirs["type"], theirs.get("column", "label")) != (ours["type"], ours.get("column", "label")):
+        return None, len(test), (f"it predicts a {theirs['type']} from column {theirs.get('column', 'label')!r}, "
+                                 f"today's data a {ours['type']} from {ours.get('column', 'label')!r}")
+    if ours["type"] == "number" and theirs.get("state", {}).get("transform") != test.target.transform:
+        return None, len(test), "its target transform is not today's"
     unknown = sorted(set(test.label_names) - set(manifest["labels"]))
-    if unknown:
+    if unknown and ours["type"] == "category":
         return None, len(test), f"it does not predict the classes {', '.join(unknown[:5])}"
     modalities = [m for m in manifest["modalities"] if m in MODALITIES]
     items = raw_test_items(raw_dir, clean_dir, test.sample_ids, modalities)
-    accuracy, _ = predictor_accuracy(load_predictor(folder).Predictor(folder), items, test, batch_size)
+    # its own thresholds and tags (set): the bundle is scored as it would answer
+    target = test.target.fitted({**test.target.state, **theirs.get("state", {})}) if ours["type"] == "set" else test.target
+    accuracy, _ = predictor_accuracy(load_predictor(folder).Predictor(folder), items, test, batch_size, target)
     return accuracy, len(test), "scored on the raw test files"
 
 
 def bundle_accuracy(folder: Path, features_root: Path, raw_dir: Path, clean_dir: Path,
                     batch_size: int = 64) -> tuple[float | None, int, str]:
     """Any bundle (another version's, e.g. the registry's champion) on today's raw test files:
-    (accuracy, or None when it cannot be compared; test items; why). In a fresh process: a bundle's
+    (its headline metric, or None when it cannot be compared: another target or classes; test items; why). In a fresh process: a bundle's
     predictor imports its own helper modules by their plain names, which another bundle in this
     process would already have taken."""
     import concurrent.futures as cf
@@ -127,28 +140,32 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequen
     """Check the bundle in ``folder`` against the PyTorch ``model`` on the ``test`` split, whose raw
     inputs are ``items`` (raw_test_items). ``quantized_from``: the fp32 ONNX model the shipped int8
     one was quantized from (None: not int8)."""
-    modalities = model.modalities
+    modalities, target = model.modalities, model.target
+    headline = target.HEADLINE
     batch = test.get(np.arange(min(parity_samples, len(test))))
     with torch.no_grad():
         torch_logits = model(to_model_inputs(batch, modalities, torch.device("cpu"))).numpy()
     fp32 = session(folder / "model_fp32.onnx")
     onnx_logits = run_logits(fp32, onnx_feeds(batch, model))
     everything = onnx_feeds(test.get(np.arange(len(test))), model)
-    fp32_top1 = run_logits(fp32, everything).argmax(axis=1)
-    shipped_top1 = run_logits(session(folder / "model.onnx"), everything).argmax(axis=1)
-    base_top1 = run_logits(session(quantized_from), everything).argmax(axis=1) if quantized_from else shipped_top1
+    fp32_out = run_logits(fp32, everything)
+    shipped_out = run_logits(session(folder / "model.onnx"), everything)
+    base_out = run_logits(session(quantized_from), everything) if quantized_from else None
 
     predict = load_predictor(folder)
     accuracy, errors = {}, []
     for which in ("shipped", "fp32"):
-        accuracy[which], failed = predictor_accuracy(predict.Predictor(folder, model=which), items, test, batch_size)
+        accuracy[which], failed = predictor_accuracy(predict.Predictor(folder, model=which), items, test, batch_size,
+                                                     target)
         errors += failed
-    return {"parity_samples": len(batch["label"]),
+    # (the "top1" names are the classes'; for a number or a tag set, the agreement of ``target.agree``)
+    return {"parity_samples": len(batch["label"]), "headline": headline,
             "fp32_onnx_vs_pytorch_max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
-            "shipped_vs_fp32_top1_agreement": float((fp32_top1 == shipped_top1).mean()),
-            "int8_vs_its_fp32_top1_agreement": float((base_top1 == shipped_top1).mean()) if quantized_from else None,
-            "predictor_raw_test_accuracy": accuracy["shipped"],
-            "predictor_raw_test_accuracy_fp32": accuracy["fp32"],
+            "shipped_vs_fp32_top1_agreement": float(target.agreement(fp32_out, shipped_out).mean()),
+            "int8_vs_its_fp32_top1_agreement": (float(target.agreement(base_out, shipped_out).mean())
+                                                if quantized_from else None),
+            f"predictor_raw_test_{headline}": accuracy["shipped"],
+            f"predictor_raw_test_{headline}_fp32": accuracy["fp32"],
             "predictor_input_errors": sorted(set(errors))}
 
 
@@ -179,7 +196,8 @@ def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dic
             raw = [items[i][m] for i in part]
             for variant, encode in module.PARITY_VARIANTS.items():
                 counts = _parity_counts(m, module, rules, featurizer, predictor, fp32, feeds, column, arrays,
-                                        [encode(item) for item in raw], [str(test.sample_ids[i]) for i in part])
+                                        [encode(item) for item in raw], [str(test.sample_ids[i]) for i in part],
+                                        model.target)
                 t = tally[variant]
                 t["items"] += len(part)
                 t["accepted_by_both"] += counts["both"]
@@ -192,7 +210,7 @@ def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dic
 
 
 def _parity_counts(m: str, module, rules, featurizer, predictor, fp32, feeds: dict, column: int, arrays: list[str],
-                   converted: list[bytes], ids: list[str]) -> dict[str, Any]:
+                   converted: list[bytes], ids: list[str], target) -> dict[str, Any]:
     """One chunk of ``conversion_parity``: items accepted by both paths, top-1 agreements, largest input difference."""
     cleaned = []
     for item in converted:
@@ -214,13 +232,13 @@ def _parity_counts(m: str, module, rules, featurizer, predictor, fp32, feeds: di
             served[name][k] = arrays_k[name]
         served_ok[k] = True
     both = pipeline_ok & served_ok
-    tops = []
+    outputs = []
     for values in (pipeline, served):
         available = feeds["available"].copy()
         available[:, column] &= both
         given = {name: values[name].astype(feeds[name].dtype) for name in arrays}
-        tops.append(run_logits(fp32, feeds | given | {"available": available}).argmax(axis=1))
-    agree = (tops[0] == tops[1]) & (pipeline_ok == served_ok)
+        outputs.append(run_logits(fp32, feeds | given | {"available": available}))
+    agree = target.agreement(*outputs) & (pipeline_ok == served_ok)
     diff = max((float(np.abs(pipeline[n][both].astype(np.float64) - served[n][both]).max(initial=0.0))
                 for n in arrays), default=0.0)
     return {"both": int(both.sum()), "agree": int(agree.sum()), "diff": diff}
@@ -237,9 +255,10 @@ def failed_checks(checks: dict, params) -> list[str]:
                 failed.append(f"export check failed: {m} as {variant}: the predictor and the pipeline agree on "
                               f"{parity['top1_agreement']:.4f} of test items (< export.min_conversion_agreement "
                               f"{params.min_conversion_agreement})")
+    headline = checks.get("headline", "accuracy")
     if abs(checks["predictor_gap_vs_evaluate"]) > params.max_predictor_accuracy_gap:
-        failed.append(f"export check failed: the predictor on raw test files scores "
-                      f"{checks['predictor_raw_test_accuracy_fp32']:.4f} with the fp32 model vs "
-                      f"{checks['evaluate_test_accuracy']:.4f} in evaluate (> export.max_predictor_accuracy_gap "
+        failed.append(f"export check failed: the predictor on raw test files scores {headline} "
+                      f"{checks[f'predictor_raw_test_{headline}_fp32']:.4f} with the fp32 model vs "
+                      f"{checks[f'evaluate_test_{headline}']:.4f} in evaluate (> export.max_predictor_accuracy_gap "
                       f"{params.max_predictor_accuracy_gap})")
     return failed

@@ -1,10 +1,11 @@
 """Evaluation of the trained models on one split (the test split for the evaluate stage).
 
-Everything is computed from the models' predicted probabilities on whole-split tensors:
-classification metrics, accuracy for every subset of available modalities, the robustness sweep
-(each corruption of each modality at each noise level, applied to the decoded signal and pushed
-through the same fitted featurizer as preprocess used), the gain of fusion over the single-modality
-baselines, and inference latency.
+Everything is computed from the models' scores (their target's ``scores``: class probabilities, values
+in the user's units, per-tag probabilities) on whole-split tensors: the target's metrics, its headline
+metric (accuracy, R², micro-F1) for every subset of available modalities, the robustness sweep (each
+corruption of each modality at each noise level, applied to the decoded signal and pushed through the same
+fitted featurizer as preprocess used), the gain of fusion over the single-modality baselines, and
+inference latency. Rows without a target are not in the split (the loader leaves them out).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from mmpipe.device import resolve_device
 from mmpipe.errors import PipelineError
-from mmpipe.evaluate.metrics import area_under, classification
+from mmpipe.evaluate.metrics import area_under
 from mmpipe.features.loader import FeatureSet
 from mmpipe.io import iter_row_groups
 from mmpipe.modalities import MODALITIES
@@ -37,6 +38,7 @@ class SplitInputs:
             raise PipelineError(f"{features_root}: the {split} split is empty")
         self.features_root, self.clean_dir, self.split = Path(features_root), Path(clean_dir), split
         self.sample_ids, self.labels, self.label_names = data.sample_ids, data.labels, data.label_names
+        self.target = data.target
         self.tensors = data.get(np.arange(len(data)))
         self.tensors.pop("index")
         self._raw: dict[str, list] = {}
@@ -83,18 +85,20 @@ class SplitInputs:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, tensors: dict, device: torch.device, batch_size: int = 512) -> np.ndarray:
-    """Class probabilities (n, n_classes) of ``model`` on whole-split ``tensors``."""
+    """The scores of ``model`` (its target's: class probabilities (n, K), values (n,), tag probabilities
+    (n, K)) on whole-split ``tensors``."""
     model.eval()
     n, out = len(tensors["label"]), []
     for start in range(0, n, batch_size):
         batch = {k: v[start:start + batch_size] for k, v in tensors.items()}
         inputs = to_model_inputs(batch, model.modalities, device)
-        out.append(torch.softmax(model(inputs).float(), dim=1).cpu().numpy())
+        out.append(model.target.scores(model(inputs).float()).cpu().numpy())
     return np.concatenate(out)
 
 
-def accuracy_of(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float((probs.argmax(axis=1) == labels).mean())
+def headline_of(model: torch.nn.Module, scores: np.ndarray, labels: np.ndarray) -> float:
+    """The headline metric of ``model``'s target (accuracy, r2, f1_micro at its own thresholds)."""
+    return model.target.headline(scores, labels)
 
 
 def subsets(modalities: list[str]) -> list[tuple[str, ...]]:
@@ -131,7 +135,10 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
 
     metrics, report = model_scores(fused, baselines, data, device, params.ece_bins)
     metrics = {"split": split, **metrics}
-    progress(f"evaluate: accuracy {report['summary']['accuracy']:.4f}, macro F1 {report['summary']['f1_macro']:.4f}"
+    headline = fused.target.HEADLINE
+    summary = report["summary"]
+    progress(f"evaluate: {headline} {summary[headline]:.4f}"
+             + (f", macro F1 {summary['f1_macro']:.4f}" if "f1_macro" in summary and headline != "f1_macro" else "")
              + (f", fusion gain {metrics['fusion_gain']:+.4f} over {metrics['best_baseline']}"
                 if metrics["best_baseline"] else ""))
     metrics["missing"] = missing_modalities(fused, data, device)
@@ -139,10 +146,12 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
     metrics["robustness"], curves = robustness(fused, baselines, data, device, levels, params.seed, progress)
     metrics["efficiency"] = efficiency(fused, data, device, params.latency_runs)
 
-    tables = {"confusion": report["confusion"], "predicted": report["predicted"], "labels": data.labels,
-              "label_names": data.label_names, "reliability": report["reliability"],
-              "missing": [{"modalities": name, "accuracy": m["accuracy"]} for name, m in metrics["missing"].items()],
-              "robustness": curves, "levels": levels}
+    tables = {key: report[key] for key in ("confusion", "predicted", "truth", "reliability", "per_tag") if key in report}
+    tables |= {"target": fused.target.NAME, "headline": headline, "labels": data.labels,
+               "label_names": data.label_names,
+               "missing": [{"modalities": name, "metric": headline, "score": m[headline]}
+                           for name, m in metrics["missing"].items()],
+               "robustness": curves, "levels": levels}
     return {"metrics": metrics, "tables": tables}
 
 
@@ -150,31 +159,38 @@ def load_models(models_dir: Path, device: torch.device) -> tuple[torch.nn.Module
     """The fused model and the single-modality baselines that were trained (train.baselines)."""
     if not (models_dir / "fusion" / CONFIG_FILE).exists():
         raise PipelineError(f"{models_dir / 'fusion'}: no trained fusion model (run the train stage)")
-    fused = load_model(models_dir / "fusion").to(device)
+    fused = load_model(models_dir / "fusion").to(device)  # (each model carries its own target: set thresholds)
     baselines = {m: load_model(models_dir / f"baseline_{m}").to(device) for m in fused.modalities
                  if (models_dir / f"baseline_{m}" / CONFIG_FILE).exists()}
     return fused, baselines
 
 
 def model_scores(fused, baselines: dict, data: SplitInputs, device: torch.device, ece_bins: int) -> tuple[dict, dict]:
-    """Classification metrics of the fused model, each baseline's accuracy, and the gain of fusion over
-    the best baseline (None without baselines). Returns (metrics, the full classification report)."""
-    report = classification(predict(fused, data.tensors, device), data.labels, data.label_names, ece_bins)
-    scores = {m: {"accuracy": accuracy_of(predict(model, data.tensors, device), data.labels)}
+    """The target's metrics of the fused model, each baseline's headline metric, and the gain of fusion over
+    the best baseline in that metric (None without baselines). Returns (metrics, the target's full report)."""
+    target, headline = fused.target, fused.target.HEADLINE
+    report = target.metrics(predict(fused, data.tensors, device), data.labels, ece_bins)
+    scores = {m: {headline: headline_of(model, predict(model, data.tensors, device), data.labels)}
               for m, model in baselines.items()}
-    best = max(scores, key=lambda m: scores[m]["accuracy"], default=None)
-    gain = None if best is None else report["summary"]["accuracy"] - scores[best]["accuracy"]
-    return {"modalities": list(fused.modalities), "test": report["summary"], "per_class": report["per_class"],
+    best = max(scores, key=lambda m: scores[m][headline], default=None)
+    gain = None if best is None else report["summary"][headline] - scores[best][headline]
+    table = {key: report[key] for key in ("per_class", "per_tag") if key in report}
+    about = {"type": target.NAME, "column": target.spec.get("column", "label"), "headline": headline,
+             "chance": target.chance(data.labels)}
+    if target.NAME == "number":
+        about["transform"] = target.transform
+    return {"modalities": list(fused.modalities), "target": about, "test": report["summary"], **table,
             "baselines": scores, "fusion_gain": gain, "best_baseline": best}, report
 
 
 def missing_modalities(fused, data: SplitInputs, device: torch.device) -> dict[str, dict]:
-    """Accuracy of the fused model with only each subset of modalities available (where the sample has it)."""
+    """The headline metric of the fused model with only each subset of modalities available (where the
+    sample has it)."""
     out = {}
     for subset in subsets(fused.modalities):
         masked = data.tensors | {available_key(m): torch.zeros_like(data.tensors[available_key(m)])
                                  for m in fused.modalities if m not in subset}
-        out["+".join(subset)] = {"accuracy": accuracy_of(predict(fused, masked, device), data.labels)}
+        out["+".join(subset)] = {fused.target.HEADLINE: headline_of(fused, predict(fused, masked, device), data.labels)}
     return out
 
 
@@ -190,10 +206,11 @@ def robustness(fused, baselines: dict, data: SplitInputs, device: torch.device, 
             for li, level in enumerate(levels):
                 rng = np.random.default_rng([seed, mi, ci, li])
                 tensors = data.corrupted(modality, corruption, level, rng)
-                fused_acc.append(accuracy_of(predict(fused, tensors, device), data.labels))
+                fused_acc.append(headline_of(fused, predict(fused, tensors, device), data.labels))
                 rows[li][f"fused_{corruption}"] = fused_acc[-1]
                 if modality in baselines:
-                    base_acc.append(accuracy_of(predict(baselines[modality], tensors, device), data.labels))
+                    base_acc.append(headline_of(baselines[modality], predict(baselines[modality], tensors, device),
+                                                data.labels))
                     rows[li][f"baseline_{corruption}"] = base_acc[-1]
             per_corruption[corruption] = {"relative": area_under(levels, fused_acc),
                                           "baseline_relative": area_under(levels, base_acc) if base_acc else None}
@@ -216,18 +233,33 @@ def efficiency(fused, data: SplitInputs, device: torch.device, runs: int) -> dic
             "latency_ms": {f"batch_{b}": forward_latency_ms(fused, data.tensors, b, runs, device) for b in (1, 64)}}
 
 
-def failed_gates(metrics: dict, gates) -> list[str]:
-    """One line per quality gate that ``metrics`` do not meet (empty: all pass)."""
-    failed = []
-    checks = [("min_accuracy", "test accuracy", metrics["test"]["accuracy"]),
-              ("min_f1_macro", "test macro F1", metrics["test"]["f1_macro"]),
-              ("min_fusion_gain", "fusion gain over the best baseline", metrics["fusion_gain"])]
-    for key, what, value in checks:
-        bar = getattr(gates, key)
+def failed_gates(metrics: dict, gates) -> tuple[list[str], dict[str, str]]:
+    """(one line per quality gate that ``metrics`` do not meet, {gate: why} for the class gates that do not
+    apply to this target: min_accuracy of a number, say). Both empty: every gate passes."""
+    failed, skipped, test = [], {}, metrics["test"]
+    headline = metrics.get("target", {}).get("headline", "accuracy")
+    checks = [("min_accuracy", "test accuracy", "accuracy", test.get("accuracy"), min),
+              ("min_f1_macro", "test macro F1", "f1_macro", test.get("f1_macro"), min),
+              ("min_fusion_gain", "fusion gain over the best baseline" + ("" if headline == "accuracy" else f" ({headline})"),
+               "fusion_gain",
+               metrics["fusion_gain"], min)]
+    checks += [(f"min.{name}", f"test {name}", name, test.get(name), min) for name in gates.min]
+    checks += [(f"max.{name}", f"test {name}", name, test.get(name), max) for name in gates.max]
+    for key, what, name, value, side in checks:
+        bar = getattr(gates, key) if "." not in key else getattr(gates, key.split(".")[0])[name]
         if bar is None:
             continue
-        if value is None:
+        if name != "fusion_gain" and name not in test:
+            line = (f"evaluate.gates.{key}: this {metrics.get('target', {}).get('type', 'category')} target has no "
+                    f"test {name} (its metrics: {', '.join(k for k in test if k != 'samples')})")
+            if key in ("min_accuracy", "min_f1_macro"):  # the defaults of params.yaml: a category's bars
+                skipped[key] = line
+            else:
+                failed.append(line)
+        elif value is None:
             failed.append(f"quality gate evaluate.gates.{key}: no {what} to check (train.baselines is false)")
-        elif value < bar:
+        elif side is min and value < bar:
             failed.append(f"quality gate evaluate.gates.{key} failed: {what} is {value:.4f}, below {bar}")
-    return failed
+        elif side is max and value > bar:
+            failed.append(f"quality gate evaluate.gates.{key} failed: {what} is {value:.4f}, above {bar}")
+    return failed, skipped

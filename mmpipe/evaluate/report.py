@@ -20,12 +20,22 @@ def _csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+HEADLINE_NAMES = {"accuracy": "accuracy", "r2": "R²", "f1_micro": "micro-F1"}
+
+
 def write_plot_data(tables: dict, folder: Path) -> None:
-    """CSV files for `dvc plots` (declared in dvc.yaml): confusion pairs, reliability, missing, robustness."""
+    """CSV files for `dvc plots` (declared in dvc.yaml): by target type, confusion pairs and reliability
+    (category), true vs predicted values with residuals (number), pooled tag reliability (set); for every
+    type the headline metric with only some modalities (missing) and under noise (robustness)."""
     names = tables["label_names"]
-    _csv(folder / "confusion.csv", [{"actual": names[a], "predicted": names[p]}
-                                    for a, p in zip(tables["labels"], tables["predicted"])])
-    _csv(folder / "reliability.csv", tables["reliability"])
+    if tables["target"] == "category":
+        _csv(folder / "confusion.csv", [{"actual": names[a], "predicted": names[p]}
+                                        for a, p in zip(tables["labels"], tables["predicted"])])
+    if tables["target"] == "number":
+        _csv(folder / "predictions.csv", [{"actual": float(t), "predicted": float(p), "residual": float(p - t)}
+                                          for t, p in zip(tables["truth"], tables["predicted"])])
+    if tables.get("reliability"):
+        _csv(folder / "reliability.csv", tables["reliability"])
     _csv(folder / "missing.csv", tables["missing"])
     # one file per model, columns named by corruption: a plot in dvc.yaml may then name a baseline
     # file that is absent (train.baselines: false) without DVC dropping the whole plot
@@ -37,28 +47,51 @@ def write_plot_data(tables: dict, folder: Path) -> None:
                 _csv(folder / f"robustness_{modality}_{model}.csv", series)
 
 
-def _figures(tables: dict, folder: Path) -> dict[str, str]:
+def _target_figures(tables: dict) -> dict[str, plt.Figure]:
+    """The figures of the target type: confusion matrix (category), reliability (category, set: pooled over
+    tags), predicted vs true values and residuals (number)."""
     figures = {}
     names = tables["label_names"]
+    if "confusion" in tables:
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        matrix = tables["confusion"]
+        ax.imshow(matrix, cmap="Blues")
+        ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
+               xlabel="predicted", ylabel="actual", title="Confusion matrix (test)")
+        for (i, j), n in np.ndenumerate(matrix):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                        color="white" if n > matrix.max() / 2 else "black")
+        figures["confusion"] = fig
+    if tables.get("reliability"):
+        fig2, ax2 = plt.subplots(figsize=(4.5, 4.5))
+        rel = tables["reliability"]
+        observed = "accuracy" if "accuracy" in rel[0] else "frequency"
+        ax2.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
+        ax2.plot([r["confidence"] for r in rel], [r[observed] for r in rel], marker="o", label="model")
+        ax2.set(xlabel="confidence" if observed == "accuracy" else "predicted probability of a tag",
+                ylabel=observed if observed == "accuracy" else "observed frequency", xlim=(0, 1), ylim=(0, 1),
+                title="Reliability diagram")
+        ax2.legend(loc="upper left")
+        figures["reliability"] = fig2
+    if "truth" in tables:
+        fig5, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2))
+        truth, predicted = np.asarray(tables["truth"]), np.asarray(tables["predicted"])
+        low, high = float(min(truth.min(), predicted.min())), float(max(truth.max(), predicted.max()))
+        left.scatter(truth, predicted, s=6, alpha=0.5)
+        left.plot([low, high], [low, high], ls="--", color="grey")
+        left.set(xlabel="true value", ylabel="predicted value", title="Predicted vs true (test)")
+        right.scatter(predicted, predicted - truth, s=6, alpha=0.5)
+        right.axhline(0, ls="--", color="grey")
+        right.set(xlabel="predicted value", ylabel="residual (predicted - true)", title="Residuals (test)")
+        figures["predictions"] = fig5
+    return figures
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    matrix = tables["confusion"]
-    ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
-           xlabel="predicted", ylabel="actual", title="Confusion matrix (test)")
-    for (i, j), n in np.ndenumerate(matrix):
-        if n:
-            ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
-                    color="white" if n > matrix.max() / 2 else "black")
-    figures["confusion"] = "confusion.png"
 
-    fig2, ax2 = plt.subplots(figsize=(4.5, 4.5))
-    rel = tables["reliability"]
-    ax2.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
-    ax2.plot([r["confidence"] for r in rel], [r["accuracy"] for r in rel], marker="o", label="model")
-    ax2.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
-    ax2.legend(loc="upper left")
-    figures["reliability"] = "reliability.png"
+def _figures(tables: dict, folder: Path) -> dict[str, str]:
+    drawn = _target_figures(tables)
+    metric = HEADLINE_NAMES.get(tables["headline"], tables["headline"])
+    span = (0, 1) if tables["headline"] != "r2" else None  # R² has no lower bound
 
     robustness = tables["robustness"]
     fig3, axes = plt.subplots(1, len(robustness), figsize=(4.2 * len(robustness), 3.8), squeeze=False)
@@ -69,18 +102,20 @@ def _figures(tables: dict, folder: Path) -> dict[str, str]:
                 model, corruption = key.split("_", 1)
                 ax3.plot(levels, [r[key] for r in rows], marker=".", ls="-" if model == "fused" else "--",
                          label=f"{model}: {corruption.replace('_', ' ')}")
-        ax3.set(title=f"{modality} corrupted", xlabel="noise level", ylabel="test accuracy", ylim=(0, 1))
+        ax3.set(title=f"{modality} corrupted", xlabel="noise level", ylabel=f"test {metric}", ylim=span)
         ax3.legend(fontsize=7)
-    figures["robustness"] = "robustness.png"
+    drawn["robustness"] = fig3
 
     fig4, ax4 = plt.subplots(figsize=(5.5, 3.2))
     missing = tables["missing"]
-    ax4.barh([r["modalities"] for r in missing], [r["accuracy"] for r in missing])
-    ax4.set(xlim=(0, 1), xlabel="test accuracy", title="Fused model with only these modalities")
+    ax4.barh([r["modalities"] for r in missing], [r["score"] for r in missing])
+    ax4.set(xlim=span, xlabel=f"test {metric}", title="Fused model with only these modalities")
     ax4.invert_yaxis()
-    figures["missing"] = "missing.png"
+    drawn["missing"] = fig4
 
-    for name, f in zip(figures, (fig, fig2, fig3, fig4)):
+    figures = {}
+    for name, f in drawn.items():
+        figures[name] = f"{name}.png"
         f.tight_layout()
         f.savefig(folder / figures[name], dpi=110)
         plt.close(f)
@@ -91,11 +126,69 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f} %"
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def _headline_rows(metrics: dict) -> list[str]:
+    """The headline table of the target type."""
+    t, about = metrics["test"], metrics.get("target", {"type": "category"})
+    if about["type"] == "number":
+        transform = about.get("transform", "none")
+        return [f"| R² (1 = perfect, 0 = always the mean) | {t['r2']:.4f} |",
+                f"| mean absolute error | {_num(t['mae'])} |",
+                f"| root mean squared error | {_num(t['rmse'])} |",
+                f"| median absolute percentage error | {_pct(t['median_ape'])} |",
+                f"| target transform while training | {transform} |"]
+    if about["type"] == "set":
+        return [f"| micro F1 (every tag decision counts the same) | {_pct(t['f1_micro'])} |",
+                f"| macro F1 (each tag counts the same) | {_pct(t['f1_macro'])} |",
+                f"| mean average precision (threshold-free) | {_num(t['map'])} |",
+                f"| subset accuracy (the whole set right) | {_pct(t['subset_accuracy'])} |",
+                f"| micro precision / recall | {_pct(t['precision_micro'])} / {_pct(t['recall_micro'])} |",
+                f"| expected calibration error of the tag probabilities | {t['ece']:.4f} |"]
+    return [f"| accuracy | {_pct(t['accuracy'])} |",
+            f"| macro F1 (each class counts the same) | {_pct(t['f1_macro'])} |",
+            f"| weighted F1 (classes weighted by support) | {_pct(t['f1_weighted'])} |",
+            f"| macro precision / recall | {_pct(t['precision_macro'])} / {_pct(t['recall_macro'])} |",
+            f"| expected calibration error (0 = confidence matches accuracy) | {t['ece']:.4f} |"]
+
+
+def _target_sections(metrics: dict, figures: dict, rel: str) -> list[str]:
+    """Per class (confusion), per tag, or the residuals; and calibration where it applies."""
+    kind = metrics.get("target", {"type": "category"})["type"]
+    if kind == "number":
+        return ["## Predicted vs true values", "", f"![predicted vs true, residuals]({rel}/{figures['predictions']})",
+                "", "Points on the diagonal are exact; residuals that fan out or curve show where the model "
+                "is biased (`plots/eval/predictions.csv`).", ""]
+    lines = []
+    if kind == "set":
+        lines += ["## Per tag", "", "Thresholds tuned on the validation split (per tag, best F1 there).", "",
+                  "| tag | precision | recall | F1 | support | threshold | ECE |", "|---|---|---|---|---|---|---|",
+                  *[f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} | "
+                    f"{c['threshold']:.2f} | {c['ece']:.3f} |" for name, c in metrics["per_tag"].items()], ""]
+    else:
+        lines += ["## Per class", "", f"![confusion matrix]({rel}/{figures['confusion']})", "",
+                  "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
+                  *[f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+                    for name, c in metrics["per_class"].items()], ""]
+    lines += ["## Calibration", "", f"![reliability diagram]({rel}/{figures['reliability']})", "",
+              "Points on the diagonal: when the model says 90 %, it is right 90 % of the time." if kind == "category"
+              else "Points on the diagonal: tags given a probability of 90 % are there 90 % of the time.", ""]
+    return lines
+
+
 def report_markdown(metrics: dict, tables: dict, gates_failed: list[str], figures_dir: Path, link_prefix: str) -> str:
     """The markdown report; its figures are drawn into ``figures_dir`` and linked as ``link_prefix/<name>.png``."""
     figures = _figures(tables, figures_dir)
     rel = link_prefix
     t, eff = metrics["test"], metrics["efficiency"]
+    about = metrics.get("target", {"type": "category", "headline": "accuracy", "column": "label"})
+    h = about["headline"]
+    name = HEADLINE_NAMES.get(h, h)
+    show = _num if h == "r2" else _pct
+    gain = (f"**{metrics['fusion_gain']:+.4f}**" if h == "r2" else f"**{100 * metrics['fusion_gain']:+.2f} points**"
+            ) if metrics["fusion_gain"] is not None else None
     lines = [
         "# Evaluation report",
         "",
@@ -110,25 +203,25 @@ def report_markdown(metrics: dict, tables: dict, gates_failed: list[str], figure
         "",
         "## Headline",
         "",
+        f"Target: `{about['column']}`, a {about['type']}"
+        + {"category": " (one class per sample)", "number": " (regression)", "set": " of tags (multi-label)"}.get(
+            about["type"], "") + f"; headline metric: **{name}** (every gate, curve and gain below is in it"
+        + (f"; the best constant answer scores {show(about['chance'])})." if "chance" in about else ")."),
+        "",
         "| metric | value |",
         "|---|---|",
-        f"| accuracy | {_pct(t['accuracy'])} |",
-        f"| macro F1 (each class counts the same) | {_pct(t['f1_macro'])} |",
-        f"| weighted F1 (classes weighted by support) | {_pct(t['f1_weighted'])} |",
-        f"| macro precision / recall | {_pct(t['precision_macro'])} / {_pct(t['recall_macro'])} |",
-        f"| expected calibration error (0 = confidence matches accuracy) | {t['ece']:.4f} |",
+        *_headline_rows(metrics),
         "",
         "## Does fusion help?",
         "",
-        "Accuracy of models that see a single modality, trained by the same trainer:",
+        f"{name[0].upper() + name[1:]} of models that see a single modality, trained by the same trainer:",
         "",
-        "| model | accuracy |",
+        f"| model | {name} |",
         "|---|---|",
-        f"| **fused** | **{_pct(t['accuracy'])}** |",
-        *[f"| {m} only | {_pct(b['accuracy'])} |" for m, b in metrics["baselines"].items()],
+        f"| **fused** | **{show(t[h])}** |",
+        *[f"| {m} only | {show(b[h])} |" for m, b in metrics["baselines"].items()],
         "",
-        (f"Fusion gain over the best single modality ({metrics['best_baseline']}): "
-         f"**{100 * metrics['fusion_gain']:+.2f} points**." if metrics["fusion_gain"] is not None
+        (f"Fusion gain over the best single modality ({metrics['best_baseline']}): {gain}." if gain is not None
          else "No baselines were trained (`train.baselines: false`), so there is no fusion gain to report."),
         "",
         "## When modalities are missing",
@@ -137,17 +230,17 @@ def report_markdown(metrics: dict, tables: dict, gates_failed: list[str], figure
         "",
         f"![missing modalities]({rel}/{figures['missing']})",
         "",
-        "| modalities available | accuracy |",
+        f"| modalities available | {name} |",
         "|---|---|",
-        *[f"| {name} | {_pct(v['accuracy'])} |" for name, v in metrics["missing"].items()],
+        *[f"| {subset} | {show(v[h])} |" for subset, v in metrics["missing"].items()],
         "",
         "## Robustness to noise",
         "",
         "One modality corrupted at a time, at noise levels from 0 (clean) to 1 (image: Gaussian noise "
         "of standard deviation = level x full range, and a black square covering that share of the "
         "image; audio: white noise from 30 dB SNR down to -10 dB; text: each character replaced, "
-        "deleted or doubled with that probability). *Relative robustness* is the area under the "
-        "accuracy-vs-level curve (1.0 = unaffected and perfect). The baseline of a modality sees only "
+        f"deleted or doubled with that probability). *Relative robustness* is the area under the "
+        f"{name}-vs-level curve (1.0 = unaffected and perfect). The baseline of a modality sees only "
         "that modality, so it has nothing to fall back on.",
         "",
         f"![robustness]({rel}/{figures['robustness']})",
@@ -160,23 +253,8 @@ def report_markdown(metrics: dict, tables: dict, gates_failed: list[str], figure
             if isinstance(c, dict):
                 base = "–" if c["baseline_relative"] is None else f"{c['baseline_relative']:.3f}"
                 lines.append(f"| {modality} | {corruption.replace('_', ' ')} | {c['relative']:.3f} | {base} |")
+    lines += ["", *_target_sections(metrics, figures, rel)]
     lines += [
-        "",
-        "## Per class",
-        "",
-        f"![confusion matrix]({rel}/{figures['confusion']})",
-        "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|",
-        *[f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
-          for name, c in metrics["per_class"].items()],
-        "",
-        "## Calibration",
-        "",
-        f"![reliability diagram]({rel}/{figures['reliability']})",
-        "",
-        "Points on the diagonal: when the model says 90 %, it is right 90 % of the time.",
-        "",
         "## Efficiency",
         "",
         f"{eff['parameters']:,} parameters. PyTorch inference on {eff['device']} ({eff['threads']} threads), "

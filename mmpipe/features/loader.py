@@ -4,7 +4,9 @@ Batches are gathered with index arrays (one fancy-index per shard and array, no 
 returned as torch tensors:
 
     image (B, C, H, W) uint8   text (B, L) int32   text_length (B,) int32   audio (B, M, T) float16
-    available.<modality> (B,) bool (one per modality)   label (B,) int64   index (B,) int64 (position in the split)
+    available.<modality> (B,) bool (one per modality)   index (B,) int64 (position in the split)
+    label: the target as the loss takes it (mmpipe/targets): a class (B,) int64, a standardised number (B,)
+    float64, a multi-hot tag set (B, K) float32
 
 (in the built-in layout; the arrays are whatever each modality's featurizer declares).
 
@@ -18,6 +20,9 @@ With ``embeddings=True`` a modality whose preprocess cached its frozen backbone'
 (``preprocess.<m>.embed``) is served as ``embedding.<m>`` (B, E) float16 instead of its raw arrays
 (which ``get(..., raw=True)`` still reads): what ``train`` uses, while evaluate, compress and
 export feed the raw arrays to the whole model.
+
+Rows without a target (clean keeps them: ``label`` "") are left out unless ``labelled=False`` (then
+batches carry no ``label``): supervised training and evaluation never see them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from mmpipe.errors import PipelineError
 from mmpipe.modalities import names
 from mmpipe.names import EMBEDDING_ARRAY, INDEX_FILE, STATE_FILE, available_key, embedding_key, shard_path
+from mmpipe.targets import UNLABELLED, Target, target_of
 
 
 def feature_modalities(root: str | Path) -> tuple[str, ...]:
@@ -53,7 +59,7 @@ def feature_modalities(root: str | Path) -> tuple[str, ...]:
 
 class FeatureSet:
     def __init__(self, root: str | Path = "data/features", split: str | None = "train",
-                 modalities: tuple[str, ...] | None = None, embeddings: bool = False):
+                 modalities: tuple[str, ...] | None = None, embeddings: bool = False, labelled: bool = True):
         self.root, self.split = Path(root), split
         self.modalities = tuple(modalities) if modalities is not None else feature_modalities(root)
         self.state: dict[str, dict] = {}
@@ -73,11 +79,18 @@ class FeatureSet:
             ids = index.column("sample_id").to_numpy(zero_copy_only=False)
             if reference is None:
                 reference = index
-                rows = (np.arange(index.num_rows) if split is None
-                        else np.flatnonzero(index.column("split").to_numpy(zero_copy_only=False) == split))
-                self.rows = rows.astype(np.int64)
+                cells = index.column("label").to_numpy(zero_copy_only=False)
+                keep = np.ones(index.num_rows, bool) if split is None else \
+                    index.column("split").to_numpy(zero_copy_only=False) == split
+                if labelled:
+                    keep &= cells != UNLABELLED
+                self.rows = np.flatnonzero(keep).astype(np.int64)
                 self.sample_ids = ids[self.rows]
-                self.labels = index.column("label_index").to_numpy().astype(np.int64)[self.rows]
+                # (features from before targets were declared: one class per sample, the state's labels)
+                self.target: Target = target_of(self.state[m].get("target") or
+                                                {"type": "category", "column": "label",
+                                                 "state": {"labels": self.state[m]["labels"]}})
+                self.labels = self.target.encode(cells[self.rows]) if labelled else None
             elif not np.array_equal(ids, reference.column("sample_id").to_numpy(zero_copy_only=False)):
                 # every modality is built from the same clean table in the same order
                 raise PipelineError(f"{folder / INDEX_FILE}: samples differ from {self.modalities[0]}'s; "
@@ -118,13 +131,14 @@ class FeatureSet:
         modality's raw arrays too, beside the cached embeddings."""
         positions = np.asarray(positions, dtype=np.int64)
         if self._device_arrays is not None and not raw:
-            index = torch.as_tensor(positions, device=self._device_arrays["label"].device)
+            index = torch.as_tensor(positions, device=next(iter(self._device_arrays.values())).device)
             return {name: values[index] for name, values in self._device_arrays.items()} | {"index": index}
         rows = self.rows[positions]
         batch = {name: torch.from_numpy(self._gather(name, rows)) for name in (self._shards if raw else self._served)}
         for k, m in enumerate(self.modalities):
             batch[available_key(m)] = torch.from_numpy(np.ascontiguousarray(self.available[positions, k]))
-        batch["label"] = torch.from_numpy(self.labels[positions])
+        if self.labels is not None:
+            batch["label"] = torch.from_numpy(self.labels[positions])
         batch["index"] = torch.from_numpy(positions)
         return batch
 
@@ -187,7 +201,8 @@ class FeatureSet:
         rows = len(self)
         served = sum(rows * int(np.prod(self._shards[key][0].shape[1:], dtype=np.int64)) * self._shards[key][0].dtype.itemsize
                      for key in self._served if self._shards[key])
-        return int(served + rows * (self.available.shape[1] + 2 * 8))  # + availability, labels, positions
+        labels = 0 if self.labels is None else self.labels[:1].nbytes
+        return int(served + rows * (self.available.shape[1] + labels + 8))  # + availability, labels, positions
 
     def to(self, device: str | torch.device) -> "FeatureSet":
         """Hold the whole split on ``device`` (RAM for 'cpu'); later batches are gathered there."""

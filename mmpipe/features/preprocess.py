@@ -1,9 +1,11 @@
 """preprocess: one modality of data/clean -> index.parquet + fixed-shape tensor shards + fitted state.
 
 Output folder (one per modality):
-  index.parquet        sample_id, split, label, label_index, shard, row, available — in clean's order
+  index.parquet        sample_id, split, label (clean's canonical target text, "" = unlabelled), label_index
+                       (a category target's class, else -1), shard, row, available — in clean's order
   <array>-NNNNN.npy    shards of ``shard_rows`` rows, fixed dtype/shape, memory-mappable (np.load(mmap_mode="r"))
-  state.json           shapes, dtypes, mean/std fitted on the train split only, the modality's settings
+  state.json           shapes, dtypes, mean/std fitted on the train split only, the modality's settings,
+                       the target (clean's dataset.json: type, options, state)
   (+ modality files)   tokenizer.json (text), mel_filters.npy (audio)
   embedding-NNNNN.npy  with ``preprocess.<m>.embed``: the frozen backbone's output (mmpipe/features/embed.py)
 
@@ -340,7 +342,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
         # stage leaves the modality out (the loader reads ``enabled``)
         print(f"preprocess {modality}: no sample has this modality: not a model input")
         write_json_atomic(out_dir / STATE_FILE, {"modality": modality, "enabled": False, "samples": total,
-                                                 "labels": dataset["labels"]})
+                                                 "labels": dataset["labels"], "target": dataset.get("target")})
         return {"modality": modality, "enabled": False, "samples": total, "available": 0, "decode_failed": 0,
                 "bytes": 0, "device": "cpu", "seconds": round(time.perf_counter() - started, 3), "samples_per_s": None}
     embed = getattr(cfg, "embed", False)
@@ -372,11 +374,11 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
         index["available"][row] = False
         print(f"preprocess {modality}: warning: sample {sample_id}: {reason} (made unavailable)")
     positions = np.arange(total)
-    index["label_index"] = [label_index[label] for label in index["label"]]
+    index["label_index"] = [label_index.get(label, -1) for label in index["label"]]  # -1: not a class
     index["shard"], index["row"] = (positions // params.shard_rows).tolist(), (positions % params.shard_rows).tolist()
     pq.write_table(pa.table(index, schema=INDEX_SCHEMA), out_dir / INDEX_FILE, compression="zstd")
     state = {"modality": modality, "enabled": True, "samples": total, "shard_rows": params.shard_rows,
-             "shards": shards, "labels": dataset["labels"],
+             "shards": shards, "labels": dataset["labels"], "target": dataset.get("target"),
              "arrays": {name: {"shape": list(shape), "dtype": np.dtype(dtype).name}
                         for name, (shape, dtype) in features.arrays.items()},
              "array_order": list(features.arrays),  # JSON is written with sorted keys: the order, kept

@@ -1,4 +1,4 @@
-"""The fusion classifier: per-modality encoders, a learned placeholder for every missing modality,
+"""The fusion model: per-modality encoders, a learned placeholder for every missing modality,
 and one of three fusions (``model.fusion``):
 
 * ``concat``    — late fusion: the modality vectors side by side into an MLP;
@@ -35,7 +35,8 @@ class FusionModel(nn.Module):
         self.fusion = cfg.fusion
         if self.fusion not in FUSIONS:
             raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        n, dim, n_classes = len(self.modalities), cfg.dim, len(config["labels"])
+        n, dim = len(self.modalities), cfg.dim
+        n_outputs = config.get("outputs", len(config["labels"]))  # classes, 1 value, or one per tag
         self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
         self.arrays = {m: list(arrays[m]) for m in self.modalities}
         self.placeholders = nn.Parameter(torch.zeros(n, dim))
@@ -52,7 +53,7 @@ class FusionModel(nn.Module):
                                                norm_first=True)
             self.transformer = nn.TransformerEncoder(layer, cfg.attention_layers, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(fused), nn.Dropout(cfg.dropout), nn.Linear(fused, cfg.hidden),
-                                  nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, n_classes))
+                                  nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, n_outputs))
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, n_modalities, dim): each encoder's vector, or the placeholder where unavailable. A frozen
@@ -69,7 +70,8 @@ class FusionModel(nn.Module):
         return torch.where(available[..., None], stacked, self.placeholders[None].to(stacked.dtype))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (B, n_classes). ``batch["available"]`` is (B, len(self.modalities)), in that order."""
+        """Raw outputs (B, outputs): class logits, a standardised value, tag logits (the target's ``scores``
+        read them). ``batch["available"]`` is (B, len(self.modalities)), in that order."""
         tokens = self.embed(batch)
         available = batch["available"].bool()
         if self.fusion == "concat":

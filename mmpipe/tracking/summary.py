@@ -25,11 +25,13 @@ PROCESS = ["process.wall_s", "process.peak_rss_mb"]
 HEADLINE: dict[str, list[str]] = {
     "collect": ["samples", *PROCESS],
     "clean": ["kept", "rejected_samples", *PROCESS],
-    "train": ["fusion.val_accuracy", "fusion.seconds", *PROCESS],
-    "evaluate": ["test.accuracy", "test.f1_macro", "test.ece", "fusion_gain", "robustness.*.relative", *PROCESS],
+    # (each target's headline and companions: category accuracy/F1/ECE, number R²/RMSE/MAE, set micro-F1/mAP)
+    "train": ["fusion.val_accuracy", "fusion.val_r2", "fusion.val_f1_micro", "fusion.seconds", *PROCESS],
+    "evaluate": ["test.accuracy", "test.f1_macro", "test.ece", "test.r2", "test.rmse", "test.mae", "test.f1_micro",
+                 "test.map", "fusion_gain", "robustness.*.relative", *PROCESS],
     "compress": ["shipped.*", *PROCESS],
-    "export": ["predictor_raw_test_accuracy", "int8_vs_its_fp32_top1_agreement",
-               "fp32_onnx_vs_pytorch_max_abs_logit_diff", "bundle_bytes", *PROCESS],
+    "export": ["predictor_raw_test_accuracy", "predictor_raw_test_r2", "predictor_raw_test_f1_micro",
+               "int8_vs_its_fp32_top1_agreement", "fp32_onnx_vs_pytorch_max_abs_logit_diff", "bundle_bytes", *PROCESS],
 }
 
 

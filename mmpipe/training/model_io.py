@@ -16,14 +16,26 @@ from mmpipe.modalities import build_encoder
 from mmpipe.modalities.base import array_names
 from mmpipe.models.fusion import FusionModel
 from mmpipe.names import CONFIG_FILE, WEIGHTS_FILE, available_key
+from mmpipe.targets import Target, target_of
 
 
 def model_config(modalities: list[str], states: dict[str, dict], model_params: dict[str, Any],
-                 labels: list[str]) -> dict[str, Any]:
+                 target: Target | list[str]) -> dict[str, Any]:
     """The JSON config of a model: its modalities, their fitted state (what their encoders are built
-    from), the model params (a JSON-able mapping), labels."""
-    return {"modalities": list(modalities), "labels": list(labels), "model": dict(model_params),
-            "states": {m: states[m] for m in modalities}}
+    from), the model params (a JSON-able mapping), the target (type, options, fitted state; a list: the
+    classes of a category target), the head's outputs, and the class names or tags the outputs stand for
+    ([] for a number)."""
+    if isinstance(target, (list, tuple)):
+        target = target_of({"type": "category", "column": "label", "state": {"labels": list(target)}})
+    names = target.state.get("labels") or target.state.get("tags") or []
+    return {"modalities": list(modalities), "labels": list(names), "model": dict(model_params),
+            "outputs": target.width, "target": target.describe(), "states": {m: states[m] for m in modalities}}
+
+
+def target_of_model(config: dict[str, Any]) -> Target:
+    """The target a model was trained for (a model from before targets were declared: its classes)."""
+    return target_of(config.get("target") or {"type": "category", "column": "label",
+                                              "state": {"labels": config["labels"]}})
 
 
 def build_model(config: dict[str, Any]) -> FusionModel:
@@ -46,6 +58,7 @@ def load_model(folder: Path):
     config = json.loads((folder / CONFIG_FILE).read_text())
     model = build_model(config)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    model.target = target_of_model(config)  # what its outputs mean (scores, headline, thresholds)
     return model.eval()
 
 

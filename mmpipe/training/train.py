@@ -29,6 +29,7 @@ from mmpipe.device import resolve_device
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
 from mmpipe.names import embedding_key, features_digest
+from mmpipe.targets import Target
 from mmpipe.training import distributed
 from mmpipe.models.fusion import drop_modalities, load_pretrained
 from mmpipe.training.model_io import build_model, model_config, save_model, to_model_inputs
@@ -70,36 +71,43 @@ def clear_checkpoints(paths) -> None:
 
 @torch.no_grad()
 def score(model: torch.nn.Module, data: FeatureSet, modalities: list[str], device: torch.device,
-          batch_size: int = 512) -> dict[str, float]:
-    """Accuracy and mean cross-entropy (no label smoothing) of ``model`` on ``data``."""
+          batch_size: int = 512, target: Target | None = None) -> dict[str, Any]:
+    """The headline metric of the target (``data``'s: accuracy, r2, f1_micro; higher is better), the mean
+    loss (no label smoothing) and the scores (``target.scores``, numpy) of ``model`` on ``data``."""
+    target = target or data.target
     model.eval()
-    correct, loss = 0, 0.0
+    loss, outputs = 0.0, []
     for batch in data.batches(batch_size):
         inputs = to_model_inputs(batch, modalities, device)
-        logits = model(inputs).float()
-        correct += (logits.argmax(dim=1) == inputs["label"]).sum().item()
-        loss += torch.nn.functional.cross_entropy(logits, inputs["label"], reduction="sum").item()
-    return {"accuracy": correct / max(len(data), 1), "loss": loss / max(len(data), 1)}
+        out = model(inputs).float()
+        loss += target.loss_sum(out, inputs["label"]).item()
+        outputs.append(out.cpu())
+    scores = target.scores(torch.cat(outputs)).numpy() if outputs else np.zeros((0, target.width))
+    return {target.HEADLINE: target.headline(scores, data.labels) if len(data) else 0.0,
+            "loss": loss / max(len(data), 1), "scores": scores}
 
 
 def accuracy(model: torch.nn.Module, data: FeatureSet, modalities: list[str], device: torch.device,
              batch_size: int = 512) -> float:
-    return score(model, data, modalities, device, batch_size)["accuracy"]
+    """The headline metric (accuracy for a category target) of ``model`` on ``data``."""
+    return score(model, data, modalities, device, batch_size)[data.target.HEADLINE]
 
 
 @dataclass
 class Progress:
-    """Where the loop stands: what a checkpoint saves and a resumed run starts from."""
+    """Where the loop stands: what a checkpoint saves and a resumed run starts from. ``metric``: the row key
+    that early stopping and the checkpoint choice follow (``val_<the target's headline>``)."""
     start_epoch: int = 0
-    best: dict = field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": -1, "state": None})
+    best: dict = field(default_factory=lambda: {"score": -math.inf, "epoch": -1, "state": None})
     history: list = field(default_factory=list)
-    stalled: int = 0  # epochs since the best validation accuracy (early stopping)
+    stalled: int = 0  # epochs since the best validation score (early stopping)
     finished: dict | None = None  # metrics of a model an interrupted run already finished
+    metric: str = "val_accuracy"
 
     def record(self, row: dict, model: torch.nn.Module) -> None:
         self.history.append(row)
-        if row["val_accuracy"] > self.best["val_accuracy"]:
-            self.best = {"val_accuracy": row["val_accuracy"], "epoch": row["epoch"],
+        if row[self.metric] > self.best["score"]:
+            self.best = {"score": row[self.metric], "epoch": row["epoch"],
                          # contiguous: channels-last conv weights (CUDA) are not, and safetensors needs it
                          "state": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}}
             self.stalled = 0
@@ -126,7 +134,8 @@ class Optimisation:
     amp_dtype: torch.dtype
 
     @classmethod
-    def create(cls, params, model: torch.nn.Module, steps_per_epoch: int, device: torch.device) -> "Optimisation":
+    def create(cls, params, model: torch.nn.Module, steps_per_epoch: int, device: torch.device,
+               target: Target) -> "Optimisation":
         total_steps, warmup = steps_per_epoch * params.epochs, int(steps_per_epoch * params.warmup_epochs)
         # fused: one kernel for the whole update on CUDA (the step is launch-bound at this model size)
         optimizer = torch.optim.AdamW(param_groups(model, params.lr), lr=params.lr, weight_decay=params.weight_decay,
@@ -134,8 +143,7 @@ class Optimisation:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
         amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp_dtype == torch.float16)
-        return cls(optimizer, schedule, scaler, torch.nn.CrossEntropyLoss(label_smoothing=params.label_smoothing),
-                   amp_dtype)
+        return cls(optimizer, schedule, scaler, target.loss(params).to(device), amp_dtype)
 
 
 def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path | None,
@@ -165,7 +173,9 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     val_set = FeatureSet(features_root, split="val", embeddings=True)
     placement = place_splits({"train": train_set, "val": val_set}, device, params.memory_budget_mb * 2**20)
 
-    config = model_config(modalities, train_set.state, model_params.model_dump(), train_set.label_names)
+    target = train_set.target  # what the model predicts: its head, loss and headline metric
+    metric = f"val_{target.HEADLINE}"
+    config = model_config(modalities, train_set.state, model_params.model_dump(), target)
     model, pretrained = init_model, {}
     if model is None:  # a fresh model: local weight files into the backbones that have them
         model = build_model(config)
@@ -187,12 +197,12 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     # steps (and the same lr schedule fits) however many processes torchrun starts
     rank_batch = math.ceil(params.batch_size / world.size)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world.size) / rank_batch)
-    opt = Optimisation.create(params, model, steps_per_epoch, device)
+    opt = Optimisation.create(params, model, steps_per_epoch, device, target)
 
     name = "+".join(modalities)
     checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root,
                                  {m: info.get("sha256") for m, info in pretrained.items()})
-    progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None)
+    progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None, metric)
     if on_resume and world.is_main and progress.history:  # the epochs the killed run trained (its curves)
         on_resume(progress.history)
     seen = 0  # samples this process trained on (throughput)
@@ -200,13 +210,13 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         if progress.stalled >= params.patience:  # early stopping, checked first: a resumed run stops where the original did
             break
         tic = time.perf_counter()
-        loss_sum, correct, n = train_epoch(step_model, model, train_set, opt, params, epoch, world, device, modalities,
-                                           rank_batch, steps_per_epoch)
+        loss_sum, sums, n = train_epoch(step_model, model, train_set, opt, params, epoch, world, device, modalities,
+                                        rank_batch, steps_per_epoch)
         seen += n
-        val = score(model, val_set, modalities, device) if world.is_main else {"accuracy": 0.0, "loss": 0.0}
-        val_accuracy = distributed.from_main(val["accuracy"], device)
-        row = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
-               "val_accuracy": val_accuracy, "val_loss": val["loss"], "lr": opt.schedule.get_last_lr()[0],
+        val = score(model, val_set, modalities, device) if world.is_main else {target.HEADLINE: 0.0, "loss": 0.0}
+        val_score = distributed.from_main(val[target.HEADLINE], device)
+        row = {"epoch": epoch, "train_loss": loss_sum / n, f"train_{target.HEADLINE}": target.from_running(sums, n),
+               metric: val_score, "val_loss": val["loss"], "lr": opt.schedule.get_last_lr()[0],
                "samples_per_s": n / (time.perf_counter() - tic)}
         progress.record(row, model)
         if on_epoch and world.is_main:
@@ -217,19 +227,32 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                                "rng": rng_state(device), "epoch": epoch, "best": progress.best,
                                "history": progress.history, "stalled": progress.stalled})
 
+    # the best epoch's weights; what the target tunes on the validation split with them (set: thresholds)
+    tuned = {}
+    if world.is_main and target.TUNES_ON_VAL and progress.finished is None and progress.best["state"] is not None:
+        model.load_state_dict(progress.best["state"])
+        tuned = target.fit_on_val(score(model, val_set, modalities, device)["scores"], val_set.labels)
+        config["target"]["state"].update(tuned)
+    elif progress.finished is not None:
+        tuned = progress.finished.get("tuned_on_val", {})
+        config["target"]["state"].update(tuned)
     # outputs: the best epoch's weights, the run's metrics, and the finished checkpoint until the caller is done
     if world.is_main and out_dir is not None:
         save_model(out_dir, progress.best["state"], config)
     metrics = progress.finished
     if metrics is None:
         seconds = time.perf_counter() - started
-        metrics = {"modalities": modalities, "best_epoch": progress.best["epoch"],
-                   "val_accuracy": progress.best["val_accuracy"], "epochs_run": len(progress.history),
+        metrics = {"modalities": modalities, "headline": target.HEADLINE, "best_epoch": progress.best["epoch"],
+                   metric: progress.best["score"], "epochs_run": len(progress.history),
                    "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1),
                    "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size,
                    "data": placement}
         if pretrained:
             metrics["pretrained"] = pretrained
+        if tuned:  # (set: per-tag thresholds) kept in the model's config; the headline above is at 0.5
+            metrics["tuned_on_val"] = tuned
+            metrics[f"{metric}_tuned"] = target.fitted({**target.state, **tuned}).headline(
+                score(model, val_set, modalities, device)["scores"], val_set.labels)
         if device.type == "cuda":
             metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if world.is_main and checkpoint is not None:  # small (the best weights): cleared by clear_checkpoints
@@ -329,12 +352,12 @@ def place_model(model: torch.nn.Module, device: torch.device, world, compile_mod
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
-MODEL_CODE = [PACKAGE / "training", PACKAGE / "models", PACKAGE / "modalities"]
+MODEL_CODE = [PACKAGE / "training", PACKAGE / "models", PACKAGE / "modalities", PACKAGE / "targets"]
 
 
 def code_digest() -> str:
-    """The model code: every module of mmpipe/training, mmpipe/models and mmpipe/modalities (the
-    training loop, the networks, the encoders' factories), byte for byte."""
+    """The model code: every module of mmpipe/training, mmpipe/models, mmpipe/modalities and mmpipe/targets
+    (the training loop, the networks, the encoders' factories, the heads' losses), byte for byte."""
     digest = hashlib.sha1()
     for path in sorted(p for folder in MODEL_CODE for p in folder.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -354,16 +377,18 @@ def checkpoint_path(checkpoint_dir: Path | None, name: str, config: dict, params
 
 
 def resume(checkpoint: Path | None, model: torch.nn.Module, opt: Optimisation, device: torch.device, epochs: int,
-           name: str | None) -> Progress:
+           name: str | None, metric: str = "val_accuracy") -> Progress:
     """Progress restored from ``checkpoint`` (weights, optimiser, RNGs in place), or a fresh start.
-    ``name``: the model's name for the message (None: not the main process, say nothing)."""
+    ``name``: the model's name for the message (None: not the main process, say nothing); ``metric``: the
+    validation figure that picks the best epoch."""
     if checkpoint is None or not checkpoint.exists():
-        return Progress()
+        return Progress(metric=metric)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # safe loading: tensors and plain data only
     if saved.get("finished"):
         if name:
             print(f"train[{name}]: already trained by an interrupted run of this stage ({checkpoint}): not retrained")
-        return Progress(start_epoch=epochs, best=saved["best"], history=saved["history"], finished=saved["metrics"])
+        return Progress(start_epoch=epochs, best=saved["best"], history=saved["history"], finished=saved["metrics"],
+                        metric=metric)
     model.load_state_dict(saved["model"])
     opt.optimizer.load_state_dict(saved["optimizer"])
     opt.schedule.load_state_dict(saved["schedule"])
@@ -372,17 +397,19 @@ def resume(checkpoint: Path | None, model: torch.nn.Module, opt: Optimisation, d
     if name:
         print(f"train[{name}]: resuming after epoch {saved['epoch']} from {checkpoint}")
     return Progress(start_epoch=saved["epoch"] + 1, best=saved["best"], history=saved["history"],
-                    stalled=saved["stalled"])
+                    stalled=saved["stalled"], metric=metric)
 
 
 def train_epoch(step_model, model: torch.nn.Module, train_set: FeatureSet, opt: Optimisation, params, epoch: int,
                 world, device: torch.device, modalities: list[str], rank_batch: int,
-                steps_per_epoch: int) -> tuple[float, int, int]:
-    """One pass over this process's shard of the train split. Returns (loss sum, correct, samples) over all ranks."""
+                steps_per_epoch: int) -> tuple[float, list[float], int]:
+    """One pass over this process's shard of the train split. Returns (loss sum, the target's running sums of
+    its headline, samples) over all ranks."""
     step_model.train()
     # sums stay on the device: reading them every step (.item()) would wait for the GPU each time
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    target = train_set.target
+    sums = None
     n, tic = 0, time.perf_counter()
     if world.size > 1:  # each rank draws its own augmentation and modality dropout; per epoch, so resume is exact
         torch.manual_seed((params.seed * 100_003 + epoch) * world.size + world.rank)
@@ -405,13 +432,16 @@ def train_epoch(step_model, model: torch.nn.Module, train_set: FeatureSet, opt: 
         opt.schedule.step()
         batch_n = len(inputs["label"])
         loss_sum += loss.detach().double() * batch_n
-        correct += (logits.argmax(dim=1) == inputs["label"]).sum()
+        batch_sums = target.running(logits.detach().float(), inputs["label"])
+        sums = batch_sums if sums is None else sums + batch_sums
         n += batch_n
         if step % 25 == 24 and not bar.disable:  # the progress bar's figures: one sync every 25 steps
-            bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}",
+            bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}",
+                            **{target.HEADLINE: f"{target.from_running(sums.tolist(), n):.3f}"},
                             samples_s=f"{n / (time.perf_counter() - tic):.0f}")
-    loss_sum, correct, n = distributed.all_sum([loss_sum.item(), int(correct.item()), n], device)
-    return loss_sum, correct, n
+    sums = sums.tolist() if sums is not None else [0.0] * target.RUNNING_SIZE
+    loss_sum, *sums, n = distributed.all_sum([loss_sum.item(), *sums, n], device)
+    return loss_sum, sums, n
 
 
 def _save(path: Path, payload: dict) -> None:

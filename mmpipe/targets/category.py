@@ -1,0 +1,70 @@
+"""category: one class per sample (the default; softmax + cross-entropy with label smoothing)."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mmpipe.targets.base import UNLABELLED, Target
+from mmpipe.targets.metrics import classification
+
+
+class Category(Target):
+    NAME = "category"
+    HEADLINE = "accuracy"
+
+    def parse(self, cell: str | None) -> str:
+        # NFC and outer whitespace only: "Cat " and "Cat" are one class, "cat" another
+        return unicodedata.normalize("NFC", cell).strip() if cell is not None else UNLABELLED
+
+    def fit(self, train_cells: Sequence[str], kept_cells: Sequence[str]) -> dict[str, Any]:
+        return {"labels": sorted(set(kept_cells))}  # every kept class, even one the train split lacks (warned)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.state["labels"]
+
+    @property
+    def width(self) -> int:
+        return len(self.labels)
+
+    def encode(self, cells: Sequence[str]) -> np.ndarray:
+        index = {label: i for i, label in enumerate(self.labels)}
+        return np.array([index[c] for c in cells], dtype=np.int64)
+
+    def loss(self, train_params) -> torch.nn.Module:
+        return torch.nn.CrossEntropyLoss(label_smoothing=train_params.label_smoothing)
+
+    def loss_sum(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(outputs, encoded, reduction="sum")
+
+    def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        return (outputs.argmax(dim=1) == encoded).sum().double().reshape(1)
+
+    def from_running(self, sums: list[float], n: int) -> float:
+        return sums[0] / max(n, 1)
+
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(outputs.float(), dim=1)
+
+    def headline(self, scores: np.ndarray, encoded: np.ndarray) -> float:
+        return float((scores.argmax(axis=1) == encoded).mean())
+
+    def metrics(self, scores: np.ndarray, encoded: np.ndarray, ece_bins: int) -> dict[str, Any]:
+        return classification(scores, encoded, self.labels, ece_bins)
+
+    def chance(self, encoded: np.ndarray) -> float:
+        return float(np.bincount(encoded, minlength=self.width).max() / max(len(encoded), 1))
+
+    def answer(self, scores_row: np.ndarray) -> dict[str, Any]:
+        return {"label": self.labels[int(scores_row.argmax())],
+                "probabilities": {lab: round(float(x), 6) for lab, x in zip(self.labels, scores_row)}}
+
+    def agree(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return a.get("label") == b.get("label")
+
+    def score_answers(self, answers: list[dict[str, Any]], encoded: np.ndarray) -> float:
+        return float(np.mean([a.get("label") == self.labels[y] for a, y in zip(answers, encoded)]))

@@ -1,0 +1,120 @@
+"""number: one real value per sample (regression). The head predicts the (transformed) value
+standardised with the train split's mean and standard deviation: a learning rate and a Huber loss then
+mean the same for a price in dollars as for a length of stay in days. Answers are in the user's units."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mmpipe.targets.base import UNLABELLED, BadTarget, Target
+from mmpipe.targets.metrics import regression
+
+TRANSFORMS = ("none", "log")  # log: log1p, so 0 is allowed and negative values are rejected
+
+
+class HuberOnFirstOutput(torch.nn.Module):
+    """Huber loss (delta 1, on the standardised scale: quadratic within one train standard deviation,
+    linear beyond, so a few extreme values do not dominate) of the head's single output."""
+
+    def forward(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.huber_loss(outputs[:, 0], encoded.to(outputs.dtype), delta=1.0)
+
+
+class Number(Target):
+    NAME = "number"
+    HEADLINE = "r2"
+    RUNNING_SIZE = 3
+
+    @property
+    def transform(self) -> str:
+        return self.spec.get("transform", "none")
+
+    def parse(self, cell: str | None) -> str:
+        text = (cell or "").strip()
+        if not text:
+            return UNLABELLED
+        try:
+            value = float(text)
+        except ValueError:
+            raise BadTarget("target_not_a_number", f"target {text[:40]!r} is not a number") from None
+        if not math.isfinite(value):
+            raise BadTarget("target_not_finite", f"target {text[:40]!r} is not a finite number")
+        if self.transform == "log" and value < 0:
+            raise BadTarget("target_negative_under_log", f"target {value:g} is negative (data.target.transform: log)")
+        return repr(value)
+
+    def _forward(self, values: np.ndarray) -> np.ndarray:
+        return np.log1p(values) if self.transform == "log" else values
+
+    def _inverse(self, values: np.ndarray) -> np.ndarray:
+        return np.expm1(values) if self.transform == "log" else values
+
+    def fit(self, train_cells: Sequence[str], kept_cells: Sequence[str]) -> dict[str, Any]:
+        values = np.array([float(c) for c in train_cells], dtype=np.float64)
+        if len(values) == 0:
+            raise ValueError("no labelled train row")
+        moved = self._forward(values)
+        std = float(moved.std())
+        return {"transform": self.transform, "mean": float(moved.mean()), "std": std if std > 0 else 1.0,
+                "train_min": float(values.min()), "train_max": float(values.max()),
+                "train_std": float(values.std()), "train_rows": int(len(values))}
+
+    @property
+    def width(self) -> int:
+        return 1
+
+    def encode(self, cells: Sequence[str]) -> np.ndarray:
+        values = self._forward(np.array([float(c) for c in cells], dtype=np.float64))
+        # float64: evaluation decodes these back to the user's units (float32 would move 412.5 by ~4e-5)
+        return (values - self.state["mean"]) / self.state["std"]
+
+    def decode(self, encoded: np.ndarray) -> np.ndarray:
+        """Model-scale values -> the user's units."""
+        return self._inverse(np.asarray(encoded, np.float64) * self.state["std"] + self.state["mean"])
+
+    def loss(self, train_params) -> torch.nn.Module:
+        return HuberOnFirstOutput()
+
+    def loss_sum(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.huber_loss(outputs[:, 0], encoded.to(outputs.dtype), delta=1.0, reduction="sum")
+
+    def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        y, error = encoded.double(), outputs[:, 0].double() - encoded.double()
+        return torch.stack([(error * error).sum(), y.sum(), (y * y).sum()])
+
+    def from_running(self, sums: list[float], n: int) -> float:
+        sse, sy, syy = sums
+        total = syy - sy * sy / max(n, 1)
+        return 1.0 - sse / total if total > 0 else 0.0  # R² on the model's (standardised, transformed) scale
+
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        z = outputs[:, 0].double() * self.state["std"] + self.state["mean"]
+        return torch.expm1(z) if self.transform == "log" else z
+
+    def headline(self, scores: np.ndarray, encoded: np.ndarray) -> float:
+        return regression(scores, self.decode(encoded))["r2"]
+
+    def metrics(self, scores: np.ndarray, encoded: np.ndarray, ece_bins: int) -> dict[str, Any]:
+        truth = self.decode(encoded)
+        return {"summary": regression(scores, truth), "predicted": np.asarray(scores, np.float64), "truth": truth}
+
+    def chance(self, encoded: np.ndarray) -> float:
+        return 0.0  # R² of always answering the mean
+
+    def answer(self, scores_row: np.ndarray) -> dict[str, Any]:
+        return {"value": float(np.asarray(scores_row).reshape(-1)[0])}
+
+    def tolerance(self) -> float:
+        """Parity of two answers: within this absolute difference (1e-3 of the train values' spread)."""
+        return 1e-3 * max(self.state.get("train_std", 1.0), 1e-12)
+
+    def agree(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return "value" in a and "value" in b and abs(a["value"] - b["value"]) <= self.tolerance()
+
+    def score_answers(self, answers: list[dict[str, Any]], encoded: np.ndarray) -> float:
+        mean = float(self.decode(np.zeros(1))[0])  # an unread row: the train mean's answer
+        return regression(np.array([a.get("value", mean) for a in answers]), self.decode(encoded))["r2"]
