@@ -1,14 +1,16 @@
 """Proof that a bundle computes what the pipeline evaluated (the export stage's checks, metrics/export.json).
 
 "Agreement" is in the target's terms (mmpipe/targets: ``agree``): a class, the same top-1; a number, within
-1e-3 of the train values' standard deviation; a tag set, the same tags. "Accuracy" is the target's
+1e-3 of the train values' standard deviation (one model on two paths; 5 % of it between two models: int8
+vs fp32); a tag set, the same tags. "Accuracy" is the target's
 headline metric (accuracy, R², micro-F1), the checks' keys name it.
 
 - fp32 ONNX vs PyTorch: max |logit difference| on the first ``parity_samples`` test samples;
 - shipped (e.g. int8) vs fp32 ONNX: agreement on the test split;
 - the standalone predictor, run on the **raw** test files (as collected, before clean) through its
   own preprocessing, with the shipped and the fp32 model: its headline metric, next to the evaluate
-  stage's (PyTorch on the pipeline's features) and compress's test figure of the shipped variant;
+  stage's (PyTorch on the pipeline's features) and compress's test figure of the shipped variant; and row
+  by row, the fp32 predictor's answers against the fp32 model's on the pipeline's features (agreement);
 - train/serve parity on the re-encodings users bring (a modality's ``PARITY_VARIANTS``; audio: each
   raw test clip converted to 22.05, 44.1 and 48 kHz stereo), featurised by the pipeline (clean ->
   preprocess) and by the bundle's predictor: the fp32 model's top-1 must agree on at least
@@ -91,10 +93,13 @@ def raw_test_items(raw_dir: Path, clean_dir: Path, sample_ids: np.ndarray, modal
 
 
 def predictor_accuracy(predictor, items: Sequence[dict], test: FeatureSet, batch_size: int,
-                       target=None) -> tuple[float, list[str]]:
+                       target=None, answers: list | None = None) -> tuple[float, list[str]]:
     """A bundle predictor's headline metric (``target``'s; None: the test split's) on the raw test ``items``
-    (a row it cannot read counts as a miss), and its errors as ``<sample id>: <reason>``."""
+    (a row it cannot read counts as a miss), and its errors as ``<sample id>: <reason>``. ``answers``: a
+    list to append the predictor's answers to."""
     results = list(predictor.predict_rows(items, batch_size))
+    if answers is not None:
+        answers.extend(results)
     errors = [f"{sid}: {r['error']}" for sid, r in zip(test.sample_ids, results) if "error" in r]
     return (target or test.target).score_answers(results, test.labels), errors
 
@@ -153,19 +158,23 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequen
     base_out = run_logits(session(quantized_from), everything) if quantized_from else None
 
     predict = load_predictor(folder)
-    accuracy, errors = {}, []
+    accuracy, errors, answers = {}, [], []
     for which in ("shipped", "fp32"):
         accuracy[which], failed = predictor_accuracy(predict.Predictor(folder, model=which), items, test, batch_size,
-                                                     target)
+                                                     target, answers if which == "fp32" else None)
         errors += failed
+    # row by row: the predictor's fp32 answer on the raw file vs the pipeline's (fp32 ONNX on the features)
+    pipeline = target.scores(torch.from_numpy(fp32_out)).numpy()
+    agree = [target.agree(a, target.answer(row)) for a, row in zip(answers, pipeline)]
     # (the "top1" names are the classes'; for a number or a tag set, the agreement of ``target.agree``)
     return {"parity_samples": len(batch["label"]), "headline": headline,
             "fp32_onnx_vs_pytorch_max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
-            "shipped_vs_fp32_top1_agreement": float(target.agreement(fp32_out, shipped_out).mean()),
-            "int8_vs_its_fp32_top1_agreement": (float(target.agreement(base_out, shipped_out).mean())
+            "shipped_vs_fp32_top1_agreement": float(target.agreement(fp32_out, shipped_out, True).mean()),
+            "int8_vs_its_fp32_top1_agreement": (float(target.agreement(base_out, shipped_out, True).mean())
                                                 if quantized_from else None),
             f"predictor_raw_test_{headline}": accuracy["shipped"],
             f"predictor_raw_test_{headline}_fp32": accuracy["fp32"],
+            "predictor_vs_pipeline_agreement_fp32": float(np.mean(agree)),
             "predictor_input_errors": sorted(set(errors))}
 
 
@@ -256,6 +265,11 @@ def failed_checks(checks: dict, params) -> list[str]:
                               f"{parity['top1_agreement']:.4f} of test items (< export.min_conversion_agreement "
                               f"{params.min_conversion_agreement})")
     headline = checks.get("headline", "accuracy")
+    agreement = checks.get("predictor_vs_pipeline_agreement_fp32", 1.0)
+    if agreement < params.min_conversion_agreement:
+        failed.append(f"export check failed: the predictor on the raw test files and the pipeline on their features "
+                      f"agree on {agreement:.4f} of them (fp32; < export.min_conversion_agreement "
+                      f"{params.min_conversion_agreement})")
     if abs(checks["predictor_gap_vs_evaluate"]) > params.max_predictor_accuracy_gap:
         failed.append(f"export check failed: the predictor on raw test files scores {headline} "
                       f"{checks[f'predictor_raw_test_{headline}_fp32']:.4f} with the fp32 model vs "

@@ -112,15 +112,17 @@ class Target:
         """One prediction as the predictor returns it."""
         raise NotImplementedError
 
-    def agree(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
-        """Whether two answers for the same input agree (parity checks)."""
+    def agree(self, a: dict[str, Any], b: dict[str, Any], between_models: bool = False) -> bool:
+        """Whether two answers for the same input agree: parity checks (the same model on two paths) or, with
+        ``between_models``, two models (int8 vs fp32: a number then within a looser tolerance)."""
         raise NotImplementedError
 
-    def agreement(self, outputs_a: np.ndarray, outputs_b: np.ndarray) -> np.ndarray:
-        """Row by row, whether two models' raw outputs give agreeing answers (class: the same top-1; number:
-        within ``tolerance``; set: the same tags)."""
+    def agreement(self, outputs_a: np.ndarray, outputs_b: np.ndarray, between_models: bool = False) -> np.ndarray:
+        """Row by row, whether two raw outputs give agreeing answers (class: the same top-1; number: within
+        ``tolerance``; set: the same tags)."""
         scores_a, scores_b = (self.scores(torch.from_numpy(np.asarray(o, np.float32))).numpy() for o in (outputs_a, outputs_b))
-        return np.array([self.agree(self.answer(x), self.answer(y)) for x, y in zip(scores_a, scores_b)], bool)
+        return np.array([self.agree(self.answer(x), self.answer(y), between_models) for x, y in zip(scores_a, scores_b)],
+                        bool)
 
     def score_answers(self, answers: list[dict[str, Any]], encoded: np.ndarray) -> float:
         """The headline metric of answers as a predictor gives them (``answer``'s form; ``{"error"}`` for a row

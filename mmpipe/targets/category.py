@@ -63,7 +63,7 @@ class Category(Target):
         return {"label": self.labels[int(scores_row.argmax())],
                 "probabilities": {lab: round(float(x), 6) for lab, x in zip(self.labels, scores_row)}}
 
-    def agree(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def agree(self, a: dict[str, Any], b: dict[str, Any], between_models: bool = False) -> bool:
         return a.get("label") == b.get("label")
 
     def score_answers(self, answers: list[dict[str, Any]], encoded: np.ndarray) -> float:

@@ -8,10 +8,9 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 
-def calibration(probs: np.ndarray, labels: np.ndarray, bins: int) -> tuple[float, list[dict]]:
-    """Expected calibration error over ``bins`` equal-width confidence bins, and the reliability table."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
+def _reliability(confidence: np.ndarray, outcome: np.ndarray, bins: int, name: str) -> tuple[float, list[dict]]:
+    """ECE over ``bins`` equal-width bins of ``confidence``: the mean |observed rate of ``outcome`` - mean
+    confidence| weighted by the bin's share; and the reliability table (the rate named ``name``)."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     ece, table = 0.0, []
@@ -19,12 +18,17 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int) -> tuple[float
         in_bin = which == b
         if not in_bin.any():
             continue
-        gap = abs(correct[in_bin].mean() - confidence[in_bin].mean())
+        gap = abs(outcome[in_bin].mean() - confidence[in_bin].mean())
         ece += gap * in_bin.mean()
         table.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
-                      "confidence": float(confidence[in_bin].mean()), "accuracy": float(correct[in_bin].mean()),
+                      "confidence": float(confidence[in_bin].mean()), name: float(outcome[in_bin].mean()),
                       "samples": int(in_bin.sum())})
     return float(ece), table
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int) -> tuple[float, list[dict]]:
+    """Expected calibration error of the top-1 confidence (is the predicted class right?), and the table."""
+    return _reliability(probs.max(axis=1), probs.argmax(axis=1) == labels, bins, "accuracy")
 
 
 def classification(probs: np.ndarray, labels: np.ndarray, label_names: list[str], ece_bins: int) -> dict:
@@ -46,21 +50,9 @@ def classification(probs: np.ndarray, labels: np.ndarray, label_names: list[str]
 
 
 def binary_calibration(probs: np.ndarray, truth: np.ndarray, bins: int) -> tuple[float, list[dict]]:
-    """Reliability of probabilities of a yes/no event (one tag): per equal-width bin of predicted
-    probability, the observed frequency; the ECE is their mean gap weighted by the bin's share."""
-    probs, truth = probs.ravel(), truth.ravel().astype(bool)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(probs, edges[1:-1], right=True), 0, bins - 1)
-    ece, table = 0.0, []
-    for b in range(bins):
-        in_bin = which == b
-        if not in_bin.any():
-            continue
-        ece += abs(truth[in_bin].mean() - probs[in_bin].mean()) * in_bin.mean()
-        table.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
-                      "confidence": float(probs[in_bin].mean()), "frequency": float(truth[in_bin].mean()),
-                      "samples": int(in_bin.sum())})
-    return float(ece), table
+    """Reliability of probabilities of a yes/no event (one tag, or all tags pooled): per bin of predicted
+    probability, the observed frequency of the event."""
+    return _reliability(probs.ravel(), truth.ravel().astype(bool), bins, "frequency")
 
 
 def regression(predicted: np.ndarray, truth: np.ndarray) -> dict:

@@ -127,7 +127,7 @@ class TagSet(Target):
         return {"tags": [t for t, p, thr in zip(self.tags, scores_row, self.thresholds) if p >= thr],
                 "scores": {t: round(float(p), 6) for t, p in zip(self.tags, scores_row)}}
 
-    def agree(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def agree(self, a: dict[str, Any], b: dict[str, Any], between_models: bool = False) -> bool:
         return a.get("tags") == b.get("tags")
 
     def score_answers(self, answers: list[dict[str, Any]], encoded: np.ndarray) -> float:
