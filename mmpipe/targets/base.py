@@ -14,10 +14,12 @@ target: kept (unlabelled), excluded from supervised training and evaluation.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: clean parses cells in processes that never need it
+    import torch
 
 UNLABELLED = ""
 
@@ -120,6 +122,7 @@ class Target:
     def agreement(self, outputs_a: np.ndarray, outputs_b: np.ndarray, between_models: bool = False) -> np.ndarray:
         """Row by row, whether two raw outputs give agreeing answers (class: the same top-1; number: within
         ``tolerance``; set: the same tags)."""
+        import torch
         scores_a, scores_b = (self.scores(torch.from_numpy(np.asarray(o, np.float32))).numpy() for o in (outputs_a, outputs_b))
         return np.array([self.agree(self.answer(x), self.answer(y), between_models) for x, y in zip(scores_a, scores_b)],
                         bool)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: clean parses cells in processes that never need it
+    import torch
 
 from mmpipe.targets.base import UNLABELLED, Target
 from mmpipe.targets.metrics import classification
@@ -36,9 +38,11 @@ class Category(Target):
         return np.array([index[c] for c in cells], dtype=np.int64)
 
     def loss(self, train_params) -> torch.nn.Module:
+        import torch
         return torch.nn.CrossEntropyLoss(label_smoothing=train_params.label_smoothing)
 
     def loss_sum(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        import torch
         return torch.nn.functional.cross_entropy(outputs, encoded, reduction="sum")
 
     def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
@@ -48,6 +52,7 @@ class Category(Target):
         return sums[0] / max(n, 1)
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        import torch
         return torch.softmax(outputs.float(), dim=1)
 
     def headline(self, scores: np.ndarray, encoded: np.ndarray) -> float:

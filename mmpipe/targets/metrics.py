@@ -5,7 +5,8 @@ scikit-learn lacks (median absolute percentage error)."""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+# scikit-learn is imported in the functions that use it: clean imports the targets, never these metrics
 
 
 def _reliability(confidence: np.ndarray, outcome: np.ndarray, bins: int, name: str) -> tuple[float, list[dict]]:
@@ -33,6 +34,8 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int) -> tuple[float
 
 def classification(probs: np.ndarray, labels: np.ndarray, label_names: list[str], ece_bins: int) -> dict:
     """Accuracy, macro/weighted precision/recall/F1, ECE, per-class table, confusion matrix, reliability."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
     predicted = probs.argmax(axis=1)
     classes = list(range(len(label_names)))
     summary = {"samples": int(len(labels)), "accuracy": float(accuracy_score(labels, predicted))}
@@ -74,7 +77,7 @@ def multilabel(probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarray, tag
     """Micro/macro F1, precision and recall at the tags' thresholds, mean average precision (over the tags
     this split has positives of), subset accuracy (the whole set right), per-tag table, pooled and per-tag
     calibration."""
-    from sklearn.metrics import average_precision_score
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
     truth = truth.astype(bool)
     predicted = probs >= thresholds[None, :]

@@ -5,10 +5,12 @@ mean the same for a price in dollars as for a length of stay in days. Answers ar
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: clean parses cells in processes that never need it
+    import torch
 
 from mmpipe.targets.base import UNLABELLED, BadTarget, Target
 from mmpipe.targets.metrics import regression
@@ -16,12 +18,16 @@ from mmpipe.targets.metrics import regression
 TRANSFORMS = ("none", "log")  # log: log1p, so 0 is allowed and negative values are rejected
 
 
-class HuberOnFirstOutput(torch.nn.Module):
+def huber_on_first_output() -> "torch.nn.Module":
     """Huber loss (delta 1, on the standardised scale: quadratic within one train standard deviation,
     linear beyond, so a few extreme values do not dominate) of the head's single output."""
+    import torch
 
-    def forward(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.huber_loss(outputs[:, 0], encoded.to(outputs.dtype), delta=1.0)
+    class HuberOnFirstOutput(torch.nn.Module):
+        def forward(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.huber_loss(outputs[:, 0], encoded.to(outputs.dtype), delta=1.0)
+
+    return HuberOnFirstOutput()
 
 
 class Number(Target):
@@ -77,12 +83,14 @@ class Number(Target):
         return self._inverse(np.asarray(encoded, np.float64) * self.state["std"] + self.state["mean"])
 
     def loss(self, train_params) -> torch.nn.Module:
-        return HuberOnFirstOutput()
+        return huber_on_first_output()
 
     def loss_sum(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        import torch
         return torch.nn.functional.huber_loss(outputs[:, 0], encoded.to(outputs.dtype), delta=1.0, reduction="sum")
 
     def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        import torch
         y, error = encoded.double(), outputs[:, 0].double() - encoded.double()
         return torch.stack([(error * error).sum(), y.sum(), (y * y).sum()])
 
@@ -92,6 +100,7 @@ class Number(Target):
         return 1.0 - sse / total if total > 0 else 0.0  # R² on the model's (standardised, transformed) scale
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        import torch
         z = outputs[:, 0].double() * self.state["std"] + self.state["mean"]
         return torch.expm1(z) if self.transform == "log" else z
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import collections
 import json
 import unicodedata
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: clean parses cells in processes that never need it
+    import torch
 
 from mmpipe.targets.base import UNLABELLED, BadTarget, Target, f1_from_counts
 from mmpipe.targets.metrics import multilabel
@@ -81,14 +83,17 @@ class TagSet(Target):
         return out
 
     def loss(self, train_params) -> torch.nn.Module:
+        import torch
         return torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self.state["pos_weight"], dtype=torch.float32))
 
     def loss_sum(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        import torch
         weight = torch.tensor(self.state["pos_weight"], dtype=outputs.dtype, device=outputs.device)
         return torch.nn.functional.binary_cross_entropy_with_logits(outputs, encoded, pos_weight=weight,
                                                                     reduction="sum")
 
     def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        import torch
         predicted, truth = outputs >= 0, encoded >= 0.5  # probability >= 0.5 while training
         return torch.stack([(predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()]).double()
 
@@ -96,6 +101,7 @@ class TagSet(Target):
         return f1_from_counts(*sums)
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        import torch
         return torch.sigmoid(outputs.float())
 
     def headline(self, scores: np.ndarray, encoded: np.ndarray) -> float:
