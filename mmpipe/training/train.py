@@ -228,10 +228,11 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                                "history": progress.history, "stalled": progress.stalled})
 
     # the best epoch's weights; what the target tunes on the validation split with them (set: thresholds)
-    tuned = {}
+    tuned, val_scores = {}, None
     if world.is_main and target.TUNES_ON_VAL and progress.finished is None and progress.best["state"] is not None:
         model.load_state_dict(progress.best["state"])
-        tuned = target.fit_on_val(score(model, val_set, modalities, device)["scores"], val_set.labels)
+        val_scores = score(model, val_set, modalities, device)["scores"]
+        tuned = target.fit_on_val(val_scores, val_set.labels)
         config["target"]["state"].update(tuned)
     elif progress.finished is not None:
         tuned = progress.finished.get("tuned_on_val", {})
@@ -251,8 +252,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
             metrics["pretrained"] = pretrained
         if tuned:  # (set: per-tag thresholds) kept in the model's config; the headline above is at 0.5
             metrics["tuned_on_val"] = tuned
-            metrics[f"{metric}_tuned"] = target.fitted({**target.state, **tuned}).headline(
-                score(model, val_set, modalities, device)["scores"], val_set.labels)
+            metrics[f"{metric}_tuned"] = target.fitted({**target.state, **tuned}).headline(val_scores, val_set.labels)
         if device.type == "cuda":
             metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if world.is_main and checkpoint is not None:  # small (the best weights): cleared by clear_checkpoints
