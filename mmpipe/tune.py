@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from mmpipe import params as params_module
 from mmpipe.errors import PipelineError, redact
+from mmpipe.extras import require
 
 STUDY_FILE = "tune.db"
 KILLED = "mmpipe.killed"  # user attribute of a trial a killed process left running
@@ -120,7 +121,7 @@ def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
 def open_study(cfg, name: str, storage_path: Path, max_epochs: int):
     """The study ``name`` in SQLite at ``storage_path`` (created or resumed), with its sampler and
     pruner; trials a killed process left RUNNING are marked FAIL (they will not report again)."""
-    import optuna
+    optuna = require("optuna", "tune (the hyperparameter search)")
 
     from mmpipe.tracking import holder_alive
 
@@ -161,7 +162,7 @@ def objective(cfg, sections: dict[str, Any], train_once: Callable[[Any, Any, Cal
               log: Callable[[str], None] = print) -> Callable:
     """The Optuna objective: one trial = one training run with the suggested values; each epoch is
     an MLflow step of the trial's child run and a report to the pruner."""
-    import optuna
+    optuna = require("optuna", "tune (the hyperparameter search)")
 
     from mmpipe import tracking
 
@@ -217,7 +218,7 @@ def _shown(values: dict[str, Any]) -> str:
 
 def summary(study) -> dict[str, Any]:
     """Counts by state, the best trial, and parameter importances (when Optuna can compute them)."""
-    import optuna
+    optuna = require("optuna", "tune (the hyperparameter search)")
 
     trials = finished(study)
     states = {state.name.lower(): sum(t.state == state for t in trials) for state in

@@ -8,9 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from conftest import png_bytes
 from mmpipe import params

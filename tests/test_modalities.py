@@ -15,7 +15,6 @@ import soundfile as sf
 from PIL import Image
 
 from conftest import png_bytes, tone, wav_bytes
-from mmpipe import params
 from mmpipe.modalities.portable import RejectedInput
 from mmpipe.modalities import MODALITIES, audio, image, names, register, text
 from mmpipe.modalities.base import Featurizer, Modality, model_dtype

@@ -19,7 +19,6 @@ from mmpipe.data.clean import clean
 from mmpipe.names import DATASET_FILE, REJECTS_FILE, STATE_FILE
 from mmpipe.data.collect import collect
 from mmpipe.deploy.verify import load_predictor
-from mmpipe.features.preprocess import preprocess
 from mmpipe.modalities import names, records, tabular
 
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -296,13 +297,12 @@ def test_credentials_in_the_tracking_uri_never_appear_in_messages():
 
 def test_make_ui_address_opens_the_experiment_on_its_training_runs(tmp_path):
     """MLflow 3.x's UI opens an experiment on its GenAI overview unless the address says model training
-    (its GenAI / Model training switch wins over the experiment's kind tag): the address `make ui`
-    prints says so. (Checked once in headless Chromium: docs/troubleshooting in the README.)"""
-    from conftest import ROOT
-
+    (its GenAI / Model training switch wins over the experiment's kind tag): the address `mmpipe ui`
+    (`make ui`) prints says so. (Checked once in headless Chromium: docs/troubleshooting in the README.)"""
     env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")},
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/mlflow_ui.py"), "--url-only", "--port", "5123"], env=env,
+    mmpipe = Path(sys.executable).with_name("mmpipe")  # the console command pyproject.toml installs
+    proc = subprocess.run([str(mmpipe), "ui", "--url-only", "--port", "5123"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     experiment = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)

@@ -17,6 +17,7 @@ from mmpipe.modalities import inputs
 from mmpipe.modalities.base import Cleaned
 from mmpipe.modalities.portable import decode_text
 from mmpipe.errors import PipelineError
+from mmpipe.extras import require
 from mmpipe.modalities.tokenizer import PretrainedTokenizer, Tokenizer
 from mmpipe.schema import Backbone, Embeddable, Strict
 
@@ -83,6 +84,7 @@ def pretrained_tokenizer(folder: str, max_length: int) -> tuple[PretrainedTokeni
         raise PipelineError(f"preprocess.{NAME}.tokenizer: {file} not found — it is char, word or a Hugging Face model "
                             f"folder: on a connected machine, AutoTokenizer.from_pretrained(name).save_pretrained(folder) "
                             f"and AutoModel.from_pretrained(name).save_pretrained(folder), then copy the folder")
+    require("tokenizers", f"preprocess.{NAME}.tokenizer: {folder} (a pretrained model's tokenizer)")
     try:
         tokenizer = PretrainedTokenizer.from_file(file, max_length)
     except Exception as exc:  # noqa: BLE001 - a user's file: one line

@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from mmpipe.errors import PipelineError
+from mmpipe.extras import require
 from mmpipe.models.encoders import affine_jitter
 
 
@@ -363,7 +364,7 @@ class TransformersEncoder(Backbone):
     def __init__(self, modality: str, model_config: dict, dim: int, weights: str | None, freeze, lr_scale: float,
                  checkpointing: bool = False):
         super().__init__()
-        import transformers
+        transformers = require("transformers", "a Hugging Face encoder (arch: huggingface)")
 
         field = f"model.encoders.{modality}"
         self.modality, self.weights = modality, weights
@@ -385,7 +386,7 @@ class TransformersEncoder(Backbone):
                 "AutoTokenizer.from_pretrained(name).save_pretrained('weights/<folder>')\"")
 
     def read_weights(self, path: Path, field: str) -> dict[str, torch.Tensor]:
-        import transformers
+        transformers = require("transformers", "a Hugging Face encoder (arch: huggingface)")
 
         if path.is_file():
             return read_state_dict(path, field)
