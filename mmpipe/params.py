@@ -16,7 +16,7 @@ from mmpipe.data.builtin import BuiltinCorpus
 from mmpipe.errors import PipelineError
 from mmpipe.modalities import MODALITIES
 from mmpipe.names import FUSIONS
-from mmpipe.schema import Strict
+from mmpipe.schema import Strict, check_weights_folder
 
 PARAMS_FILE = "params.yaml"
 
@@ -115,6 +115,13 @@ class ModelBase(Strict):
     def _heads_divide_dim(self) -> "ModelBase":
         if self.dim % self.attention_heads:
             raise ValueError(f"dim ({self.dim}) must be a multiple of attention_heads ({self.attention_heads})")
+        return self
+
+    @model_validator(mode="after")
+    def _weights_in_their_modality_folder(self) -> "ModelBase":
+        encoders = getattr(self, "encoders", None)
+        for m in (type(encoders).model_fields if encoders is not None else ()):
+            check_weights_folder(getattr(getattr(encoders, m), "weights", None), m, f"model.encoders.{m}.weights")
         return self
 
 
@@ -302,7 +309,10 @@ def _describe(err: dict[str, Any], section: str) -> str:
         return f"{key}: required key is missing"
     got = err.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{key}: {err['msg']}{got_text}"
+    message = err["msg"].removeprefix("Value error, ")
+    if message.startswith(f"{section}."):  # a validator that names the exact key itself
+        return message + got_text
+    return f"{key}: {message}{got_text}"
 
 
 def validate(section: str, raw: Any, file: str = PARAMS_FILE):

@@ -6,6 +6,7 @@ Its own module so that the modality modules (which declare their params sections
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,6 +33,7 @@ class Backbone(Strict):
     freeze: Literal["none", "all"] | Annotated[int, Field(ge=0)] = "none"  # or the number of leading blocks
     lr_scale: float = Field(0.1, gt=0, le=1)  # the backbone's learning rate, relative to train.lr
     checkpointing: bool = False  # recompute trainable blocks' activations in backward (memory for compute)
+    license: str | None = None  # the pretrained weights' licence, for the model card's front matter
 
     @model_validator(mode="after")
     def _pretrained_only(self) -> "Backbone":
@@ -45,3 +47,16 @@ class Embeddable(Strict):
     (mmpipe/features/embed.py)."""
 
     embed: bool = False
+
+
+def check_weights_folder(path: str | None, modality: str, key: str) -> None:
+    """A pretrained file under ``weights/`` must sit in its modality's folder, ``weights/<modality>/``:
+    each preprocess@<modality> stage depends on that folder only (dvc.yaml), so a file elsewhere in
+    weights/ would leave that modality's features (embedding cache, tokenizer) stale when it changes."""
+    if path is None:
+        return
+    parts = Path(path).parts
+    if parts and parts[0] == "weights" and parts[1:2] != (modality,):
+        raise ValueError(f"{key}: {path} is under weights/ but not in weights/{modality}/ — move it there "
+                         f"(e.g. weights/{modality}/{Path(path).name}): DVC re-runs a modality's stages when its own "
+                         f"weights folder changes")

@@ -12,7 +12,7 @@ from mmpipe.tracking import lineage
 from mmpipe.deploy.export import export, model_metrics
 from mmpipe.deploy.verify import bundle_accuracy, failed_checks
 from mmpipe.deploy.registry import publish
-from mmpipe.errors import PipelineError
+from mmpipe.errors import PipelineError, redact
 from mmpipe.io import atomic_dir, scratch, write_json_atomic
 from mmpipe.stage import run_stage
 
@@ -26,7 +26,7 @@ def main() -> None:
             eval_metrics = json.loads(layout.METRICS["evaluate"].read_text())
             compress_metrics = json.loads(layout.METRICS["compress"].read_text())
             checks, example = export(cfg, out, layout.COMPRESSED, layout.FUSION, layout.FEATURES, layout.RAW,
-                                     layout.CLEAN, eval_metrics, compress_metrics)
+                                     layout.CLEAN, eval_metrics, compress_metrics, redact(params.load("data").source))
             h = checks["headline"]  # the target's headline metric: accuracy, r2, f1_micro
             failed = failed_checks(checks, cfg)
             if failed:  # keep the metrics so the user sees why; no bundle

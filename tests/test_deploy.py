@@ -79,7 +79,20 @@ def test_bundle_reproduces_the_pipeline(bundle):
 
 
 def test_model_card_describes_this_data_not_the_builtin_digits(bundle):
-    card = (bundle["folder"] / "MODEL_CARD.md").read_text()
+    import yaml
+
+    text = (bundle["folder"] / "MODEL_CARD.md").read_text()
+    assert text.startswith("---\n")
+    _, meta, card = text.split("---\n", 2)
+    meta = yaml.safe_load(meta)  # the front matter: for machines (registries, Hub cards)
+    test = bundle["eval"]["test"]
+    result = meta["model-index"][0]["results"][0]
+    assert result["task"]["type"] == "multimodal-classification" and result["dataset"]["split"] == "test"
+    assert {(m["type"], m["value"]) for m in result["metrics"]} >= {
+        ("accuracy", round(test["accuracy"], 6)), ("f1", round(test["f1_macro"], 6)),
+        ("accuracy", round(bundle["compress"]["variants"][bundle["compress"]["chosen"]]["test_accuracy"], 6))}
+    assert meta["inputs"][:3] == ["image", "text", "audio"] and meta["pretrained_parts"] == []
+    assert meta["target"] == {"type": "category", "column": "label"}
     assert card.startswith("# Model card: mmpipe-fusion — 10-class classifier from image + text + audio")
     assert "digit" not in card.lower()
     assert "python predict.py --image FILE --text" in card

@@ -311,3 +311,40 @@ def test_joining_partitions_refuses_missing_or_stale_ones_in_one_line(tiny_corpu
     with pytest.raises(PipelineError, match=r"\.npy: missing or unreadable \(No such file or directory; re-run the "
                                             r"preprocess-part@text-1 stage\)"):
         preprocess("text", cfg, tiny_corpus / "clean", tmp_path / "out3", parts_dir=parts)
+
+
+def test_a_plain_dataloader_over_the_dataset_face_sees_the_loaders_batches(tiny_corpus):
+    """FeatureSet as a torch Dataset (what Lightning / HF Trainer take): a plain DataLoader loop gets the
+    batches FeatureSet.batches reads — the same shuffle and seed through batch_sampler, the same rows in
+    order with DataLoader's own batching — and one sample is the batch's row."""
+    from torch.utils.data import DataLoader
+
+    features = FeatureSet(tiny_corpus / "features", "train")
+    data = features.dataset()
+    assert isinstance(data, torch.utils.data.Dataset) and len(data) == len(features) > 64
+
+    def same(a: dict, b: dict) -> None:
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+    expected = list(features.batches(32, shuffle=True, seed=7))
+    loader = DataLoader(data, batch_sampler=data.batch_sampler(32, shuffle=True, seed=7), collate_fn=data.collate)
+    assert len(loader) == len(expected)
+    for _ in range(2):  # re-iterable: every epoch the same batches
+        seen = list(loader)
+        assert len(seen) == len(expected)
+        for got, want in zip(seen, expected):
+            same(got, want)
+    ordered = list(DataLoader(data, batch_size=50, collate_fn=data.collate))
+    for got, want in zip(ordered, features.batches(50), strict=True):
+        same(got, want)
+    one = data[5]
+    assert one["image"].shape == expected[0]["image"].shape[1:] and one["label"].shape == ()
+    same(data.collate([data[5], data[6]]), features.get(np.array([5, 6])))
+    with pytest.raises(IndexError):
+        data[len(data)]
+    # worker processes (forked) read the memory-mapped shards too
+    workers = list(DataLoader(data, batch_size=50, collate_fn=data.collate, num_workers=2))
+    for got, want in zip(workers, ordered, strict=True):
+        same(got, want)

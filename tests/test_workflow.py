@@ -296,6 +296,22 @@ def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path)
         assert rows[f"metrics.{key}"][0] == pytest.approx(value), key
     shutil.rmtree(clone)
 
+    # the bundle as a DVC artifact (dvc.yaml: artifacts): a registered version (an annotated GTO tag)
+    # fetched by another project from a clone, the bytes coming from the DVC remote
+    git_commit(repo, "tiny run")
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "tag", "-a", "multimodal-classifier@v0.1.0",
+                    "-m", "Registering"], cwd=repo, check=True,
+                   env=stage_env(repo))
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, env=stage_env(repo))
+    fetched = dvc(tmp_path, "artifacts", "get", str(clone), "multimodal-classifier", "-o", str(tmp_path / "bundle"))
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    shipped = sorted(p.relative_to(repo / "artifacts/deploy") for p in (repo / "artifacts/deploy").rglob("*") if p.is_file())
+    assert sorted(p.relative_to(tmp_path / "bundle") for p in (tmp_path / "bundle").rglob("*") if p.is_file()) == shipped
+    for path in shipped:
+        assert (tmp_path / "bundle" / path).read_bytes() == (repo / "artifacts/deploy" / path).read_bytes(), path
+    assert not (clone / ".dvc/cache").exists()  # nothing came from a cache: the clone has none
+    shutil.rmtree(clone)
+
 
 def own_copy(repo: Path, tmp_path: Path) -> Path:
     """A copy of the tiny run's repository (DVC cache, lock and outputs included) with an empty MLflow
@@ -382,30 +398,31 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     repo = own_copy(tiny_run.repo, tmp_path)
     torch.manual_seed(3)
     weights = torchvision.models.get_model("resnet18", weights=None).state_dict()
-    torch.save(weights, repo / "weights/resnet18.pth")
-    speech = tiny_wav2vec2(repo / "weights/wav2vec2_tiny.pth")
-    language = tiny_bert(repo / "weights/tiny-bert", corpus_texts(repo / "data/clean"))
-    set_params(repo, preprocess={"audio": {"features": "waveform", "embed": True}, "text": {"tokenizer": "weights/tiny-bert"}},
+    torch.save(weights, repo / "weights/image/resnet18.pth")
+    speech = tiny_wav2vec2(repo / "weights/audio/wav2vec2_tiny.pth")
+    language = tiny_bert(repo / "weights/text/tiny-bert", corpus_texts(repo / "data/clean"))
+    set_params(repo, preprocess={"audio": {"features": "waveform", "embed": True}, "text": {"tokenizer": "weights/text/tiny-bert"}},
                model={"encoders": {
-                   "image": {"arch": "resnet18", "weights": "weights/resnet18.pth", "freeze": 2},
-                   "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/wav2vec2_tiny.pth",
+                   "image": {"arch": "resnet18", "weights": "weights/image/resnet18.pth", "freeze": 2},
+                   "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/audio/wav2vec2_tiny.pth",
                              "freeze": "all"},
-                   "text": {"arch": "huggingface", "weights": "weights/tiny-bert", "freeze": 1}}},
+                   "text": {"arch": "huggingface", "weights": "weights/text/tiny-bert", "freeze": 1}}},
                compress={"quantize": {"dynamic": True}})  # dynamic int8 for the transformers' MatMul/Gather
     run = dvc(repo, "repro")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert ran_stages(run) == ["source", "preprocess@image", "preprocess@text", "preprocess@audio", "preprocess@tabular",
-                               "train", "evaluate", "compress", "export", "summary"]  # preprocess depends on weights/
-    assert "text encoder bert: weights weights/tiny-bert, 1 of 3 blocks frozen" in run.stdout
-    assert "image encoder resnet18: weights weights/resnet18.pth, 2 of 10 blocks frozen" in run.stdout
-    assert "audio encoder wav2vec2_model: weights weights/wav2vec2_tiny.pth, 10 of 10 blocks frozen" in run.stdout
+    # each preprocess@<m> depends on its own weights/<m>/ (and params): tabular has neither changed
+    assert ran_stages(run) == ["source", "preprocess@image", "preprocess@text", "preprocess@audio",
+                               "train", "evaluate", "compress", "export", "summary"]
+    assert "text encoder bert: weights weights/text/tiny-bert, 1 of 3 blocks frozen" in run.stdout
+    assert "image encoder resnet18: weights weights/image/resnet18.pth, 2 of 10 blocks frozen" in run.stdout
+    assert "audio encoder wav2vec2_model: weights weights/audio/wav2vec2_tiny.pth, 10 of 10 blocks frozen" in run.stdout
     assert "train[image+text+audio+tabular]: audio from the embeddings preprocess cached" in run.stdout
     cache = json.loads((repo / "metrics/preprocess_audio.json").read_text())["embedding"]
     assert cache["samples"] > 0 and cache["device"] == "cpu" and (repo / "data/features/audio/embedding-00000.npy").exists()
 
     info = json.loads((repo / "metrics/train.json").read_text())["fusion"]["pretrained"]
-    assert info["image"]["sha256"] == hashlib.sha256((repo / "weights/resnet18.pth").read_bytes()).hexdigest()
-    assert info["audio"]["sha256"] == hashlib.sha256((repo / "weights/wav2vec2_tiny.pth").read_bytes()).hexdigest()
+    assert info["image"]["sha256"] == hashlib.sha256((repo / "weights/image/resnet18.pth").read_bytes()).hexdigest()
+    assert info["audio"]["sha256"] == hashlib.sha256((repo / "weights/audio/wav2vec2_tiny.pth").read_bytes()).hexdigest()
     trained = load_file(str(repo / "models/fusion/model.safetensors"))
     for key, value in weights.items():
         if key.startswith(("conv1.", "bn1.")):  # the two frozen blocks: exactly the file's
@@ -426,17 +443,19 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     assert exported["passed"] and exported["fp32_onnx_vs_pytorch_max_abs_logit_diff"] < 1e-3
     assert exported["predictor_raw_test_accuracy"] == pytest.approx(exported["compress_test_accuracy_shipped"], abs=0.02)
     card = (repo / "artifacts/deploy/MODEL_CARD.md").read_text()
-    assert "- image: `resnet18` backbone, weights from `weights/resnet18.pth`, frozen blocks: 2." in card
-    assert "- audio: `wav2vec2_model` backbone, weights from `weights/wav2vec2_tiny.pth`, frozen blocks: all." in card
+    assert "- image: `resnet18` backbone, weights from `weights/image/resnet18.pth`, frozen blocks: 2." in card
+    assert "- audio: `wav2vec2_model` backbone, weights from `weights/audio/wav2vec2_tiny.pth`, frozen blocks: all." in card
     manifest = json.loads((repo / "artifacts/deploy/manifest.json").read_text())
     assert manifest["preprocessing"]["audio"]["features"] == "waveform" and "embedding" not in manifest["preprocessing"]["audio"]
     assert manifest["preprocessing"]["text"]["kind"] == "pretrained" and "model_config" not in manifest["preprocessing"]["text"]
     assert "tokenizers==" in (repo / "artifacts/deploy/requirements.txt").read_text()
-    assert "- text: `bert` backbone" not in card and "- text: `huggingface` backbone, weights from `weights/tiny-bert`" in card
+    assert "- text: `bert` backbone" not in card and "- text: `huggingface` backbone, weights from `weights/text/tiny-bert`" in card
 
-    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, repo / "weights/resnet18.pth")
-    status = dvc(repo, "status", "train")
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, repo / "weights/image/resnet18.pth")
+    status = dvc(repo, "status")
     assert "train:" in status.stdout and "modified:" in status.stdout and "weights" in status.stdout
+    changed = {line.strip().rstrip(":") for line in status.stdout.splitlines() if line and not line.startswith("\t")}
+    assert "preprocess@image" in changed and not changed & {"preprocess@text", "preprocess@audio", "preprocess@tabular"}
 
 
 def test_dvc_exp_run_shows_each_epoch_live_then_in_exp_show_and_mlflow(tiny_run, tmp_path):

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from mmpipe.modalities import MODALITIES
 
+# model-index task types (Hugging Face model card metadata has none for multimodal inputs: these say it)
+TASK_TYPES = {"category": "multimodal-classification", "number": "multimodal-regression",
+              "set": "multimodal-multi-label-classification"}
+# the companion metrics of each target type in the front matter: (metrics/eval.json key, model-index type, name)
+COMPANIONS = {"category": [("f1_macro", "f1", "Test macro F1"), ("ece", "ece", "Test expected calibration error")],
+              "number": [("mae", "mae", "Test mean absolute error"), ("rmse", "rmse", "Test RMSE")],
+              "set": [("f1_macro", "f1", "Test macro F1"), ("map", "map", "Test mean average precision")]}
+
 
 def encoder_lines(model_params: dict, modalities: list[str]) -> list[str]:
     """One line per modality whose encoder is a pretrained backbone: its architecture and the weights
@@ -18,6 +26,43 @@ def encoder_lines(model_params: dict, modalities: list[str]) -> list[str]:
 
 
 HEADLINE_NAMES = {"accuracy": "accuracy", "r2": "R²", "f1_micro": "micro-F1"}
+
+
+def front_matter(name: str | None, target: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
+                 modalities: list[str], model_params: dict, source: str | None) -> str:
+    """MODEL_CARD.md's YAML front matter, for machines (model registries, Hugging Face Hub cards, search):
+    the task, the test metrics in model-index form, the data source, each pretrained part and its licence."""
+    import yaml
+
+    t, h = eval_metrics["test"], eval_metrics.get("target", {}).get("headline", "accuracy")
+    index_type = {"accuracy": "accuracy", "r2": "r_squared", "f1_micro": "f1"}.get(h, h)
+    metrics = [{"type": index_type, "name": f"Test {HEADLINE_NAMES.get(h, h)} (fused, PyTorch fp32)", "value": round(t[h], 6)},
+               {"type": index_type, "name": f"Test {HEADLINE_NAMES.get(h, h)} (shipped ONNX {chosen})",
+                "value": round(compress_metrics["variants"][chosen][f"test_{h}"], 6)}]
+    metrics += [{"type": kind, "name": label, "value": round(t[key], 6)} for key, kind, label in COMPANIONS[target["type"]]
+                if t.get(key) is not None]
+    parts = []
+    for m in modalities:
+        cfg = model_params.get("encoders", {}).get(m, {})
+        if cfg.get("arch", "small_cnn") != "small_cnn":
+            parts.append({"modality": m, "arch": cfg["arch"], "weights": cfg.get("weights"),
+                          "license": cfg.get("license") or f"unknown (set model.encoders.{m}.license)"})
+    dataset = source or "unknown"
+    meta = {
+        "model_name": name or "mmpipe fusion model",
+        "library_name": "onnxruntime",
+        "tags": ["mmpipe", "multimodal", "onnx", *modalities],
+        "datasets": [dataset],
+        "metrics": [metrics[0]["type"], *(kind for _, kind, _ in COMPANIONS[target["type"]])],
+        "target": {"type": target["type"], "column": target.get("column", "label")},
+        "inputs": modalities,
+        "pretrained_parts": parts,  # their weights' licences apply to this model
+        "model-index": [{"name": name or "mmpipe fusion model", "results": [{
+            "task": {"type": TASK_TYPES[target["type"]], "name": f"{target['type']} from " + " + ".join(modalities)},
+            "dataset": {"type": dataset, "name": dataset, "split": "test"},
+            "metrics": metrics}]}],
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=120) + "---\n"
 
 
 def _what_it_does(target: dict, labels: list[str], modalities: list[str]) -> tuple[str, str]:
@@ -40,7 +85,8 @@ def _what_it_does(target: dict, labels: list[str], modalities: list[str]) -> tup
 
 
 def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: dict, chosen: str,
-               modalities: list[str], name: str | None, model_params: dict, target: dict | None = None) -> str:
+               modalities: list[str], name: str | None, model_params: dict, target: dict | None = None,
+               source: str | None = None) -> str:
     """The bundle's MODEL_CARD.md: what this model predicts, from what, how well, and its limits —
     all read from this run's data (target, labels, modalities, clean's rules) and metrics."""
     t, v = eval_metrics["test"], compress_metrics["variants"]
@@ -59,6 +105,7 @@ def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: d
                          f"accuracy {100 * t.get('subset_accuracy', 0):.1f} %, calibration error of the tag "
                          f"probabilities {t.get('ece', 0):.4f}."}[target["type"]]
     lines = [
+        front_matter(name, target, eval_metrics, compress_metrics, chosen, modalities, model_params, source),
         f"# Model card: {name or 'mmpipe fusion model'} — {title} from " + " + ".join(modalities),
         "",
         "## What it does",

@@ -26,9 +26,11 @@ if TYPE_CHECKING:
 
 
 def export(params, out: Path, compressed: Path, model_dir: Path, features_root: Path, raw_dir: Path,
-           clean_dir: Path, eval_metrics: dict, compress_metrics: dict) -> tuple[dict[str, Any], "pd.DataFrame"]:
+           clean_dir: Path, eval_metrics: dict, compress_metrics: dict,
+           source: str | None = None) -> tuple[dict[str, Any], "pd.DataFrame"]:
     """Build and verify the bundle in ``out``. Returns the checks (metrics/export.json) and an input
-    example for the MLflow model (a raw test sample)."""
+    example for the MLflow model (a raw test sample). ``source``: data.source (credentials redacted), the
+    model card's dataset."""
     dataset = json.loads((clean_dir / DATASET_FILE).read_text())
     chosen = compress_metrics["chosen"]
     model = load_model(model_dir)
@@ -53,7 +55,7 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
                "shipped_variant": chosen}
     checks["predictor_gap_vs_evaluate"] = checks[f"predictor_raw_test_{h}_fp32"] - checks[f"evaluate_test_{h}"]
     card = model_card(predictor, dataset, eval_metrics, compress_metrics, chosen, modalities, params.registered_model,
-                      model.config["model"], model.target.describe())
+                      model.config["model"], model.target.describe(), source)
     bundle.seal(out, manifest, card + "\n".join(verification_lines(checks)) + "\n")
     checks |= {"bundle_files": len(manifest["files"]),
                "bundle_bytes": sum((out / name).stat().st_size for name in manifest["files"])}

@@ -35,6 +35,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import torch.utils.data
 
 from mmpipe.errors import PipelineError
 from mmpipe.modalities import names
@@ -150,17 +151,27 @@ class FeatureSet:
         DistributedSampler does, the order is padded by wrapping around so that every rank gets the
         same number of samples, hence of batches (DDP needs each rank to take the same steps).
         """
+        picks = self.picks(batch_size, shuffle, seed, drop_last, shard)
+        if self._device_arrays is not None:  # held in memory: gathering is an index, nothing to overlap
+            yield from (self.get(positions) for positions in picks)
+        else:
+            yield from self._streamed(picks)
+
+    def picks(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+              shard: tuple[int, int] = (0, 1)) -> Iterator[np.ndarray]:
+        """The positions of each batch of one epoch, as ``batches`` reads them (see there)."""
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         rank, n_shards = shard
         if n_shards > 1:
             order = np.resize(order, -(-len(order) // n_shards) * n_shards)[rank::n_shards]
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        picks = (np.sort(order[start:start + batch_size]) if shuffle else order[start:start + batch_size]
-                 for start in range(0, stop, batch_size))
-        if self._device_arrays is not None:  # held in memory: gathering is an index, nothing to overlap
-            yield from (self.get(positions) for positions in picks)
-        else:
-            yield from self._streamed(picks)
+        return (np.sort(order[start:start + batch_size]) if shuffle else order[start:start + batch_size]
+                for start in range(0, stop, batch_size))
+
+    def dataset(self) -> "FeatureDataset":
+        """This split as a ``torch.utils.data.Dataset`` (for Lightning, Hugging Face Trainer, a plain
+        DataLoader loop): see FeatureDataset."""
+        return FeatureDataset(self)
 
     def _streamed(self, picks: Iterator[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
         """Batches read from the shards one ahead of the consumer (a thread: the memory-mapped reads and
@@ -224,3 +235,61 @@ class FeatureSet:
             return "in_memory"
         self._stream_device = device
         return "streamed"
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """A FeatureSet as a map-style torch Dataset, so that other training code reuses the features.
+
+    ``dataset[i]`` is one sample (a dict of tensors without the batch dimension); ``__getitems__`` —
+    what DataLoader calls with a whole batch of indices — gathers the batch at once from the shards (one
+    fancy index per shard, as ``FeatureSet.batches``), so give the DataLoader ``collate_fn=dataset.collate``
+    (the batch is already collated; torch's default would take it apart). ``batch_sampler(...)`` yields the
+    very batches ``FeatureSet.batches`` reads (same shuffle, same seed):
+
+        data = FeatureSet("data/features", "train").dataset()
+        loader = DataLoader(data, batch_size=64, shuffle=True, collate_fn=data.collate)
+        loader = DataLoader(data, batch_sampler=data.batch_sampler(64, shuffle=True, seed=0), collate_fn=data.collate)
+
+    Worker processes (``num_workers > 0``) share the memory-mapped shards when forked (Linux's default).
+    """
+
+    def __init__(self, features: FeatureSet):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"sample {position} of a split of {len(self)}")
+        batch = self.features.get(np.array([position % len(self)]))
+        return {name: values[0] for name, values in batch.items()}
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        return self.features.get(np.asarray(positions, dtype=np.int64))
+
+    @staticmethod
+    def collate(batch) -> dict[str, torch.Tensor]:
+        """The batch ``__getitems__`` gathered, as it is; a list of single samples (``dataset[i]``) stacked."""
+        if isinstance(batch, dict):
+            return batch
+        return {name: torch.stack([sample[name] for sample in batch]) for name in batch[0]}
+
+    def batch_sampler(self, batch_size: int, shuffle: bool = False, seed: int = 0,
+                      drop_last: bool = False) -> "BatchPicks":
+        return BatchPicks(self.features, batch_size, shuffle, seed, drop_last)
+
+
+class BatchPicks:
+    """The positions of ``FeatureSet.batches``' batches as a DataLoader batch sampler (re-iterable:
+    each epoch the same order, as ``batches`` with the same seed; pass another seed for another order)."""
+
+    def __init__(self, features: FeatureSet, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
+        self.features, self.args = features, (batch_size, shuffle, seed, drop_last)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (picks.tolist() for picks in self.features.picks(*self.args))
+
+    def __len__(self) -> int:
+        batch_size, _, _, drop_last = self.args
+        return len(self.features) // batch_size if drop_last else -(-len(self.features) // batch_size)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mmpipe.modalities import inputs
 from mmpipe.modalities.base import Cleaned
@@ -19,7 +19,7 @@ from mmpipe.modalities.portable import decode_text
 from mmpipe.errors import PipelineError
 from mmpipe.extras import require
 from mmpipe.modalities.tokenizer import PretrainedTokenizer, Tokenizer
-from mmpipe.schema import Backbone, Embeddable, Strict
+from mmpipe.schema import Backbone, Embeddable, Strict, check_weights_folder
 
 NAME = "text"
 EXTENSIONS = (".txt",)
@@ -46,6 +46,12 @@ class Preprocess(Embeddable):
     lowercase: bool = True
     max_length: int = Field(48, ge=1, le=100_000)
     min_freq: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _model_folder_in_weights_text(self) -> "Preprocess":
+        if self.tokenizer not in ("char", "word"):
+            check_weights_folder(self.tokenizer, NAME, f"preprocess.{NAME}.tokenizer")
+        return self
 
 
 class Encoder(Backbone):
