@@ -34,7 +34,7 @@ from mmpipe import params
 from mmpipe.data.clean import clean
 from mmpipe.data.collect import collect
 from mmpipe.features.loader import FeatureSet
-from mmpipe.features.preprocess import preprocess
+from mmpipe.features.preprocess import preprocess, resolved
 from mmpipe.names import SAMPLES_DIR, shard_path
 from mmpipe.modalities import names
 from mmpipe.modalities.tokenizer import Tokenizer
@@ -72,6 +72,7 @@ def main() -> None:
         print(f"building a {args.samples}-sample corpus (not timed) in {work} ...")
         collect(data, work / "raw")
         clean(clean_cfg, work / "raw", work / "clean")
+        prep = resolved(prep, work / "clean")  # sizes left to auto, as preprocess resolves them: the same for both paths
         dataset = json.loads((work / "clean" / "dataset.json").read_text())
         rows = [r for p in sorted((work / "clean" / SAMPLES_DIR).glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
 

@@ -250,3 +250,16 @@ def bundle(tiny_corpus, tiny_model, tmp_path_factory) -> dict:
     checks, _ = export(params.ExportParams(), root / "deploy", root / "compressed", tiny_model, tiny_corpus / "features",
                        tiny_corpus / "raw", tiny_corpus / "clean", eval_metrics, compress_metrics)
     return {"folder": root / "deploy", "checks": checks, "eval": eval_metrics, "compress": compress_metrics}
+
+
+# The fast subset (`make test-fast`, CI on pull requests: `pytest -m "not slow"`) leaves out what runs a
+# pipeline or trains: every test that uses one of these fixtures, every benchmark smoke run, and the
+# tests marked slow by hand (a worker pool killed on purpose, a manifest of a million rows).
+SLOW_FIXTURES = {"repo", "tiny_run", "tiny_model", "bundle", "trained", "workspace"}
+SLOW_FILES = {"test_bench.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)

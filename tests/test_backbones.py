@@ -633,11 +633,11 @@ def test_image_size_auto_follows_the_backbone_weights_resolution(tiny_corpus, tm
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["size"] == 240 and state["arrays"]["image"]["shape"] == [3, 240, 240]  # EfficientNet-B1's weights: 240 px
     assert np.load(tmp_path / "image-00000.npy", mmap_mode="r").shape[1:] == (3, 240, 240)
-    for model_params in (params.validate("model", {}), None):  # small_cnn has no resolution of its own
-        with pytest.raises(PipelineError) as err:
-            preprocess("image", auto, tiny_corpus / "clean", tmp_path / "x", model_params)
-        assert str(err.value).startswith("preprocess.image.size: auto is the resolution of a torchvision "
-                                         "model.encoders.image.arch; with small_cnn set a number") and "\n" not in str(err.value)
+    for k, model_params in enumerate((params.validate("model", {}), None)):  # small_cnn: the images' own size
+        (tmp_path / str(k)).mkdir()
+        metrics = preprocess("image", auto, tiny_corpus / "clean", tmp_path / str(k), model_params)
+        assert metrics["auto"]["size"]["value"] == 32 and "median short side" in metrics["auto"]["size"]["why"]
+        assert json.loads((tmp_path / str(k) / "state.json").read_text())["size"] == 32
 
 
 def saved_for_backward_bytes(model, batch) -> tuple[int, dict[str, torch.Tensor]]:

@@ -232,6 +232,7 @@ def validate_or_crash(rows, params):
     return clean._validate_batch(rows, params)
 
 
+@pytest.mark.slow
 def test_a_decoder_crashing_its_worker_costs_only_that_item(tmp_path, clean_params):
     import pyarrow as pa
 
@@ -257,6 +258,7 @@ def test_a_decoder_crashing_its_worker_costs_only_that_item(tmp_path, clean_para
     assert all(r["row"]["image_available"] and not r["rejects"] for k, r in enumerate(results) if k != 21)
 
 
+@pytest.mark.slow
 def test_a_worker_dying_before_the_next_batch_is_submitted_costs_only_that_item(tmp_path, clean_params, monkeypatch):
     # the race behind a once-flaky run of the test above: the pool breaks while the reader is between
     # batches, so the next submit (not a result) is where BrokenProcessPool surfaces

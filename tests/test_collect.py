@@ -287,6 +287,7 @@ def test_large_media_make_row_groups_bounded_by_bytes_and_clean_batches_too(tmp_
     assert [len(b) for b in clean._raw_batches(tmp_path / "raw", 512)] == [2, 2, 2, 1]
 
 
+@pytest.mark.slow
 def test_manifest_rows_and_columns_are_bounded_before_the_table_is_built(tmp_path, data_params):
     """Bytes do not bound cells: a few KB of Parquet hold 300,000 rows (run-length encoding), a JSONL
     whose lines each bring their own key grows as keys x rows in a dense table. Each is refused in one

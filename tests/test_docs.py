@@ -20,9 +20,11 @@ def between(doc: str, begin: str, end: str) -> str:
     return doc[doc.index(begin) + len(begin):doc.index(end)].strip()
 
 
-def test_readme_parameter_reference_is_generated_from_params_yaml():
+def test_parameter_reference_is_generated_from_params_yaml():
     expected = reference((ROOT / "params.yaml").read_text())
-    assert between(README, BEGIN, END) == expected, "run: python tools/params_reference.py --write README.md"
+    doc = (ROOT / "docs" / "params.md").read_text()
+    assert between(doc, BEGIN, END) == expected, "run: python tools/params_reference.py --write docs/params.md"
+    assert "docs/params.md" in README
     keys = re.findall(r"^\| `([\w.]+)` \|", expected, flags=re.M)
     assert {"data.source", "model.fusion", "compress.quantize.layers", "export.alias"} <= set(keys)
     undocumented = [line for line in expected.splitlines()[2:] if line.rstrip().endswith("|  |")]
@@ -76,3 +78,23 @@ def test_dvc_yaml_matrices_and_plots_follow_the_modality_registry():
         for model in ("fused", "baseline"):
             columns = spec["y"][f"plots/eval/robustness_{m}_{model}.csv"]
             assert sorted([columns] if isinstance(columns, str) else columns) == sorted(module.CORRUPTIONS), (m, model)
+
+
+def test_readme_leads_with_what_how_and_how_long_then_a_current_table_of_contents():
+    first_screen = "\n".join(README.splitlines()[:20])
+    for needed in ("make repro", "make test", "min", "DVC", "deploy"):
+        assert needed in first_screen, needed
+    headings, fence = [], False
+    for line in README.splitlines():
+        fence ^= line.startswith("```")
+        match = None if fence else re.match(r"^(#{2,3}) (.*)$", line)
+        if match and match[2] != "Contents":
+            headings.append(("  " if len(match[1]) == 3 else "") + match[2])
+    listed = re.findall(r"^( *)- \[([^\]]+)\]\(#([^)]+)\)$", between(README, "## Contents", "## Quick start"), flags=re.M)
+    assert [indent + title for indent, title, _ in listed] == headings
+    for _, title, anchor in listed:  # GitHub's anchors: lower case, punctuation dropped, spaces as dashes
+        assert anchor == re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-"), title
+    order = [h.strip() for h in headings if not h.startswith(" ")]
+    journey = ["Quick start", "From your own files to a deployed prediction", "Using pretrained encoders",
+               "Predicting a number or a set of tags", "The deployment bundle", "Troubleshooting"]
+    assert [order.index(h) for h in journey] == sorted(order.index(h) for h in journey)

@@ -20,7 +20,7 @@ from mmpipe.data.clean import clean
 from mmpipe.data.collect import collect
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
-from mmpipe.features.preprocess import preprocess
+from mmpipe.features.preprocess import preprocess, resolved
 from mmpipe.names import SAMPLES_DIR, shard_path
 from mmpipe.modalities import names
 from mmpipe.modalities import image as image_modality
@@ -68,7 +68,8 @@ def test_audio_matches_naive_librosa_within_float16_rounding(corpus, features, t
     picked = [i for i, r in enumerate(rows) if r["audio_available"]][:40]
     for i in picked:
         (tmp_path / f"{i}.wav").write_bytes(rows[i]["audio"])
-        naive.audio_file_features(tmp_path / f"{i}.wav", tmp_path / f"{i}.npy", state["sample_rate"], PREP.audio)
+        naive.audio_file_features(tmp_path / f"{i}.wav", tmp_path / f"{i}.npy", state["sample_rate"],
+                                  resolved(PREP, corpus).audio)  # seconds: auto, as preprocess resolved it
     theirs = np.stack([np.load(tmp_path / f"{i}.npy") for i in picked]).astype(np.float32)
     ours = row_features(features / "audio", "audio", picked).astype(np.float32)
     assert ours.shape == theirs.shape == (40, 64, 151)
@@ -79,7 +80,7 @@ def test_images_match_naive_pil_exactly(corpus, features, tmp_path):
     rows = clean_rows(corpus)
     picked = [i for i, r in enumerate(rows) if r["image_available"]][:60]
     for i in picked:
-        naive.image_file_features(io.BytesIO(rows[i]["image"]), tmp_path / f"{i}.npy", PREP.image)
+        naive.image_file_features(io.BytesIO(rows[i]["image"]), tmp_path / f"{i}.npy", resolved(PREP, corpus).image)
     theirs = np.stack([np.load(tmp_path / f"{i}.npy") for i in picked])
     assert np.array_equal(row_features(features / "image", "image", picked), theirs)
 

@@ -126,14 +126,18 @@ def test_a_missing_extra_stops_in_one_line_naming_it(module, extra, call, monkey
     assert f"optional package {module!r}, not installed: pip install -e '.[{extra}]' -c constraints.txt" in message
 
 
-def test_a_broken_optional_package_is_not_called_missing(monkeypatch):
+def test_a_broken_optional_package_is_not_called_missing(monkeypatch, tmp_path):
     """An extra that is installed but fails on one of its own imports shows that error, not 'install it'."""
     from mmpipe.extras import require
 
-    monkeypatch.setitem(sys.modules, "numpy", None)
+    (tmp_path / "halfinstalled").mkdir()
+    (tmp_path / "halfinstalled" / "__init__.py").write_text("import no_such_dependency_of_it\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ImportError) as info:
-        require("sklearn", "a test")
-    assert not isinstance(info.value, PipelineError)
+        require("halfinstalled", "a test")
+    assert not isinstance(info.value, PipelineError) and info.value.name == "no_such_dependency_of_it"
+    with pytest.raises(PipelineError, match=r"needs the optional package 'not_installed_anywhere'"):
+        require("not_installed_anywhere", "a test")
 
 
 def test_ci_workflow_passes_actionlint():

@@ -1,11 +1,11 @@
-"""The parameter reference in README.md, generated from params.yaml and its comments.
+"""The parameter reference in docs/params.md, generated from params.yaml and its comments.
 
 params.yaml is the one place a parameter is documented (its trailing comment, or the comment
-lines just above it). This prints that as a Markdown table, or with ``--write README.md``
+lines just above it). This prints that as a Markdown table, or with ``--write docs/params.md``
 replaces the table between the ``<!-- params:begin -->`` / ``<!-- params:end -->`` markers; the
-test suite checks the README's copy is current.
+test suite checks that copy is current.
 
-    python tools/params_reference.py --write README.md
+    python tools/params_reference.py --write docs/params.md
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def reference(params_yaml: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--write", metavar="README", help="replace the table between the markers in this file")
+    parser.add_argument("--write", metavar="FILE", help="replace the table between the markers in this file")
     args = parser.parse_args()
     table = reference(Path(args.params).read_text())
     if not args.write:

@@ -205,6 +205,7 @@ class Source(NamedTuple):
     total: int
     cfg: Any
     features: Any  # the modality's Features, fitted on the train split; None: the data has none of it
+    choices: dict  # the settings resolved from auto: key -> {value, why} (metrics/preprocess_<m>.json)
 
 
 def open_source(modality: str, params, clean_dir: Path, model_params=None) -> Source:
@@ -218,14 +219,44 @@ def open_source(modality: str, params, clean_dir: Path, model_params=None) -> So
     files = sorted((clean_dir / SAMPLES_DIR).glob("part-*.parquet"))
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     if not any(pq.read_table(p, columns=[f"{modality}_available"]).column(0).to_numpy().any() for p in files):
-        return Source(dataset, files, total, None, None)
+        return Source(dataset, files, total, None, None, {})
     cfg = getattr(params, modality)
-    # settings that follow the chosen encoder (image size: auto)
-    cfg = module.resolve_preprocess(cfg, getattr(model_params.encoders, modality, None) if model_params else None)
+    # settings left to auto, which follow the chosen encoder or the train split (image size, audio seconds)
+    cfg, choices = module.resolve_preprocess(cfg, getattr(model_params.encoders, modality, None) if model_params
+                                             else None, train_info(files, modality, module))
+    for key, choice in choices.items():
+        print(f"preprocess {modality}: {key}: auto -> {choice['value']} ({choice['why']})")
     features = module.Features(cfg, dataset)
     if features.fit is not None:
         features.fit(train_values(files, modality))
-    return Source(dataset, files, total, cfg, features)
+    return Source(dataset, files, total, cfg, features, choices)
+
+
+def resolved(params, clean_dir: Path, model_params=None):
+    """``params`` (the preprocess section) with every modality's settings left to auto resolved as
+    preprocess resolves them from ``clean_dir`` (for code that featurizes by other means: benchmarks)."""
+    files = sorted((clean_dir / SAMPLES_DIR).glob("part-*.parquet"))
+    update = {}
+    for m, module in MODALITIES.items():
+        encoder = getattr(model_params.encoders, m, None) if model_params else None
+        if hasattr(params, m) and any(pq.read_table(p, columns=[f"{m}_available"]).column(0).to_numpy().any()
+                                      for p in files):
+            update[m] = module.resolve_preprocess(getattr(params, m), encoder, train_info(files, m, module))[0]
+    return params.model_copy(update=update)
+
+
+def train_info(files: list[Path], modality: str, module) -> dict[str, np.ndarray]:
+    """Clean's facts of each available train item of ``modality`` (its INFO_COLUMNS: image width and
+    height, audio seconds, ...), read from the clean part files' columns only: what ``auto`` follows."""
+    found: dict[str, list] = {key: [] for key in module.INFO_COLUMNS}
+    for path in files:
+        present = set(pq.ParquetFile(path).schema_arrow.names)
+        named = {key: f"{modality}_{key}" for key in module.INFO_COLUMNS if f"{modality}_{key}" in present}
+        part = pq.read_table(path, columns=["split", f"{modality}_available", *named.values()]).to_pydict()
+        keep = [split == "train" and ok for split, ok in zip(part["split"], part[f"{modality}_available"])]
+        for key, name in named.items():
+            found[key] += [v for v, k in zip(part[name], keep) if k and v is not None]
+    return {key: np.asarray(values) for key, values in found.items()}
 
 
 def featurise(source: Source, modality: str, params, out_dir: Path, device: str, shards: range | None = None,
@@ -336,7 +367,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
     ``params.partitions``, the shards come from the partitions in ``parts_dir`` (``preprocess_part``)."""
     started = time.perf_counter()
     source = open_source(modality, params, clean_dir, model_params)
-    dataset, files, total, cfg, features = source
+    dataset, files, total, cfg, features, choices = source
     if features is None:
         # the data has none of it (a user's data without audio, say): a cheap no-op, and every later
         # stage leaves the modality out (the loader reads ``enabled``)
@@ -410,6 +441,7 @@ def preprocess(modality: str, params, clean_dir: Path, out_dir: Path, model_para
         "bytes": sum(shard_path(out_dir, name, k).stat().st_size for name in features.arrays for k in range(shards)),
         "device": device,
         "partitions": len(params.partitions),
+        "auto": choices,  # settings left to auto and what they resolved to, with why
         "seconds": round(seconds, 3),
         "samples_per_s": round(total / seconds, 1) if seconds > 0 else None,
         **({"embedding": embedding} if embedding else {}),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +51,8 @@ class Preprocess(Embeddable):
     # logmel: float16 log-mel spectrograms (small_cnn) | waveform: the float16 clip itself (torchaudio's
     # self-supervised encoders take 16 kHz waveforms)
     features: Literal["logmel", "waveform"] = "logmel"
-    seconds: float = Field(1.5, gt=0.0, le=600.0)
+    # auto: the train clips' 99th-percentile duration, rounded up to 0.5 s, within AUTO_SECONDS (resolve_preprocess)
+    seconds: Annotated[float, Field(gt=0.0, le=600.0)] | Literal["auto"] = "auto"
     n_mels: int = Field(64, ge=1, le=512)
     n_fft: int = Field(512, ge=16, le=16384)
     hop: int = Field(160, ge=1)
@@ -63,6 +64,29 @@ class Preprocess(Embeddable):
         self.check_order(("fmin", "fmax"), strict=True)
         self.check_order(("hop", "n_fft"))
         return self
+
+
+# ``seconds: auto``: the clip length that leaves 99 % of the train clips whole, rounded up to 0.5 s (the
+# built-in corpus: 1.5), within these bounds — frames, memory and compute grow with the length, and a
+# longer recording's label rarely needs more than its first 10 s
+AUTO_SECONDS = (0.5, 10.0)
+
+
+def resolve_preprocess(cfg: Preprocess, encoder, train_info: dict) -> tuple[Preprocess, dict]:
+    """``seconds: auto`` -> the train clips' 99th-percentile duration rounded up to 0.5 s, within AUTO_SECONDS."""
+    if cfg.seconds != "auto":
+        return cfg, {}
+    durations = np.asarray(train_info.get("seconds", []), dtype=np.float64)
+    if not len(durations):
+        raise PipelineError(f"preprocess.{NAME}.seconds: auto reads the train split's clip durations, and it has no "
+                            f"clip; set a number of seconds")
+    p99 = float(np.quantile(durations, 0.99))
+    seconds = float(min(max(np.ceil(p99 * 2) / 2, AUTO_SECONDS[0]), AUTO_SECONDS[1]))
+    cut = float(np.mean(durations > seconds + 1e-9))
+    return cfg.model_copy(update={"seconds": seconds}), {"seconds": {
+        "value": seconds, "why": f"99th-percentile duration of {len(durations):,} train clips: {p99:.2f} s, rounded up "
+                                 f"to 0.5 s within {AUTO_SECONDS[0]:g}..{AUTO_SECONDS[1]:g}; {100 * cut:.1f} % of "
+                                 f"them are cut"}}
 
 
 class Encoder(Backbone):

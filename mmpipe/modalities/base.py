@@ -120,10 +120,14 @@ class OptionalHooks:
         recorded, ``raw_items`` an iterator over every raw item's bytes. The returned rules are what
         every item is cleaned under and what ``dataset.json`` (and the bundle) records; ``RULES``
         (default ``PARAMS["clean"]``) is their schema (``PARAMS["clean"]`` plus what is resolved).
-    ``resolve_preprocess(cfg, encoder) -> cfg`` (default: ``cfg`` as it is)
-        Preprocess settings that follow the encoder chosen in ``model.encoders.<name>`` (``encoder``;
-        None when the model params are not given): image ``size: auto`` = the torchvision backbone's
-        resolution. preprocess featurizes with the returned settings (and records them in the state).
+    ``resolve_preprocess(cfg, encoder, train_info) -> (cfg, choices)`` (default: ``cfg`` as it is, ``{}``)
+        Preprocess settings left to ``auto`` that follow the encoder chosen in ``model.encoders.<name>``
+        (``encoder``; None when the model params are not given) or the data: ``train_info`` maps each
+        of ``INFO_COLUMNS`` to its values over the train split's available items (image ``size: auto``
+        = the torchvision backbone's resolution, else the images' median short side; audio ``seconds:
+        auto`` = the clips' 99th-percentile duration). ``choices``: each resolved key -> {value, why},
+        printed and recorded in metrics/preprocess_<name>.json. preprocess featurizes with the returned
+        settings (and records them in the state).
     ``extra_requirements(state) -> list[str]`` (default: none)
         Packages the bundle's predictor needs for this fitted state beyond numpy, onnxruntime,
         soundfile, soxr and pillow (text: ``tokenizers`` with a pretrained model's tokenizer).
@@ -141,8 +145,8 @@ class OptionalHooks:
         return cfg
 
     @staticmethod
-    def resolve_preprocess(cfg, encoder) -> Any:
-        return cfg
+    def resolve_preprocess(cfg, encoder, train_info: dict) -> tuple[Any, dict]:
+        return cfg, {}
 
     @staticmethod
     def extra_requirements(state: dict) -> list[str]:

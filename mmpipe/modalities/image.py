@@ -44,8 +44,9 @@ class Clean(Strict):
 
 
 class Preprocess(Embeddable):
-    # auto: the resolution the chosen torchvision backbone's weights were trained at (resolve_preprocess)
-    size: Annotated[int, Field(ge=8, le=1024)] | Literal["auto"] = 32
+    # auto: the resolution a torchvision backbone's weights were trained at, else the train images' median
+    # short side within AUTO_SIZE (resolve_preprocess)
+    size: Annotated[int, Field(ge=8, le=1024)] | Literal["auto"] = "auto"
     mode: Literal["rgb", "grayscale"] = "rgb"
     fit: Literal["pad", "crop"] = "pad"
 
@@ -60,18 +61,36 @@ class Encoder(Backbone):
 PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
 
 
-def resolve_preprocess(cfg: Preprocess, encoder: Encoder | None) -> Preprocess:
-    """``size: auto`` -> the crop size of the torchvision backbone's default weights (224 for a ResNet,
-    240 for EfficientNet-B1, ...): preprocessing follows the encoder chosen in ``model.encoders.image``."""
-    if cfg.size != "auto":
-        return cfg
-    if encoder is None or encoder.arch == "small_cnn":
-        raise PipelineError(f"preprocess.{NAME}.size: auto is the resolution of a torchvision model.encoders.{NAME}.arch; "
-                            f"with small_cnn set a number of pixels (the built-in corpus: 32)")
-    from mmpipe.models.backbones import torchvision_transforms
+# small_cnn's side for ``size: auto``: the train images' median short side, to a multiple of 8, within these
+# bounds — a network trained from scratch costs in proportion to the pixels (64 px: 4x the built-in 32), and
+# past that a pretrained backbone (whose own resolution ``auto`` takes) is the better use of the compute
+AUTO_SIZE = (16, 64)
 
-    transforms, _ = torchvision_transforms(NAME, encoder.arch)
-    return cfg.model_copy(update={"size": int(transforms.crop_size[0])})
+
+def resolve_preprocess(cfg: Preprocess, encoder: Encoder | None, train_info: dict) -> tuple[Preprocess, dict]:
+    """``size: auto`` -> the crop size of the torchvision backbone's default weights (224 for a ResNet,
+    240 for EfficientNet-B1, ...) when ``model.encoders.image`` is one; with small_cnn, the train images'
+    median short side rounded to a multiple of 8 within AUTO_SIZE (the built-in corpus: 32)."""
+    if cfg.size != "auto":
+        return cfg, {}
+    if encoder is not None and encoder.arch != "small_cnn":
+        from mmpipe.models.backbones import torchvision_transforms
+
+        transforms, _ = torchvision_transforms(NAME, encoder.arch)
+        size = int(transforms.crop_size[0])
+        return cfg.model_copy(update={"size": size}), {"size": {
+            "value": size, "why": f"the resolution model.encoders.{NAME}.arch {encoder.arch}'s weights were trained at"}}
+    short = np.minimum(train_info.get("width", []), train_info.get("height", []))
+    if not len(short):
+        raise PipelineError(f"preprocess.{NAME}.size: auto reads the train split's image sizes, and it has no image; "
+                            f"set a number of pixels")
+    median = float(np.median(short))
+    size = int(min(max(8 * round(median / 8), AUTO_SIZE[0]), AUTO_SIZE[1]))
+    bound = " (the small_cnn bound; a pretrained backbone takes its own resolution)" if size == AUTO_SIZE[1] < median \
+        else " (the lower bound)" if size == AUTO_SIZE[0] > median else ""
+    return cfg.model_copy(update={"size": size}), {"size": {
+        "value": size, "why": f"median short side of {len(short):,} train images: {median:g} px, to a multiple of 8 "
+                              f"within {AUTO_SIZE[0]}..{AUTO_SIZE[1]}{bound}"}}
 
 
 def describe_rules(rules: dict) -> str:
