@@ -208,10 +208,21 @@ def run(samples: int, profile: str, overrides: list[str], until: str, keep: bool
                 "date": time.strftime("%Y-%m-%d"), "generated": generated, "dvc_repro_wall_s": wall,
                 "stages": stage_figures(repo, samples),
                 "data_mb": {p: folder_mb(repo / "data" / p) for p in ("raw", "clean", "features")},
-                "dvc_cache_mb": folder_mb(repo / ".dvc" / "cache")}
+                "dvc_cache_mb": folder_mb(repo / ".dvc" / "cache"), "test": test_figures(repo)}
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def test_figures(repo: Path) -> dict:
+    """The test split's headline figures of the run (metrics/eval.json; {} when it stopped before evaluate)."""
+    path = repo / "metrics" / "eval.json"
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text())
+    h = metrics.get("target", {}).get("headline", "accuracy")
+    return {h: metrics["test"][h], "fusion_gain": metrics.get("fusion_gain"),
+            "robustness": {m: r["relative"] for m, r in metrics.get("robustness", {}).items()}}
 
 
 def table(result: dict) -> str:

@@ -315,13 +315,59 @@ def _describe(err: dict[str, Any], section: str) -> str:
     return f"{key}: {message}{got_text}"
 
 
-def validate(section: str, raw: Any, file: str = PARAMS_FILE):
-    """Validate one section's raw mapping; raise PipelineError with one line per problem."""
+# ---- presets: one param for how much compute a run spends (AutoGluon's presets, for this pipeline) ----
+# Each preset gives the keys below their values where params.yaml leaves them to `auto` (or out); a
+# number in params.yaml wins. balanced is what the built-in corpus is tuned for (the schema defaults);
+# each modality module adds its encoder's width (its PRESETS). Time and accuracy of each: README
+# "Presets", measured on the built-in corpus.
+PRESETS: dict[str, dict[str, dict]] = {
+    "quick": {"train": {"epochs": 10, "patience": 3, "baselines": False},
+              "evaluate": {"noise_levels": [0.0, 0.5, 1.0]}},
+    "balanced": {"train": {"epochs": 30, "patience": 6, "baselines": True},
+                 "evaluate": {"noise_levels": [round(0.1 * i, 1) for i in range(11)]}},
+    "best": {"train": {"epochs": 60, "patience": 12, "baselines": True},
+             "evaluate": {"noise_levels": [round(0.05 * i, 2) for i in range(21)]}},
+}
+DEFAULT_PRESET = "balanced"
+
+
+def preset_values(preset: str, section: str) -> dict:
+    """The values ``preset`` gives ``section``'s keys (the modalities' encoder widths under model.encoders)."""
+    values = dict(PRESETS[preset].get(section, {}))
+    if section == "model":
+        widths = {m: module.PRESETS[preset]["model"] for m, module in MODALITIES.items()
+                  if preset in getattr(module, "PRESETS", {})}
+        values["encoders"] = widths
+    return values
+
+
+def _fill(raw: dict, values: dict) -> dict:
+    out = dict(raw)
+    for key, value in values.items():
+        if isinstance(value, dict):
+            inner = out.get(key)
+            out[key] = _fill(inner if isinstance(inner, dict) else {}, value) if inner is None or isinstance(inner, dict) \
+                else inner  # not a mapping: left for the schema to refuse in one line
+        elif key not in out or out[key] == "auto":
+            out[key] = value
+    return out
+
+
+def check_preset(preset: Any, file: str = PARAMS_FILE) -> str:
+    if preset not in PRESETS:
+        raise PipelineError(f"{file}: preset: must be one of {', '.join(PRESETS)} (got {preset!r})")
+    return preset
+
+
+def validate(section: str, raw: Any, file: str = PARAMS_FILE, preset: str = DEFAULT_PRESET):
+    """Validate one section's raw mapping, the keys it leaves to ``auto`` (or out) given ``preset``'s
+    values; raise PipelineError with one line per problem."""
     section_schema = schema(section)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise PipelineError(f"{file}: {section}: expected a mapping, got {type(raw).__name__}")
+    raw = _fill(raw, preset_values(check_preset(preset, file), section))
     try:
         return section_schema.model_validate(raw)
     except ValidationError as exc:
@@ -340,4 +386,4 @@ def load(section: str, path: str | Path = PARAMS_FILE):
         raise PipelineError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if section not in doc:
         raise PipelineError(f"{path}: section '{section}' is missing")
-    return validate(section, doc[section], str(path))
+    return validate(section, doc[section], str(path), doc.get("preset", DEFAULT_PRESET))

@@ -69,3 +69,39 @@ def test_missing_section_and_file(tmp_path):
         params.load("clean", tmp_path / "params.yaml")
     with pytest.raises(PipelineError, match="params file not found"):
         params.load("clean", tmp_path / "nope.yaml")
+
+
+def test_a_preset_fills_the_keys_left_to_auto_and_a_number_wins(tmp_path):
+    """preset: quick | balanced | best gives epochs, patience, baselines, every encoder's width and the
+    robustness sweep's density where params.yaml says auto (or nothing); an explicit value wins; balanced
+    is the schema defaults; the stages that read those keys depend on `preset` in dvc.yaml."""
+    import yaml
+
+    from conftest import ROOT
+
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert doc["preset"] == "balanced" and doc["train"]["epochs"] == "auto" and doc["evaluate"]["noise_levels"] == "auto"
+    balanced = {s: params.validate(s, doc[s]) for s in ("train", "model", "evaluate")}  # the default preset
+    for key, value in params.PRESETS["balanced"]["train"].items():
+        assert getattr(balanced["train"], key) == getattr(params.TrainParams(), key) == value, key
+    assert balanced["evaluate"].noise_levels == params.EvaluateParams().noise_levels
+    assert balanced["model"].encoders == params.ModelParams().encoders
+    quick = {s: params.validate(s, doc[s], preset="quick") for s in ("train", "model", "evaluate")}
+    best = {s: params.validate(s, doc[s], preset="best") for s in ("train", "model", "evaluate")}
+    assert (quick["train"].epochs, quick["train"].patience, quick["train"].baselines) == (10, 3, False)
+    assert best["train"].epochs == 60 and len(best["evaluate"].noise_levels) == 21 == 2 * len(params.EvaluateParams().noise_levels) - 1
+    for m in type(params.ModelParams().encoders).model_fields:  # every modality's encoder: narrower / wider
+        widths = [getattr(s["model"].encoders, m).width for s in (quick, best)]
+        assert widths[0] < getattr(params.ModelParams().encoders, m).width < widths[1], m
+    explicit = params.validate("train", {**doc["train"], "epochs": 7}, preset="best")
+    assert explicit.epochs == 7 and explicit.patience == 12
+    # read from params.yaml by every stage; an unknown preset stops it in one line
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**doc, "preset": "quick"}))
+    assert params.load("train", tmp_path / "params.yaml").epochs == 10
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**doc, "preset": "fastest"}))
+    with pytest.raises(PipelineError) as err:
+        params.load("evaluate", tmp_path / "params.yaml")
+    assert str(err.value) == f"{tmp_path / 'params.yaml'}: preset: must be one of quick, balanced, best (got 'fastest')"
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in ("train", "evaluate"):
+        assert "preset" in stages[stage]["params"], stage

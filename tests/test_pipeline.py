@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (DVC, TINY, dvc, free_port, pipeline_rows, png_bytes, ran_stages, runs, set_params,
-                      stage_env)
+from conftest import (DVC, TINY, dvc, free_port, pipeline_rows, png_bytes, ran_stages, runs, set_params, tone,
+                      stage_env, wav_bytes)
 
 
 def stage(repo: Path, name: str) -> subprocess.CompletedProcess:
@@ -263,18 +263,22 @@ def test_partitioned_preprocessing_joins_into_the_single_run_bytes(repo):
 
 
 def test_a_number_then_a_tag_set_from_a_users_manifest_through_dvc_repro_to_the_bundle(repo, tmp_path):
-    """A listings manifest (photo, title, metadata columns, a price and a tag column): with only
-    data.source and data.target set (plus the tiny model), `dvc repro` runs to a bundle that answers
-    values on the raw files as evaluate scored them; declaring the tag column instead re-runs from collect
-    and clean reads tag sets."""
+    """A listings manifest (224 px photos, 5 s 44.1 kHz stereo recordings, a title, metadata columns, a
+    price and a tag column): with only data.source and data.target set (plus the tiny model), the image
+    size and clip length follow the data (auto, recorded in the metrics), and `dvc repro` runs to a bundle
+    that answers values on the raw files as evaluate scored them; declaring the tag column instead re-runs
+    from collect and clean reads tag sets."""
     files = tmp_path / "listings"
     files.mkdir()
     rng = np.random.default_rng(0)
     rows = []
     for i in range(72):
         size, color = int(rng.integers(1, 10)), ["red", "blue", "green"][i % 3]
-        (files / f"{i}.png").write_bytes(png_bytes(seed=i))
-        rows.append({"id": f"l{i}", "image": f"{i}.png", "text": f"{color} item of size {size}", "size": size,
+        (files / f"{i}.jpg").write_bytes(png_bytes(size=(224 + 16 * (i % 3), 224), seed=i, fmt="JPEG", quality=80))
+        clip = tone(seconds=4.6 + 0.1 * (i % 5), rate=44100, channels=2, freq=200.0 + 60 * size)
+        (files / f"{i}.wav").write_bytes(wav_bytes(clip, rate=44100))
+        rows.append({"id": f"l{i}", "image": f"{i}.jpg", "audio": f"{i}.wav", "text": f"{color} item of size {size}",
+                     "size": size,
                      "color": color, "price": round(20.0 * size + rng.normal(0, 3), 2),
                      "tags": ";".join([t for t, on in (("big", size > 5), ("red", color == "red")) if on])})
     rows[3]["price"], rows[4]["price"], rows[5]["price"] = None, None, "n/a"  # two unlabelled rows, one bad cell
@@ -288,6 +292,13 @@ def test_a_number_then_a_tag_set_from_a_users_manifest_through_dvc_repro_to_the_
     run = dvc(repo, "repro")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "clean: 2 samples have no target: kept unlabelled" in run.stdout
+    # what a user's photos and recordings are cut to, chosen from the train split and said so
+    image_auto = json.loads((repo / "metrics/preprocess_image.json").read_text())["auto"]["size"]
+    audio_auto = json.loads((repo / "metrics/preprocess_audio.json").read_text())["auto"]["seconds"]
+    assert image_auto["value"] == 64 and "median short side" in image_auto["why"] and "224 px" in image_auto["why"]
+    assert audio_auto["value"] == 5.0 and "99th-percentile duration" in audio_auto["why"]
+    assert "preprocess audio: seconds: auto -> 5.0 (" in run.stdout
+    assert json.loads((repo / "data/features/audio/state.json").read_text())["seconds"] == 5.0
     cleaned = json.loads((repo / "metrics/clean.json").read_text())
     assert cleaned["rejects_by_code"] == {"target_not_a_number": 1} and sum(cleaned["unlabelled"].values()) == 2
     evaluated = json.loads((repo / "metrics/eval.json").read_text())

@@ -34,7 +34,9 @@ def reference(params_yaml: str) -> str:
         meaning = " ".join([*above, (match["comment"] or "").strip()]).strip()
         above = []
         value = match["value"].strip()
-        if depth == 0:
+        if depth == 0 and value:  # a top-level key with a value of its own (preset), not a section
+            rows.append(f"| `{match['key']}` | `{value}` | {meaning.replace('|', '/')} |")
+        elif depth == 0:
             rows.append(f"| **`{match['key']}`** | | {meaning.replace('|', '/')} |")
         else:
             shown = f"`{value}`" if value else ""

@@ -99,6 +99,10 @@ class Encoder(Backbone):
 
 PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
 
+# the encoder's width under each preset (params.PRESETS; balanced = the schema default)
+PRESETS = {"quick": {"model": {"width": 8}}, "balanced": {"model": {"width": 16}},
+           "best": {"model": {"width": 24}}}
+
 
 def describe_rules(rules: dict) -> str:
     return (f"audio (WAV, FLAC, …) of {rules['min_seconds']:g}–{rules['max_seconds']:g} s, {rules['min_rate']:,}–"

@@ -131,6 +131,10 @@ class OptionalHooks:
     ``extra_requirements(state) -> list[str]`` (default: none)
         Packages the bundle's predictor needs for this fitted state beyond numpy, onnxruntime,
         soundfile, soxr and pillow (text: ``tokenizers`` with a pretrained model's tokenizer).
+    ``PRESETS: dict[str, dict]`` (default: none)
+        Preset name (params.PRESETS: quick, balanced, best) -> {section: {key: value}} this modality's
+        subsection takes under that preset where params.yaml leaves the key to ``auto`` (the encoders'
+        widths: ``{"quick": {"model": {"width": 16}}, ...}``).
     ``PARITY_VARIANTS: dict[str, Callable[[bytes], bytes]]`` (default: none)
         Name -> re-encoding of one raw item; export checks the bundle's predictor against the
         pipeline on each (audio: other rates, stereo).

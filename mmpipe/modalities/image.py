@@ -60,6 +60,10 @@ class Encoder(Backbone):
 
 PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
 
+# the encoder's width under each preset (params.PRESETS; balanced = the schema default)
+PRESETS = {"quick": {"model": {"width": 16}}, "balanced": {"model": {"width": 24}},
+           "best": {"model": {"width": 32}}}
+
 
 # small_cnn's side for ``size: auto``: the train images' median short side, to a multiple of 8, within these
 # bounds — a network trained from scratch costs in proportion to the pixels (64 px: 4x the built-in 32), and

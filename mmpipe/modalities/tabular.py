@@ -81,6 +81,10 @@ class Encoder(Strict):
 
 
 PARAMS = {"data": Data, "clean": Clean, "preprocess": Preprocess, "model": Encoder}
+
+# the encoder's width under each preset (params.PRESETS; balanced = the schema default)
+PRESETS = {"quick": {"model": {"width": 32}}, "balanced": {"model": {"width": 64}},
+           "best": {"model": {"width": 96}}}
 RULES = Rules  # what clean's rules become once the column types are resolved (resolve_rules)
 
 

@@ -64,6 +64,10 @@ class Encoder(Backbone):
 
 PARAMS = {"clean": Clean, "preprocess": Preprocess, "model": Encoder}
 
+# the encoder's width under each preset (params.PRESETS; balanced = the schema default)
+PRESETS = {"quick": {"model": {"width": 64}}, "balanced": {"model": {"width": 128}},
+           "best": {"model": {"width": 192}}}
+
 
 def describe_rules(rules: dict) -> str:
     return f"UTF-8 text of at most {rules['max_bytes']:,} bytes, cut to {rules['max_chars']:,} characters"
