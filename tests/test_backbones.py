@@ -440,10 +440,16 @@ def test_a_missing_tokenizer_folder_stops_preprocess_with_one_line(tiny_corpus, 
     from mmpipe.features.preprocess import preprocess
 
     with pytest.raises(PipelineError) as err:
-        preprocess("text", params.validate("preprocess", {"workers": 1, "text": {"tokenizer": "weights/no-such-model"}}),
+        preprocess("text", params.validate("preprocess", {"workers": 1, "text": {"tokenizer": "weights/text/no-such-model"}}),
                    tiny_corpus / "clean", tmp_path)
-    assert str(err.value).startswith("preprocess.text.tokenizer: weights/no-such-model/tokenizer.json not found — it is "
-                                     "char, word or a Hugging Face model folder") and "\n" not in str(err.value)
+    assert str(err.value).startswith("preprocess.text.tokenizer: weights/text/no-such-model/tokenizer.json not found — "
+                                     "it is char, word or a Hugging Face model folder") and "\n" not in str(err.value)
+    # a model folder elsewhere under weights/: preprocess@text would not re-run when it changed
+    with pytest.raises(PipelineError) as err:
+        params.validate("preprocess", {"text": {"tokenizer": "weights/bert-base-uncased"}})
+    assert str(err.value) == ("params.yaml: preprocess.text.tokenizer: weights/bert-base-uncased is under weights/ but not "
+                              "in weights/text/ — move it there (e.g. weights/text/bert-base-uncased): DVC re-runs a "
+                              "modality's stages when its own weights folder changes")
 
 
 def test_a_backbone_the_dynamo_exporter_cannot_convert_exports_with_the_torchscript_one(tmp_path):

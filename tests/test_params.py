@@ -105,3 +105,19 @@ def test_a_preset_fills_the_keys_left_to_auto_and_a_number_wins(tmp_path):
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in ("train", "evaluate"):
         assert "preset" in stages[stage]["params"], stage
+
+
+def test_pretrained_weights_must_sit_in_their_modalitys_folder():
+    """preprocess@<m> depends on weights/<m>/ only (dvc.yaml): a file elsewhere under weights/ is refused in
+    one line; its own folder, or a path outside weights/, is fine."""
+    with pytest.raises(PipelineError) as err:
+        params.validate("model", {"encoders": {"image": {"arch": "resnet18", "weights": "weights/resnet18.pth"}}})
+    assert str(err.value) == ("params.yaml: model.encoders.image.weights: weights/resnet18.pth is under weights/ but not "
+                              "in weights/image/ — move it there (e.g. weights/image/resnet18.pth): DVC re-runs a "
+                              "modality's stages when its own weights folder changes")
+    for fine in ("weights/image/resnet18.pth", "/models/resnet18.pth"):
+        assert params.validate("model", {"encoders": {"image": {"arch": "resnet18", "weights": fine}}})
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "weights/${item.modality}" in stages["preprocess"]["deps"] and "weights" in stages["train"]["deps"]
+    for m in params.ModelParams().encoders.__class__.model_fields:
+        assert (ROOT / "weights" / m).is_dir(), m  # each feature stage's dependency exists in a fresh clone
