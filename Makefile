@@ -40,7 +40,7 @@ repro: $(RUN_STAMP)
 test: $(DEV_STAMP)
 	python -m pytest
 
-# The fast subset (what CI runs on pull requests): every test not marked slow, ~4 minutes on 2 cores.
+# The fast subset (what CI runs on pull requests): every test not marked slow, ~2.5 minutes on 2 cores (322 of 404 tests).
 test-fast: $(DEV_STAMP)
 	python -m pytest -m "not slow"
 

@@ -321,7 +321,7 @@ def _describe(err: dict[str, Any], section: str) -> str:
 # each modality module adds its encoder's width (its PRESETS). Time and accuracy of each: README
 # "Presets", measured on the built-in corpus.
 PRESETS: dict[str, dict[str, dict]] = {
-    "quick": {"train": {"epochs": 10, "patience": 3, "baselines": False},
+    "quick": {"train": {"epochs": 15, "patience": 4, "baselines": False},
               "evaluate": {"noise_levels": [0.0, 0.5, 1.0]}},
     "balanced": {"train": {"epochs": 30, "patience": 6, "baselines": True},
                  "evaluate": {"noise_levels": [round(0.1 * i, 1) for i in range(11)]}},

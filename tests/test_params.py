@@ -88,7 +88,7 @@ def test_a_preset_fills_the_keys_left_to_auto_and_a_number_wins(tmp_path):
     assert balanced["model"].encoders == params.ModelParams().encoders
     quick = {s: params.validate(s, doc[s], preset="quick") for s in ("train", "model", "evaluate")}
     best = {s: params.validate(s, doc[s], preset="best") for s in ("train", "model", "evaluate")}
-    assert (quick["train"].epochs, quick["train"].patience, quick["train"].baselines) == (10, 3, False)
+    assert (quick["train"].epochs, quick["train"].patience, quick["train"].baselines) == (15, 4, False)
     assert best["train"].epochs == 60 and len(best["evaluate"].noise_levels) == 21 == 2 * len(params.EvaluateParams().noise_levels) - 1
     for m in type(params.ModelParams().encoders).model_fields:  # every modality's encoder: narrower / wider
         widths = [getattr(s["model"].encoders, m).width for s in (quick, best)]
@@ -97,7 +97,7 @@ def test_a_preset_fills_the_keys_left_to_auto_and_a_number_wins(tmp_path):
     assert explicit.epochs == 7 and explicit.patience == 12
     # read from params.yaml by every stage; an unknown preset stops it in one line
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**doc, "preset": "quick"}))
-    assert params.load("train", tmp_path / "params.yaml").epochs == 10
+    assert params.load("train", tmp_path / "params.yaml").epochs == 15
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**doc, "preset": "fastest"}))
     with pytest.raises(PipelineError) as err:
         params.load("evaluate", tmp_path / "params.yaml")

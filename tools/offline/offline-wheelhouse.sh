@@ -17,6 +17,8 @@ PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 # hydra-core (a dvc dependency) needs antlr4-python3-runtime, published as a source archive only
 python3 -m pip wheel -q --no-deps -w "$TMP" antlr4-python3-runtime==4.9.3
 grep -vE '^\s*(#|$)' requirements.txt | sed 's/#.*//' | grep -viE '^(torch|torchvision|torchaudio)==' > "$TMP/req.txt"
+# and the extras a GPU run may use: [text], [tune], librosa (the benchmarks' naive baseline); not the test tools
+grep -iE '^(transformers|tokenizers|optuna|librosa)==' requirements-dev.txt | sed 's/#.*//' >> "$TMP/req.txt"
 grep -viE '^(torch|torchvision|torchaudio|triton|nvidia-)' constraints.txt > "$TMP/con.txt" 2>/dev/null || true
 python3 -m pip download -q $PLAT --find-links "$TMP" -d "$TMP" -r "$TMP/req.txt" -c "$TMP/con.txt"
 for f in "$TMP"/*.whl; do
