@@ -30,14 +30,14 @@ REMOTE_TIMEOUT_S = 20.0
 
 
 def project() -> Path:
-    """The DVC project this command runs in, or a one-line error."""
-    from mmpipe.tracking import project_root
-
-    root = project_root()
-    if not (root / "dvc.yaml").is_file() or not (root / "params.yaml").is_file():
-        raise PipelineError(f"{Path.cwd()}: not inside an mmpipe project (no dvc.yaml and params.yaml here or above); "
-                            "cd into your clone of the project")
-    return root
+    """The DVC project this command runs in (the nearest folder up with dvc.yaml and params.yaml), or a
+    one-line error. Standard library only: doctor must get this far on a broken install."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    raise PipelineError(f"{here}: not inside an mmpipe project (no dvc.yaml and params.yaml here or above); "
+                        "cd into your clone of the project")
 
 
 # ---- doctor -------------------------------------------------------------------------------------------
