@@ -84,6 +84,7 @@ def test_model_card_describes_this_data_not_the_builtin_digits(bundle):
     text = (bundle["folder"] / "MODEL_CARD.md").read_text()
     assert text.startswith("---\n")
     _, meta, card = text.split("---\n", 2)
+    card = card.lstrip("\n")
     meta = yaml.safe_load(meta)  # the front matter: for machines (registries, Hub cards)
     test = bundle["eval"]["test"]
     result = meta["model-index"][0]["results"][0]

@@ -269,6 +269,9 @@ def test_notebook_executes_against_the_tiny_run(tiny_run, name):
 
 def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path):
     repo = tiny_run.repo
+    # the clones below get what the tiny run ran with (its params, dvc.lock), whichever tests ran before
+    for cmd in (["add", "-A"], ["commit", "-q", "--allow-empty", "-m", "tiny run"]):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *cmd], cwd=repo, check=True, env=stage_env(repo))
     pushed = subprocess.run([sys.executable, "tools/push_run_cache.py"], cwd=repo, env=stage_env(repo),
                             capture_output=True, text=True, timeout=600)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
@@ -298,7 +301,6 @@ def test_fresh_clone_restores_every_stage_from_the_run_cache(tiny_run, tmp_path)
 
     # the bundle as a DVC artifact (dvc.yaml: artifacts): a registered version (an annotated GTO tag)
     # fetched by another project from a clone, the bytes coming from the DVC remote
-    git_commit(repo, "tiny run")
     subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "tag", "-a", "multimodal-classifier@v0.1.0",
                     "-m", "Registering"], cwd=repo, check=True,
                    env=stage_env(repo))
@@ -401,7 +403,9 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     torch.save(weights, repo / "weights/image/resnet18.pth")
     speech = tiny_wav2vec2(repo / "weights/audio/wav2vec2_tiny.pth")
     language = tiny_bert(repo / "weights/text/tiny-bert", corpus_texts(repo / "data/clean"))
-    set_params(repo, preprocess={"audio": {"features": "waveform", "embed": True}, "text": {"tokenizer": "weights/text/tiny-bert"}},
+    # the image size stays the corpus's 32 px (auto would take resnet18's 224: the same mechanics, 50x the pixels)
+    set_params(repo, preprocess={"image": {"size": 32}, "audio": {"features": "waveform", "embed": True},
+                                 "text": {"tokenizer": "weights/text/tiny-bert"}},
                model={"encoders": {
                    "image": {"arch": "resnet18", "weights": "weights/image/resnet18.pth", "freeze": 2},
                    "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/audio/wav2vec2_tiny.pth",
