@@ -151,6 +151,27 @@ class Gates(Strict):
     # any test metric of the target by name (metrics/eval.json: test), e.g. min: {r2: 0.6}, max: {rmse: 40}
     min: dict[str, float] = Field(default_factory=dict)
     max: dict[str, float] = Field(default_factory=dict)
+    # test coverage of the conformal sets (at calibration.alpha), marginal and per availability pattern with at
+    # least calibration.min_pattern_rows test rows
+    min_coverage: float | None = Field(None, ge=0.0, le=1.0)
+    # no modality may carry more than this share of the positive Shapley values (headline): modality collapse
+    max_modality_share: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class Calibration(Strict):
+    """Temperature scaling and conformal prediction sets, fitted on the validation split (mmpipe/trust)."""
+    temperature: Literal["pattern", "global", "none"] = "pattern"
+    alpha: float = Field(0.1, gt=0.0, lt=1.0)
+    alphas: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2], min_length=1)
+    min_pattern_rows: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _alpha_calibrated(self) -> "Calibration":
+        if any(not 0.0 < a < 1.0 for a in self.alphas):
+            raise ValueError(f"alphas must lie strictly between 0 and 1 (got {self.alphas})")
+        if self.alpha not in self.alphas:
+            raise ValueError(f"alpha {self.alpha} must be one of alphas {self.alphas} (the levels calibrated)")
+        return self
 
 
 class EvaluateParams(Strict):
@@ -159,6 +180,7 @@ class EvaluateParams(Strict):
     noise_levels: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)], min_length=2)
     ece_bins: int = Field(15, ge=2, le=1000)
     latency_runs: int = Field(50, ge=5, le=100_000)
+    calibration: Calibration = Calibration()
     gates: Gates = Gates()
 
     @model_validator(mode="after")
@@ -166,6 +188,10 @@ class EvaluateParams(Strict):
         levels = self.noise_levels
         if any(not 0.0 <= x <= 1.0 for x in levels) or levels != sorted(set(levels)):
             raise ValueError(f"noise_levels must be increasing, distinct, within 0..1 (got {levels})")
+        bar = self.gates.min_coverage
+        if bar is not None and bar > 1.0 - self.calibration.alpha + 1e-12:
+            raise ValueError(f"gates.min_coverage {bar} is above 1 - calibration.alpha = {1 - self.calibration.alpha:g}: "
+                             f"the sets promise only that (lower the gate or alpha)")
         return self
 
 

@@ -51,8 +51,10 @@ def workspace(tiny_corpus, tiny_model, bundle, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench_workspace")
     (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     set_params(root, **TINY)
-    for link, target in (("data/features", tiny_corpus / "features"), ("models/fusion", tiny_model),
-                         ("artifacts/compressed", bundle["folder"].parent / "compressed")):
+    for link, target in (("data/features", tiny_corpus / "features"), ("data/raw", tiny_corpus / "raw"),
+                         ("data/clean", tiny_corpus / "clean"), ("models/fusion", tiny_model),
+                         ("artifacts/compressed", bundle["folder"].parent / "compressed"),
+                         ("artifacts/deploy", bundle["folder"])):
         (root / link).parent.mkdir(parents=True, exist_ok=True)
         (root / link).symlink_to(target)
     return root
@@ -72,6 +74,7 @@ ON_THE_WORKSPACE = {  # entry point -> tiny arguments; they read what `make repr
     "bench.fusion_choices": ["--fusions", "concat"],
     "bench.prune_sweep": ["0.3:1"],
     "bench.compressed_variants": ["--rounds", "1", "--runs", "2"],
+    "bench.trust": ["--rounds", "1", "--runs", "5"],
 }
 SMOKE_RUNS |= {"bench.run", "bench.hostile_inputs", *SELF_CONTAINED, *ON_THE_WORKSPACE}
 
@@ -86,7 +89,7 @@ def test_self_contained_bench_runs_at_a_tiny_size(entry, tmp_path):
 def test_bench_on_the_pipeline_outputs_runs_at_a_tiny_size(entry, workspace):
     run_bench(entry, *ON_THE_WORKSPACE[entry], cwd=workspace)
     report = {"bench.fusion_choices": "fusion_choices.json", "bench.prune_sweep": "prune_sweep.json",
-              "bench.compressed_variants": "compressed_variants.json"}[entry]
+              "bench.compressed_variants": "compressed_variants.json", "bench.trust": "trust.json"}[entry]
     assert json.loads((workspace / "reports" / report).read_text())
 
 

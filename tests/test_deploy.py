@@ -156,6 +156,44 @@ def test_bundle_alone_with_only_its_dependencies_predicts_raw_files(bundle, tiny
     assert blocked.returncode != 0 and "not one of its dependencies" in blocked.stderr  # the guard does guard
 
 
+def test_answers_carry_calibrated_scores_a_conformal_set_and_an_explanation_with_only_the_bundle(bundle, tiny_corpus,
+                                                                                               tmp_path):
+    test = FeatureSet(tiny_corpus / "features", split="test")
+    modalities = ["image", "text", "audio"]
+    items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, modalities)
+    i = next(k for k, item in enumerate(items) if all(item[m] is not None for m in modalities))
+    (tmp_path / "x.png").write_bytes(items[i]["image"])
+    (tmp_path / "x.audio").write_bytes(items[i]["audio"])
+    args = ["--image", str(tmp_path / "x.png"), "--audio", str(tmp_path / "x.audio"), "--text", items[i]["text"].decode()]
+    proc = subprocess.run([sys.executable, "-I", "-c", GUARD, *args, "--explain", "--alpha", "0.05"],
+                          cwd=bundle["folder"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert set(answer) == {"label", "probabilities", "prediction_set", "alpha", "explanation"} and answer["alpha"] == 0.05
+    manifest = json.loads((bundle["folder"] / "manifest.json").read_text())
+    fitted = manifest["models"]["shipped"]["calibration"]
+    assert len(fitted["thresholds"]["0.05"]) == 15  # every availability pattern of the four modalities
+    q = fitted["thresholds"]["0.05"]["image+text+audio"]
+    assert answer["prediction_set"] == [c for c, p in answer["probabilities"].items() if q is None or p >= 1 - q - 1e-6]
+    # the explanation: the answer's probability with each subset of the three given modalities, Shapley values
+    # that add up to all - none (rounded to 1e-6 each)
+    why = answer["explanation"]
+    assert why["of"] == f"probability of {answer['label']!r}" and list(why["shapley"]) == modalities
+    assert why["all"] == answer["probabilities"][answer["label"]] and len(why["subsets"]) == 7
+    assert abs(sum(why["shapley"].values()) - (why["all"] - why["none"])) < 1e-5
+    # temperature scaling changes the probabilities, never the answer
+    predict = load_predictor(bundle["folder"])
+    raw = predict.Predictor(bundle["folder"], calibrated=False)
+    plain = raw.predict([raw.features(**items[i])])[0]
+    assert plain["label"] == answer["label"] and set(plain) == {"label", "probabilities"}
+    assert fitted["temperature"]["global"] != 1.0 and plain["probabilities"] != answer["probabilities"]
+    refused = subprocess.run([sys.executable, "predict.py", "--text", "seven", "--alpha", "0.3"], cwd=bundle["folder"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "predict.py: error: argument --alpha: alpha 0.3 was not calibrated for this bundle (choose from 0.05, 0.1, 0.2)")
+    assert bundle["checks"]["predictor_vs_pipeline_set_agreement"] == 1.0
+
+
 def test_manifest_rows_with_bad_inputs_get_errors_and_the_rest_are_predicted(bundle, tmp_path):
     (tmp_path / "good.png").write_bytes(png_bytes(size=(28, 28)))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+from conftest import png_bytes, wav_bytes
 from mmpipe import params
 from mmpipe.evaluate.evaluate import SplitInputs, evaluate, failed_gates, subsets
 from mmpipe.evaluate.metrics import area_under
@@ -141,7 +142,16 @@ def test_evaluate_reports_every_number(tiny_corpus, trained, tmp_path):
     figures.mkdir()
     markdown = report_markdown(m, result["tables"], [], figures, "figures")
     assert sorted(p.name for p in figures.iterdir()) == ["confusion.png", "missing.png", "reliability.png",
-                                                          "robustness.png"]
+                                                          "robustness.png", "trust.png"]
+    assert "## How far to trust it" in markdown
+    # how far to trust it: fitted on val, assessed on test per availability pattern; Shapley from the subsets
+    assert set(m["conformal"]["patterns"]) == {"+".join(s) for s in subsets(["image", "text", "audio"])}
+    assert m["calibration"]["thresholds"].keys() == {"0.05", "0.1", "0.2"}
+    shapley = m["attribution"]["accuracy"]
+    assert shapley["all"] == m["test"]["accuracy"]
+    assert sum(shapley["shapley"].values()) == pytest.approx(shapley["all"] - shapley["none"], abs=1e-9)
+    assert (tmp_path / "coverage.csv").read_text().splitlines()[0] == \
+        "pattern,rows,coverage,coverage_single_threshold,mean_size,target"
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures.iterdir())
     assert "](figures/robustness.png)" in markdown and "All quality gates pass." in markdown
 
@@ -167,3 +177,46 @@ def test_gates_by_metric_name_and_class_gates_skipped_for_a_number():
                       "quality gate evaluate.gates.max.rmse failed: test rmse is 41.0000, above 40.0",
                       "evaluate.gates.max.mape: this number target has no test mape (its metrics: r2, rmse)"]
     assert list(skipped) == ["min_accuracy"]  # the default bar of a class: not this target's, said and not checked
+
+
+def test_the_collapse_gate_fails_naming_the_one_modality_the_model_leans_on(tmp_path):
+    """A user's manifest in which only the text says the class (the photos and recordings are noise the label
+    does not depend on), trained like any other: the fused model leans on text alone, and
+    evaluate.gates.max_modality_share fails in one line naming it; Shapley efficiency holds on the real model."""
+    import pandas as pd
+
+    from mmpipe.data.clean import clean
+    from mmpipe.data.collect import collect
+    from mmpipe.features.preprocess import preprocess
+    from mmpipe.modalities import names
+
+    files = tmp_path / "files"
+    files.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(450):
+        label = ["ant", "bee", "cat"][i % 3]
+        (files / f"{i}.png").write_bytes(png_bytes(size=(32, 32), seed=i))
+        (files / f"{i}.wav").write_bytes(wav_bytes(rng.normal(0, 0.2, 8000).astype(np.float32)))
+        rows.append({"image": f"{i}.png", "audio": f"{i}.wav", "label": label,
+                     "text": f"{['a photo of', 'look, a', 'here is one'][i % 4 % 3]} {label}"})
+    pd.DataFrame(rows).to_csv(files / "manifest.csv", index=False)
+    root = tmp_path / "run"
+    for folder in ("raw", "clean", *(f"features/{m}" for m in names())):
+        (root / folder).mkdir(parents=True)
+    collect(params.validate("data", {"source": str(files / "manifest.csv"), "workers": 1}), root / "raw")
+    clean(params.validate("clean", {"workers": 1}), root / "raw", root / "clean")
+    for m in names():
+        preprocess(m, params.validate("preprocess", {"workers": 1}), root / "clean", root / "features" / m)
+    train(params.TrainParams(epochs=10, batch_size=32, device="cpu"), SMALL, root / "features", ["image", "text", "audio"],
+          root / "models" / "fusion", None)
+    cfg = params.validate("evaluate", {"device": "cpu", "noise_levels": [0.0, 1.0], "latency_runs": 5,
+                                       "gates": {"min_accuracy": None, "max_modality_share": 0.9}})
+    m = evaluate(cfg, root / "features", root / "clean", root / "models", progress=lambda line: None)["metrics"]
+    shapley = m["attribution"]["accuracy"]
+    assert m["test"]["accuracy"] > 0.9 and shapley["share"]["text"] > 0.9
+    assert abs(sum(shapley["shapley"].values()) - (shapley["all"] - shapley["none"])) < 1e-9
+    failed, _ = failed_gates(m, cfg.gates)
+    assert len(failed) == 1 and failed[0].startswith(
+        f"quality gate evaluate.gates.max_modality_share failed: text carries {shapley['share']['text']:.1%} of the "
+        "fused model's Shapley attribution (above 90%)")

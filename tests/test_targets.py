@@ -253,12 +253,33 @@ def test_compress_and_the_bundle_answer_in_the_targets_terms(trained, tmp_path):
     out = subprocess.run([sys.executable, "predict.py", "--text", "looks like a 7"], cwd=root / "deploy",
                          capture_output=True, text=True)
     answer = json.loads(out.stdout)
+    fitted = manifest["models"]["shipped"]["calibration"]
+    # how far to trust it: the shipped model's sets/intervals, calibrated on val, hold the truth on test as promised
+    # (a tiny test split: loosely), the predictor's on the raw files being the pipeline's on its features
+    assert checks["alpha"] == 0.1 and checks["predictor_vs_pipeline_set_agreement"] == 1.0
+    assert checks["predictor_raw_test_coverage"] == pytest.approx(checks["pipeline_test_coverage"], abs=1e-9)
+    assert checks["predictor_raw_test_coverage"] >= 0.75
     if kind == "number":
-        assert set(answer) == {"value"} and isinstance(answer["value"], float)
+        assert set(answer) == {"value", "interval", "alpha"} and isinstance(answer["value"], float)
+        assert fitted["temperature"] is None and fitted["score"] == "abs_residual"
+        low, high = answer["interval"]
+        assert (low is None or low < answer["value"]) and (high is None or answer["value"] < high)
+        if low is not None:  # the text-only pattern's threshold, around the prediction on the standardised scale
+            state = manifest["target"]["state"]
+            q = fitted["thresholds"]["0.1"]["text"]
+            assert (high - low) == pytest.approx(2 * q * state["std"], rel=1e-6)  # transform none: symmetric
     else:
-        assert set(answer) == {"tags", "scores"} and set(answer["scores"]) == {"even", "prime", "loop", "large"}
-        thresholds = dict(zip(manifest["target"]["state"]["tags"], manifest["target"]["state"]["thresholds"]))
-        assert answer["tags"] == [t for t, p in answer["scores"].items() if p >= thresholds[t]]
+        assert set(answer) == {"tags", "scores", "prediction_set", "alpha"}
+        assert set(answer["scores"]) == {"even", "prime", "loop", "large"}
+        # the scores are temperature-scaled (the text-only pattern's T); the tags answered are still those of the
+        # tuned thresholds: at the calibrated scale, sigmoid(logit(threshold) / T)
+        t = fitted["temperature"]["patterns"]["text"]
+        thresholds = {tag: 1 / (1 + math.exp(-math.log(thr / (1 - thr)) / t))
+                      for tag, thr in zip(manifest["target"]["state"]["tags"], manifest["target"]["state"]["thresholds"])}
+        assert answer["tags"] == [tag for tag, p in answer["scores"].items() if p >= thresholds[tag] - 1e-6]
+        q = fitted["thresholds"]["0.1"]["text"]
+        assert answer["prediction_set"] == [tag for tag, p in answer["scores"].items()
+                                            if q is None or p >= 1 - q - 1e-6]
 
 
 def test_the_mlflow_pyfunc_answers_rows_in_the_targets_columns(trained):
@@ -269,7 +290,9 @@ def test_the_mlflow_pyfunc_answers_rows_in_the_targets_columns(trained):
     frame = pd.concat([trained["example"], pd.DataFrame([{"text": "\x00" * 3}])], ignore_index=True)
     out = model.predict(None, frame)
     if trained["kind"] == "number":
-        assert list(out.columns) == ["value", "error"] and isinstance(out.value[0], float) and out.error[0] == ""
+        assert list(out.columns) == ["value", "interval_low", "interval_high", "error"]
+        assert isinstance(out.value[0], float) and out.error[0] == ""
     else:
-        assert list(out.columns) == ["tags", "scores", "error"] and isinstance(json.loads(out.tags[0]), list)
+        assert list(out.columns) == ["tags", "scores", "prediction_set", "error"]
+        assert isinstance(json.loads(out.tags[0]), list) and isinstance(json.loads(out.prediction_set[0]), list)
     assert out.error[1] != ""  # a row it cannot read: its error, the others answered

@@ -148,8 +148,8 @@ def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: d
          "number": "- Values far outside the training range are extrapolations; "}[target["type"]]
         + "inputs unlike the training data (other languages, image styles, recording conditions) are outside what was "
         "measured.",
-        *(["- Probabilities are not perfectly calibrated (ECE above)."] if target["type"] != "number" else []),
         "",
+        *trust_lines(eval_metrics, predictor, target["type"], h),
         "## Use",
         "```",
         "pip install -r requirements.txt",
@@ -160,6 +160,39 @@ def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: d
         "",
     ]
     return "\n".join(lines)
+
+
+def trust_lines(eval_metrics: dict, predictor, kind: str, h: str) -> list[str]:
+    """"How far to trust it": calibrated confidence, the conformal sets per availability pattern, each modality's
+    share (evaluate's figures on the test split), and what the guarantee assumes."""
+    conformal, fitted = eval_metrics.get("conformal"), (predictor.calibration or {})
+    if not conformal or not fitted:
+        return ([] if kind == "number" else ["Probabilities are not calibrated.", ""])
+    marginal, alpha = conformal["marginal"], fitted["alpha"]
+    answer = {"category": "`prediction_set` (the classes that together hold the true class)",
+              "number": "`interval` (low, high; null where unbounded)",
+              "set": "`prediction_set` (tags that together hold every true tag)"}[kind]
+    patterns = {p: r for p, r in conformal["patterns"].items() if not r.get("small")}
+    worst = min(patterns, key=lambda p: patterns[p]["coverage"]) if patterns else None
+    lines = ["## How far to trust it", ""]
+    if fitted.get("temperature") and "ece_calibrated" in marginal:
+        lines.append(f"- Confidence is temperature-scaled, per modality-availability pattern, on the validation split: "
+                     f"expected calibration error on test {marginal['ece']:.3f} → {marginal['ece_calibrated']:.3f}. "
+                     "The answers themselves are unchanged.")
+    lines.append(f"- Every answer carries its conformal {answer} at `alpha` {alpha:g}: it holds the truth with "
+                 f"probability ≥ {1 - alpha:.0%}, for each pattern of available modalities (`--alpha` "
+                 + "/".join(fitted["thresholds"]) + f"). On test: coverage {marginal['coverage']:.3f}"
+                 + (f", mean size {marginal['mean_size']:.3g}" if marginal.get("mean_size") is not None else "")
+                 + (f"; the lowest pattern, {worst} only, {patterns[worst]['coverage']:.3f} of {patterns[worst]['rows']} rows"
+                    if worst else "") + ".")
+    shares = (eval_metrics.get("attribution") or {}).get(h, {}).get("share")
+    if shares:
+        lines.append(f"- What each modality contributes (share of the Shapley values of test {HEADLINE_NAMES.get(h, h)}): "
+                     + ", ".join(f"{m} {x:.0%}" for m, x in shares.items()) + "; `predict.py --explain` gives a "
+                     "sample's own.")
+    lines += ["- These guarantees assume data like the validation split's; inputs that have drifted from it void them.",
+              ""]
+    return lines
 
 
 def verification_lines(checks: dict) -> list[str]:
@@ -182,4 +215,7 @@ def verification_lines(checks: dict) -> list[str]:
         f"{100 * checks.get('predictor_vs_pipeline_agreement_fp32', 1.0):.2f} % of them (fp32)",
         *(f"- {m} as {variant}: this predictor and the pipeline agree on {100 * r['top1_agreement']:.2f} % of "
           f"{r['items']} test items" for m, variants in checks["conversion_parity"].items() for variant, r in variants.items()),
+        *([f"- the shipped model's conformal sets at alpha {checks['alpha']:g}, from this predictor on the raw test files: "
+           f"coverage {checks['predictor_raw_test_coverage']:.3f}; identical to the pipeline's on "
+           f"{100 * checks['predictor_vs_pipeline_set_agreement']:.2f} % of rows"] if "alpha" in checks else []),
     ]

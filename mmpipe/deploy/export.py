@@ -12,14 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from mmpipe.compress.onnx_model import onnx_feeds, run_logits, session
 from mmpipe.deploy import bundle
 from mmpipe.deploy.card import model_card, verification_lines
 from mmpipe.deploy.verify import conversion_parity, load_predictor, raw_test_items, verify
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
-from mmpipe.names import DATASET_FILE
+from mmpipe.names import DATASET_FILE, available_key
+from mmpipe.params import Calibration
 from mmpipe.tracking import git_commit
-from mmpipe.training.model_io import load_model
+from mmpipe.training.model_io import load_model, only_available
+from mmpipe.trust import calibration
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,10 +32,11 @@ if TYPE_CHECKING:
 
 def export(params, out: Path, compressed: Path, model_dir: Path, features_root: Path, raw_dir: Path,
            clean_dir: Path, eval_metrics: dict, compress_metrics: dict,
-           source: str | None = None) -> tuple[dict[str, Any], "pd.DataFrame"]:
+           source: str | None = None, calibration_cfg=None) -> tuple[dict[str, Any], "pd.DataFrame"]:
     """Build and verify the bundle in ``out``. Returns the checks (metrics/export.json) and an input
     example for the MLflow model (a raw test sample). ``source``: data.source (credentials redacted), the
-    model card's dataset."""
+    model card's dataset; ``calibration_cfg``: evaluate.calibration (None: its defaults)."""
+    calibration_cfg = calibration_cfg or Calibration()
     dataset = json.loads((clean_dir / DATASET_FILE).read_text())
     chosen = compress_metrics["chosen"]
     model = load_model(model_dir)
@@ -44,6 +50,10 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     commit = git_commit()
     manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities,
                             None if commit == "unknown" else commit, serving, model.target.describe())
+    # how far to trust each model of the bundle: its own calibration, on the validation split (its predictor applies it)
+    for which, fitted in calibrate_bundle(out, manifest, model, features_root, calibration_cfg).items():
+        manifest["models"][which]["calibration"] = fitted
+    bundle.write_manifest(out, manifest)
     predictor = load_predictor(out).Predictor(out, model="fp32")  # its inputs: flags, columns, parity
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
     checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None,
@@ -63,6 +73,34 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
 
 
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
+
+
+def subset_logits(sess, batch: dict, model, modalities: list[str]) -> dict[tuple[str, ...], np.ndarray]:
+    """An ONNX model's logits on ``batch`` with only each subset of ``modalities`` available (the empty one too)."""
+    return {subset: run_logits(sess, onnx_feeds(only_available(batch, modalities, subset), model)).astype(np.float64)
+            for subset in [(), *calibration.subsets(modalities)]}
+
+
+def split_batch(features_root: Path, split: str, modalities: list[str]) -> tuple[FeatureSet, dict, np.ndarray]:
+    """A split's feature set, its whole batch, and which of ``modalities`` each row has."""
+    data = FeatureSet(features_root, split=split)
+    batch = data.get(np.arange(len(data)))
+    return data, batch, np.stack([batch[available_key(m)].numpy().astype(bool) for m in modalities], axis=1)
+
+
+def calibrate_bundle(out: Path, manifest: dict, model, features_root: Path, cfg) -> dict[str, dict]:
+    """Each model file of the bundle (shipped, fp32) calibrated on the validation split as evaluate calibrates the
+    PyTorch model (mmpipe/trust/calibration.py): its own logits, so an int8 model gets the thresholds of its own
+    scores."""
+    modalities = list(model.modalities)
+    val, batch, available = split_batch(features_root, "val", modalities)
+    fitted = {}
+    for which, spec in manifest["models"].items():
+        outputs = subset_logits(session(out / spec["file"]), batch, model, modalities)
+        fitted[which] = calibration.fit(model.target, modalities,
+                                        calibration.rows_by_pattern(available, outputs, modalities), val.labels,
+                                        outputs[tuple(modalities)], cfg)
+    return fitted
 
 
 def example_request(predictor, items: Sequence[dict]) -> "pd.DataFrame":

@@ -4,9 +4,12 @@ Input: a DataFrame with any of the bundle predictor's request columns (``Predict
 one per file modality (image, audio: the file bytes, base64-encoded, so that a JSON request can carry
 them), one per text modality (the text), one per field of a record modality (tabular: its columns);
 an empty or missing cell means that input is missing. Output: one row per input row, its columns by the
-model's target (``OUTPUTS``): a class ``label`` + ``probabilities`` (a JSON object as text); a number
-``value`` (in the training data's units); a tag set ``tags`` (a JSON list as text) + ``scores`` (a JSON
-object as text); and ``error``: either the answer is set and ``error`` is empty, or the reverse. A row with none of the request columns (``{}``, only unknown keys) gets
+model's target (``OUTPUTS``): a class ``label`` + ``probabilities`` (a JSON object as text) + its conformal
+``prediction_set`` (a JSON list as text); a number ``value`` (in the training data's units) +
+``interval_low``/``interval_high`` (its conformal interval, null where unbounded); a tag set ``tags`` (a JSON
+list as text) + ``scores`` (a JSON object as text) + ``prediction_set``; and ``error``: either the answer is
+set and ``error`` is empty, or the reverse. (Sets and intervals hold the truth with probability >= 1 - alpha:
+manifest.json, models.shipped.calibration.) A row with none of the request columns (``{}``, only unknown keys) gets
 its error like any other bad row: no input row ever goes unanswered.
 
 Serving is bounded (manifest.json ``serving``; docs/deployment.md "Serving limits"). MLflow's
@@ -42,9 +45,11 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-OUTPUTS = {"category": ["label", "probabilities", "error"], "number": ["value", "error"],
-           "set": ["tags", "scores", "error"]}
+OUTPUTS = {"category": ["label", "probabilities", "prediction_set", "error"],
+           "number": ["value", "interval_low", "interval_high", "error"],
+           "set": ["tags", "scores", "prediction_set", "error"]}
 OUTPUT = OUTPUTS["category"]
+NUMERIC_OUTPUTS = {"value", "interval_low", "interval_high"}  # doubles (null when absent); the others are text
 
 
 def target_type(manifest: dict) -> str:
@@ -54,12 +59,17 @@ def target_type(manifest: dict) -> str:
 def output_row(result: dict, kind: str) -> dict[str, Any]:
     """One predictor result as a row of the output frame (``OUTPUTS[kind]`` columns)."""
     if "error" in result:
-        return {c: (None if c == "value" else "") for c in OUTPUTS[kind][:-1]} | {"error": result["error"]}
+        return {c: (None if c in NUMERIC_OUTPUTS else "") for c in OUTPUTS[kind][:-1]} | {"error": result["error"]}
     if kind == "number":
-        return {"value": result["value"], "error": ""}
+        low, high = result.get("interval", (None, None))  # null: unbounded (or a bundle without calibration)
+        return {"value": result["value"], "interval_low": low, "interval_high": high, "error": ""}
+    # the conformal set (a JSON list as text; "" from a bundle without calibration)
+    conformal = json.dumps(result["prediction_set"]) if "prediction_set" in result else ""
     if kind == "set":
-        return {"tags": json.dumps(result["tags"]), "scores": json.dumps(result["scores"]), "error": ""}
-    return {"label": result["label"], "probabilities": json.dumps(result["probabilities"]), "error": ""}
+        return {"tags": json.dumps(result["tags"]), "scores": json.dumps(result["scores"]), "prediction_set": conformal,
+                "error": ""}
+    return {"label": result["label"], "probabilities": json.dumps(result["probabilities"]), "prediction_set": conformal,
+            "error": ""}
 CSV, JSON, PARQUET = "text/csv", "application/json", "application/vnd.apache.parquet"
 EXTRA_COLUMNS = 64  # columns a request may carry beyond the model's (ids, the caller's own)
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)

@@ -10,6 +10,11 @@ the model (manifest.json: modalities; ``--help`` lists them): a file, a text, or
                                                   # own columns) and optional id; paths relative
                                                   # to the CSV; one JSON line per row
     python predict.py ... --model fp32            # the fp32 model instead of the shipped one
+    python predict.py ... --alpha 0.05            # sets/intervals that hold the truth 95 % of the time
+    python predict.py ... --explain               # each modality's Shapley contribution to the answer
+
+Every answer carries its conformal prediction set (a class, tags) or interval (a number) beside it, calibrated
+on the validation split per modality-availability pattern: it holds the truth with probability >= 1 - alpha.
 
 Every input is checked under the rules the training data was cleaned with (manifest.json: clean):
 sizes from the header before decoding, bounded decoding, and any failure to read one input becomes
@@ -47,7 +52,8 @@ class InputError(Exception):
 class Predictor:
     InputError = InputError  # what ``features`` raises, for callers that hold only the predictor
 
-    def __init__(self, folder: Path = HERE, model: str = "shipped", threads: int = 0):
+    def __init__(self, folder: Path = HERE, model: str = "shipped", threads: int = 0, alpha: float | None = None,
+                 calibrated: bool = True):
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         options = ort.SessionOptions()
@@ -55,6 +61,15 @@ class Predictor:
             options.intra_op_num_threads = threads
         file = self.manifest["models"][model]["file"]
         self.session = ort.InferenceSession(str(self.folder / file), options, providers=["CPUExecutionProvider"])
+        # how far to trust an answer (manifest.json: models.<model>.calibration, fitted on the validation split):
+        # temperature-scaled scores and a conformal set/interval per availability pattern; calibrated=False: raw
+        self.calibration = self.manifest["models"][model].get("calibration") if calibrated else None
+        self.alpha = None
+        if self.calibration:
+            self.alpha = self.calibration["alpha"] if alpha is None else alpha
+            if f"{self.alpha:g}" not in self.calibration["thresholds"]:
+                raise ValueError(f"alpha {self.alpha:g} was not calibrated for this bundle (choose from "
+                                 f"{', '.join(self.calibration['thresholds'])})")
         self.inputs = {i["name"]: i for i in self.manifest["inputs"]}
         self.modalities = self.manifest["modalities"]
         self.rules = self.manifest["clean"]  # clean's per-item rules: the same bounds, the same rejections
@@ -113,28 +128,89 @@ class Predictor:
         """Answers for a batch of samples (each a ``features()`` dict), in the terms of the model's target
         (manifest.json: target; the pipeline's mmpipe/targets, which export checks this against):
         a class {"label", "probabilities"}, a number {"value"} in the training data's units, a tag set
-        {"tags", "scores"} (the tags whose probability reaches their threshold, tuned on validation data)."""
+        {"tags", "scores"} (the tags whose probability reaches their threshold, tuned on validation data).
+        Calibrated (the bundle's default): the probabilities and scores are temperature-scaled, and beside the
+        answer come its conformal "prediction_set" (classes; tags: every true tag in it) or "interval" (a number;
+        null for an unbounded end) at "alpha": they hold the truth with probability >= 1 - alpha."""
         feeds = {name: np.stack([s[name] for s in samples]).astype(spec["dtype"]) for name, spec in self.inputs.items()}
         outputs = self.session.run(["logits"], feeds)[0].astype(np.float64)
+        return self._answers(outputs, [s["available"] for s in samples])
+
+    def _trust(self, available: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per row, its availability pattern's temperature and conformal threshold (None: not calibrated)."""
+        if not self.calibration:
+            return np.ones(len(available)), None
+        patterns = ["+".join(m for m, ok in zip(self.modalities, flags) if ok) for flags in available]
+        temperatures = self.calibration.get("temperature") or {"patterns": {}, "global": 1.0}
+        levels = self.calibration["thresholds"][f"{self.alpha:g}"]
+        t = np.array([temperatures["patterns"].get(p, temperatures["global"]) for p in patterns])
+        q = np.array([np.inf if levels.get(p) is None else levels[p] for p in patterns])
+        return t, q
+
+    def _answers(self, outputs: np.ndarray, available: list[np.ndarray]) -> list[dict]:
         target = self.manifest.get("target") or {"type": "category"}
         state = target.get("state", {})
+        t, q = self._trust(available)
+        extra: list[dict] = [{} for _ in outputs]
         if target["type"] == "number":  # standardised (transformed) value -> the user's units
-            values = outputs[:, 0] * state["std"] + state["mean"]
-            if state.get("transform") == "log":
-                values = np.expm1(values)
-            return [{"value": float(v)} for v in values]
+            def decode(z: np.ndarray) -> np.ndarray:
+                values = z * state["std"] + state["mean"]
+                return np.expm1(values) if state.get("transform") == "log" else values
+            values = decode(outputs[:, 0])
+            if q is not None:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    low, high = decode(outputs[:, 0] - q), decode(outputs[:, 0] + q)
+                extra = [{"interval": [float(lo) if np.isfinite(lo) else None, float(hi) if np.isfinite(hi) else None],
+                          "alpha": self.alpha} for lo, hi in zip(low, high)]
+            return [{"value": float(v)} | e for v, e in zip(values, extra)]
+        names = state["tags"] if target["type"] == "set" else self.manifest["labels"]
         if target["type"] == "set":
-            probs = 1.0 / (1.0 + np.exp(-outputs))
-            tags, thresholds = state["tags"], state["thresholds"]
-            return [{"tags": [t for t, p, thr in zip(tags, row, thresholds) if p >= thr],
-                     "scores": {t: round(float(p), 6) for t, p in zip(tags, row)}} for row in probs]
-        probs = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        labels = self.manifest["labels"]
-        return [{"label": labels[int(p.argmax())], "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)}}
-                for p in probs]
+            probs = 1.0 / (1.0 + np.exp(-outputs / t[:, None]))
+            # the tags answered: the tuned thresholds on the uncalibrated probabilities (a temperature changes none)
+            answered = 1.0 / (1.0 + np.exp(-outputs)) >= np.asarray(state["thresholds"])[None, :]
+            answers = [{"tags": [n for n, on in zip(names, row) if on],
+                        "scores": {n: round(float(p), 6) for n, p in zip(names, prob)}} for row, prob in zip(answered, probs)]
+        else:
+            z = outputs / t[:, None]
+            probs = np.exp(z - z.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            answers = [{"label": names[int(p.argmax())], "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
+                       for p in probs]
+        if q is not None:  # 1e-9: a row scored exactly at the threshold is in its set despite float rounding
+            inside = probs >= 1.0 - q[:, None] - 1e-9
+            extra = [{"prediction_set": [n for n, on in zip(names, row) if on], "alpha": self.alpha} for row in inside]
+        return [a | e for a, e in zip(answers, extra)]
 
-    def predict_rows(self, rows: Iterable[dict | InputError], batch_size: int | None = None) -> Iterator[dict]:
+    def explain(self, sample: dict) -> dict:
+        """How much each modality of one sample (a ``features()`` dict) moved its answer: the model run with every
+        subset of the modalities the sample has (2^k - 1 passes, k <= 6), exact Shapley values of the answer's
+        score (a class: its probability; a number: its value; tags: the mean score of the tags answered, or of
+        the top tag) from "nothing" (the model with no input) to all of them."""
+        import attribution  # shipped beside this file (mmpipe/trust/attribution.py)
+
+        have = [m for m, ok in zip(self.modalities, sample["available"]) if ok]
+        if len(have) > 6:
+            raise InputError(f"--explain takes at most 6 modalities (this sample has {len(have)})")
+        subsets = [frozenset(c) for k in range(len(have) + 1) for c in itertools.combinations(have, k)]
+        rows = [dict(sample, available=np.array([m in s for m in self.modalities], bool)) for s in subsets]
+        feeds = {name: np.stack([r[name] for r in rows]).astype(spec["dtype"]) for name, spec in self.inputs.items()}
+        answers = self._answers(self.session.run(["logits"], feeds)[0].astype(np.float64), [r["available"] for r in rows])
+        full = answers[-1]
+        if "label" in full:
+            what, values = f"probability of {full['label']!r}", [a["probabilities"][full["label"]] for a in answers]
+        elif "value" in full:
+            what, values = "predicted value", [a["value"] for a in answers]
+        else:
+            tags = full["tags"] or [max(full["scores"], key=full["scores"].get)]
+            what, values = f"mean score of {', '.join(tags)}", [float(np.mean([a["scores"][g] for g in tags])) for a in answers]
+        game = dict(zip(subsets, values))
+        return {"of": what, "shapley": {m: round(v, 6) for m, v in attribution.shapley(have, game).items()},
+                "none": game[frozenset()],
+                "all": game[frozenset(have)], "subsets": {"+".join(m for m in have if m in s): v
+                                                          for s, v in game.items() if s}}
+
+    def predict_rows(self, rows: Iterable[dict | InputError], batch_size: int | None = None,
+                     explain: bool = False) -> Iterator[dict]:
         """Rows of raw inputs (``features``' keyword arguments, any of them None; or the InputError met
         while reading that row) -> one result per row, in order: the answer (``predict``) or {"error"}. Rows are turned into features and predicted ``batch_size`` at a
         time, so memory stays bounded however many rows come."""
@@ -151,8 +227,8 @@ class Predictor:
                 except InputError as exc:
                     results.append({"error": str(exc)})
             if ready:
-                for (i, _), prediction in zip(ready, self.predict([f for _, f in ready])):
-                    results[i] = prediction
+                for (i, features), prediction in zip(ready, self.predict([f for _, f in ready])):
+                    results[i] = prediction | ({"explanation": self.explain(features)} if explain else {})
             yield from results
 
 
@@ -267,11 +343,19 @@ def cli_input(kind: str, value: str, max_bytes: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Predict the class of one sample or of a manifest of samples.")
     parser.add_argument("--model", default="shipped", help="shipped (default) or fp32")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="conformal level of the prediction sets/intervals (1 - alpha: how often they hold the "
+                             "truth); one of the levels the bundle calibrated (default: its own)")
+    parser.add_argument("--explain", action="store_true",
+                        help="add each modality's Shapley contribution to the answer (2^k - 1 more model runs per row)")
     known, _ = parser.parse_known_args(argv)
     models = json.loads((HERE / "manifest.json").read_text())["models"]
     if known.model not in models:
         parser.error(f"argument --model: {known.model!r} is not a model of this bundle (choose from {', '.join(models)})")
-    predictor = Predictor(model=known.model)
+    try:
+        predictor = Predictor(model=known.model, alpha=known.alpha)
+    except ValueError as exc:
+        parser.error(f"argument --alpha: {exc}")
     helps = {"file": "file (path)", "string": "the string itself", "record": "a JSON object of its fields"}
     for m, reader in predictor.readers.items():
         parser.add_argument(f"--{m}", help=f"{m}: {helps[reader.KIND]}")
@@ -305,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             idents.append(ident)
             yield row
 
-    for result in predictor.predict_rows(inputs(), args.batch_size):
+    for result in predictor.predict_rows(inputs(), args.batch_size, explain=args.explain):
         failed |= "error" in result
         print(json.dumps(idents.popleft() | result, ensure_ascii=False))
     return 1 if failed else 0

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from mmpipe.deploy.mlflow_model import OUTPUTS, target_type
+from mmpipe.deploy.mlflow_model import NUMERIC_OUTPUTS, OUTPUTS, target_type
 from mmpipe.errors import redact
 from mmpipe.modalities.portable import describe
 
@@ -168,8 +168,8 @@ def register(folder: Path, name: str, example: Any, metrics: dict[str, float] | 
     kind = target_type(json.loads((Path(folder) / "manifest.json").read_text()))
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", column, required=False) for column in example.columns]),
-        outputs=Schema([ColSpec("double" if column == "value" else "string", column, required=column != "value")
-                        for column in OUTPUTS[kind]]))
+        outputs=Schema([ColSpec("double" if column in NUMERIC_OUTPUTS else "string", column,
+                                required=column not in NUMERIC_OUTPUTS) for column in OUTPUTS[kind]]))
     requirements = [f"{dist}=={metadata.version(dist)}" for dist in ("mlflow", "pandas", "pyarrow")]
     requirements += (Path(folder) / "requirements.txt").read_text().split()  # the bundle's own
     tags = dict(tags or {})

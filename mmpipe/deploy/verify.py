@@ -37,8 +37,9 @@ from mmpipe.io import iter_row_groups
 from mmpipe.modalities import MODALITIES
 from mmpipe.modalities.base import array_names
 from mmpipe.modalities.portable import RejectedInput
-from mmpipe.names import SAMPLES_DIR, STATE_FILE
+from mmpipe.names import SAMPLES_DIR, STATE_FILE, available_key
 from mmpipe.training.model_io import to_model_inputs
+from mmpipe.trust import calibration
 
 
 def load_predictor(folder: Path):
@@ -158,10 +159,10 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequen
     base_out = run_logits(session(quantized_from), everything) if quantized_from else None
 
     predict = load_predictor(folder)
-    accuracy, errors, answers = {}, [], []
+    accuracy, errors, answers, shipped_answers = {}, [], [], []
     for which in ("shipped", "fp32"):
         accuracy[which], failed = predictor_accuracy(predict.Predictor(folder, model=which), items, test, batch_size,
-                                                     target, answers if which == "fp32" else None)
+                                                     target, answers if which == "fp32" else shipped_answers)
         errors += failed
     # row by row: the predictor's fp32 answer on the raw file vs the pipeline's (fp32 ONNX on the features)
     pipeline = target.scores(torch.from_numpy(fp32_out)).numpy()
@@ -175,7 +176,27 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequen
             f"predictor_raw_test_{headline}": accuracy["shipped"],
             f"predictor_raw_test_{headline}_fp32": accuracy["fp32"],
             "predictor_vs_pipeline_agreement_fp32": float(np.mean(agree)),
-            "predictor_input_errors": sorted(set(errors))}
+            "predictor_input_errors": sorted(set(errors))} | trust_checks(folder, target, test, shipped_out, shipped_answers)
+
+
+def trust_checks(folder: Path, target, test: FeatureSet, shipped_out: np.ndarray, answers: list[dict]) -> dict[str, Any]:
+    """The shipped model's conformal sets on the test split: their coverage as the predictor gives them on the raw
+    files (a row it could not read: not covered), and row by row whether they are the sets the pipeline computes
+    from the same model on its own features (mmpipe/trust/calibration.py)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    fitted = manifest["models"]["shipped"].get("calibration")
+    if not fitted:
+        return {}
+    modalities = manifest["modalities"]
+    batch = test.get(np.arange(len(test)))
+    patterns = calibration.pattern_keys(np.stack([batch[available_key(m)].numpy() for m in modalities], 1), modalities)
+    _, sets = calibration.apply(target, fitted, shipped_out, patterns)
+    ours = [target.set_answer(row) for row in sets]
+    theirs = [a.get("interval", a.get("prediction_set")) for a in answers]
+    return {"alpha": fitted["alpha"],
+            "predictor_raw_test_coverage": float(np.mean([target.covered_by(a, y) for a, y in zip(answers, test.labels)])),
+            "pipeline_test_coverage": float(target.covers(sets, test.labels).mean()),
+            "predictor_vs_pipeline_set_agreement": float(np.mean([target.same_set(a, b) for a, b in zip(ours, theirs)]))}
 
 
 def conversion_parity(folder: Path, predictor, features_root: Path, dataset: dict, model: torch.nn.Module,

@@ -10,7 +10,6 @@ inference latency. Rows without a target are not in the split (the loader leaves
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from mmpipe.modalities import MODALITIES
 from mmpipe.names import SAMPLES_DIR, STATE_FILE, available_key
 from mmpipe.timing import latency_ms
 from mmpipe.training.model_io import CONFIG_FILE, load_model, to_model_inputs
+from mmpipe.trust import attribution, calibration
+from mmpipe.trust.calibration import subsets
 
 
 class SplitInputs:
@@ -101,9 +102,27 @@ def headline_of(model: torch.nn.Module, scores: np.ndarray, labels: np.ndarray) 
     return model.target.headline(scores, labels)
 
 
-def subsets(modalities: list[str]) -> list[tuple[str, ...]]:
-    """The 2^n - 1 non-empty subsets, smallest first, in registry order (a, b, c, a+b, ...)."""
-    return [c for k in range(1, len(modalities) + 1) for c in itertools.combinations(modalities, k)]
+def available_matrix(tensors: dict, modalities: list[str]) -> np.ndarray:
+    """(n, len(modalities)) bool: which modality each row has."""
+    return np.stack([tensors[available_key(m)].numpy().astype(bool) for m in modalities], axis=1)
+
+
+@torch.no_grad()
+def subset_outputs(model: torch.nn.Module, tensors: dict, device: torch.device,
+                   batch_size: int = 512) -> dict[tuple[str, ...], np.ndarray]:
+    """Raw outputs with only each subset of the model's modalities available (where the row has it), the empty
+    subset (nothing available: the model's prior) included. The encoders run once per batch (``encode``); only
+    the fusion and the head run per subset (``fuse``): what masking the inputs would give, 2^M times cheaper."""
+    model.eval()
+    chosen = [(), *subsets(model.modalities)]
+    out: dict[tuple[str, ...], list[np.ndarray]] = {s: [] for s in chosen}
+    for start in range(0, len(tensors["label"]), batch_size):
+        inputs = to_model_inputs({k: v[start:start + batch_size] for k, v in tensors.items()}, model.modalities, device)
+        encoded, available = model.encode(inputs), inputs["available"].bool()
+        for subset in chosen:
+            keep = torch.tensor([m in subset for m in model.modalities], device=device)
+            out[subset].append(model.fuse(encoded, available & keep).float().cpu().numpy())
+    return {subset: np.concatenate(parts) for subset, parts in out.items()}
 
 
 @torch.no_grad()
@@ -141,7 +160,12 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
              + (f", macro F1 {summary['f1_macro']:.4f}" if "f1_macro" in summary and headline != "f1_macro" else "")
              + (f", fusion gain {metrics['fusion_gain']:+.4f} over {metrics['best_baseline']}"
                 if metrics["best_baseline"] else ""))
-    metrics["missing"] = missing_modalities(fused, data, device)
+    outputs = subset_outputs(fused, data.tensors, device)
+    metrics["missing"] = missing_modalities(fused, data, outputs)
+    trust, trust_tables = how_far_to_trust(fused, data, SplitInputs(features_root, clean_dir, "val"), outputs,
+                                           device, params.calibration, params.ece_bins)
+    metrics |= trust
+    progress(trust_line(metrics))
     levels = [float(x) for x in params.noise_levels]
     metrics["robustness"], curves = robustness(fused, baselines, data, device, levels, params.seed, progress)
     metrics["efficiency"] = efficiency(fused, data, device, params.latency_runs)
@@ -151,7 +175,7 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
                "label_names": data.label_names,
                "missing": [{"modalities": name, "metric": headline, "score": m[headline]}
                            for name, m in metrics["missing"].items()],
-               "robustness": curves, "levels": levels}
+               "robustness": curves, "levels": levels, **trust_tables}
     return {"metrics": metrics, "tables": tables}
 
 
@@ -183,15 +207,62 @@ def model_scores(fused, baselines: dict, data: SplitInputs, device: torch.device
             "baselines": scores, "fusion_gain": gain, "best_baseline": best}, report
 
 
-def missing_modalities(fused, data: SplitInputs, device: torch.device) -> dict[str, dict]:
+def scores_of(model: torch.nn.Module, outputs: np.ndarray) -> np.ndarray:
+    return model.target.scores(torch.from_numpy(outputs)).numpy()
+
+
+def missing_modalities(fused, data: SplitInputs, outputs: dict[tuple[str, ...], np.ndarray]) -> dict[str, dict]:
     """The headline metric of the fused model with only each subset of modalities available (where the
-    sample has it)."""
-    out = {}
-    for subset in subsets(fused.modalities):
-        masked = data.tensors | {available_key(m): torch.zeros_like(data.tensors[available_key(m)])
-                                 for m in fused.modalities if m not in subset}
-        out["+".join(subset)] = {fused.target.HEADLINE: headline_of(fused, predict(fused, masked, device), data.labels)}
-    return out
+    sample has it): ``outputs``, from ``subset_outputs``."""
+    return {"+".join(subset): {fused.target.HEADLINE: headline_of(fused, scores_of(fused, o), data.labels)}
+            for subset, o in outputs.items() if subset}
+
+
+def how_far_to_trust(fused, test: SplitInputs, val: SplitInputs, test_outputs: dict, device: torch.device, cfg,
+                     ece_bins: int) -> tuple[dict, dict]:
+    """Calibration and conformal sets fitted on ``val`` and assessed on ``test`` (per availability pattern), and
+    the modalities' Shapley attribution from the test subsets (``test_outputs``: ``subset_outputs``). Returns
+    (metrics: calibration, conformal, attribution; tables for the plots and the report)."""
+    target, modalities = fused.target, list(fused.modalities)
+    val_outputs = subset_outputs(fused, val.tensors, device)
+    val_available = available_matrix(val.tensors, modalities)
+    fitted = calibration.fit(target, modalities, calibration.rows_by_pattern(val_available, val_outputs, modalities),
+                             val.labels, val_outputs[tuple(modalities)], cfg)
+    test_available = available_matrix(test.tensors, modalities)
+    assessed = calibration.assess(target, fitted, calibration.rows_by_pattern(test_available, test_outputs, modalities),
+                                  test.labels, test_outputs[tuple(modalities)], test_available, ece_bins,
+                                  cfg.min_pattern_rows)
+    headline = {frozenset(s): headline_of(fused, scores_of(fused, o), test.labels) for s, o in test_outputs.items()}
+    likelihood = {frozenset(s): -target.nll(o.astype(np.float64), test.labels) for s, o in test_outputs.items()}
+    metrics = {"calibration": fitted, "conformal": {k: v for k, v in assessed.items() if k != "reliability"},
+               "attribution": {target.HEADLINE: attribution.attribution(modalities, headline),
+                               "log_likelihood": attribution.attribution(modalities, likelihood)}}
+    tables = {"coverage": [{"pattern": p, "rows": r["rows"], "coverage": r["coverage"],
+                            "coverage_single_threshold": r["coverage_single_threshold"],
+                            "mean_size": r["mean_size"], "target": 1 - fitted["alpha"]}
+                           for p, r in [("marginal", assessed["marginal"]), *assessed["patterns"].items()]],
+              "attribution": [{"modality": m, "shapley": v, "share": (metrics["attribution"][target.HEADLINE]["share"]
+                                                                        or {}).get(m)}
+                              for m, v in metrics["attribution"][target.HEADLINE]["shapley"].items()]}
+    if assessed.get("reliability"):
+        tables["reliability_calibrated"] = assessed["reliability"]
+    return metrics, tables
+
+
+def trust_line(metrics: dict) -> str:
+    """One progress line: ECE before -> after, marginal coverage and set size, the top modality's share."""
+    marginal = metrics["conformal"]["marginal"]
+    parts = []
+    if "ece_calibrated" in marginal:
+        parts.append(f"ECE {marginal['ece']:.4f} -> {marginal['ece_calibrated']:.4f} calibrated")
+    size = marginal["mean_size"]
+    parts.append(f"conformal coverage {marginal['coverage']:.3f} at alpha {metrics['conformal']['alpha']:g}"
+                 + ("" if size is None else f" (mean set size {size:.3g})"))
+    shares = next(iter(metrics["attribution"].values()))["share"]
+    if shares:
+        top = max(shares, key=shares.get)
+        parts.append(f"{top} carries {100 * shares[top]:.0f} % of the Shapley attribution")
+    return "evaluate: " + ", ".join(parts)
 
 
 def robustness(fused, baselines: dict, data: SplitInputs, device: torch.device, levels: list[float], seed: int,
@@ -245,6 +316,7 @@ def failed_gates(metrics: dict, gates) -> tuple[list[str], dict[str, str]]:
                metrics["fusion_gain"], min)]
     checks += [(f"min.{name}", f"test {name}", name, test.get(name), min) for name in gates.min]
     checks += [(f"max.{name}", f"test {name}", name, test.get(name), max) for name in gates.max]
+    failed += trust_gates(metrics, gates)
     for key, what, name, value, side in checks:
         bar = getattr(gates, key) if "." not in key else getattr(gates, key.split(".")[0])[name]
         if bar is None:
@@ -263,3 +335,26 @@ def failed_gates(metrics: dict, gates) -> tuple[list[str], dict[str, str]]:
         elif side is max and value > bar:
             failed.append(f"quality gate evaluate.gates.{key} failed: {what} is {value:.4f}, above {bar}")
     return failed, skipped
+
+
+def trust_gates(metrics: dict, gates) -> list[str]:
+    """The gates on how far to trust the model: conformal coverage (marginal, and per availability pattern with
+    enough test rows) and modality collapse (one modality's share of the headline's positive Shapley values)."""
+    failed = []
+    conformal = metrics.get("conformal")
+    if gates.min_coverage is not None and conformal:
+        enough = metrics["calibration"]["min_pattern_rows"]
+        for name, row in [("marginally", conformal["marginal"]),
+                          *((f"with only {p} available", r) for p, r in conformal["patterns"].items())]:
+            if row["rows"] >= enough and row["coverage"] < gates.min_coverage:
+                failed.append(f"quality gate evaluate.gates.min_coverage failed: the conformal sets at alpha "
+                              f"{conformal['alpha']:g} hold the truth in {row['coverage']:.4f} of {row['rows']} test "
+                              f"rows {name}, below {gates.min_coverage}")
+    shares = (metrics.get("attribution") or {}).get(metrics.get("target", {}).get("headline", "accuracy"), {}).get("share")
+    if gates.max_modality_share is not None and shares:
+        top = max(shares, key=shares.get)
+        if shares[top] > gates.max_modality_share:
+            failed.append(f"quality gate evaluate.gates.max_modality_share failed: {top} carries {shares[top]:.1%} of "
+                          f"the fused model's Shapley attribution (above {gates.max_modality_share:.0%}): the model "
+                          f"leans on {top} and little on the others (modality collapse; reports/eval.md)")
+    return failed

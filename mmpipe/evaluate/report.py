@@ -36,7 +36,13 @@ def write_plot_data(tables: dict, folder: Path) -> None:
                                           for t, p in zip(tables["truth"], tables["predicted"])])
     if tables.get("reliability"):
         _csv(folder / "reliability.csv", tables["reliability"])
+    if tables.get("reliability_calibrated"):  # after temperature scaling (per availability pattern)
+        _csv(folder / "reliability_calibrated.csv", tables["reliability_calibrated"])
     _csv(folder / "missing.csv", tables["missing"])
+    if tables.get("coverage"):  # conformal coverage per availability pattern, and one threshold's for comparison
+        _csv(folder / "coverage.csv", tables["coverage"])
+    if tables.get("attribution"):
+        _csv(folder / "attribution.csv", tables["attribution"])
     # one file per model, columns named by corruption: a plot in dvc.yaml may then name a baseline
     # file that is absent (train.baselines: false) without DVC dropping the whole plot
     for modality, rows in tables["robustness"].items():
@@ -69,6 +75,10 @@ def _target_figures(tables: dict) -> dict[str, plt.Figure]:
         observed = "accuracy" if "accuracy" in rel[0] else "frequency"
         ax2.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
         ax2.plot([r["confidence"] for r in rel], [r[observed] for r in rel], marker="o", label="model")
+        if tables.get("reliability_calibrated"):
+            cal = tables["reliability_calibrated"]
+            ax2.plot([r["confidence"] for r in cal], [r[observed] for r in cal], marker="s",
+                     label="temperature-scaled (shipped)")
         ax2.set(xlabel="confidence" if observed == "accuracy" else "predicted probability of a tag",
                 ylabel=observed if observed == "accuracy" else "observed frequency", xlim=(0, 1), ylim=(0, 1),
                 title="Reliability diagram")
@@ -112,6 +122,24 @@ def _figures(tables: dict, folder: Path) -> dict[str, str]:
     ax4.set(xlim=span, xlabel=f"test {metric}", title="Fused model with only these modalities")
     ax4.invert_yaxis()
     drawn["missing"] = fig4
+
+    if tables.get("coverage"):
+        fig6, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+        rows = tables["coverage"]
+        y = np.arange(len(rows))
+        left.barh(y - 0.2, [r["coverage"] for r in rows], height=0.4, label="one threshold per pattern (shipped)")
+        left.barh(y + 0.2, [r["coverage_single_threshold"] for r in rows], height=0.4, label="one threshold for all",
+                  color="lightgrey")
+        left.axvline(rows[0]["target"], ls="--", color="black", label=f"promised: {rows[0]['target']:.0%}")
+        left.set(yticks=y, yticklabels=[r["pattern"] for r in rows], xlim=(0, 1), xlabel="test coverage",
+                 title="Conformal coverage by availability pattern")
+        left.invert_yaxis()
+        left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.45, -0.22), ncol=3)
+        shapley = tables["attribution"]
+        right.barh([r["modality"] for r in shapley], [r["shapley"] for r in shapley])
+        right.set(xlabel=f"Shapley value (test {metric})", title="What each modality contributes")
+        right.invert_yaxis()
+        drawn["trust"] = fig6
 
     figures = {}
     for name, f in drawn.items():
@@ -175,6 +203,50 @@ def _target_sections(metrics: dict, figures: dict, rel: str) -> list[str]:
     lines += ["## Calibration", "", f"![reliability diagram]({rel}/{figures['reliability']})", "",
               "Points on the diagonal: when the model says 90 %, it is right 90 % of the time." if kind == "category"
               else "Points on the diagonal: tags given a probability of 90 % are there 90 % of the time.", ""]
+    return lines
+
+
+def trust_section(metrics: dict, figures: dict, rel: str, show, name: str) -> list[str]:
+    """"How far to trust it": calibrated confidence, the conformal sets per availability pattern, the modalities'
+    Shapley attribution."""
+    conformal, fitted = metrics.get("conformal"), metrics.get("calibration")
+    if not conformal:
+        return []
+    kind = metrics.get("target", {"type": "category"})["type"]
+    alpha, marginal = conformal["alpha"], conformal["marginal"]
+    what = {"category": "a set of classes that holds the true class", "number": "an interval that holds the true value",
+            "set": "a set of tags that holds every true tag"}[kind]
+    size = {"category": "mean set size (classes)", "number": "mean interval width", "set": "mean set size (tags)"}[kind]
+    lines = ["## How far to trust it", "",
+             f"Fitted on the validation split, checked here on test. Beside its answer the bundle's predictor gives "
+             f"{what} in **{1 - alpha:.0%}** of cases (split conformal, alpha {alpha:g}), with one threshold per "
+             "availability pattern: a sample that arrives without a modality gets the wider set it needs, not the "
+             "complete samples' confidence."]
+    temperature = fitted.get("temperature")
+    if temperature and "ece_calibrated" in marginal:
+        lines += ["", f"Confidence is temperature-scaled ({temperature['mode']}: global T = "
+                  f"{temperature['global']:.3f}): expected calibration error {marginal['ece']:.4f} → "
+                  f"**{marginal['ece_calibrated']:.4f}**; the answers themselves do not change."]
+    lines += ["", f"![coverage and attribution]({rel}/{figures['trust']})", "",
+              f"| modalities available | test rows | coverage | {size} | one threshold for all: coverage"
+              + (" | ECE before → after |" if "ece" in marginal else " |"),
+              "|---|---|---|---|---|" + ("---|" if "ece" in marginal else "")]
+    for label, row in [("as they come (marginal)", marginal), *conformal["patterns"].items()]:
+        cells = [label + (" (few rows)" if row.get("small") else ""), f"{row['rows']:,}", f"{row['coverage']:.3f}",
+                 "unbounded" if row["mean_size"] is None else f"{row['mean_size']:.3g}",
+                 f"{row['coverage_single_threshold']:.3f}"]
+        if "ece" in row:
+            cells.append(f"{row['ece']:.3f} → {row['ece_calibrated']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    shapley = metrics["attribution"][metrics.get("target", {}).get("headline", "accuracy")]
+    shares = shapley["share"]
+    lines += ["", f"**What each modality contributes** (exact Shapley values of test {name}: the fused model with every "
+              f"subset of modalities, from {show(shapley['none'])} with none to {show(shapley['all'])} with all):", "",
+              "| modality | Shapley value | share |", "|---|---|---|",
+              *[f"| {m} | {v:+.4f} | {'–' if not shares else format(shares[m], '.0%')} |"
+                for m, v in shapley["shapley"].items()],
+              "", "Pairwise interaction (< 0: the pair carries overlapping information; > 0: it does more together): "
+              + ", ".join(f"{pair} {v:+.3f}" for pair, v in shapley["interaction"].items()) + ".", ""]
     return lines
 
 
@@ -254,6 +326,7 @@ def report_markdown(metrics: dict, tables: dict, gates_failed: list[str], figure
                 base = "–" if c["baseline_relative"] is None else f"{c['baseline_relative']:.3f}"
                 lines.append(f"| {modality} | {corruption.replace('_', ' ')} | {c['relative']:.3f} | {base} |")
     lines += ["", *_target_sections(metrics, figures, rel)]
+    lines += trust_section(metrics, figures, rel, show, name)
     lines += [
         "## Efficiency",
         "",

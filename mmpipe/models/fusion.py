@@ -55,9 +55,10 @@ class FusionModel(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(fused), nn.Dropout(cfg.dropout), nn.Linear(fused, cfg.hidden),
                                   nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, n_outputs))
 
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, n_modalities, dim): each encoder's vector, or the placeholder where unavailable. A frozen
-        backbone's cached output in the batch (``embedding.<m>``, see the loader) is projected directly."""
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, n_modalities, dim): each encoder's vector, whether the modality is available or not (``fuse``
+        puts the placeholders in). A frozen backbone's cached output in the batch (``embedding.<m>``, see the
+        loader) is projected directly."""
         vectors = []
         for m in self.modalities:
             cached = batch.get(embedding_key(m))
@@ -65,15 +66,18 @@ class FusionModel(nn.Module):
                 vectors.append(self.encoders[m].project(cached.float()))
             else:
                 vectors.append(self.encoders[m](*(batch[name] for name in self.arrays[m])))
-        stacked = torch.stack(vectors, dim=1)
-        available = batch["available"].bool()
-        return torch.where(available[..., None], stacked, self.placeholders[None].to(stacked.dtype))
+        return torch.stack(vectors, dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw outputs (B, outputs): class logits, a standardised value, tag logits (the target's ``scores``
         read them). ``batch["available"]`` is (B, len(self.modalities)), in that order."""
-        tokens = self.embed(batch)
-        available = batch["available"].bool()
+        return self.fuse(self.encode(batch), batch["available"].bool())
+
+    def fuse(self, encoded: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """The raw outputs from ``encode``'s vectors and an availability mask (B, n_modalities): the
+        placeholder where a modality is unavailable, then the fusion and the head. Apart from ``forward``
+        so that one encoding serves every subset of modalities (evaluate's missing-modality table)."""
+        tokens = torch.where(available[..., None], encoded, self.placeholders[None].to(encoded.dtype))
         if self.fusion == "concat":
             fused = tokens.flatten(1)
         elif self.fusion == "gated":

@@ -132,6 +132,60 @@ class Target:
         it could not read: scored as the answer of a model that learnt nothing)."""
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- trust (mmpipe/trust): numpy, raw outputs
+    # ``outputs`` are the network's raw outputs (n, width), float64; ``temperature`` divides logits (category,
+    # set: temperature scaling); a number has none (its interval is its calibration).
+    TEMPERATURE = True  # outputs are logits that a temperature can scale
+    CONFORMAL_SCORE = ""  # what the conformal threshold bounds (docs/architecture.md: "How far to trust it")
+
+    def probabilities(self, outputs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Class or tag probabilities of raw outputs at ``temperature`` (not for a number)."""
+        raise NotImplementedError
+
+    def nll(self, outputs: np.ndarray, encoded: np.ndarray, temperature: float = 1.0) -> float:
+        """Mean negative log-likelihood per row (what temperature scaling minimises; a number: Gaussian with
+        unit variance on the standardised scale)."""
+        raise NotImplementedError
+
+    def nonconformity(self, outputs: np.ndarray, encoded: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Per row, how far the truth is from being predicted: the split-conformal score, (n,)."""
+        raise NotImplementedError
+
+    def prediction_sets(self, outputs: np.ndarray, temperature: float, threshold: np.ndarray) -> np.ndarray:
+        """Per row, the conformal answer at that row's score ``threshold`` (inf: everything): a bool (n, width)
+        membership of classes or tags, or an (n, 2) interval in the user's units."""
+        raise NotImplementedError
+
+    def covers(self, sets: np.ndarray, encoded: np.ndarray) -> np.ndarray:
+        """Per row, whether the prediction set holds the truth, (n,) bool."""
+        raise NotImplementedError
+
+    def reliability(self, probabilities: np.ndarray, encoded: np.ndarray, bins: int) -> tuple[float, list[dict]]:
+        """Expected calibration error and reliability table of ``probabilities`` (not for a number)."""
+        raise NotImplementedError
+
+    def set_answer(self, set_row: np.ndarray) -> list:
+        """One row of ``prediction_sets`` as the predictor answers it: class names or tags; [low, high]
+        (None: unbounded)."""
+        names = self.state.get("labels") or self.state.get("tags")
+        return [n for n, on in zip(names, set_row) if on]
+
+    def covered_by(self, answer: dict[str, Any], encoded_row) -> bool:
+        """Whether a predictor answer's set/interval holds the truth (an error row: no)."""
+        raise NotImplementedError
+
+    def same_set(self, a, b) -> bool:
+        """Whether two sets (``set_answer``'s form) agree (intervals: within the parity tolerance)."""
+        return a == b
+
+    def set_sizes(self, sets: np.ndarray) -> np.ndarray:
+        """Per row, the size of the prediction set (classes, tags) or the width of the interval (user units)."""
+        return sets.sum(axis=1).astype(np.float64)
+
+
+# a score threshold compares with 1 - p: a row scored exactly q is in its own set despite float rounding
+SET_TOLERANCE = 1e-9
+
 
 def f1_from_counts(tp: float, fp: float, fn: float) -> float:
     return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 1.0

@@ -10,8 +10,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where it is used: clean parses cells in processes that never need it
     import torch
 
-from mmpipe.targets.base import UNLABELLED, Target
-from mmpipe.targets.metrics import classification
+from mmpipe.targets.base import SET_TOLERANCE, UNLABELLED, Target
+from mmpipe.targets.metrics import calibration, classification
 
 
 class Category(Target):
@@ -73,3 +73,31 @@ class Category(Target):
 
     def score_answers(self, answers: list[dict[str, Any]], encoded: np.ndarray) -> float:
         return float(np.mean([a.get("label") == self.labels[y] for a, y in zip(answers, encoded)]))
+
+    CONFORMAL_SCORE = "lac"  # 1 - p(true class): the smallest mean set for the coverage (Sadinle et al. 2019)
+
+    def probabilities(self, outputs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        z = np.asarray(outputs, np.float64) / temperature
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def nll(self, outputs: np.ndarray, encoded: np.ndarray, temperature: float = 1.0) -> float:
+        from scipy.special import logsumexp
+        z = np.asarray(outputs, np.float64) / temperature
+        return float(np.mean(logsumexp(z, axis=1) - z[np.arange(len(z)), encoded]))
+
+    def nonconformity(self, outputs: np.ndarray, encoded: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        return 1.0 - self.probabilities(outputs, temperature)[np.arange(len(encoded)), encoded]
+
+    def prediction_sets(self, outputs: np.ndarray, temperature: float, threshold: np.ndarray) -> np.ndarray:
+        # may be empty: at a level the model beats, the least certain rows get no class (coverage stays exact)
+        return self.probabilities(outputs, temperature) >= 1.0 - np.asarray(threshold)[:, None] - SET_TOLERANCE
+
+    def covers(self, sets: np.ndarray, encoded: np.ndarray) -> np.ndarray:
+        return sets[np.arange(len(encoded)), encoded]
+
+    def reliability(self, probabilities: np.ndarray, encoded: np.ndarray, bins: int) -> tuple[float, list[dict]]:
+        return calibration(probabilities, encoded, bins)
+
+    def covered_by(self, answer: dict[str, Any], encoded_row) -> bool:
+        return self.labels[int(encoded_row)] in answer.get("prediction_set", ())

@@ -128,3 +128,43 @@ class Number(Target):
     def score_answers(self, answers: list[dict[str, Any]], encoded: np.ndarray) -> float:
         mean = float(self.decode(np.zeros(1))[0])  # an unread row: the train mean's answer
         return regression(np.array([a.get("value", mean) for a in answers]), self.decode(encoded))["r2"]
+
+    TEMPERATURE = False
+    CONFORMAL_SCORE = "abs_residual"  # |prediction - truth| on the standardised (transformed) scale
+
+    def nll(self, outputs: np.ndarray, encoded: np.ndarray, temperature: float = 1.0) -> float:
+        residual = np.asarray(outputs, np.float64)[:, 0] - np.asarray(encoded, np.float64)
+        return float(np.mean(0.5 * (np.log(2 * np.pi) + residual ** 2)))
+
+    def nonconformity(self, outputs: np.ndarray, encoded: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        return np.abs(np.asarray(outputs, np.float64)[:, 0] - np.asarray(encoded, np.float64))
+
+    def prediction_sets(self, outputs: np.ndarray, temperature: float, threshold: np.ndarray) -> np.ndarray:
+        # the interval on the model's scale, mapped to the user's units: monotone, so coverage carries over
+        z, q = np.asarray(outputs, np.float64)[:, 0], np.asarray(threshold, np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.stack([self.decode(z - q), self.decode(z + q)], axis=1)
+
+    def covers(self, sets: np.ndarray, encoded: np.ndarray) -> np.ndarray:
+        truth = self.decode(encoded)
+        slack = 1e-9 * np.maximum(1.0, np.abs(truth))
+        return (sets[:, 0] - slack <= truth) & (truth <= sets[:, 1] + slack)
+
+    def set_sizes(self, sets: np.ndarray) -> np.ndarray:
+        return sets[:, 1] - sets[:, 0]
+
+    def set_answer(self, set_row: np.ndarray) -> list:
+        return [float(x) if np.isfinite(x) else None for x in set_row]
+
+    def covered_by(self, answer: dict[str, Any], encoded_row) -> bool:
+        if "interval" not in answer:
+            return False
+        truth = float(self.decode(np.array([encoded_row]))[0])
+        low, high = answer["interval"]
+        slack = 1e-9 * max(1.0, abs(truth))
+        return (low is None or low - slack <= truth) and (high is None or truth <= high + slack)
+
+    def same_set(self, a, b) -> bool:
+        return a is not None and b is not None and all(
+            (x is None and y is None) or (x is not None and y is not None and abs(x - y) <= self.tolerance())
+            for x, y in zip(a, b))

@@ -14,8 +14,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where it is used: clean parses cells in processes that never need it
     import torch
 
-from mmpipe.targets.base import UNLABELLED, BadTarget, Target, f1_from_counts
-from mmpipe.targets.metrics import multilabel
+from mmpipe.targets.base import SET_TOLERANCE, UNLABELLED, BadTarget, Target, f1_from_counts
+from mmpipe.targets.metrics import binary_calibration, multilabel
 
 MAX_TAGS, MAX_TAG_CHARS = 1000, 200
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -143,3 +143,33 @@ class TagSet(Target):
             predicted[row, [index[t] for t in a.get("tags", []) if t in index]] = True
         truth = encoded >= 0.5
         return f1_from_counts((predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum())
+
+    # set-level guarantee: the set holds every true tag (score: the least probable true tag's 1 - p; a row
+    # without tags is always covered). Per-tag guarantees would promise each tag's recall, not the row's.
+    CONFORMAL_SCORE = "all_true_tags"
+
+    def probabilities(self, outputs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        from scipy.special import expit
+        return expit(np.asarray(outputs, np.float64) / temperature)
+
+    def nll(self, outputs: np.ndarray, encoded: np.ndarray, temperature: float = 1.0) -> float:
+        from scipy.special import log_expit
+        z, truth = np.asarray(outputs, np.float64) / temperature, np.asarray(encoded) >= 0.5
+        return float(-np.mean(np.where(truth, log_expit(z), log_expit(-z)).sum(axis=1)))  # unweighted: probabilities
+
+    def nonconformity(self, outputs: np.ndarray, encoded: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        p = self.probabilities(outputs, temperature)
+        return np.where(np.asarray(encoded) >= 0.5, 1.0 - p, 0.0).max(axis=1, initial=0.0)
+
+    def prediction_sets(self, outputs: np.ndarray, temperature: float, threshold: np.ndarray) -> np.ndarray:
+        return self.probabilities(outputs, temperature) >= 1.0 - np.asarray(threshold)[:, None] - SET_TOLERANCE
+
+    def covers(self, sets: np.ndarray, encoded: np.ndarray) -> np.ndarray:
+        return ~((np.asarray(encoded) >= 0.5) & ~sets).any(axis=1)
+
+    def reliability(self, probabilities: np.ndarray, encoded: np.ndarray, bins: int) -> tuple[float, list[dict]]:
+        return binary_calibration(probabilities, np.asarray(encoded) >= 0.5, bins)
+
+    def covered_by(self, answer: dict[str, Any], encoded_row) -> bool:
+        truth = {t for t, on in zip(self.tags, np.asarray(encoded_row) >= 0.5) if on}
+        return "error" not in answer and truth <= set(answer.get("prediction_set", ()))

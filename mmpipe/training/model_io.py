@@ -68,3 +68,9 @@ def to_model_inputs(batch: dict[str, torch.Tensor], modalities: list[str], devic
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items() if not k.startswith("available.")}
     moved["available"] = torch.stack([batch[available_key(m)] for m in modalities], dim=1).to(device, non_blocking=True)
     return moved
+
+
+def only_available(batch: dict[str, torch.Tensor], modalities: list[str], subset) -> dict[str, torch.Tensor]:
+    """``batch`` with every modality of ``modalities`` outside ``subset`` marked unavailable (missing-modality
+    evaluation, calibration per availability pattern)."""
+    return batch | {available_key(m): torch.zeros_like(batch[available_key(m)]) for m in modalities if m not in subset}
