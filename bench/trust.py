@@ -1,7 +1,7 @@
 """What "how far to trust it" costs: the predictor with and without its calibration, side by side, and the share
 of the evaluate stage's time that calibration, conformal sets and Shapley attribution take.
 
-    python -m bench.trust --rounds 7      # after `make repro`: reads artifacts/deploy, data/, models/
+    python -m bench.trust --rounds 20     # after `make repro`: reads artifacts/deploy, data/, models/
 
 - predictor: one raw test sample (every modality present) read and answered by the bundle's predictor
   (``Predictor.predict_rows``: decoding, features, the ONNX model, the answer) with its calibration (the
@@ -46,8 +46,9 @@ def predictor_latency(rounds: int, runs: int, threads: int) -> dict:
     if "alpha" not in next(with_sets.predict_rows([item])):
         raise SystemExit(f"{BUNDLE}: the bundle has no calibration (built before it: re-run dvc repro)")
     timings: dict[str, list[float]] = {"calibrated": [], "raw": []}
-    for _ in range(rounds):
-        for name, predictor in (("calibrated", with_sets), ("raw", without)):
+    pair = [("calibrated", with_sets), ("raw", without)]
+    for round_ in range(rounds):
+        for name, predictor in (pair if round_ % 2 == 0 else pair[::-1]):  # alternate who goes first
             timings[name].append(latency_ms(lambda p=predictor: next(p.predict_rows([item])), runs)["p50"])
     t = {k: np.array(v) for k, v in timings.items()}
     return {"p50_ms": {k: round(float(np.median(v)), 3) for k, v in t.items()},
@@ -81,7 +82,7 @@ def evaluate_share() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--runs", type=int, default=50, help="timed predictions per variant per round")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -221,6 +221,13 @@ class CompressParams(Strict):
     quantize: Quantize = Quantize()
 
 
+class DriftMonitor(Strict):
+    """The bundle's drift monitor (predict.py --monitor): its threshold, calibrated on held-out windows."""
+    window_rows: int = Field(500, ge=20)
+    windows: int = Field(400, ge=20, le=100_000)
+    false_alarm: float = Field(0.05, gt=0.0, lt=0.5)
+
+
 class ExportParams(Strict):
     parity_samples: int = Field(256, ge=1)
     max_abs_logit_diff: float = Field(1e-4, gt=0.0)
@@ -233,6 +240,7 @@ class ExportParams(Strict):
     registered_model: str | None = Field("mmpipe-fusion", min_length=1)
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     move_alias: Literal["gated", "always", "never"] = "gated"
+    monitor: DriftMonitor = DriftMonitor()
 
 
 class SearchDimension(Strict):

@@ -50,6 +50,7 @@ def main() -> None:
         run.log_metrics_file(METRICS)
         run.log_artifact(OUT / "MODEL_CARD.md")
         run.log_artifact(OUT / "manifest.json")
+        run.log_artifact(OUT / "drift_reference.json")  # the training data's statistics, as the monitor reads them
     print(f"export: {OUT}/ ({checks['bundle_files']} files, {checks['bundle_bytes'] / 1e6:.2f} MB); ONNX vs PyTorch "
           f"{checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.1e}; shipped {checks['shipped_variant']} vs unpruned fp32 "
           f"agreement {checks['shipped_vs_fp32_top1_agreement']:.4f}; predictor on raw test files: {h} "

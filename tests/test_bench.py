@@ -75,6 +75,7 @@ ON_THE_WORKSPACE = {  # entry point -> tiny arguments; they read what `make repr
     "bench.prune_sweep": ["0.3:1"],
     "bench.compressed_variants": ["--rounds", "1", "--runs", "2"],
     "bench.trust": ["--rounds", "1", "--runs", "5"],
+    "bench.drift": ["--windows", "10", "--window-rows", "30"],
 }
 SMOKE_RUNS |= {"bench.run", "bench.hostile_inputs", *SELF_CONTAINED, *ON_THE_WORKSPACE}
 
@@ -89,7 +90,8 @@ def test_self_contained_bench_runs_at_a_tiny_size(entry, tmp_path):
 def test_bench_on_the_pipeline_outputs_runs_at_a_tiny_size(entry, workspace):
     run_bench(entry, *ON_THE_WORKSPACE[entry], cwd=workspace)
     report = {"bench.fusion_choices": "fusion_choices.json", "bench.prune_sweep": "prune_sweep.json",
-              "bench.compressed_variants": "compressed_variants.json", "bench.trust": "trust.json"}[entry]
+              "bench.compressed_variants": "compressed_variants.json", "bench.trust": "trust.json",
+              "bench.drift": "drift.json"}[entry]
     assert json.loads((workspace / "reports" / report).read_text())
 
 

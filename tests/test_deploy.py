@@ -239,3 +239,80 @@ def test_predict_cli_refuses_what_would_hang_or_crash_per_row_or_in_one_line(bun
                            (["--model", "int4", "--text", "a"], "argument --model: 'int4' is not a model of this bundle")):
         bad = subprocess.run([*predict, *flags], cwd=bundle["folder"], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_the_drift_monitor_names_the_modality_of_a_shifted_window_of_real_files(bundle, tiny_corpus, tmp_path):
+    """The bundle's monitor on windows of the raw test files as users send them (PNG, WAV, text, metadata
+    columns in a CSV): quiet as they are; darkened photos -> image; one metadata column moved by 4 standard
+    deviations -> tabular (the tiny test split has ~20 rows with it: 2 sd at 500 rows is bench/drift.py's);
+    exit status 1 on drift. Its reference is small and its false-alarm rate stated."""
+    import csv
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    manifest = json.loads((bundle["folder"] / "manifest.json").read_text())
+    monitor = manifest["monitor"]
+    assert (bundle["folder"] / monitor["file"]).stat().st_size < 2_000_000 and monitor["false_alarm"] == 0.05
+    assert 0 <= monitor["false_alarm_measured"] <= 0.1 and monitor["threshold"] > 0
+    predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"])
+    columns = predictor.request_columns()
+    record_columns = [c for c, (m, kind) in columns.items() if kind == "record"]
+    test = FeatureSet(tiny_corpus / "features", split="test")
+    modalities = list(predictor.modalities)
+    items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, modalities)
+
+    def number(value) -> float | None:  # a metadata cell that reads as a number ("n/a" and the like do not)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    records = [json.loads(it["tabular"]) for it in items if it["tabular"] is not None]
+    present = {c["name"]: [v for v in (number(r.get(c["name"])) for r in records) if v is not None]
+               for c in predictor.readers["tabular"].encoding.numeric}
+    shifted_column = max(present, key=lambda c: len(present[c]))  # the numeric column the most rows have
+    spread = float(np.std(present[shifted_column]))
+
+    def window(name: str, darker: bool = False, moved: bool = False) -> subprocess.CompletedProcess:
+        rows = []
+        for i, item in enumerate(items):
+            row = {}
+            if item["image"] is not None:
+                data = item["image"]
+                if darker:
+                    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                    out = io.BytesIO()
+                    Image.fromarray((pixels * 0.5).astype(np.uint8)).save(out, "PNG")
+                    data = out.getvalue()
+                (tmp_path / f"{name}{i}.png").write_bytes(data)
+                row["image"] = f"{name}{i}.png"
+            if item["audio"] is not None:
+                (tmp_path / f"{name}{i}.wav").write_bytes(item["audio"])
+                row["audio"] = f"{name}{i}.wav"
+            if item["text"] is not None:
+                row["text"] = item["text"].decode()
+            if item["tabular"] is not None:
+                record = json.loads(item["tabular"])
+                if moved and number(record.get(shifted_column)) is not None:
+                    record[shifted_column] = number(record[shifted_column]) + 4 * spread
+                row |= {c: "" if record.get(c) is None else str(record[c]) for c in record_columns}
+            rows.append(row)
+        with open(tmp_path / f"{name}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["image", "audio", "text", *record_columns])
+            writer.writeheader()
+            writer.writerows(rows)
+        return subprocess.run([sys.executable, "-I", "-c", GUARD, "--monitor", str(tmp_path / f"{name}.csv")],
+                              cwd=bundle["folder"], capture_output=True, text=True, timeout=120)
+
+    same = window("same")
+    assert same.returncode == 0, same.stdout + same.stderr
+    report = json.loads(same.stdout)
+    assert not report["drifted"] and report["rows"] == len(items) and report["unreadable_rows"] == 0
+    assert {"image.brightness", "audio.loudness", "text.oov_rate", f"tabular.{shifted_column}", "audio.model"} \
+        <= set(report["statistics"])
+    for name, kwargs, modality in (("dark", {"darker": True}, "image"), ("moved", {"moved": True}, "tabular")):
+        proc = window(name, **kwargs)
+        report = json.loads(proc.stdout)
+        assert proc.returncode == 1 and report["drifted"] and report["modality"] == modality, (name, report)
+        assert report["score"] > report["threshold"]

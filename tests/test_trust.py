@@ -236,3 +236,54 @@ def test_coverage_and_collapse_gates_fail_in_one_line_naming_the_pattern_and_mod
         "500 test rows with only image available, below 0.85",
         "quality gate evaluate.gates.max_modality_share failed: text carries 95.0% of the fused model's Shapley "
         "attribution (above 90%): the model leans on text and little on the others (modality collapse; reports/eval.md)"]
+
+
+# ---------------------------------------------------------------------------- drift monitor
+
+def test_drift_distances_are_kolmogorov_smirnov_and_total_variation():
+    from scipy.stats import ks_2samp
+
+    from mmpipe.trust import drift
+
+    rng = np.random.default_rng(7)
+    train, window = rng.normal(0, 1, 800), rng.normal(0.3, 1, 300)
+    reference = drift.summarize(train, "numeric")  # 800 values < 1,000 points: every one kept
+    assert drift.distance(reference, window) == pytest.approx(ks_2samp(train, window).statistic, abs=2e-3)
+    discrete = drift.summarize(np.repeat([1.0, 2.0, 3.0], [500, 300, 200]), "numeric")  # ties survive
+    assert drift.distance(discrete, np.repeat([1.0, 2.0, 3.0], [50, 30, 20])) == pytest.approx(0, abs=2e-3)
+    counts = drift.summarize(np.array([0, 0, 1, 1, np.nan, 2, 2, 2]), "categorical")  # NaN: rows without it
+    assert counts["frequencies"] == {"0": pytest.approx(2 / 7), "1": pytest.approx(2 / 7), "2": pytest.approx(3 / 7)}
+    assert drift.distance(counts, np.array([0.0] * 10)) == pytest.approx(5 / 7)
+
+
+def drift_rows(rng, n, shift=0.0, missing=0.0):
+    """Per-row statistics of two modalities: image brightness (shifted by ``shift`` sd), audio loudness, and
+    whether each is there (audio missing in a ``missing`` share of rows)."""
+    audio_there = rng.random(n) >= missing
+    return {"image.brightness": ("numeric", rng.normal(0.5 + 0.1 * shift, 0.1, n)),
+            "image.available": ("categorical", np.ones(n)),
+            "audio.loudness": ("numeric", np.where(audio_there, rng.gamma(4.0, 1.0, n), np.nan)),
+            "audio.available": ("categorical", audio_there.astype(float))}
+
+
+def test_the_drift_threshold_holds_its_false_alarm_rate_and_names_what_moved():
+    from mmpipe.trust import drift
+
+    rng = np.random.default_rng(8)
+    train, heldout = drift_rows(rng, 3000), drift_rows(rng, 800)
+    reference = drift.fit(train, {k: v for k, (_, v) in heldout.items()}, window_rows=200, windows=400, false_alarm=0.05)
+    assert reference["false_alarm_measured"] <= 0.08 and set(reference["statistics"]) == set(train)
+    assert reference["scale"]["image.available"] == drift.SCALE_FLOOR  # constant: the floor, still monitored
+
+    def alarms(**shift):
+        verdicts = [drift.score(reference, {k: v for k, (_, v) in drift_rows(rng, 200, **shift).items()})
+                    for _ in range(100)]
+        return verdicts, np.mean([v["drifted"] for v in verdicts])
+    _, quiet = alarms()
+    assert quiet <= 0.08  # fresh in-distribution windows of the population the held-out rows came from
+    verdicts, power = alarms(shift=0.5)
+    assert power >= 0.95 and all(v["statistic"] == "image.brightness" for v in verdicts if v["drifted"])
+    verdicts, power = alarms(missing=0.3)  # the audio stopped arriving for a third of the rows
+    assert power == 1.0 and {v["statistic"] for v in verdicts} == {"audio.available"}
+    few = drift.score(reference, {k: v[:10] for k, (_, v) in drift_rows(rng, 10).items()})
+    assert not few["judged"] and "too few to judge" in few["why"]

@@ -190,9 +190,15 @@ def trust_lines(eval_metrics: dict, predictor, kind: str, h: str) -> list[str]:
         lines.append(f"- What each modality contributes (share of the Shapley values of test {HEADLINE_NAMES.get(h, h)}): "
                      + ", ".join(f"{m} {x:.0%}" for m, x in shares.items()) + "; `predict.py --explain` gives a "
                      "sample's own.")
-    lines += ["- These guarantees assume data like the validation split's; inputs that have drifted from it void them.",
-              ""]
-    return lines
+    lines.append("- These guarantees assume data like the validation split's; inputs that have drifted from it void them.")
+    monitor = predictor.manifest.get("monitor")
+    if monitor and monitor.get("threshold") is not None:
+        lines.append(f"- `python predict.py --monitor window.csv` tells whether a window of rows has drifted from the "
+                     f"training data and names the modality and the statistic (exit status 1): calibrated on "
+                     f"{monitor['heldout_rows']:,} held-out rows for {monitor['window_rows']}-row windows, false alarms "
+                     f"{monitor['false_alarm_measured']:.1%} on windows like the training data's (allowed "
+                     f"{monitor['false_alarm']:.0%}).")
+    return lines + [""]
 
 
 def verification_lines(checks: dict) -> list[str]:

@@ -24,7 +24,7 @@ from mmpipe.names import DATASET_FILE, available_key
 from mmpipe.params import Calibration
 from mmpipe.tracking import git_commit
 from mmpipe.training.model_io import load_model, only_available
-from mmpipe.trust import calibration
+from mmpipe.trust import calibration, drift
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,6 +53,12 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     # how far to trust each model of the bundle: its own calibration, on the validation split (its predictor applies it)
     for which, fitted in calibrate_bundle(out, manifest, model, features_root, calibration_cfg).items():
         manifest["models"][which]["calibration"] = fitted
+    bundle.write_manifest(out, manifest)
+    # the drift monitor's reference: the train split's statistics as the shipped model's predictor computes them
+    reference = drift_reference(load_predictor(out).Predictor(out), model, features_root, params.monitor)
+    (out / DRIFT_FILE).write_text(json.dumps(reference, separators=(",", ":")) + "\n")
+    manifest["monitor"] = {"file": DRIFT_FILE, "command": "python predict.py --monitor window.csv"} | {
+        k: reference[k] for k in ("window_rows", "false_alarm", "false_alarm_measured", "threshold", "heldout_rows")}
     bundle.write_manifest(out, manifest)
     predictor = load_predictor(out).Predictor(out, model="fp32")  # its inputs: flags, columns, parity
     base = compress_metrics["variants"][chosen].get("from")  # int8: the fp32 variant (fp32 or pruned) it came from
@@ -86,6 +92,39 @@ def split_batch(features_root: Path, split: str, modalities: list[str]) -> tuple
     data = FeatureSet(features_root, split=split)
     batch = data.get(np.arange(len(data)))
     return data, batch, np.stack([batch[available_key(m)].numpy().astype(bool) for m in modalities], axis=1)
+
+
+DRIFT_FILE = "drift_reference.json"
+
+
+def split_statistics(predictor, model, features_root: Path, splits: list[str], chunk: int = 2048) -> dict[str, tuple]:
+    """The drift monitor's per-row statistics (the bundle predictor's ``statistics``) of the feature arrays of
+    ``splits``, a chunk of rows at a time: {name: (kind, values)}."""
+    parts: dict[str, list] = {}
+    kinds: dict[str, str] = {}
+    for split in splits:
+        data = FeatureSet(features_root, split=split)
+        for start in range(0, len(data), chunk):
+            feeds = onnx_feeds(data.get(np.arange(start, min(start + chunk, len(data)))), model)
+            rows = len(feeds["available"])
+            stats = predictor.statistics(feeds)
+            for name in sorted(set(parts) | set(stats)):  # absent from a chunk (no row has the modality): NaN
+                kind, values = stats.get(name, (kinds.get(name), np.full(rows, np.nan)))
+                kinds[name] = kind
+                parts.setdefault(name, [np.full(0, np.nan)]).append(values)
+    lengths = {name: sum(len(v) for v in values) for name, values in parts.items()}
+    total = max(lengths.values())
+    return {name: (kinds[name], np.concatenate([np.full(total - lengths[name], np.nan), *values]))
+            for name, values in parts.items()}
+
+
+def drift_reference(predictor, model, features_root: Path, cfg) -> dict[str, Any]:
+    """The reference of the train split and the alarm threshold calibrated on the held-out splits (validation and
+    test: data of the training data's kind that the reference did not see); mmpipe/trust/drift.py."""
+    train = split_statistics(predictor, model, features_root, ["train"])
+    heldout = split_statistics(predictor, model, features_root, ["val", "test"])
+    return drift.fit({k: v for k, v in train.items() if v[0]}, {k: v for k, (_, v) in heldout.items()},
+                     cfg.window_rows, cfg.windows, cfg.false_alarm)
 
 
 def calibrate_bundle(out: Path, manifest: dict, model, features_root: Path, cfg) -> dict[str, dict]:

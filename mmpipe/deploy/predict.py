@@ -12,6 +12,8 @@ the model (manifest.json: modalities; ``--help`` lists them): a file, a text, or
     python predict.py ... --model fp32            # the fp32 model instead of the shipped one
     python predict.py ... --alpha 0.05            # sets/intervals that hold the truth 95 % of the time
     python predict.py ... --explain               # each modality's Shapley contribution to the answer
+    python predict.py --monitor window.csv        # has this window of rows drifted from the training data?
+                                                  # (which modality, which statistic; exit status 1 if so)
 
 Every answer carries its conformal prediction set (a class, tags) or interval (a number) beside it, calibrated
 on the validation split per modality-availability pattern: it holds the truth with probability >= 1 - alpha.
@@ -181,6 +183,76 @@ class Predictor:
             extra = [{"prediction_set": [n for n, on in zip(names, row) if on], "alpha": self.alpha} for row in inside]
         return [a | e for a, e in zip(answers, extra)]
 
+    # ------------------------------------------------------------------ drift monitor
+
+    def statistics(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
+        """The drift monitor's per-row statistics of a batch of model inputs (``features()`` dicts stacked, or
+        the pipeline's feature arrays): {"<modality>.<statistic>": (kind, values; NaN where the row lacks the
+        modality)} — each modality's own (its input class's ``statistics``), whether it is there, and what the
+        model makes of it alone (its confidence with only that modality: the encoder's embedding as the head
+        reads it; a number: the value)."""
+        available = np.asarray(feeds["available"], bool)
+        n, out = len(available), {}
+        for j, m in enumerate(self.modalities):
+            out[f"{m}.available"] = ("categorical", available[:, j].astype(np.float64))
+            rows = np.flatnonzero(available[:, j])
+            if not len(rows):
+                continue
+            reader = self.readers[m]
+            for name, (kind, values) in reader.statistics({a: feeds[a][rows] for a in reader.arrays}).items():
+                full = np.full(n, np.nan)
+                full[rows] = values
+                out[f"{m}.{name}"] = (kind, full)
+            alone = np.zeros_like(available)
+            alone[rows, j] = True
+            sub = {name: np.asarray(v)[rows] for name, v in feeds.items() if name in self.inputs}
+            sub["available"] = alone[rows]
+            outputs = self.session.run(["logits"], {k: v.astype(self.inputs[k]["dtype"]) for k, v in sub.items()})[0]
+            confidence = np.full(n, np.nan)
+            confidence[rows] = self._confidence(outputs.astype(np.float64), m)
+            out[f"{m}.model"] = ("numeric", confidence)
+        return out
+
+    def _confidence(self, outputs: np.ndarray, pattern: str) -> np.ndarray:
+        target = self.manifest.get("target") or {"type": "category"}
+        if target["type"] == "number":
+            return outputs[:, 0]
+        t = 1.0
+        if self.calibration and self.calibration.get("temperature"):
+            temperatures = self.calibration["temperature"]
+            t = temperatures["patterns"].get(pattern, temperatures["global"])
+        if target["type"] == "set":
+            return (1.0 / (1.0 + np.exp(-outputs / t))).mean(axis=1)
+        z = outputs / t
+        probs = np.exp(z - z.max(axis=1, keepdims=True))
+        return (probs / probs.sum(axis=1, keepdims=True)).max(axis=1)
+
+    def monitor(self, rows: Iterable[dict | InputError]) -> dict:
+        """A window of rows (``predict_rows``' raw inputs) against the training data (manifest.json: monitor; its
+        reference file): {"drifted", the drifted "modality" and "statistic", its "score" vs the "threshold", every
+        statistic's score, rows read and unreadable}. The false-alarm rate on windows of the training data's kind
+        is the manifest's ``monitor.false_alarm_measured``."""
+        import drift  # shipped beside this file (mmpipe/trust/drift.py)
+
+        spec = self.manifest.get("monitor")
+        if not spec:
+            raise InputError("this bundle has no drift reference (built before the monitor: re-run export)")
+        reference = json.loads((self.folder / spec["file"]).read_text())
+        ready, unreadable = [], 0
+        for row in rows:
+            try:
+                if isinstance(row, InputError):
+                    raise row
+                ready.append(self.features(**row))
+            except InputError:
+                unreadable += 1
+        if not ready:
+            return {"drifted": False, "judged": False, "why": "no readable row", "rows": 0, "unreadable_rows": unreadable}
+        feeds = {name: np.stack([r[name] for r in ready]) for name in self.inputs}
+        stats = {name: values for name, (_, values) in self.statistics(feeds).items()}
+        return drift.score(reference, stats) | {"rows": len(ready), "unreadable_rows": unreadable,
+                                                "window_rows_calibrated": reference["window_rows"]}
+
     def explain(self, sample: dict) -> dict:
         """How much each modality of one sample (a ``features()`` dict) moved its answer: the model run with every
         subset of the modalities the sample has (2^k - 1 passes, k <= 6), exact Shapley values of the answer's
@@ -348,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                              "truth); one of the levels the bundle calibrated (default: its own)")
     parser.add_argument("--explain", action="store_true",
                         help="add each modality's Shapley contribution to the answer (2^k - 1 more model runs per row)")
+    parser.add_argument("--monitor", metavar="WINDOW_CSV",
+                        help="score a window of rows (a manifest) against the training data: which modality drifted; "
+                             "exit status 1 when it has")
     known, _ = parser.parse_known_args(argv)
     models = json.loads((HERE / "manifest.json").read_text())["models"]
     if known.model not in models:
@@ -365,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     max_bytes = predictor.serving["max_item_bytes"]
 
+    if args.monitor:
+        try:
+            report = predictor.monitor(row for _, row in manifest_rows(args.monitor, columns, max_bytes))
+        except InputError as exc:
+            print(json.dumps({"error": str(exc)}, ensure_ascii=False))
+            return 2
+        print(json.dumps(report, ensure_ascii=False))
+        return 1 if report["drifted"] else 0
     if args.manifest:
         try:
             pairs = manifest_rows(args.manifest, columns, max_bytes)

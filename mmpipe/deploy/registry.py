@@ -61,7 +61,7 @@ def gates_allow(policy: str, eval_metrics: dict, cwd: Path | None = None) -> tup
 
     if in_experiment_workspace(cwd):
         return False, "this run is a DVC experiment in a temporary workspace (queue/temp), not the main workspace"
-    bars = [f"{name} {'<=' if k == 'max' else '>='} {bar}" for k, v in gates["checked"].items()
+    bars = [f"{name} {'<=' if k.startswith('max') else '>='} {bar}" for k, v in gates["checked"].items()
             for name, bar in (v.items() if isinstance(v, dict) else [(k, v)])]  # min: {r2: 0.6} -> "r2 >= 0.6"
     return True, "quality gates " + ", ".join(bars) + " passed in the main workspace"
 

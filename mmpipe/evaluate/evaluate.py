@@ -68,14 +68,19 @@ class SplitInputs:
 
     def corrupted(self, modality: str, corruption: str, level: float, rng: np.random.Generator) -> dict:
         """The split's tensors with ``modality`` recomputed from its clean content under ``corruption``."""
+        noise = MODALITIES[modality].CORRUPTIONS[corruption]
+        return self.transformed(modality, lambda x: noise(x, level, rng))
+
+    def transformed(self, modality: str, change) -> dict:
+        """The split's tensors with ``modality`` recomputed from its clean content, ``change`` applied to its
+        decoded signal (a corruption; bench/drift.py: a distribution shift)."""
         module = MODALITIES[modality]
         if modality not in self._featurizers:
             folder = self.features_root / modality
             self._featurizers[modality] = module.Features.from_state(folder, json.loads((folder / STATE_FILE).read_text()))
-        noise = module.CORRUPTIONS[corruption]
         errors: dict[int, str] = {}  # items that do not decode: unavailable, as preprocess made them
         arrays = self._featurizers[modality].transform(self.raw(modality), [str(s) for s in self.sample_ids],
-                                                       noise=lambda x: noise(x, level, rng), errors=errors)
+                                                       noise=change, errors=errors)
         tensors = self.tensors | {name: torch.from_numpy(values) for name, values in arrays.items()}
         if errors:
             key = available_key(modality)

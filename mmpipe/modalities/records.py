@@ -258,3 +258,19 @@ class TabularInput:
         numeric, categories = self.encoding.encode([values])
         produced = ([numeric[0]] if self.encoding.numeric else []) + ([categories[0].astype(np.int64)] if self.encoding.categorical else [])
         return dict(zip(self.arrays, produced))
+
+    def statistics(self, arrays: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
+        """The drift monitor's statistics (inputs.py: ``Input.statistics``): each column as the model takes it —
+        a numeric one's standardised value (NaN where missing), a categorical one's category id."""
+        out: dict[str, tuple[str, np.ndarray]] = {}
+        names = iter(self.arrays)
+        if self.encoding.numeric:
+            numeric = np.asarray(arrays[next(names)], np.float64)
+            k = len(self.encoding.numeric)
+            for j, column in enumerate(self.encoding.numeric):
+                out[column["name"]] = ("numeric", np.where(numeric[:, k + j] > 0, np.nan, numeric[:, j]))
+        if self.encoding.categorical:
+            categories = np.asarray(arrays[next(names)], np.float64)
+            for j, column in enumerate(self.encoding.categorical):
+                out[column["name"]] = ("categorical", categories[:, j])
+        return out
