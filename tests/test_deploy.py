@@ -130,16 +130,23 @@ def test_conversion_parity_in_chunks_and_raw_items_read_on_demand(bundle, tiny_c
     assert chunked == bundle["checks"]["conversion_parity"]  # 5 at a time or all at once: the same figures
 
 
-def test_bundle_alone_with_only_its_dependencies_predicts_raw_files(bundle, tiny_corpus, tmp_path):
-    alone = tmp_path / "alone"
-    shutil.copytree(bundle["folder"], alone)
+def complete_test_sample(tiny_corpus, folder) -> tuple[list, int, list[str]]:
+    """The raw test items (image, text, audio), the first with all three, and its command-line flags (its files
+    written into ``folder``)."""
     test = FeatureSet(tiny_corpus / "features", split="test")
     modalities = ["image", "text", "audio"]
     items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, modalities)
     i = next(k for k, item in enumerate(items) if all(item[m] is not None for m in modalities))
-    (tmp_path / "x.png").write_bytes(items[i]["image"])
-    (tmp_path / "x.audio").write_bytes(items[i]["audio"])
-    args = ["--image", str(tmp_path / "x.png"), "--audio", str(tmp_path / "x.audio"), "--text", items[i]["text"].decode()]
+    (folder / "x.png").write_bytes(items[i]["image"])
+    (folder / "x.audio").write_bytes(items[i]["audio"])
+    return items, i, ["--image", str(folder / "x.png"), "--audio", str(folder / "x.audio"),
+                      "--text", items[i]["text"].decode()]
+
+
+def test_bundle_alone_with_only_its_dependencies_predicts_raw_files(bundle, tiny_corpus, tmp_path):
+    alone = tmp_path / "alone"
+    shutil.copytree(bundle["folder"], alone)
+    items, i, args = complete_test_sample(tiny_corpus, tmp_path)
     proc = subprocess.run([sys.executable, "-I", "-c", GUARD, *args], cwd=alone, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -158,13 +165,7 @@ def test_bundle_alone_with_only_its_dependencies_predicts_raw_files(bundle, tiny
 
 def test_answers_carry_calibrated_scores_a_conformal_set_and_an_explanation_with_only_the_bundle(bundle, tiny_corpus,
                                                                                                tmp_path):
-    test = FeatureSet(tiny_corpus / "features", split="test")
-    modalities = ["image", "text", "audio"]
-    items = raw_test_items(tiny_corpus / "raw", tiny_corpus / "clean", test.sample_ids, modalities)
-    i = next(k for k, item in enumerate(items) if all(item[m] is not None for m in modalities))
-    (tmp_path / "x.png").write_bytes(items[i]["image"])
-    (tmp_path / "x.audio").write_bytes(items[i]["audio"])
-    args = ["--image", str(tmp_path / "x.png"), "--audio", str(tmp_path / "x.audio"), "--text", items[i]["text"].decode()]
+    items, i, args = complete_test_sample(tiny_corpus, tmp_path)
     proc = subprocess.run([sys.executable, "-I", "-c", GUARD, *args, "--explain", "--alpha", "0.05"],
                           cwd=bundle["folder"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -178,7 +179,7 @@ def test_answers_carry_calibrated_scores_a_conformal_set_and_an_explanation_with
     # the explanation: the answer's probability with each subset of the three given modalities, Shapley values
     # that add up to all - none (rounded to 1e-6 each)
     why = answer["explanation"]
-    assert why["of"] == f"probability of {answer['label']!r}" and list(why["shapley"]) == modalities
+    assert why["of"] == f"probability of {answer['label']!r}" and list(why["shapley"]) == ["image", "text", "audio"]
     assert why["all"] == answer["probabilities"][answer["label"]] and len(why["subsets"]) == 7
     assert abs(sum(why["shapley"].values()) - (why["all"] - why["none"])) < 1e-5
     # temperature scaling changes the probabilities, never the answer
