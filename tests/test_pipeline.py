@@ -313,14 +313,18 @@ def test_a_number_then_a_tag_set_from_a_users_manifest_through_dvc_repro_to_the_
                              cwd=repo, capture_output=True, text=True)
     values = [json.loads(line) for line in answers.stdout.splitlines()]
     assert len(values) == 72 and all(isinstance(v["value"], float) for v in values)
+    # each price with its conformal interval (alpha 0.1) in dollars, around the answer
+    assert all(v["alpha"] == 0.1 and (v["interval"][0] is None or v["interval"][0] <= v["value"])
+               and (v["interval"][1] is None or v["value"] <= v["interval"][1]) for v in values)
     assert "regression model" in (repo / "artifacts/deploy/MODEL_CARD.md").read_text()
     from mmpipe.deploy import mlflow_model  # what `mlflow models serve` answers a REST request with
 
     served = mlflow_model.BundleModel()
     served.load_context(type("Context", (), {"artifacts": {"bundle": str(repo / "artifacts/deploy")}})())
     out = served.predict(None, pd.DataFrame([{"text": "red item of size 3", "size": "3", "color": "red"}, {"size": "?"}]))
-    assert list(out.columns) == ["value", "error"] and isinstance(out.value[0], float) and out.error[0] == ""
-    assert out.value[1] is None and "no usable input" in out.error[1]
+    assert list(out.columns) == ["value", "interval_low", "interval_high", "error"]
+    assert isinstance(out.value[0], float) and out.error[0] == ""
+    assert out.value[1] is None and out.interval_low[1] is None and "no usable input" in out.error[1]
 
     # the tag column instead: collect re-runs, clean parses the tags (through the bundle: test_targets, in-process)
     set_params(repo, data={"target": {"column": "tags", "type": "set"}})
