@@ -99,23 +99,17 @@ DRIFT_FILE = "drift_reference.json"
 
 def split_statistics(predictor, model, features_root: Path, splits: list[str], chunk: int = 2048) -> dict[str, tuple]:
     """The drift monitor's per-row statistics (the bundle predictor's ``statistics``) of the feature arrays of
-    ``splits``, a chunk of rows at a time: {name: (kind, values)}."""
-    parts: dict[str, list] = {}
-    kinds: dict[str, str] = {}
+    ``splits``, a chunk of rows at a time: {name: (kind, values)}; NaN where a chunk has no row with the modality."""
+    chunks = []
     for split in splits:
         data = FeatureSet(features_root, split=split)
         for start in range(0, len(data), chunk):
             feeds = onnx_feeds(data.get(np.arange(start, min(start + chunk, len(data)))), model)
-            rows = len(feeds["available"])
-            stats = predictor.statistics(feeds)
-            for name in sorted(set(parts) | set(stats)):  # absent from a chunk (no row has the modality): NaN
-                kind, values = stats.get(name, (kinds.get(name), np.full(rows, np.nan)))
-                kinds[name] = kind
-                parts.setdefault(name, [np.full(0, np.nan)]).append(values)
-    lengths = {name: sum(len(v) for v in values) for name, values in parts.items()}
-    total = max(lengths.values())
-    return {name: (kinds[name], np.concatenate([np.full(total - lengths[name], np.nan), *values]))
-            for name, values in parts.items()}
+            chunks.append((len(feeds["available"]), predictor.statistics(feeds)))
+    kinds = {name: kind for _, stats in chunks for name, (kind, _) in stats.items()}
+    return {name: (kind, np.concatenate([stats[name][1] if name in stats else np.full(rows, np.nan)
+                                         for rows, stats in chunks]))
+            for name, kind in sorted(kinds.items())}
 
 
 def drift_reference(predictor, model, features_root: Path, cfg) -> dict[str, Any]:
