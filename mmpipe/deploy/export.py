@@ -19,8 +19,9 @@ from mmpipe.deploy import bundle
 from mmpipe.deploy.card import model_card, verification_lines
 from mmpipe.deploy.verify import conversion_parity, load_predictor, raw_test_items, verify
 from mmpipe.errors import PipelineError
+from mmpipe.evaluate.evaluate import available_matrix
 from mmpipe.features.loader import FeatureSet
-from mmpipe.names import DATASET_FILE, available_key
+from mmpipe.names import DATASET_FILE
 from mmpipe.params import Calibration
 from mmpipe.tracking import git_commit
 from mmpipe.training.model_io import load_model, only_available
@@ -91,7 +92,7 @@ def split_batch(features_root: Path, split: str, modalities: list[str]) -> tuple
     """A split's feature set, its whole batch, and which of ``modalities`` each row has."""
     data = FeatureSet(features_root, split=split)
     batch = data.get(np.arange(len(data)))
-    return data, batch, np.stack([batch[available_key(m)].numpy().astype(bool) for m in modalities], axis=1)
+    return data, batch, available_matrix(batch, modalities)
 
 
 DRIFT_FILE = "drift_reference.json"

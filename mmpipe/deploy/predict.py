@@ -143,11 +143,23 @@ class Predictor:
         if not self.calibration:
             return np.ones(len(available)), None
         patterns = ["+".join(m for m, ok in zip(self.modalities, flags) if ok) for flags in available]
-        temperatures = self.calibration.get("temperature") or {"patterns": {}, "global": 1.0}
         levels = self.calibration["thresholds"][f"{self.alpha:g}"]
-        t = np.array([temperatures["patterns"].get(p, temperatures["global"]) for p in patterns])
+        t = np.array([self._temperature(p) for p in patterns])
         q = np.array([np.inf if levels.get(p) is None else levels[p] for p in patterns])
         return t, q
+
+    def _temperature(self, pattern: str) -> float:
+        temperatures = (self.calibration or {}).get("temperature")
+        return temperatures["patterns"].get(pattern, temperatures["global"]) if temperatures else 1.0
+
+    @staticmethod
+    def _probabilities(outputs: np.ndarray, t, kind: str) -> np.ndarray:
+        """Tag probabilities (sigmoid) or class probabilities (softmax) of logits at temperature ``t``."""
+        z = outputs / t
+        if kind == "set":
+            return 1.0 / (1.0 + np.exp(-z))
+        probs = np.exp(z - z.max(axis=1, keepdims=True))
+        return probs / probs.sum(axis=1, keepdims=True)
 
     def _answers(self, outputs: np.ndarray, available: list[np.ndarray]) -> list[dict]:
         target = self.manifest.get("target") or {"type": "category"}
@@ -166,16 +178,13 @@ class Predictor:
                           "alpha": self.alpha} for lo, hi in zip(low, high)]
             return [{"value": float(v)} | e for v, e in zip(values, extra)]
         names = state["tags"] if target["type"] == "set" else self.manifest["labels"]
+        probs = self._probabilities(outputs, t[:, None], target["type"])
         if target["type"] == "set":
-            probs = 1.0 / (1.0 + np.exp(-outputs / t[:, None]))
             # the tags answered: the tuned thresholds on the uncalibrated probabilities (a temperature changes none)
-            answered = 1.0 / (1.0 + np.exp(-outputs)) >= np.asarray(state["thresholds"])[None, :]
+            answered = self._probabilities(outputs, 1.0, "set") >= np.asarray(state["thresholds"])[None, :]
             answers = [{"tags": [n for n, on in zip(names, row) if on],
                         "scores": {n: round(float(p), 6) for n, p in zip(names, prob)}} for row, prob in zip(answered, probs)]
         else:
-            z = outputs / t[:, None]
-            probs = np.exp(z - z.max(axis=1, keepdims=True))
-            probs /= probs.sum(axis=1, keepdims=True)
             answers = [{"label": names[int(p.argmax())], "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
                        for p in probs]
         if q is not None:  # 1e-9: a row scored exactly at the threshold is in its set despite float rounding
@@ -217,15 +226,8 @@ class Predictor:
         target = self.manifest.get("target") or {"type": "category"}
         if target["type"] == "number":
             return outputs[:, 0]
-        t = 1.0
-        if self.calibration and self.calibration.get("temperature"):
-            temperatures = self.calibration["temperature"]
-            t = temperatures["patterns"].get(pattern, temperatures["global"])
-        if target["type"] == "set":
-            return (1.0 / (1.0 + np.exp(-outputs / t))).mean(axis=1)
-        z = outputs / t
-        probs = np.exp(z - z.max(axis=1, keepdims=True))
-        return (probs / probs.sum(axis=1, keepdims=True)).max(axis=1)
+        probs = self._probabilities(outputs, self._temperature(pattern), target["type"])
+        return probs.mean(axis=1) if target["type"] == "set" else probs.max(axis=1)
 
     def monitor(self, rows: Iterable[dict | InputError]) -> dict:
         """A window of rows (``predict_rows``' raw inputs) against the training data (manifest.json: monitor; its

@@ -32,12 +32,13 @@ import torch
 
 from mmpipe.compress.onnx_model import onnx_feeds, run_logits, session
 from mmpipe.errors import PipelineError
+from mmpipe.evaluate.evaluate import available_matrix
 from mmpipe.features.loader import FeatureSet
 from mmpipe.io import iter_row_groups
 from mmpipe.modalities import MODALITIES
 from mmpipe.modalities.base import array_names
 from mmpipe.modalities.portable import RejectedInput
-from mmpipe.names import SAMPLES_DIR, STATE_FILE, available_key
+from mmpipe.names import SAMPLES_DIR, STATE_FILE
 from mmpipe.training.model_io import to_model_inputs
 from mmpipe.trust import calibration
 
@@ -189,7 +190,7 @@ def trust_checks(folder: Path, target, test: FeatureSet, shipped_out: np.ndarray
         return {}
     modalities = manifest["modalities"]
     batch = test.get(np.arange(len(test)))
-    patterns = calibration.pattern_keys(np.stack([batch[available_key(m)].numpy() for m in modalities], 1), modalities)
+    patterns = calibration.pattern_keys(available_matrix(batch, modalities), modalities)
     _, sets = calibration.apply(target, fitted, shipped_out, patterns)
     ours = [target.set_answer(row) for row in sets]
     theirs = [a.get("interval", a.get("prediction_set")) for a in answers]
