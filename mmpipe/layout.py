@@ -17,8 +17,10 @@ PARTITIONS = Path("data/partitions")  # preprocess.partitions: data/partitions/<
 MODELS = Path("models")  # fusion/ and baseline_<modality>/
 FUSION = MODELS / "fusion"
 WEIGHTS = Path("weights")  # local pretrained weight files (a dependency of train)
+PRETRAINED = Path("artifacts/pretrain")  # the pretrain stage's aligned encoders (config.json only when it is off)
 CHECKPOINTS = Path(".checkpoints/train")  # resumable training state (not a DVC output)
 # DVCLive folders (per-step curves, written live while the stage runs): metrics.json + plots/metrics/
+PRETRAIN_LIVE = Path("dvclive/pretrain")
 TRAIN_LIVE = Path("dvclive/train")
 COMPRESS_LIVE = Path("dvclive/compress")
 EVAL_PLOTS = Path("plots/eval")
@@ -29,7 +31,7 @@ COMPRESSED = Path("artifacts/compressed")
 DEPLOY = Path("artifacts/deploy")
 
 METRICS = {stage: Path(f"metrics/{name}.json") for stage, name in (
-    ("collect", "collect"), ("clean", "clean"), ("train", "train"), ("evaluate", "eval"), ("compress", "compress"),
+    ("collect", "collect"), ("clean", "clean"), ("pretrain", "pretrain"), ("train", "train"), ("evaluate", "eval"), ("compress", "compress"),
     ("export", "export"))}
 
 
@@ -63,6 +65,7 @@ def stage_outputs(modality: str = "${item.modality}") -> dict[str, set[str]]:
         "clean": {str(CLEAN), str(METRICS["clean"])},
         "preprocess-part": {str(partition(modality, "${item.part}"))},
         "preprocess": {str(features(modality)), str(preprocess_metrics(modality))},
+        "pretrain": {str(PRETRAINED), str(METRICS["pretrain"]), *live_files(PRETRAIN_LIVE)},
         "train": {str(MODELS), str(METRICS["train"]), *live_files(TRAIN_LIVE)},
         "evaluate": {str(EVAL_PLOTS), str(EVAL_REPORT), str(EVAL_FIGURES), str(METRICS["evaluate"])},
         "compress": {str(COMPRESSED), str(METRICS["compress"]), *live_files(COMPRESS_LIVE)},

@@ -110,6 +110,9 @@ class ModelBase(Strict):
     augment: bool = True  # training-time augmentation of every encoder that has one
     attention_layers: int = Field(2, ge=1, le=24)
     attention_heads: int = Field(4, ge=1, le=64)
+    # the encoders' starting weights: pretrained = the pretrain stage's aligned encoders; auto = those when
+    # pretrain.enabled, else scratch (random, or each encoder's own local weights file)
+    init: Literal["auto", "scratch", "pretrained"] = "auto"
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> "ModelBase":
@@ -141,6 +144,24 @@ class TrainParams(Strict):
     compile: bool = False
     threads: int = Field(0, ge=0, le=256)
     memory_budget_mb: int = Field(4096, ge=0)
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the labelled train rows trained on (seeded)
+
+
+class PretrainParams(Strict):
+    """Contrastive alignment of the modalities on every train row, labelled or not (mmpipe/pretrain)."""
+    enabled: bool = False
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss: Literal["siglip", "infonce"] = "infonce"
+    epochs: int = Field(40, ge=1, le=10_000)
+    patience: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    proj_dim: int = Field(64, ge=2, le=4096)
+    threads: int = Field(0, ge=0, le=256)
 
 
 class Gates(Strict):
@@ -298,7 +319,8 @@ class TuneParams(Strict):
         "model.fusion": SearchDimension(choices=list(FUSIONS))}, min_length=1)
 
 
-FIXED: dict[str, type[Strict]] = {"train": TrainParams, "evaluate": EvaluateParams, "compress": CompressParams,
+FIXED: dict[str, type[Strict]] = {"pretrain": PretrainParams, "train": TrainParams, "evaluate": EvaluateParams,
+                                  "compress": CompressParams,
                                   "export": ExportParams, "tune": TuneParams}
 # Sections with a subsection per registered modality (model's are under model.encoders).
 PER_MODALITY: dict[str, type[Strict]] = {"data": DataBase, "clean": CleanBase, "preprocess": PreprocessBase,

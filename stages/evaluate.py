@@ -11,7 +11,7 @@ from mmpipe.errors import PipelineError
 from mmpipe.evaluate.evaluate import evaluate, failed_gates
 from mmpipe.evaluate.report import report_markdown, write_plot_data
 from mmpipe.io import atomic_dir, write_bytes_atomic
-from mmpipe.layout import CLEAN, FEATURES, MODELS
+from mmpipe.layout import CLEAN, FEATURES, MODELS, PRETRAINED
 from mmpipe.stage import run_stage
 
 METRICS = layout.METRICS["evaluate"]
@@ -22,7 +22,7 @@ def main() -> None:
     cfg = params.load("evaluate")
     with tracking.stage_run("evaluate", cfg) as run:
         lineage.log_splits(run.run_id, ["test"])
-        result = evaluate(cfg, FEATURES, CLEAN, MODELS)
+        result = evaluate(cfg, FEATURES, CLEAN, MODELS, aligned_dir=PRETRAINED)
         metrics = result["metrics"]
         failed, skipped = failed_gates(metrics, cfg.gates)
         for line in skipped.values():

@@ -13,7 +13,8 @@ from mmpipe import layout, params, tracking
 from mmpipe.tracking import lineage
 from mmpipe.device import resolve_device
 from mmpipe.io import atomic_dir, write_json_atomic
-from mmpipe.layout import CHECKPOINTS, FEATURES, MODELS
+from mmpipe.layout import CHECKPOINTS, FEATURES, MODELS, PRETRAINED
+from mmpipe.pretrain.align import encoders_to_start_from
 from mmpipe.features.loader import feature_modalities
 from mmpipe.training.distributed import process_group
 from mmpipe.training.train import clear_checkpoints, train
@@ -25,16 +26,17 @@ METRICS, LIVE = layout.METRICS["train"], layout.TRAIN_LIVE
 def main() -> None:
     cfg, model_cfg = params.load("train"), params.load("model")
     present = list(feature_modalities(FEATURES))  # the registered modalities the data has
+    aligned = encoders_to_start_from(model_cfg.init, PRETRAINED)  # model.init: the pretrain stage's encoders or none
     runs = {"fusion": present} | ({f"baseline_{m}": [m] for m in present} if cfg.baselines else {})
     with process_group(resolve_device(cfg.device, "train.device")) as world:
         if world.is_main:
-            train_and_write(cfg, model_cfg, runs)
+            train_and_write(cfg, model_cfg, runs, aligned)
         else:  # the other ranks train alongside rank 0, which alone writes outputs and logs
             for modalities in runs.values():
-                train(cfg, model_cfg, FEATURES, modalities, None, CHECKPOINTS)
+                train(cfg, model_cfg, FEATURES, modalities, None, CHECKPOINTS, aligned=aligned)
 
 
-def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
+def train_and_write(cfg, model_cfg, runs: dict[str, list[str]], aligned) -> None:
     results, finished = {}, []
     with tracking.stage_run("train", {"train": cfg.model_dump(), "model": model_cfg.model_dump()}) as run, \
             tracking.curves(run, LIVE) as curves:
@@ -49,7 +51,7 @@ def train_and_write(cfg, model_cfg, runs: dict[str, list[str]]) -> None:
                         curves.log(name, row["epoch"], row)
 
                 result = train(cfg, model_cfg, FEATURES, modalities, models / name, CHECKPOINTS, log_epoch,
-                               on_resume=replay)
+                               on_resume=replay, aligned=aligned)
                 results[name] = result["metrics"]
                 finished.append(result["checkpoint"])
                 m = result["metrics"]

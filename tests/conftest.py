@@ -108,6 +108,7 @@ def stage_env(repo: Path) -> dict[str, str]:
 TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6, "tabular": True}}, "clean": {"min_per_class": 2},
         "model": {"dim": 16, "hidden": 16, "encoders": {"image": {"width": 4}, "text": {"width": 8}, "audio": {"width": 4},
                                                         "tabular": {"width": 8}}},
+        "pretrain": {"enabled": True, "epochs": 1, "batch_size": 32},  # aligned encoders -> train, retrieval in evaluate
         "train": {"epochs": 1, "baselines": False},
         "evaluate": {"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5,  # gates: a one-epoch model meets no bar
                      "gates": {"min_accuracy": None, "min_coverage": None, "max_modality_share": None}},

@@ -31,8 +31,8 @@ from conftest import (ROOT, TINY, all_runs, copy_repo, dvc, free_port, git_commi
 from mmpipe.tracking import summary
 from mmpipe.io import flatten
 
-STAGES = ["collect", "clean", "preprocess@image", "preprocess@text", "preprocess@audio", "preprocess@tabular", "train",
-          "evaluate", "compress", "export"]
+STAGES = ["collect", "clean", "preprocess@image", "preprocess@text", "preprocess@audio", "preprocess@tabular", "pretrain",
+          "train", "evaluate", "compress", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,8 @@ def test_gated_run_is_failed_and_the_passing_run_has_a_complete_row(tiny_run):
     assert set(logged) == set(params) and logged["model.fusion"] == str(params["model.fusion"])
     # collect .. train were skipped in this execution; their headline still comes from their files
     expected = summary.stage_figures(repo)
-    assert {key.split(".")[0] for key in expected} == {"collect", "clean", "train", "evaluate", "compress", "export"}
+    assert {key.split(".")[0] for key in expected} == {"collect", "clean", "pretrain", "train", "evaluate", "compress",
+                                                       "export"}
     for key, value in expected.items():
         assert row[f"metrics.{key}"] == pytest.approx(value), key
     children = runs(repo)
@@ -105,6 +106,32 @@ def test_gated_run_is_failed_and_the_passing_run_has_a_complete_row(tiny_run):
     first = children[children["tags.mlflow.parentRunId"] == rows.iloc[0]["run_id"]]
     assert sorted(first["tags.mmpipe.stage"]) == sorted(STAGES[:-2])
     assert row["tags.git.commit"] == mine["tags.git.commit"].iloc[0] and len(row["tags.git.commit"]) == 40
+
+
+def test_pretrain_feeds_train_and_evaluate_and_only_its_own_params_rerun_it(tiny_run):
+    repo = tiny_run.repo
+    pretrained = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert pretrained["enabled"] and pretrained["loss"] == "infonce" and pretrained["epochs_run"] == 1
+    assert len(pretrained["val"]) == 12  # every ordered pair of the four modalities
+    assert (repo / "artifacts/pretrain/aligned.safetensors").exists()
+    assert (repo / "dvclive/pretrain/plots/metrics/align/train_loss.tsv").read_text().startswith("step\ttrain_loss")
+    trained = json.loads((repo / "metrics/train.json").read_text())["fusion"]
+    assert trained["init"]["aligned"]["from"] == "artifacts/pretrain"
+    retrieval = json.loads((repo / "metrics/eval.json").read_text())["retrieval"]
+    assert retrieval["enabled"] and set(retrieval["pairs"]) == set(pretrained["val"])
+    assert retrieval["pairs"]["image->audio"]["chance@5"] == pytest.approx(5 / retrieval["pairs"]["image->audio"]["rows"],
+                                                                           abs=1e-4)
+    assert "pretrain" in set(runs(repo)["tags.mmpipe.stage"])
+    # the training loop's params and the fusion head's do not re-run it; the encoders' and its own do
+    for change, expected in ((dict(train={"lr": 0.002}), {"train"}), (dict(model={"fusion": "gated"}), {"train"}),
+                             (dict(model={"dim": 24}), {"pretrain", "train"}), (dict(pretrain={"lr": 0.001}), {"pretrain"})):
+        original = (repo / "params.yaml").read_bytes()
+        try:
+            set_params(repo, **change)
+            assert changed_stages(repo) == expected, change
+        finally:
+            (repo / "params.yaml").write_bytes(original)
+    assert changed_stages(repo) == set()
 
 
 def test_compress_param_change_reruns_only_compress_and_export(tiny_run):
@@ -155,8 +182,8 @@ def changed_stages(repo: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("edited, expected", [
-    ("mmpipe/modalities/audio.py", {"preprocess@audio", "clean", "train", "evaluate", "compress", "export"}),
-    ("mmpipe/models/fusion.py", {"train", "evaluate", "compress", "export"}),
+    ("mmpipe/modalities/audio.py", {"preprocess@audio", "clean", "pretrain", "train", "evaluate", "compress", "export"}),
+    ("mmpipe/models/fusion.py", {"pretrain", "train", "evaluate", "compress", "export"}),
     ("mmpipe/training/train.py", {"train", "compress"}),
 ])
 def test_an_edit_marks_only_the_stages_whose_code_it_is(tiny_run, edited, expected):

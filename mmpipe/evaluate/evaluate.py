@@ -23,6 +23,7 @@ from mmpipe.evaluate.metrics import area_under
 from mmpipe.features.loader import FeatureSet
 from mmpipe.io import iter_row_groups
 from mmpipe.modalities import MODALITIES
+from mmpipe.pretrain.align import split_retrieval
 from mmpipe.names import SAMPLES_DIR, STATE_FILE, available_key
 from mmpipe.timing import latency_ms
 from mmpipe.training.model_io import CONFIG_FILE, load_model, to_model_inputs
@@ -145,7 +146,7 @@ def forward_latency_ms(model: torch.nn.Module, tensors: dict, batch_size: int, r
 
 
 def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, split: str = "test",
-             progress=print) -> dict[str, Any]:
+             progress=print, aligned_dir: Path | None = None) -> dict[str, Any]:
     """All metrics of the evaluate stage. Returns ``{"metrics": ..., "tables": ...}``: stable-keyed
     metrics (metrics/eval.json) and the tables behind the plots and the report.
 
@@ -174,6 +175,13 @@ def evaluate(params, features_root: Path, clean_dir: Path, models_dir: Path, spl
     levels = [float(x) for x in params.noise_levels]
     metrics["robustness"], curves = robustness(fused, baselines, data, device, levels, params.seed, progress)
     metrics["efficiency"] = efficiency(fused, data, device, params.latency_runs)
+    if aligned_dir is not None:  # the pretrain stage's aligned embeddings: which recording matches this photo?
+        metrics["retrieval"] = split_retrieval(aligned_dir, features_root, split, device)
+        if metrics["retrieval"]["enabled"]:
+            r = metrics["retrieval"]
+            progress(f"evaluate: cross-modal retrieval on {r['rows']} {split} rows, mean over "
+                     f"{len(r['pairs'])} modality pairs: recall@1 {r['mean_recall@1']:.3f}, "
+                     f"recall@5 {r['mean_recall@5']:.3f}")
 
     tables = {key: report[key] for key in ("confusion", "predicted", "truth", "reliability", "per_tag") if key in report}
     tables |= {"target": fused.target.NAME, "headline": headline, "labels": data.labels,

@@ -250,6 +250,22 @@ def trust_section(metrics: dict, figures: dict, rel: str, show, name: str) -> li
     return lines
 
 
+def retrieval_section(retrieval: dict | None) -> list[str]:
+    """Cross-modal retrieval from the pretrain stage's aligned embeddings (nothing when it did not run)."""
+    if not retrieval or not retrieval.get("enabled"):
+        return []
+    lines = ["## Cross-modal retrieval", "",
+             f"From the embeddings the pretrain stage aligned ({retrieval['loss']}, no labels): each row's modality "
+             f"*a* as the query, the same split's rows' modality *b* as the gallery (rows that have both); the true "
+             f"match is the same row's *b*. Chance: k / rows.", "",
+             "| query -> gallery | rows | recall@1 | recall@5 | recall@10 | median rank | chance@5 |",
+             "|---|---|---|---|---|---|---|"]
+    for pair, r in retrieval["pairs"].items():
+        lines.append(f"| {pair.replace('->', ' -> ')} | {r['rows']:,} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | "
+                     f"{r['recall@10']:.3f} | {r['median_rank']:g} | {r['chance@5']:.3f} |")
+    return lines + [""]
+
+
 def report_markdown(metrics: dict, tables: dict, gates_failed: list[str], figures_dir: Path, link_prefix: str) -> str:
     """The markdown report; its figures are drawn into ``figures_dir`` and linked as ``link_prefix/<name>.png``."""
     figures = _figures(tables, figures_dir)
@@ -327,6 +343,7 @@ def report_markdown(metrics: dict, tables: dict, gates_failed: list[str], figure
                 lines.append(f"| {modality} | {corruption.replace('_', ' ')} | {c['relative']:.3f} | {base} |")
     lines += ["", *_target_sections(metrics, figures, rel)]
     lines += trust_section(metrics, figures, rel, show, name)
+    lines += retrieval_section(metrics.get("retrieval"))
     lines += [
         "## Efficiency",
         "",

@@ -86,6 +86,7 @@ class FeatureSet:
                 if labelled:
                     keep &= cells != UNLABELLED
                 self.rows = np.flatnonzero(keep).astype(np.int64)
+                self.unlabelled = int((cells[self.rows] == UNLABELLED).sum())  # rows without a target (pretrain)
                 self.sample_ids = ids[self.rows]
                 # (features from before targets were declared: one class per sample, the state's labels)
                 self.target: Target = target_of(self.state[m].get("target") or
@@ -111,6 +112,16 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def select(self, positions: np.ndarray) -> "FeatureSet":
+        """Keep only the samples at ``positions`` (e.g. a share of the labels: ``train.label_fraction``);
+        before ``place``."""
+        positions = np.asarray(positions, dtype=np.int64)
+        self.rows, self.sample_ids, self.available = self.rows[positions], self.sample_ids[positions], \
+            self.available[positions]
+        if self.labels is not None:
+            self.labels = self.labels[positions]
+        return self
 
     @property
     def label_names(self) -> list[str]:

@@ -59,14 +59,7 @@ class FusionModel(nn.Module):
         """(B, n_modalities, dim): each encoder's vector, whether the modality is available or not (``fuse``
         puts the placeholders in). A frozen backbone's cached output in the batch (``embedding.<m>``, see the
         loader) is projected directly."""
-        vectors = []
-        for m in self.modalities:
-            cached = batch.get(embedding_key(m))
-            if cached is not None:
-                vectors.append(self.encoders[m].project(cached.float()))
-            else:
-                vectors.append(self.encoders[m](*(batch[name] for name in self.arrays[m])))
-        return torch.stack(vectors, dim=1)
+        return torch.stack([encode_modality(self.encoders[m], self.arrays[m], batch, m) for m in self.modalities], dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw outputs (B, outputs): class logits, a standardised value, tag logits (the target's ``scores``
@@ -90,6 +83,15 @@ class FusionModel(nn.Module):
             padding = torch.cat([torch.zeros_like(available[:, :1]), ~available], dim=1)  # the class token is never masked
             fused = self.transformer(sequence, src_key_padding_mask=padding)[:, 0]
         return self.head(fused)
+
+
+def encode_modality(encoder: nn.Module, arrays: list[str], batch: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
+    """(B, dim): ``encoder`` on its modality's arrays in ``batch`` (names ``arrays``, in its order), or its
+    projection of the frozen backbone's output when the batch carries it cached (``embedding.<m>``)."""
+    cached = batch.get(embedding_key(modality))
+    if cached is not None:
+        return encoder.project(cached.float())
+    return encoder(*(batch[name] for name in arrays))
 
 
 def load_pretrained(model: nn.Module) -> dict[str, dict]:

@@ -17,7 +17,7 @@ from mmpipe.layout import EVAL_FIGURES, EVAL_PLOTS, EVAL_REPORT, METRICS
 # Stages in DAG order (preprocess@<modality> counts as "preprocess"): a stage that just finished
 # may read its own file and those of the stages before it, which are current; later stages'
 # files may still be from an earlier execution.
-ORDER = ["collect", "clean", "preprocess", "train", "evaluate", "compress", "export"]
+ORDER = ["collect", "clean", "preprocess", "pretrain", "train", "evaluate", "compress", "export"]
 
 # stage -> key patterns in its flattened metrics file (layout.METRICS); with each stage's own wall time
 # and peak memory (``process``, mmpipe.resources)
@@ -25,10 +25,12 @@ PROCESS = ["process.wall_s", "process.peak_rss_mb"]
 HEADLINE: dict[str, list[str]] = {
     "collect": ["samples", *PROCESS],
     "clean": ["kept", "rejected_samples", *PROCESS],
+    "pretrain": ["val_mean_recall@1", "val_mean_recall@5", "seconds", *PROCESS],
     # (each target's headline and companions: category accuracy/F1/ECE, number R²/RMSE/MAE, set micro-F1/mAP)
     "train": ["fusion.val_accuracy", "fusion.val_r2", "fusion.val_f1_micro", "fusion.seconds", *PROCESS],
     "evaluate": ["test.accuracy", "test.f1_macro", "test.ece", "test.r2", "test.rmse", "test.mae", "test.f1_micro",
-                 "test.map", "fusion_gain", "robustness.*.relative", *PROCESS],
+                 "test.map", "fusion_gain", "robustness.*.relative", "retrieval.mean_recall@1",
+                 "retrieval.mean_recall@5", *PROCESS],
     "compress": ["shipped.*", *PROCESS],
     "export": ["predictor_raw_test_accuracy", "predictor_raw_test_r2", "predictor_raw_test_f1_micro",
                "int8_vs_its_fp32_top1_agreement", "fp32_onnx_vs_pytorch_max_abs_logit_diff", "bundle_bytes", *PROCESS],

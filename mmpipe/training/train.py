@@ -25,22 +25,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mmpipe.device import resolve_device
+from mmpipe.device import resolve_device, seed_everything
 from mmpipe.errors import PipelineError
 from mmpipe.features.loader import FeatureSet
 from mmpipe.names import embedding_key, features_digest
 from mmpipe.targets import Target
 from mmpipe.training import distributed
 from mmpipe.models.fusion import drop_modalities, load_pretrained
+from mmpipe.pretrain.align import load_aligned_encoders
 from mmpipe.training.model_io import build_model, model_config, save_model, to_model_inputs
-
-
-def seed_everything(seed: int, device: torch.device) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+from mmpipe.training.optim import param_groups, warmup_cosine
 
 
 def rng_state(device: torch.device) -> dict:
@@ -115,15 +109,6 @@ class Progress:
             self.stalled += 1
 
 
-def warmup_cosine(warmup: int, total_steps: int) -> Callable[[int], float]:
-    """The learning-rate multiplier of each optimiser step: linear warm-up over ``warmup`` steps, then
-    half a cosine from 1 down to 0 at ``total_steps``."""
-    def multiplier(step: int) -> float:
-        ramp = min(1.0, (step + 1) / max(warmup, 1))
-        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total_steps - warmup, 1))))
-    return multiplier
-
-
 @dataclass
 class Optimisation:
     """Optimiser, warmup + cosine schedule, loss and mixed precision of one run."""
@@ -149,9 +134,10 @@ class Optimisation:
 def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path | None,
           checkpoint_dir: Path | None, on_epoch: Callable[[int, dict], None] | None = None,
           init_model: torch.nn.Module | None = None,
-          on_resume: Callable[[list[dict]], None] | None = None) -> dict[str, Any]:
+          on_resume: Callable[[list[dict]], None] | None = None, aligned: Path | None = None) -> dict[str, Any]:
     """Train one model on ``modalities``; write weights + config to ``out_dir`` (rank 0); return metrics.
 
+    ``aligned``: the pretrain stage's folder, whose aligned encoders a fresh model starts from (``model.init``).
     ``init_model`` fine-tunes that model instead of a fresh one (the compress stage, after pruning);
     it is then returned with its best weights as ``result["model"]``. ``checkpoint_dir`` None: no resume.
     ``on_epoch(epoch, row)`` follows each epoch trained now; ``on_resume(rows)`` receives the epochs a
@@ -171,15 +157,22 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     # A frozen backbone's output cached by preprocess (preprocess.<m>.embed) replaces its raw arrays.
     train_set = FeatureSet(features_root, split="train", embeddings=True)
     val_set = FeatureSet(features_root, split="val", embeddings=True)
+    if params.label_fraction < 1.0:  # fewer labels (the label-efficiency benchmark; pretrain still sees every row)
+        train_set.select(labelled_share(train_set, params.label_fraction, params.seed))
     placement = place_splits({"train": train_set, "val": val_set}, device, params.memory_budget_mb * 2**20)
 
     target = train_set.target  # what the model predicts: its head, loss and headline metric
     metric = f"val_{target.HEADLINE}"
     config = model_config(modalities, train_set.state, model_params.model_dump(), target)
-    model, pretrained = init_model, {}
+    model, pretrained, aligned_from = init_model, {}, None
     if model is None:  # a fresh model: local weight files into the backbones that have them
         model = build_model(config)
         pretrained = load_pretrained(model)
+        if aligned is not None:  # the pretrain stage's aligned encoders replace the fresh ones
+            aligned_from = load_aligned_encoders(model, aligned, modalities)
+            if world.is_main:
+                print(f"train[{'+'.join(modalities)}]: encoders from the aligned ones in {aligned} "
+                      f"({aligned_from['loss']} pretraining)")
         if world.is_main:
             for m, info in pretrained.items():
                 print(f"train[{'+'.join(modalities)}]: {m} encoder {info['arch']}: "
@@ -201,7 +194,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
 
     name = "+".join(modalities)
     checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root,
-                                 {m: info.get("sha256") for m, info in pretrained.items()})
+                                 {m: info.get("sha256") for m, info in pretrained.items()}
+                                 | ({"aligned": aligned_from["sha256"]} if aligned_from else {}))
     progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None, metric)
     if on_resume and world.is_main and progress.history:  # the epochs the killed run trained (its curves)
         on_resume(progress.history)
@@ -250,6 +244,10 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                    "data": placement}
         if pretrained:
             metrics["pretrained"] = pretrained
+        if aligned_from:
+            metrics["init"] = {"aligned": aligned_from}
+        if params.label_fraction < 1.0:
+            metrics["labelled_rows"] = len(train_set)
         if tuned:  # (set: per-tag thresholds) kept in the model's config; the headline above is at 0.5
             metrics["tuned_on_val"] = tuned
             metrics[f"{metric}_tuned"] = target.fitted({**target.state, **tuned}).headline(val_scores, val_set.labels)
@@ -263,6 +261,18 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         model.load_state_dict(progress.best["state"])
         result["model"] = model.cpu().eval()
     return result
+
+
+def labelled_share(data: FeatureSet, fraction: float, seed: int) -> np.ndarray:
+    """The positions of a seeded ``fraction`` of ``data``'s labelled rows: for a category target, that share of
+    each class (at least one row each), else of all rows."""
+    rng = np.random.default_rng(seed)
+    labels = data.labels
+    if labels.ndim == 1 and labels.dtype.kind in "iu":  # classes
+        picked = [rng.permutation(np.flatnonzero(labels == c))[:max(1, round(fraction * np.sum(labels == c)))]
+                  for c in np.unique(labels)]
+        return np.sort(np.concatenate(picked))
+    return np.sort(rng.permutation(len(labels))[:max(1, round(fraction * len(labels)))])
 
 
 def check_cached_embeddings(model: torch.nn.Module, data: FeatureSet, modalities: list[str],
@@ -302,20 +312,6 @@ def check_cached_embeddings(model: torch.nn.Module, data: FeatureSet, modalities
                                 f"re-run preprocess@{m}")
         checked.append(m)
     return checked
-
-
-def param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
-    """AdamW parameter groups: everything at ``lr``, except the parameters of modules that carry an
-    ``lr_scale`` (pretrained backbones) at ``lr * lr_scale``. One group when no module does."""
-    scale_of: dict[int, float] = {}
-    for module in model.modules():
-        scale = getattr(module, "lr_scale", None)
-        if scale is not None:
-            scale_of.update({id(p): float(scale) for p in module.parameters()})
-    scales = sorted({*scale_of.values()} - {1.0}, reverse=True)
-    groups = [{"params": [p for p in model.parameters() if scale_of.get(id(p), 1.0) == 1.0], "lr": lr}]
-    groups += [{"params": [p for p in model.parameters() if scale_of.get(id(p)) == s], "lr": lr * s} for s in scales]
-    return groups
 
 
 def place_splits(splits: dict[str, FeatureSet], device: torch.device, budget_bytes: int) -> dict[str, str]:
