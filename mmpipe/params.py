@@ -232,6 +232,30 @@ class Quantize(Strict):
     dynamic: bool = False  # also the int8_dynamic variant (MatMul + Gather weights; transformers)
 
 
+class Distill(Strict):
+    """compress.distill: a smaller student trained on the fusion model's outputs (mmpipe.training.distill)."""
+    enabled: bool = False
+    width_scale: Literal["auto"] | float = "auto"
+    max_macs_share: float = Field(0.25, gt=0.0, le=1.0)
+    temperature: float = Field(2.0, gt=0.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0)
+    epochs: int = Field(40, ge=1, le=10_000)
+    patience: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    modality_dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    robustness_levels: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Distill":
+        if self.width_scale != "auto" and not 0.0 < self.width_scale <= 1.0:
+            raise ValueError(f"width_scale must be auto or within (0, 1] (got {self.width_scale})")
+        levels = self.robustness_levels
+        if any(not 0.0 <= x <= 1.0 for x in levels) or levels != sorted(set(levels)):
+            raise ValueError(f"robustness_levels must be increasing, distinct, within 0..1 (got {levels})")
+        return self
+
+
 class CompressParams(Strict):
     seed: int = Field(0, ge=0)
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
@@ -240,6 +264,7 @@ class CompressParams(Strict):
     latency_runs: int = Field(50, ge=5, le=100_000)
     prune: Prune = Prune()
     quantize: Quantize = Quantize()
+    distill: Distill = Distill()
 
 
 class DriftMonitor(Strict):

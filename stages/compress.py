@@ -1,16 +1,16 @@
-"""compress: models/fusion -> artifacts/compressed/ (fp32, pruned, int8 ONNX + the chosen model.onnx)
-and metrics/compress.json (the target's headline metric, size, MACs, sparsity, latency of each variant; the
-choice)."""
+"""compress: models/fusion -> artifacts/compressed/ (fp32, pruned, int8 ONNX, with compress.distill the student
+and student_int8, + the chosen model.onnx) and metrics/compress.json (the target's headline metric, size, MACs,
+sparsity, latency of each variant; the student's retention per modality subset and robustness; the choice)."""
 
 
 from mmpipe import layout, params, tracking
-from mmpipe.layout import COMPRESSED, FEATURES, FUSION
+from mmpipe.layout import CLEAN, COMPRESSED, FEATURES, FUSION
 from mmpipe.compress.compress import compress
 from mmpipe.io import atomic_dir, scratch
 from mmpipe.stage import run_stage
 
 METRICS = layout.METRICS["compress"]
-CHAIN = ["fp32", "pruned", "int8", "int8_dynamic"]  # the variants in the order they are made
+CHAIN = ["fp32", "pruned", "int8", "int8_dynamic", "student", "student_int8"]  # the variants in the order they are made
 VARIANT_CURVES = ["file_bytes", "macs_per_sample", "sparsity", "latency_ms"]  # after val_/test_<headline>
 
 
@@ -19,12 +19,12 @@ def main() -> None:
     with tracking.stage_run("compress", cfg) as run, tracking.curves(run, layout.COMPRESS_LIVE) as curves:
         steps = {}
 
-        def log(name: str, row: dict) -> None:  # fine-tuning epochs and int8 trials: MLflow + DVCLive curves
+        def log(name: str, row: dict) -> None:  # fine-tuning and distillation epochs, int8 trials: MLflow + DVCLive
             steps[name] = steps.get(name, -1) + 1
             curves.log(name, steps[name], row)
 
         with atomic_dir(COMPRESSED) as out, scratch(COMPRESSED):  # ONNX Runtime's temporary files beside the output
-            metrics = compress(cfg, FEATURES, FUSION, out, log)
+            metrics = compress(cfg, FEATURES, FUSION, out, log, clean_dir=CLEAN)
         chain = sorted(metrics["variants"], key=lambda v: CHAIN.index(v) if v in CHAIN else len(CHAIN))
         h = metrics["headline"]
         for step, name in enumerate(chain):  # always one step at least (fp32): dvc.yaml declares the files

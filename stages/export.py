@@ -27,7 +27,7 @@ def main() -> None:
             compress_metrics = json.loads(layout.METRICS["compress"].read_text())
             checks, example = export(cfg, out, layout.COMPRESSED, layout.FUSION, layout.FEATURES, layout.RAW,
                                      layout.CLEAN, eval_metrics, compress_metrics, redact(params.load("data").source),
-                                     params.load("evaluate").calibration)
+                                     params.load("evaluate").calibration, layout.PRETRAINED)
             h = checks["headline"]  # the target's headline metric: accuracy, r2, f1_micro
             failed = failed_checks(checks, cfg)
             if failed:  # keep the metrics so the user sees why; no bundle

@@ -233,8 +233,22 @@ def tiny_model(tiny_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bundle(tiny_corpus, tiny_model, tmp_path_factory) -> dict:
-    """The deployment bundle of the tiny model: evaluate -> compress (pruned + int8) -> export, in-process."""
+def tiny_aligned(tiny_corpus, tmp_path_factory) -> Path:
+    """The pretrain stage's output on the tiny corpus (two epochs): aligned encoders the bundle ships as embed.onnx."""
+    from mmpipe.pretrain.align import pretrain
+
+    out = tmp_path_factory.mktemp("tiny_aligned")
+    small = params.ModelParams(dim=16, encoders={"image": {"width": 8}, "text": {"embed_dim": 8, "width": 16},
+                                                 "audio": {"width": 8}, "tabular": {"width": 16}})
+    pretrain(params.PretrainParams(enabled=True, epochs=2, batch_size=32, device="cpu"), small,
+             tiny_corpus / "features", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_corpus, tiny_model, tiny_aligned, tmp_path_factory) -> dict:
+    """The deployment bundle of the tiny model: evaluate -> compress (pruned + int8) -> export, in-process (with
+    the aligned embeddings of ``tiny_aligned``)."""
     from mmpipe.compress.compress import compress
     from mmpipe.deploy.export import export
     from mmpipe.evaluate.evaluate import evaluate
@@ -250,14 +264,15 @@ def bundle(tiny_corpus, tiny_model, tmp_path_factory) -> dict:
     compress_metrics = compress(compress_cfg, tiny_corpus / "features", tiny_model, root / "compressed",
                                 progress=lambda line: None)
     checks, _ = export(params.ExportParams(), root / "deploy", root / "compressed", tiny_model, tiny_corpus / "features",
-                       tiny_corpus / "raw", tiny_corpus / "clean", eval_metrics, compress_metrics)
+                       tiny_corpus / "raw", tiny_corpus / "clean", eval_metrics, compress_metrics,
+                       aligned_dir=tiny_aligned)
     return {"folder": root / "deploy", "checks": checks, "eval": eval_metrics, "compress": compress_metrics}
 
 
 # The fast subset (`make test-fast`, CI on pull requests: `pytest -m "not slow"`) leaves out what runs a
 # pipeline or trains: every test that uses one of these fixtures, every benchmark smoke run, and the
 # tests marked slow by hand (a worker pool killed on purpose, a manifest of a million rows).
-SLOW_FIXTURES = {"repo", "tiny_run", "tiny_model", "bundle", "trained", "workspace"}
+SLOW_FIXTURES = {"repo", "tiny_run", "tiny_model", "tiny_aligned", "aligned", "bundle", "trained", "workspace"}
 SLOW_FILES = {"test_bench.py"}
 
 

@@ -11,8 +11,11 @@ from mmpipe import params
 from mmpipe.compress import prune, quantize
 from mmpipe.compress.compress import CHOSEN_FILE, compress
 from mmpipe.compress.onnx_model import export_onnx, input_dtypes, onnx_feeds, run_logits, session
-from mmpipe.features.loader import FeatureSet
+from mmpipe.features.loader import FeatureSet, feature_modalities
+from mmpipe.errors import PipelineError
+from mmpipe.training.distill import random_patterns, student_config
 from mmpipe.training.model_io import load_model, to_model_inputs
+from mmpipe.trust import calibration
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model):
@@ -150,7 +153,7 @@ def test_compress_measures_every_variant_and_chooses_within_budget(tiny_corpus, 
     assert chosen == min((n for n in variants if variants["fp32"]["val_accuracy"] - variants[n]["val_accuracy"] <= 0.05),
                          key=lambda n: variants[n]["file_bytes"])  # prefer: size
     assert (tmp_path / CHOSEN_FILE).read_bytes() == (tmp_path / f"{chosen}.onnx").read_bytes()
-    assert not (tmp_path / ".prepared.onnx").exists()
+    assert not list(tmp_path.glob(".prepared*"))
 
 
 def test_dynamic_int8_is_a_measured_variant_and_a_broken_one_is_left_out(tiny_corpus, model_dir, tmp_path, monkeypatch):
@@ -180,3 +183,83 @@ def test_dynamic_int8_is_a_measured_variant_and_a_broken_one_is_left_out(tiny_co
     assert "int8_dynamic" not in result["variants"] and result["chosen"] == "fp32"
     assert "int8_dynamic" in result["failed_variants"] and not (tmp_path / "broken" / "int8_dynamic.onnx").exists()
     assert any(line.startswith("compress[int8_dynamic]: left out, ONNX Runtime cannot run it") for line in lines)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_corpus, tmp_path_factory):
+    """A teacher twice tiny_model's widths (half of them is then about a quarter of its MACs), trained 2 epochs."""
+    from mmpipe.training.train import train
+    out = tmp_path_factory.mktemp("teacher") / "fusion"
+    wide = params.ModelParams(dim=32, hidden=64, encoders={
+        "image": {"width": 16}, "text": {"embed_dim": 16, "width": 32}, "audio": {"width": 16}, "tabular": {"width": 32}})
+    train(params.TrainParams(epochs=2, batch_size=32, device="cpu"), wide, tiny_corpus / "features",
+          list(feature_modalities(tiny_corpus / "features")), out, None)
+    return out
+
+
+def test_distilled_student_is_a_quarter_of_the_macs_and_is_measured_per_modality_subset(tiny_corpus, teacher_dir,
+                                                                                        tmp_path):
+    """compress.distill: the student (half the widths) is at most 25 % of the teacher's MACs, is trained (its
+    epochs logged), exported and int8'd like the other variants, and every modality subset's test accuracy and
+    each modality's robustness AUC are reported for teacher and student."""
+    cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.2, "prune": {"method": "none"},
+                                       "quantize": {"calibration_samples": 64, "layers": "all"},
+                                       "distill": {"enabled": True, "epochs": 3, "batch_size": 32,
+                                                   "robustness_levels": [0.0, 1.0]}})
+    logged = []
+    result = compress(cfg, tiny_corpus / "features", teacher_dir, tmp_path, log=lambda name, row: logged.append(name),
+                      progress=lambda line: None, clean_dir=tiny_corpus / "clean")
+    variants, distill = result["variants"], result["distill"]
+    assert {"student", "student_int8"} <= set(variants) and variants["student_int8"]["from"] == "student"
+    assert variants["student"]["macs_per_sample"] <= 0.25 * variants["fp32"]["macs_per_sample"]
+    assert distill["macs_share"] == pytest.approx(variants["student"]["macs_per_sample"]
+                                                  / variants["fp32"]["macs_per_sample"], abs=1e-3)
+    assert variants["student_int8"]["file_bytes"] < variants["student"]["file_bytes"] < variants["fp32"]["file_bytes"]
+    assert logged.count("distill") == distill["epochs_run"] == 3
+    teacher = load_model(teacher_dir)
+    assert distill["model"]["dim"] % teacher.config["model"]["attention_heads"] == 0 and distill["model"]["dim"] < 32
+    assert set(distill["retention"]) == {"+".join(s) for s in calibration.subsets(teacher.modalities)}
+    everything = distill["retention"]["+".join(teacher.modalities)]
+    assert everything["teacher"] == pytest.approx(variants["fp32"]["test_accuracy"], abs=1e-6)
+    assert everything["student"] == pytest.approx(variants["student"]["test_accuracy"], abs=1e-6)
+    assert everything["student_int8"] == pytest.approx(variants["student_int8"]["test_accuracy"], abs=1e-6)
+    assert set(distill["robustness"]) == set(teacher.modalities)
+    assert all(0.0 <= r[w] <= 1.0 for r in distill["robustness"].values() for w in ("teacher", "student"))
+    assert (tmp_path / CHOSEN_FILE).read_bytes() == (tmp_path / f"{result['chosen']}.onnx").read_bytes()
+
+
+def test_a_student_over_the_macs_share_or_of_a_pretrained_backbone_is_refused_in_one_line(tiny_corpus, model_dir,
+                                                                                          tmp_path):
+    cfg = params.validate("compress", {"latency_runs": 5, "prune": {"method": "none"}, "quantize": {"enabled": False},
+                                       "distill": {"enabled": True, "width_scale": 0.9}})
+    with pytest.raises(PipelineError, match=r"width_scale 0.9 has \d+% of the teacher's MACs, above max_macs_share"):
+        compress(cfg, tiny_corpus / "features", model_dir, tmp_path, progress=lambda line: None,
+                 clean_dir=tiny_corpus / "clean")
+    config = load_model(model_dir).config
+    config["model"]["encoders"]["image"]["arch"] = "resnet18"
+    with pytest.raises(PipelineError, match="model.encoders.image.arch is resnet18: the student scales small_cnn"):
+        student_config(config, 0.5)
+
+
+def test_random_patterns_keep_a_non_empty_subset_of_each_rows_modalities():
+    available = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]] * 500, dtype=torch.bool)
+    pattern = random_patterns(available, torch.Generator().manual_seed(0))
+    assert not (pattern & ~available).any()  # never a modality the row lacks
+    assert (pattern.any(dim=1) == available.any(dim=1)).all()  # non-empty wherever the row has something
+    full = pattern[0::4]
+    assert (full.sum(dim=1) == 1).float().mean() > 0.2  # single modalities are taught often
+    assert len({tuple(row.tolist()) for row in full}) == 15  # every non-empty subset occurs
+
+
+@pytest.mark.parametrize("kind", ["category", "number", "set"])
+def test_distillation_loss_is_least_where_the_student_says_what_the_teacher_says(kind):
+    from mmpipe.targets import target_of
+    spec = {"category": {"type": "category", "state": {"labels": ["a", "b", "c"]}},
+            "number": {"type": "number", "state": {"mean": 0.0, "std": 1.0}},
+            "set": {"type": "set", "state": {"tags": ["a", "b", "c"], "pos_weight": [1.0] * 3, "thresholds": [0.5] * 3}}}
+    target = target_of(spec[kind])
+    teacher = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    student = teacher.clone().requires_grad_(True)
+    target.distill_loss(student, teacher, 2.0).backward()
+    assert student.grad.abs().max() < 1e-6  # a minimum where the outputs agree
+    assert target.distill_loss(teacher + torch.randn_like(teacher), teacher, 2.0) > target.distill_loss(teacher, teacher, 2.0)

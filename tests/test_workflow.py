@@ -442,8 +442,12 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
     run = dvc(repo, "repro")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     # each preprocess@<m> depends on its own weights/<m>/ (and params): tabular has neither changed
-    assert ran_stages(run) == ["source", "preprocess@image", "preprocess@text", "preprocess@audio",
+    assert ran_stages(run) == ["source", "preprocess@image", "preprocess@text", "preprocess@audio", "pretrain",
                                "train", "evaluate", "compress", "export", "summary"]
+    # the alignment starts from the same local backbones (frozen blocks kept) and the cached audio embeddings
+    aligned = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert aligned["pretrained_backbones"]["image"]["frozen_blocks"] == 2
+    assert aligned["pretrained_backbones"]["audio"]["frozen_blocks"] == 10
     assert "text encoder bert: weights weights/text/tiny-bert, 1 of 3 blocks frozen" in run.stdout
     assert "image encoder resnet18: weights weights/image/resnet18.pth, 2 of 10 blocks frozen" in run.stdout
     assert "audio encoder wav2vec2_model: weights weights/audio/wav2vec2_tiny.pth, 10 of 10 blocks frozen" in run.stdout

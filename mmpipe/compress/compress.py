@@ -26,11 +26,15 @@ import torch
 
 from mmpipe.compress import prune, quantize
 from mmpipe.compress.onnx_model import export_onnx, onnx_feeds, run_logits, session
+from mmpipe.errors import PipelineError
+from mmpipe.evaluate.evaluate import SplitInputs, robustness, subset_outputs
 from mmpipe.features.loader import FeatureSet
 from mmpipe.params import ModelParams, TrainParams
 from mmpipe.timing import latency_ms
-from mmpipe.training.model_io import load_model, to_model_inputs
+from mmpipe.training.distill import Teacher, student_config
+from mmpipe.training.model_io import build_model, load_model, only_available, to_model_inputs
 from mmpipe.training.train import train
+from mmpipe.trust import calibration
 
 CHOSEN_FILE = "model.onnx"
 # quantize.layers: not_slower keeps a layer in fp32 when int8 costs more than 2 % of the batch time; layers
@@ -109,11 +113,14 @@ def describe(path: Path, model: torch.nn.Module, data: CompressInputs, threads: 
 
 
 def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
-             log: Callable[[str, dict], None] = lambda name, row: None, progress=print) -> dict[str, Any]:
+             log: Callable[[str, dict], None] = lambda name, row: None, progress=print,
+             clean_dir: Path | None = None) -> dict[str, Any]:
     """Write the variants (``<name>.onnx``) and the chosen one (``model.onnx``) to ``out_dir``; return metrics.
 
     Steps: fp32 export -> pruning + fine-tuning (optional; kept as int8's base when within budget) ->
-    int8 within the accuracy budget (optional) -> choice among the variants that fit -> headline figures.
+    int8 within the accuracy budget (optional) -> distilled student and its int8 form (optional) -> choice
+    among the variants that fit -> headline figures. ``clean_dir``: the clean data (the student's robustness
+    sweep recomputes corrupted features from it; needed with ``distill.enabled``).
     """
     torch.manual_seed(params.seed)
     if params.threads:
@@ -135,6 +142,9 @@ def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
         quantized(base, variants, out_dir, params, log, progress)
     if params.quantize.dynamic:
         dynamic_quantized(base, variants, out_dir, progress)
+    distilled = None
+    if params.distill.enabled:
+        distilled = distilled_student(model, variants, features_root, clean_dir, out_dir, params, log, progress)
 
     chosen = choose(variants, params.prefer)
     shutil.copyfile(out_dir / f"{chosen}.onnx", out_dir / CHOSEN_FILE)
@@ -143,6 +153,7 @@ def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
             "chosen": chosen, "prefer": params.prefer, "base_for_int8": base,
             "pytorch_fp32_latency_ms": eager_latency(model, data.example, params.latency_runs),
             "threads": params.threads, "max_accuracy_drop": params.max_accuracy_drop,
+            **({"distill": distilled} if distilled else {}),
             **({"failed_variants": variants.failed} if variants.failed else {})}
 
 
@@ -164,14 +175,14 @@ def pruned_model(model: torch.nn.Module, params, features_root: Path, example: d
     return pruned
 
 
-def quantized(base: str, variants: Variants, out_dir: Path, params, log, progress) -> None:
-    """Add the int8 variant of ``base`` when one fits the accuracy budget.
+def quantized(base: str, variants: Variants, out_dir: Path, params, log, progress, name: str = "int8") -> None:
+    """Add the int8 variant of ``base`` (named ``name``) when one fits the accuracy budget.
 
     ``quantize.layers: not_slower`` first probes each layer's int8 latency alone and keeps the slower ones
     in fp32; then nodes are excluded from int8 (most damaging first) until the budget holds.
     """
     data = variants.data
-    prepared = out_dir / ".prepared.onnx"
+    prepared = out_dir / f".prepared_{name}.onnx"
     quantize.prepare(out_dir / f"{base}.onnx", prepared)
     logits_of = lambda path: run_logits(session(path), data.feeds["val"])  # noqa: E731
     accuracy_of = lambda path: data.score(logits_of(path), "val")  # noqa: E731
@@ -181,18 +192,18 @@ def quantized(base: str, variants: Variants, out_dir: Path, params, log, progres
         time_of = lambda path: _latency(session(path, params.threads), batch_32, params.latency_runs)["p50"]  # noqa: E731
         gains = quantize.latency_gains(prepared, data.calibration, params.quantize.calibration, time_of)
         for step, (node, saved) in enumerate(gains):
-            log("int8_latency_probe", {"saved_share": saved, "step": step})
-            progress(f"compress[int8 probe]: {node} alone saves {saved:+.1%} of the batch-32 time")
+            log(f"{name}_latency_probe", {"saved_share": saved, "step": step})
+            progress(f"compress[{name} probe]: {node} alone saves {saved:+.1%} of the batch-32 time")
         candidates = [node for node, saved in gains if saved >= -MAX_INT8_SLOWDOWN]
         slower = [node for node, saved in gains if saved < -MAX_INT8_SLOWDOWN]
     reference = variants.rows["fp32"][data.val_key]
     trial = quantize.quantize_within_budget(
-        prepared, out_dir / "int8.onnx", data.calibration, params.quantize.calibration, accuracy_of, logits_of,
-        reference, params.max_accuracy_drop, lambda row: log("int8_trial", row), candidates)
+        prepared, out_dir / f"{name}.onnx", data.calibration, params.quantize.calibration, accuracy_of, logits_of,
+        reference, params.max_accuracy_drop, lambda row: log(f"{name}_trial", row), candidates)
     prepared.unlink()
     if trial is not None:
-        variants.add("int8", variants.models[base], out_dir / "int8.onnx")
-        variants.rows["int8"] |= {"from": base, "layers": params.quantize.layers,
+        variants.add(name, variants.models[base], out_dir / f"{name}.onnx")
+        variants.rows[name] |= {"from": base, "layers": params.quantize.layers,
                                   "fp32_nodes": trial["excluded"], "fp32_nodes_slower_in_int8": slower,
                                   "time_saved_alone": dict(gains)}
 
@@ -213,6 +224,88 @@ def dynamic_quantized(base: str, variants: Variants, out_dir: Path, progress) ->
         path.unlink()
         return
     variants.rows["int8_dynamic"] |= {"from": base}
+
+
+def distilled_student(teacher: torch.nn.Module, variants: Variants, features_root: Path, clean_dir: Path,
+                      out_dir: Path, params, log, progress) -> dict[str, Any]:
+    """Add the ``student`` variant (a smaller model trained on the teacher's outputs under every availability
+    pattern: mmpipe.training.distill) and its int8 form (``student_int8``), each judged by the same accuracy
+    budget; return the distillation's figures: the student's share of the teacher's MACs, its accuracy
+    retention on the test split for every modality subset (PyTorch student, int8 student in ONNX Runtime) and
+    both models' robustness AUCs under evaluate's corruptions at ``distill.robustness_levels``."""
+    cfg, data = params.distill, variants.data
+    scale, config, student, share = student_within_share(teacher, data.example, cfg)
+    progress(f"compress[student]: widths x{scale}, {share:.1%} of the teacher's MACs, distilling at temperature "
+             f"{cfg.temperature}")
+    tuning = TrainParams(seed=params.seed, device="auto", epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                         patience=cfg.patience, modality_dropout=cfg.modality_dropout, threads=params.threads)
+    result = train(tuning, ModelParams(**config["model"]), features_root, teacher.modalities, None, None,
+                   on_epoch=lambda epoch, row: log("distill", row), init_model=student,
+                   teacher=Teacher(teacher, cfg.temperature, cfg.alpha))
+    teacher.cpu()
+    student = variants.models["student"] = result["model"]
+    export_onnx(student, data.feeds["val"], out_dir / "student.onnx")
+    variants.add("student", student, out_dir / "student.onnx")
+    if params.quantize.enabled:
+        quantized("student", variants, out_dir, params, log, progress, name="student_int8")
+    test = FeatureSet(features_root, split="test")
+    tensors = test.get(np.arange(len(test)))
+    return {"width_scale": scale, "temperature": cfg.temperature, "alpha": cfg.alpha,
+            "model": config["model"], "macs_share": round(share, 4),
+            "epochs_run": result["metrics"]["epochs_run"], "best_epoch": result["metrics"]["best_epoch"],
+            "seconds": result["metrics"]["seconds"],
+            "retention": subset_retention(teacher, student, out_dir / "student_int8.onnx", tensors, test.labels),
+            "robustness": robustness_of(teacher, student, features_root, clean_dir, cfg.robustness_levels, params.seed)}
+
+
+def student_within_share(teacher: torch.nn.Module, example: dict, cfg) -> tuple[float, dict, torch.nn.Module, float]:
+    """(width scale, config, fresh model, MACs share) of the student: at ``distill.width_scale``, or with ``auto``
+    the widest of 0.5, 0.45, ... 0.2 within ``max_macs_share`` of the teacher's MACs per sample (layers fed by
+    the fixed-size inputs shrink linearly, not quadratically, so half the widths is not always a quarter)."""
+    per_sample = lambda m: prune.macs(m, example) / len(example["label"])  # noqa: E731
+    teacher_macs = per_sample(teacher)
+    scales = [cfg.width_scale] if cfg.width_scale != "auto" else [0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+    for scale in scales:
+        config = student_config(teacher.config, scale)
+        student = build_model(config)
+        student.target = teacher.target  # judged like the teacher (a tag set: at the teacher's thresholds)
+        share = per_sample(student) / teacher_macs
+        if share <= cfg.max_macs_share:
+            return scale, config, student, share
+    raise PipelineError(f"compress.distill: a student at width_scale {scale} has {share:.0%} of the teacher's MACs, "
+                        f"above max_macs_share {cfg.max_macs_share}: lower width_scale or raise max_macs_share")
+
+
+def subset_retention(teacher: torch.nn.Module, student: torch.nn.Module, student_int8: Path, tensors: dict,
+                     labels: np.ndarray) -> dict[str, dict]:
+    """Per non-empty subset of the modalities ("image+audio"): the test headline metric of the teacher, the
+    student and (when it was written) the int8 student with only that subset available, and the differences."""
+    cpu = torch.device("cpu")
+    outputs = {"teacher": subset_outputs(teacher, tensors, cpu), "student": subset_outputs(student, tensors, cpu)}
+    sess = session(student_int8) if student_int8.exists() else None
+    target, rows = teacher.target, {}
+    for subset in calibration.subsets(teacher.modalities):
+        row = {who: target.headline(target.scores(torch.from_numpy(out[subset])).numpy(), labels)
+               for who, out in outputs.items()}
+        if sess is not None:
+            feeds = onnx_feeds(only_available(tensors, teacher.modalities, subset), teacher)
+            row["student_int8"] = target.headline(target.scores(torch.from_numpy(run_logits(sess, feeds))).numpy(),
+                                                  labels)
+        rows["+".join(subset)] = row | {f"{who}_minus_teacher": round(row[who] - row["teacher"], 4)
+                                        for who in ("student", "student_int8") if who in row}
+    return rows
+
+
+def robustness_of(teacher: torch.nn.Module, student: torch.nn.Module, features_root: Path, clean_dir: Path,
+                  levels: list[float], seed: int) -> dict[str, dict]:
+    """Relative robustness (area under headline vs corruption level, evaluate's corruptions) of teacher and
+    student, per modality. evaluate's sweep puts the same corrupted inputs to the fused model and a modality's
+    baseline: here the student stands in every modality's baseline place."""
+    data = SplitInputs(features_root, clean_dir, "test")
+    metrics, _ = robustness(teacher, {m: student for m in teacher.modalities}, data, torch.device("cpu"), levels,
+                            seed, progress=lambda line: None)
+    return {m: {"teacher": round(r["relative"], 4), "student": round(r["baseline_relative"], 4)}
+            for m, r in metrics.items()}
 
 
 def choose(variants: Variants, prefer: str) -> str:

@@ -49,21 +49,24 @@ def onnx_feeds(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, np
     return {name: inputs[name].numpy().astype(dtype, copy=False) for name, dtype in input_dtypes(model).items()}
 
 
-def export_onnx(model: nn.Module, example: dict[str, np.ndarray], path: Path) -> None:
-    """Export ``model`` (eval mode, CPU) to one self-contained ONNX file with a dynamic batch axis."""
-    wrapper = TensorArgsModel(model.cpu()).eval()
+def export_onnx(model: nn.Module, example: dict[str, np.ndarray], path: Path, wrapper: nn.Module | None = None,
+                output: str = "logits") -> None:
+    """Export ``model`` (eval mode, CPU) to one self-contained ONNX file with a dynamic batch axis. ``wrapper``:
+    a module taking the inputs positionally (its ``names``; default: the fusion model's contract), ``output``:
+    the graph output's name."""
+    wrapper = (wrapper or TensorArgsModel(model.cpu())).cpu().eval()
     args = tuple(torch.from_numpy(example[name]) for name in wrapper.names)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     try:
         torch.onnx.export(wrapper, args, str(path), dynamo=True, external_data=False, optimize=True,
-                          verbose=False, input_names=wrapper.names, output_names=["logits"],
+                          verbose=False, input_names=wrapper.names, output_names=[output],
                           dynamic_shapes=(tuple({0: batch} for _ in args),))
     except torch.onnx.OnnxExporterError:
         # torch.export cannot decompose some backbones (torchaudio's WavLM attention views a transposed
         # tensor): the TorchScript exporter traces them; export's parity check verifies the graph either way
         path.unlink(missing_ok=True)
         torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=18, input_names=wrapper.names,
-                          output_names=["logits"], dynamic_axes={name: {0: "batch"} for name in [*wrapper.names, "logits"]})
+                          output_names=[output], dynamic_axes={name: {0: "batch"} for name in [*wrapper.names, output]})
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:

@@ -25,7 +25,8 @@ PACKAGE = Path(__file__).resolve().parents[1]
 # the predictor and the helpers every modality's input class may import (see modalities/inputs.py)
 SHIPPED_CODE = [PACKAGE / "deploy" / "predict.py", PACKAGE / "modalities" / "portable.py",
                 PACKAGE / "modalities" / "logmel.py", PACKAGE / "modalities" / "tokenizer.py",
-                PACKAGE / "trust" / "attribution.py", PACKAGE / "trust" / "drift.py"]  # --explain, --monitor
+                PACKAGE / "trust" / "attribution.py", PACKAGE / "trust" / "drift.py",  # --explain, --monitor
+                PACKAGE / "pretrain" / "retrieval.py"]  # --search
 # preprocess's bookkeeping, and what lives inside the model (normalisation): not the predictor's business
 NOT_SHIPPED_STATE = ("modality", "samples", "shard_rows", "shards", "labels", "mean", "std", "stats_of", "model_config",
                      "embedding", "target")

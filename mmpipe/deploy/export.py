@@ -17,6 +17,7 @@ import numpy as np
 from mmpipe.compress.onnx_model import onnx_feeds, run_logits, session
 from mmpipe.deploy import bundle
 from mmpipe.deploy.card import model_card, verification_lines
+from mmpipe.deploy.embeddings import raw_file_agreement, ship_embeddings
 from mmpipe.deploy.verify import conversion_parity, load_predictor, raw_test_items, verify
 from mmpipe.errors import PipelineError
 from mmpipe.evaluate.evaluate import available_matrix
@@ -33,10 +34,12 @@ if TYPE_CHECKING:
 
 def export(params, out: Path, compressed: Path, model_dir: Path, features_root: Path, raw_dir: Path,
            clean_dir: Path, eval_metrics: dict, compress_metrics: dict,
-           source: str | None = None, calibration_cfg=None) -> tuple[dict[str, Any], "pd.DataFrame"]:
+           source: str | None = None, calibration_cfg=None,
+           aligned_dir: Path | None = None) -> tuple[dict[str, Any], "pd.DataFrame"]:
     """Build and verify the bundle in ``out``. Returns the checks (metrics/export.json) and an input
     example for the MLflow model (a raw test sample). ``source``: data.source (credentials redacted), the
-    model card's dataset; ``calibration_cfg``: evaluate.calibration (None: its defaults)."""
+    model card's dataset; ``calibration_cfg``: evaluate.calibration (None: its defaults); ``aligned_dir``: the
+    pretrain stage's folder (its aligned encoders ship as embed.onnx: predict.py --embed / --search)."""
     calibration_cfg = calibration_cfg or Calibration()
     dataset = json.loads((clean_dir / DATASET_FILE).read_text())
     chosen = compress_metrics["chosen"]
@@ -51,6 +54,9 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     commit = git_commit()
     manifest = bundle.build(out, compressed, chosen, features_root, dataset, modalities,
                             None if commit == "unknown" else commit, serving, model.target.describe())
+    embedded = ship_embeddings(out, aligned_dir, model, test, params.parity_samples)  # when pretrain ran
+    if embedded["shipped"]:
+        manifest["embed"] = embedded.pop("manifest")
     # how far to trust each model of the bundle: its own calibration, on the validation split (its predictor applies it)
     for which, fitted in calibrate_bundle(out, manifest, model, features_root, calibration_cfg).items():
         manifest["models"][which]["calibration"] = fitted
@@ -66,6 +72,9 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     checks = verify(out, model, test, items, params.parity_samples, compressed / f"{base}.onnx" if base else None,
                     params.predict_batch_size)
     checks["conversion_parity"] = conversion_parity(out, predictor, features_root, dataset, model, test, items)
+    if embedded["shipped"]:  # the bundle's embeddings of raw files vs the pipeline's of their features
+        embedded |= raw_file_agreement(predictor, model, test, items, params.parity_samples)
+    checks["embed"] = embedded
     h = model.target.HEADLINE  # accuracy, r2, f1_micro: every figure below is in it
     checks |= {f"evaluate_test_{h}": eval_metrics["test"][h],
                f"compress_test_{h}_shipped": compress_metrics["variants"][chosen][f"test_{h}"],

@@ -14,6 +14,10 @@ the model (manifest.json: modalities; ``--help`` lists them): a file, a text, or
     python predict.py ... --explain               # each modality's Shapley contribution to the answer
     python predict.py --monitor window.csv        # has this window of rows drifted from the training data?
                                                   # (which modality, which statistic; exit status 1 if so)
+    python predict.py ... --embed                 # the aligned embedding of each modality given, and a fused one
+    python predict.py --manifest M.csv --index I.npz             # embed a collection once, into an index
+    python predict.py --image photo.jpg --search I.npz --among audio  # the recordings that match this photo
+                                                  # (--embed/--index/--search: bundles built with pretrain on)
 
 Every answer carries its conformal prediction set (a class, tags) or interval (a number) beside it, calibrated
 on the validation split per modality-availability pattern: it holds the truth with probability >= 1 - alpha.
@@ -63,6 +67,7 @@ class Predictor:
             options.intra_op_num_threads = threads
         file = self.manifest["models"][model]["file"]
         self.session = ort.InferenceSession(str(self.folder / file), options, providers=["CPUExecutionProvider"])
+        self._options, self._embedder = options, None  # the aligned encoders' session, opened on first use (embed)
         # how far to trust an answer (manifest.json: models.<model>.calibration, fitted on the validation split):
         # temperature-scaled scores and a conformal set/interval per availability pattern; calibrated=False: raw
         self.calibration = self.manifest["models"][model].get("calibration") if calibrated else None
@@ -283,10 +288,35 @@ class Predictor:
                 "all": game[frozenset(have)], "subsets": {"+".join(m for m in have if m in s): v
                                                           for s, v in game.items() if s}}
 
+    # ------------------------------------------------------------------ aligned embeddings (pretrain)
+
+    def embed(self, samples: list[dict]) -> list[dict]:
+        """The aligned embeddings of a batch of samples (``features()`` dicts): {"embeddings": {modality: unit
+        vector} for each modality the sample has, "fused": the normalised mean of those}. Needs a bundle built
+        after the pretrain stage ran (manifest.json: embed); the vectors of different modalities are comparable
+        (cosine): a photo's lands near the recordings of the same content."""
+        spec = self.manifest.get("embed")
+        if not spec:
+            raise InputError("this bundle has no aligned embeddings (pretrain.enabled was false when it was built)")
+        if self._embedder is None:
+            self._embedder = ort.InferenceSession(str(self.folder / spec["file"]), self._options,
+                                                  providers=["CPUExecutionProvider"])
+        feeds = {name: np.stack([s[name] for s in samples]).astype(self.inputs[name]["dtype"]) for name in spec["inputs"]}
+        vectors = self._embedder.run(["embeddings"], feeds)[0].astype(np.float64)  # (B, modalities, dim), unit rows
+        out = []
+        for row, sample in zip(vectors, samples):
+            have = [k for k, ok in enumerate(sample["available"]) if ok]
+            fused = row[have].mean(axis=0)
+            fused /= max(float(np.linalg.norm(fused)), 1e-12)
+            out.append({"embeddings": {spec["modalities"][k]: [round(float(v), 6) for v in row[k]] for k in have},
+                        "fused": [round(float(v), 6) for v in fused]})
+        return out
+
     def predict_rows(self, rows: Iterable[dict | InputError], batch_size: int | None = None,
-                     explain: bool = False) -> Iterator[dict]:
+                     explain: bool = False, embed: bool = False) -> Iterator[dict]:
         """Rows of raw inputs (``features``' keyword arguments, any of them None; or the InputError met
-        while reading that row) -> one result per row, in order: the answer (``predict``) or {"error"}. Rows are turned into features and predicted ``batch_size`` at a
+        while reading that row) -> one result per row, in order: the answer (``predict``; ``embed``: the aligned
+        embeddings instead, ``embed``) or {"error"}. Rows are turned into features and predicted ``batch_size`` at a
         time, so memory stays bounded however many rows come."""
         rows = iter(rows)
         while chunk := list(itertools.islice(rows, batch_size or self.serving["batch_size"])):
@@ -301,7 +331,8 @@ class Predictor:
                 except InputError as exc:
                     results.append({"error": str(exc)})
             if ready:
-                for (i, features), prediction in zip(ready, self.predict([f for _, f in ready])):
+                answer = self.embed if embed else self.predict
+                for (i, features), prediction in zip(ready, answer([f for _, f in ready])):
                     results[i] = prediction | ({"explanation": self.explain(features)} if explain else {})
             yield from results
 
@@ -395,6 +426,57 @@ def _rows(fh, reader: csv.DictReader, path: str, base: Path, columns: dict[str, 
                 yield ident, exc
 
 
+def write_index(results: Iterable[tuple[dict, dict]], modalities: list[str], path: str) -> dict:
+    """Embeddings of a collection ((identity, ``embed`` result or error) per row) saved as one .npz index (numpy
+    only): ids, availability (rows, modalities), per-modality vectors (rows, modalities, dim; zeros where
+    missing) and the fused vectors. Rows that could not be read are counted, not indexed."""
+    ids, available, vectors, fused, errors = [], [], [], [], 0
+    for ident, result in results:
+        if "error" in result:
+            errors += 1
+            continue
+        dim = len(result["fused"])
+        ids.append(str(ident.get("id", ident.get("row", len(ids) + 1))))
+        available.append([m in result["embeddings"] for m in modalities])
+        vectors.append([result["embeddings"].get(m, [0.0] * dim) for m in modalities])
+        fused.append(result["fused"])
+    if not ids:
+        raise InputError("no row could be embedded: nothing to index")
+    tmp = f"{path}.tmp-{os.getpid()}.npz"  # written whole, then renamed: never half an index
+    np.savez(tmp, ids=np.array(ids), modalities=np.array(modalities), available=np.array(available, bool),
+             vectors=np.array(vectors, np.float32), fused=np.array(fused, np.float32))
+    os.replace(tmp, path)
+    return {"index": path, "rows": len(ids), "unreadable_rows": errors}
+
+
+def search_index(path: str, among: str, k: int):
+    """A function answering one ``embed`` result with the ``k`` rows of the index at ``path`` whose ``among``
+    vector (a modality's, or "fused") is most similar to the query's fused vector: {"matches": [{"id",
+    "similarity"}]}. The index is read as arrays only (no pickle)."""
+    import retrieval  # shipped beside this file (mmpipe/pretrain/retrieval.py)
+
+    try:
+        with np.load(path, allow_pickle=False) as index:
+            ids, modalities = index["ids"], [str(m) for m in index["modalities"]]
+            if among == "fused":
+                gallery, rows = index["fused"], np.arange(len(ids))
+            elif among in modalities:
+                rows = np.flatnonzero(index["available"][:, modalities.index(among)])
+                gallery = index["vectors"][rows, modalities.index(among)]
+            else:
+                raise InputError(f"--among {among}: the index has {', '.join(modalities)} and fused")
+    except InputError:
+        raise
+    except Exception as exc:  # a missing file, not a zip, a missing array: any of them is one line
+        raise InputError(f"{path}: not an index written by --index ({portable.describe(exc)})") from None
+
+    def answer(result: dict) -> dict:
+        positions, scores = retrieval.search(gallery, np.array(result["fused"], np.float32), k)
+        return {"matches": [{"id": str(ids[rows[p]]), "similarity": round(float(s), 6)}
+                            for p, s in zip(positions[0], scores[0])]}
+    return answer
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -425,6 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--monitor", metavar="WINDOW_CSV",
                         help="score a window of rows (a manifest) against the training data: which modality drifted; "
                              "exit status 1 when it has")
+    parser.add_argument("--embed", action="store_true",
+                        help="answer with the aligned embedding of each modality given and a fused one (not a prediction)")
+    parser.add_argument("--index", metavar="OUT_NPZ", help="embed every row of --manifest into this index (for --search)")
+    parser.add_argument("--search", metavar="INDEX_NPZ", help="the rows of this index most similar to each input")
+    parser.add_argument("--among", default="fused",
+                        help="--search: compare with the index's vectors of this modality, or fused (default)")
+    parser.add_argument("--k", type=_positive, default=10, help="--search: matches per input (default 10)")
     known, _ = parser.parse_known_args(argv)
     models = json.loads((HERE / "manifest.json").read_text())["models"]
     if known.model not in models:
@@ -450,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(report, ensure_ascii=False))
         return 1 if report["drifted"] else 0
+    if args.index and not args.manifest:
+        parser.error("--index needs --manifest (the rows to embed)")
     if args.manifest:
         try:
             pairs = manifest_rows(args.manifest, columns, max_bytes)
@@ -474,8 +565,22 @@ def main(argv: list[str] | None = None) -> int:
             idents.append(ident)
             yield row
 
-    for result in predictor.predict_rows(inputs(), args.batch_size, explain=args.explain):
+    embed = args.embed or bool(args.index) or bool(args.search)
+    try:
+        if embed and not predictor.manifest.get("embed"):
+            raise InputError("this bundle has no aligned embeddings (pretrain.enabled was false when it was built)")
+        searched = search_index(args.search, args.among, args.k) if args.search else None
+        results = predictor.predict_rows(inputs(), args.batch_size, explain=args.explain, embed=embed)
+        if args.index:
+            print(json.dumps(write_index(((idents.popleft(), r) for r in results), predictor.modalities, args.index)))
+            return 0
+    except InputError as exc:
+        print(json.dumps({"error": str(exc)}, ensure_ascii=False))
+        return 2
+    for result in results:
         failed |= "error" in result
+        if searched is not None and "error" not in result:
+            result = searched(result)
         print(json.dumps(idents.popleft() | result, ensure_ascii=False))
     return 1 if failed else 0
 

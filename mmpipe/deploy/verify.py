@@ -286,6 +286,10 @@ def failed_checks(checks: dict, params) -> list[str]:
                 failed.append(f"export check failed: {m} as {variant}: the predictor and the pipeline agree on "
                               f"{parity['top1_agreement']:.4f} of test items (< export.min_conversion_agreement "
                               f"{params.min_conversion_agreement})")
+    embed = checks.get("embed", {})
+    if embed.get("shipped") and embed["onnx_vs_pytorch_max_abs_diff"] > params.max_abs_logit_diff:
+        failed.append(f"export check failed: embed.onnx differs from the aligned PyTorch encoders by "
+                      f"{embed['onnx_vs_pytorch_max_abs_diff']:.2e} (> export.max_abs_logit_diff {params.max_abs_logit_diff})")
     headline = checks.get("headline", "accuracy")
     agreement = checks.get("predictor_vs_pipeline_agreement_fp32", 1.0)
     if agreement < params.min_conversion_agreement:

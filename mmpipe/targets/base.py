@@ -80,6 +80,11 @@ class Target:
         """The summed validation loss (no label smoothing, no augmentation) of a batch."""
         raise NotImplementedError
 
+    def distill_loss(self, outputs: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Mean knowledge-distillation loss of a student's raw ``outputs`` against a teacher's on the same inputs
+        (compress.distill): the teacher's soft targets at ``temperature``, or its prediction for a number."""
+        raise NotImplementedError
+
     def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
         """Sums (float64, on the outputs' device: no host sync) from which ``from_running`` gives the headline
         over an epoch of batches; on the model's scale."""

@@ -45,6 +45,12 @@ class Category(Target):
         import torch
         return torch.nn.functional.cross_entropy(outputs, encoded, reduction="sum")
 
+    def distill_loss(self, outputs: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        import torch.nn.functional as F
+        # Hinton et al.: KL to the teacher's softened class distribution, x T² so gradients keep their scale
+        return F.kl_div(F.log_softmax(outputs / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
+                        log_target=True, reduction="batchmean") * temperature ** 2
+
     def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
         return (outputs.argmax(dim=1) == encoded).sum().double().reshape(1)
 

@@ -89,6 +89,11 @@ class Number(Target):
         import torch
         return torch.nn.functional.huber_loss(outputs[:, 0], encoded.to(outputs.dtype), delta=1.0, reduction="sum")
 
+    def distill_loss(self, outputs: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        import torch
+        # no distribution to soften: the teacher's prediction (standardised scale) is the target
+        return torch.nn.functional.mse_loss(outputs[:, 0], teacher[:, 0])
+
     def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
         import torch
         y, error = encoded.double(), outputs[:, 0].double() - encoded.double()

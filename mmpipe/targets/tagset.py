@@ -92,6 +92,12 @@ class TagSet(Target):
         return torch.nn.functional.binary_cross_entropy_with_logits(outputs, encoded, pos_weight=weight,
                                                                     reduction="sum")
 
+    def distill_loss(self, outputs: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        import torch
+        # each tag's softened teacher probability as a soft binary target
+        soft = torch.sigmoid(teacher / temperature)
+        return torch.nn.functional.binary_cross_entropy_with_logits(outputs / temperature, soft) * temperature ** 2
+
     def running(self, outputs: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
         import torch
         predicted, truth = outputs >= 0, encoded >= 0.5  # probability >= 0.5 while training

@@ -16,13 +16,18 @@ from mmpipe.io import flatten, owner_tag, remove_stale_temporaries, remove_stale
 _METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
 
 
+def metric_name(key: str) -> str:
+    """``key`` as MLflow accepts a metric name (recall@5 -> recall_5)."""
+    return _METRIC_KEY.sub("_", key)
+
+
 def numeric_leaves(metrics: dict[str, Any]) -> dict[str, float]:
     """Numeric leaves of a nested metrics dict, with keys MLflow accepts."""
     out = {}
     for key, value in flatten(metrics).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        out[_METRIC_KEY.sub("_", key)] = float(value)
+        out[metric_name(key)] = float(value)
     return out
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mmpipe.io import flatten
 from mmpipe.layout import EVAL_FIGURES, EVAL_PLOTS, EVAL_REPORT, METRICS
+from mmpipe.tracking.curves import metric_name
 
 # Stages in DAG order (preprocess@<modality> counts as "preprocess"): a stage that just finished
 # may read its own file and those of the stages before it, which are current; later stages'
@@ -65,5 +66,5 @@ def stage_figures(root: Path, upto: str | None = None) -> dict[str, float]:
         for key, value in flat.items():
             if any(fnmatch.fnmatchcase(key, p) for p in patterns) and isinstance(value, (int, float)) \
                     and not isinstance(value, bool):
-                out[f"{stage}.{key}"] = float(value)
+                out[metric_name(f"{stage}.{key}")] = float(value)
     return out

@@ -33,6 +33,7 @@ from mmpipe.targets import Target
 from mmpipe.training import distributed
 from mmpipe.models.fusion import drop_modalities, load_pretrained
 from mmpipe.pretrain.align import load_aligned_encoders
+from mmpipe.training.distill import Teacher
 from mmpipe.training.model_io import build_model, model_config, save_model, to_model_inputs
 from mmpipe.training.optim import param_groups, warmup_cosine
 
@@ -134,12 +135,14 @@ class Optimisation:
 def train(params, model_params, features_root: Path, modalities: list[str], out_dir: Path | None,
           checkpoint_dir: Path | None, on_epoch: Callable[[int, dict], None] | None = None,
           init_model: torch.nn.Module | None = None,
-          on_resume: Callable[[list[dict]], None] | None = None, aligned: Path | None = None) -> dict[str, Any]:
+          on_resume: Callable[[list[dict]], None] | None = None, aligned: Path | None = None,
+          teacher: Teacher | None = None) -> dict[str, Any]:
     """Train one model on ``modalities``; write weights + config to ``out_dir`` (rank 0); return metrics.
 
     ``aligned``: the pretrain stage's folder, whose aligned encoders a fresh model starts from (``model.init``).
-    ``init_model`` fine-tunes that model instead of a fresh one (the compress stage, after pruning);
-    it is then returned with its best weights as ``result["model"]``. ``checkpoint_dir`` None: no resume.
+    ``init_model`` fine-tunes that model instead of a fresh one (the compress stage, after pruning; or a fresh
+    student there); it is then returned with its best weights as ``result["model"]``. ``teacher``: the student
+    learns that model's outputs as well as the labels (``mmpipe.training.distill``; one process, no DDP). ``checkpoint_dir`` None: no resume.
     ``on_epoch(epoch, row)`` follows each epoch trained now; ``on_resume(rows)`` receives the epochs a
     killed run had trained when this one resumes from its checkpoint.
 
@@ -191,6 +194,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     rank_batch = math.ceil(params.batch_size / world.size)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world.size) / rank_batch)
     opt = Optimisation.create(params, model, steps_per_epoch, device, target)
+    if teacher is not None:
+        teacher.to(device)
 
     name = "+".join(modalities)
     checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root,
@@ -205,7 +210,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
             break
         tic = time.perf_counter()
         loss_sum, sums, n = train_epoch(step_model, model, train_set, opt, params, epoch, world, device, modalities,
-                                        rank_batch, steps_per_epoch)
+                                        rank_batch, steps_per_epoch, teacher)
         seen += n
         val = score(model, val_set, modalities, device) if world.is_main else {target.HEADLINE: 0.0, "loss": 0.0}
         val_score = distributed.from_main(val[target.HEADLINE], device)
@@ -398,9 +403,9 @@ def resume(checkpoint: Path | None, model: torch.nn.Module, opt: Optimisation, d
 
 def train_epoch(step_model, model: torch.nn.Module, train_set: FeatureSet, opt: Optimisation, params, epoch: int,
                 world, device: torch.device, modalities: list[str], rank_batch: int,
-                steps_per_epoch: int) -> tuple[float, list[float], int]:
+                steps_per_epoch: int, teacher: Teacher | None = None) -> tuple[float, list[float], int]:
     """One pass over this process's shard of the train split. Returns (loss sum, the target's running sums of
-    its headline, samples) over all ranks."""
+    its headline, samples) over all ranks. With a ``teacher``, the loss is its distillation step's."""
     step_model.train()
     # sums stay on the device: reading them every step (.item()) would wait for the GPU each time
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -417,8 +422,11 @@ def train_epoch(step_model, model: torch.nn.Module, train_set: FeatureSet, opt: 
         inputs = to_model_inputs(batch, modalities, device)
         inputs["available"] = drop_modalities(inputs["available"], params.modality_dropout)
         with torch.autocast(device.type, dtype=opt.amp_dtype, enabled=device.type == "cuda"):
-            logits = step_model(inputs)
-            loss = opt.loss_fn(logits.float(), inputs["label"])
+            if teacher is None:
+                logits = step_model(inputs)
+                loss = opt.loss_fn(logits.float(), inputs["label"])
+            else:
+                logits, loss = teacher.step(model, inputs, opt.loss_fn, target)
         opt.optimizer.zero_grad(set_to_none=True)
         opt.scaler.scale(loss).backward()
         opt.scaler.unscale_(opt.optimizer)

@@ -1,0 +1,91 @@
+"""Knowledge distillation: a smaller student of the trained fusion model, taught the teacher's outputs under
+every modality-availability pattern (compress.distill).
+
+``student_config`` scales the teacher's widths down; ``Teacher.step`` is the training step's loss when a
+teacher is given to ``train()``: the labels' loss blended with a distillation loss (the target's
+``distill_loss``: soft classes, soft tags, or the teacher's number) computed twice per batch, once under the
+batch's modality dropout and once under a random non-empty subset of each row's modalities, teacher and
+student seeing the same mask both times. The encoders run once per batch; only the fusion and head run per
+pattern (``FusionModel.fuse``), so the second pattern costs little. That is what lets the student keep the
+teacher's behaviour when modalities are missing, not only its all-modality accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpipe.errors import PipelineError
+
+# small_cnn encoder keys whose value is a channel/width count (scaled for the student); other archs are not
+SCALED_KEYS = ("width", "embed_dim")
+
+
+def student_config(teacher_config: dict[str, Any], scale: float) -> dict[str, Any]:
+    """The teacher's model config with ``model.dim``, ``model.hidden`` and each small_cnn encoder's widths
+    multiplied by ``scale`` (widths at least 4; dim a multiple of the attention heads). A pretrained backbone (a
+    torchvision/huggingface/torchaudio arch) has no width to scale and its preprocessed inputs fit only it:
+    distilling such a teacher is refused with one line."""
+    config = copy.deepcopy(teacher_config)
+    model = config["model"]
+    for m, encoder in model.get("encoders", {}).items():
+        if m not in config["modalities"]:
+            continue
+        if encoder.get("arch", "small_cnn") != "small_cnn":
+            raise PipelineError(f"compress.distill: model.encoders.{m}.arch is {encoder['arch']}: the student scales "
+                                f"small_cnn encoders only (set compress.distill.enabled: false for pretrained backbones)")
+        for key in SCALED_KEYS:
+            if isinstance(encoder.get(key), (int, float)) and not isinstance(encoder[key], bool):
+                encoder[key] = max(4, round(encoder[key] * scale))
+    heads = model.get("attention_heads", 1)  # (model params require dim to be a multiple, whatever the fusion)
+    model["dim"] = max(heads, round(model["dim"] * scale / heads) * heads)
+    model["hidden"] = max(4, round(model["hidden"] * scale))
+    return config
+
+
+def random_patterns(available: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per row, a random non-empty subset of its available modalities (each kept with probability 1/2; a row
+    left with none keeps one of its own at random). Rows with nothing available stay empty."""
+    keep = torch.rand(available.shape, device=available.device, generator=generator) < 0.5
+    pattern = available & keep
+    empty = ~pattern.any(dim=1) & available.any(dim=1)
+    if empty.any():
+        noise = torch.rand(available.shape, device=available.device, generator=generator).masked_fill(~available, -1.0)
+        one = torch.zeros_like(available).scatter_(1, noise.argmax(dim=1, keepdim=True), True)
+        pattern = torch.where(empty[:, None], one, pattern)
+    return pattern
+
+
+@dataclass
+class Teacher:
+    """The trained model a student learns from, in eval mode, and how: ``alpha`` weighs the distillation loss
+    against the labels' (1 - alpha), ``temperature`` softens the teacher's outputs."""
+    model: nn.Module
+    temperature: float = 2.0
+    alpha: float = 0.7
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def to(self, device: torch.device) -> "Teacher":
+        self.model.to(device)
+        return self
+
+    def step(self, student: nn.Module, inputs: dict[str, torch.Tensor], label_loss: nn.Module,
+             target) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the student's outputs under the batch's mask, the step's loss)."""
+        available = inputs["available"].bool()
+        pattern = random_patterns(available)
+        with torch.no_grad():
+            taught = self.model.encode(inputs)
+            teacher_out = [self.model.fuse(taught, mask).float() for mask in (available, pattern)]
+        encoded = student.encode(inputs)
+        outputs = [student.fuse(encoded, mask).float() for mask in (available, pattern)]
+        distill = sum(target.distill_loss(s, t, self.temperature) for s, t in zip(outputs, teacher_out)) / 2
+        return outputs[0], (1 - self.alpha) * label_loss(outputs[0], inputs["label"]) + self.alpha * distill
