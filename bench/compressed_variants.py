@@ -27,6 +27,18 @@ VARIANTS = Path("artifacts/compressed")
 REPORT = Path("reports/compressed_variants.json")
 
 
+@torch.no_grad()
+def interleaved_p50(runners: dict, sizes, rounds: int, runs: int) -> dict[str, np.ndarray]:
+    """{"<name>@<size>": the p50 latency (ms) of ``runners[name](size)`` in each round}: every runner timed at
+    every size once per round, round-robin, so a burst of load on the machine hits them all alike."""
+    timings: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for size in sizes:
+            for name, run in runners.items():
+                timings.setdefault(f"{name}@{size}", []).append(latency_ms(lambda: run(size), runs)["p50"])
+    return {k: np.array(v) for k, v in timings.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -42,17 +54,10 @@ def main() -> None:
     eager_inputs = to_model_inputs(batch, model.modalities, torch.device("cpu"))
     names = [n for n in ("fp32", "pruned", "int8") if (VARIANTS / f"{n}.onnx").exists()]
     sessions = {n: session(VARIANTS / f"{n}.onnx", args.threads) for n in names}
-    timings: dict[str, list[float]] = {}
-    for _ in range(args.rounds):
-        for size in (1, big):
-            fed = {k: v[:size] for k, v in feeds.items()}
-            for name, sess in sessions.items():
-                ms = latency_ms(lambda: sess.run(["logits"], fed), args.runs)["p50"]
-                timings.setdefault(f"{name}@{size}", []).append(ms)
-            with torch.no_grad():
-                ms = latency_ms(lambda: model({k: v[:size] for k, v in eager_inputs.items()}), args.runs)["p50"]
-            timings.setdefault(f"pytorch@{size}", []).append(ms)
-    t = {k: np.array(v) for k, v in timings.items()}
+    runners = {name: (lambda size, sess=sess: sess.run(["logits"], {k: v[:size] for k, v in feeds.items()}))
+               for name, sess in sessions.items()}
+    runners["pytorch"] = lambda size: model({k: v[:size] for k, v in eager_inputs.items()})
+    t = interleaved_p50(runners, (1, big), args.rounds, args.runs)
     report = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
               "rounds": args.rounds, "median_ms": {k: round(float(np.median(v)), 3) for k, v in t.items()},
               f"speedup_vs_fp32_onnx_batch_{big}": {n: round(float(np.median(t[f"fp32@{big}"] / t[f"{n}@{big}"])), 2)

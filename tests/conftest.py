@@ -113,7 +113,10 @@ TINY = {"data": {"n_samples": 200, "builtin": {"tts_variants": 6, "tabular": Tru
         "evaluate": {"noise_levels": [0.0, 0.5, 1.0], "latency_runs": 5,  # gates: a one-epoch model meets no bar
                      "gates": {"min_accuracy": None, "min_coverage": None, "max_modality_share": None}},
         "compress": {"latency_runs": 5, "prune": {"finetune_epochs": 1},
-                     "quantize": {"calibration_samples": 64, "layers": "all"}}}
+                     "quantize": {"calibration_samples": 64, "layers": "all"},
+                     # a student through to the bundle (4-channel encoders cannot shrink to a quarter of the MACs)
+                     "distill": {"enabled": True, "epochs": 1, "batch_size": 32, "width_scale": 0.5,
+                                 "max_macs_share": 1.0, "robustness_levels": [0.0, 1.0]}}}
 DVC = str(Path(sys.executable).parent / "dvc")
 
 

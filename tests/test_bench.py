@@ -57,6 +57,8 @@ def workspace(tiny_corpus, tiny_model, bundle, tmp_path_factory) -> Path:
                          ("artifacts/deploy", bundle["folder"])):
         (root / link).parent.mkdir(parents=True, exist_ok=True)
         (root / link).symlink_to(target)
+    (root / "metrics").mkdir()
+    (root / "metrics" / "compress.json").write_text(json.dumps(bundle["compress"]))  # what compress chose there
     return root
 
 
@@ -77,6 +79,7 @@ ON_THE_WORKSPACE = {  # entry point -> tiny arguments; they read what `make repr
     "bench.trust": ["--rounds", "1", "--runs", "5"],
     "bench.drift": ["--windows", "10", "--window-rows", "30"],
     "bench.label_efficiency": ["--fractions", "0.5", "1", "--epochs", "1", "--pretrain-epochs", "1"],
+    "bench.distill": ["--epochs", "1", "--rounds", "1", "--runs", "2"],
 }
 SMOKE_RUNS |= {"bench.run", "bench.hostile_inputs", *SELF_CONTAINED, *ON_THE_WORKSPACE}
 
@@ -92,7 +95,8 @@ def test_bench_on_the_pipeline_outputs_runs_at_a_tiny_size(entry, workspace):
     run_bench(entry, *ON_THE_WORKSPACE[entry], cwd=workspace)
     report = {"bench.fusion_choices": "fusion_choices.json", "bench.prune_sweep": "prune_sweep.json",
               "bench.compressed_variants": "compressed_variants.json", "bench.trust": "trust.json",
-              "bench.drift": "drift.json", "bench.label_efficiency": "label_efficiency.json"}[entry]
+              "bench.drift": "drift.json", "bench.label_efficiency": "label_efficiency.json",
+              "bench.distill": "distill.json"}[entry]
     assert json.loads((workspace / "reports" / report).read_text())
 
 

@@ -236,6 +236,12 @@ def test_a_student_over_the_macs_share_or_of_a_pretrained_backbone_is_refused_in
         compress(cfg, tiny_corpus / "features", model_dir, tmp_path, progress=lambda line: None,
                  clean_dir=tiny_corpus / "clean")
     config = load_model(model_dir).config
+    encoders = config["model"]["encoders"]
+    encoders["image"]["width"], encoders["text"]["width"], encoders["audio"]["width"] = 24, 128, 16  # balanced's
+    config["model"]["dim"] = 128
+    student = student_config(config, 0.45)["model"]  # channel counts in ONNX Runtime's blocks of 8
+    assert [student["encoders"][m]["width"] for m in ("image", "text", "audio")] == [8, 56, 8] and student["dim"] == 56
+    assert encoders["image"]["width"] == 24  # the teacher's config is left as it was
     config["model"]["encoders"]["image"]["arch"] = "resnet18"
     with pytest.raises(PipelineError, match="model.encoders.image.arch is resnet18: the student scales small_cnn"):
         student_config(config, 0.5)

@@ -27,7 +27,7 @@ SCALED_KEYS = ("width", "embed_dim")
 
 def student_config(teacher_config: dict[str, Any], scale: float) -> dict[str, Any]:
     """The teacher's model config with ``model.dim``, ``model.hidden`` and each small_cnn encoder's widths
-    multiplied by ``scale`` (widths at least 4; dim a multiple of the attention heads). A pretrained backbone (a
+    multiplied by ``scale`` (as ``channels``; dim a multiple of the attention heads). A pretrained backbone (a
     torchvision/huggingface/torchaudio arch) has no width to scale and its preprocessed inputs fit only it:
     distilling such a teacher is refused with one line."""
     config = copy.deepcopy(teacher_config)
@@ -40,11 +40,17 @@ def student_config(teacher_config: dict[str, Any], scale: float) -> dict[str, An
                                 f"small_cnn encoders only (set compress.distill.enabled: false for pretrained backbones)")
         for key in SCALED_KEYS:
             if isinstance(encoder.get(key), (int, float)) and not isinstance(encoder[key], bool):
-                encoder[key] = max(4, round(encoder[key] * scale))
+                encoder[key] = channels(encoder[key] * scale)
     heads = model.get("attention_heads", 1)  # (model params require dim to be a multiple, whatever the fusion)
-    model["dim"] = max(heads, round(model["dim"] * scale / heads) * heads)
-    model["hidden"] = max(4, round(model["hidden"] * scale))
+    model["dim"] = max(heads, round(channels(model["dim"] * scale) / heads) * heads)
+    model["hidden"] = channels(model["hidden"] * scale)
     return config
+
+
+def channels(width: float) -> int:
+    """A scaled width as a channel count: a multiple of 8 from 8 up (ONNX Runtime's AVX2 kernels work in blocks
+    of 8 channels: 12 channels cost about what 16 do; docs/architecture.md "Compression"); below 6, at least 4."""
+    return max(8, round(width / 8) * 8) if width >= 6 else max(4, round(width))
 
 
 def random_patterns(available: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
