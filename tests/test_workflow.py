@@ -77,7 +77,12 @@ def test_unreachable_gate_stops_repro_before_compress_then_evaluate_and_compress
     shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
     data = next(iter(shown.values()))["data"]
     assert data["metrics/eval.json"]["data"]["test"]["accuracy"] == metrics["test"]["accuracy"]
-    assert data["metrics/compress.json"]["data"]["chosen"] in ("fp32", "pruned", "int8")
+    compressed = data["metrics/compress.json"]["data"]
+    assert compressed["chosen"] in ("fp32", "pruned", "int8", "student", "student_int8")
+    # the tiny profile distils a student: measured per modality subset, int8'd, a candidate like the others
+    assert {"student", "student_int8"} <= set(compressed["variants"])
+    assert len(compressed["distill"]["retention"]) == 15 and set(compressed["distill"]["robustness"]) == {
+        "image", "text", "audio", "tabular"}
     html = dvc(repo, "plots", "show", "-o", "plots_html")
     assert html.returncode == 0, html.stderr
     page = (repo / "plots_html/index.html").read_text()
@@ -438,7 +443,8 @@ def test_pretrained_backbones_from_local_files_through_dvc_repro(tiny_run, tmp_p
                    "audio": {"arch": "wav2vec2_model", "options": TINY_WAV2VEC2, "weights": "weights/audio/wav2vec2_tiny.pth",
                              "freeze": "all"},
                    "text": {"arch": "huggingface", "weights": "weights/text/tiny-bert", "freeze": 1}}},
-               compress={"quantize": {"dynamic": True}})  # dynamic int8 for the transformers' MatMul/Gather
+               # dynamic int8 for the transformers' MatMul/Gather; no student (it scales small_cnn encoders only)
+               compress={"quantize": {"dynamic": True}, "distill": {"enabled": False}})
     run = dvc(repo, "repro")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     # each preprocess@<m> depends on its own weights/<m>/ (and params): tabular has neither changed
