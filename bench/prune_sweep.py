@@ -29,7 +29,8 @@ def main() -> None:
     for setting in args.settings:
         amount, epochs = setting.split(":")
         cfg = params.validate("compress", base | {"prune": base["prune"] | {"amount": float(amount),
-                                                                             "finetune_epochs": int(epochs)}})
+                                                                             "finetune_epochs": int(epochs)},
+                                                  "distill": base["distill"] | {"enabled": False}})  # pruning only
         with tempfile.TemporaryDirectory() as tmp:
             result = compress(cfg, Path("data/features"), Path("models/fusion"), Path(tmp), progress=lambda line: None)
         fp32 = result["variants"]["fp32"]

@@ -17,6 +17,10 @@ from mmpipe.features.loader import FeatureSet
 
 # Runs predict.py with imports limited to the standard library, the bundle's own modules and its five
 # runtime dependencies (with what they import themselves): anything else (torch, mmpipe, ...) fails.
+# two float16 steps of a log-mel value below 32 (2^-6): how far an AVX2 CPU's batch-size-dependent rounding moves them
+FLOAT16_STEPS = 2 ** -6
+
+
 def runtime_modules(roots=tuple(RUNTIME.values())) -> set[str]:
     """Top-level modules of the runtime distributions and of everything they require (installed metadata)."""
     from importlib import metadata
@@ -70,7 +74,9 @@ def test_bundle_reproduces_the_pipeline(bundle):
     assert set(parity["audio"]) == {"22.05 kHz stereo", "44.1 kHz stereo", "48 kHz stereo"}
     for variant, figures in (*parity["audio"].items(), *parity["tabular"].items()):
         assert figures["items"] > 10 and figures["accepted_by_both"] == figures["items"], variant
-        assert figures["top1_agreement"] == 1.0 and figures["max_abs_input_diff"] == 0.0, variant
+        # the same features: bit-identical on AVX-512; on AVX2 the mel projection rounds by how many clips are
+        # batched together, a float16 step of the log-mel at most (docs/architecture.md, "Deployment bundle")
+        assert figures["top1_agreement"] == 1.0 and figures["max_abs_input_diff"] <= FLOAT16_STEPS, variant
     failing = checks | {"conversion_parity": {"audio": {"44.1 kHz stereo": {**parity["audio"]["44.1 kHz stereo"],
                                                                              "top1_agreement": 0.99}}}}
     assert failed_checks(failing, params.ExportParams()) == [
@@ -127,7 +133,14 @@ def test_conversion_parity_in_chunks_and_raw_items_read_on_demand(bundle, tiny_c
     predictor = load_predictor(bundle["folder"]).Predictor(bundle["folder"], model="fp32")
     chunked = conversion_parity(bundle["folder"], predictor, tiny_corpus / "features", dataset, load_model(tiny_model),
                                 test, items, chunk=5)
-    assert chunked == bundle["checks"]["conversion_parity"]  # 5 at a time or all at once: the same figures
+    whole = bundle["checks"]["conversion_parity"]  # 5 at a time or all at once: the same figures
+    assert {m: list(v) for m, v in chunked.items()} == {m: list(v) for m, v in whole.items()}
+    for m, variants in whole.items():
+        for variant, figures in variants.items():
+            other = chunked[m][variant]
+            assert {k: v for k, v in other.items() if k != "max_abs_input_diff"} == {
+                k: v for k, v in figures.items() if k != "max_abs_input_diff"}, variant
+            assert abs(other["max_abs_input_diff"] - figures["max_abs_input_diff"]) <= FLOAT16_STEPS, variant
 
 
 def complete_test_sample(tiny_corpus, folder) -> tuple[list, int, list[str]]:

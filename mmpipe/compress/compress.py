@@ -122,6 +122,8 @@ def compress(params, features_root: Path, model_dir: Path, out_dir: Path,
     among the variants that fit -> headline figures. ``clean_dir``: the clean data (the student's robustness
     sweep recomputes corrupted features from it; needed with ``distill.enabled``).
     """
+    if params.distill.enabled and clean_dir is None:
+        raise PipelineError("compress.distill needs the clean data (its robustness sweep): pass clean_dir")
     torch.manual_seed(params.seed)
     if params.threads:
         torch.set_num_threads(params.threads)
