@@ -90,7 +90,8 @@ $(VENV)/.installed-tune: $(RUN_STAMP)
 	touch $@
 
 # For a GPU machine without index access whose Python already has torch (README "On an offline GPU
-# machine"): every other requirement as wheels in .whl/ (~60 MB), with .whl/run-offline.sh to run there.
+# machine"): every other requirement as wheels in .whl/ (~60 MB), with .whl/run-offline.sh to run there;
+# then checks the working tree and .whl/ fit what a lent GPU machine takes (64 MiB: bench/gpu_run.sh).
 wheelhouse:
 	tools/offline/offline-wheelhouse.sh .whl
-	grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+	python3 tools/offline/carry_size.py .whl

@@ -126,6 +126,12 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def dvc_command() -> str:
+    """dvc beside this Python (a virtual environment), else on PATH (a wheelhouse installed with --target)."""
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.exists() else (shutil.which("dvc") or str(beside))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -198,7 +204,7 @@ def run(samples: int, profile: str, overrides: list[str], until: str, keep: bool
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "DVC_NO_ANALYTICS": "1",
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         tic = time.perf_counter()
-        proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", until], cwd=repo, env=env,
+        proc = subprocess.run([dvc_command(), "repro", until], cwd=repo, env=env,
                               capture_output=True, text=True)
         wall = round(time.perf_counter() - tic, 1)
         (work / "repro.log").write_text(proc.stdout + proc.stderr)
@@ -208,7 +214,8 @@ def run(samples: int, profile: str, overrides: list[str], until: str, keep: bool
                 "date": time.strftime("%Y-%m-%d"), "generated": generated, "dvc_repro_wall_s": wall,
                 "stages": stage_figures(repo, samples),
                 "data_mb": {p: folder_mb(repo / "data" / p) for p in ("raw", "clean", "features")},
-                "dvc_cache_mb": folder_mb(repo / ".dvc" / "cache"), "test": test_figures(repo)}
+                "dvc_cache_mb": folder_mb(repo / ".dvc" / "cache"), "test": test_figures(repo)} \
+            | ({"work": str(work)} if keep else {})
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -142,6 +142,7 @@ class TrainParams(Strict):
     modality_dropout: float = Field(0.25, ge=0.0, lt=1.0)
     baselines: bool = True
     compile: bool = False
+    cuda_graphs: Literal["auto"] | bool = "auto"
     threads: int = Field(0, ge=0, le=256)
     memory_budget_mb: int = Field(4096, ge=0)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of the labelled train rows trained on (seeded)

@@ -81,7 +81,7 @@ ON_THE_WORKSPACE = {  # entry point -> tiny arguments; they read what `make repr
     "bench.label_efficiency": ["--fractions", "0.5", "1", "--epochs", "1", "--pretrain-epochs", "1"],
     "bench.distill": ["--epochs", "1", "--rounds", "1", "--runs", "2"],
 }
-SMOKE_RUNS |= {"bench.run", "bench.hostile_inputs", *SELF_CONTAINED, *ON_THE_WORKSPACE}
+SMOKE_RUNS |= {"bench.run", "bench.hostile_inputs", "bench.gpu_run", *SELF_CONTAINED, *ON_THE_WORKSPACE}
 
 
 @pytest.mark.parametrize("entry", sorted(SELF_CONTAINED))
@@ -98,6 +98,46 @@ def test_bench_on_the_pipeline_outputs_runs_at_a_tiny_size(entry, workspace):
               "bench.drift": "drift.json", "bench.label_efficiency": "label_efficiency.json",
               "bench.distill": "distill.json"}[entry]
     assert json.loads((workspace / "reports" / report).read_text())
+
+
+def gpu_run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run(["bash", "bench/gpu_run.sh", str(out), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_gpu_run_dry_run_exercises_every_part_on_cpu(tmp_path):
+    """The GPU script (one command on a lent machine) at tiny sizes on CPU: every part runs, what needs CUDA is
+    recorded as skipped with why, and the JSON and markdown land in the output folder."""
+    proc = gpu_run(tmp_path / "out", "--dry-run", "--budget-s", "900")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_run.json").read_text())
+    assert {name: p["status"] for name, p in report["parts"].items()} == dict.fromkeys(
+        ["environment", "default_repro", "train_throughput", "evaluate_sweeps", "onnx_latency", "realistic"], "done")
+    results = report["results"]
+    assert results["environment"]["cpu_cores"] >= 1 and results["environment"]["torch"].startswith("2.11")
+    assert results["default_repro"]["dvc_repro_wall_s"] > 0 and "train" in results["default_repro"]["stages"]
+    runs = results["train_throughput"]["runs"]
+    assert runs["fusion@16/eager"]["samples_per_s_last_epoch"] > 0 and "large_batch_recipe" in runs
+    assert results["train_throughput"]["skipped"]["fusion@64/cuda_graphs"] == "needs CUDA"
+    assert results["evaluate_sweeps"]["cpu_s"] > 0 and results["evaluate_sweeps"]["skipped"] == {"cuda": "needs CUDA"}
+    latency = results["onnx_latency"]
+    assert latency["fp16/CPUExecutionProvider"]["max_abs_diff_vs_fp32_cpu"] < 0.05  # the fp16 conversion's parity
+    assert latency["fp32/CPUExecutionProvider"]["max_abs_diff_vs_fp32_cpu"] == 0.0
+    assert results["realistic"]["samples"] == 60 and results["realistic"]["stages"]["preprocess@image"]["wall_s"] > 0
+    table = (tmp_path / "out" / "gpu_run.md").read_text()
+    assert "| train_throughput | done |" in table and "dry run" in table
+
+
+def test_gpu_run_kills_a_part_over_its_time_box_and_skips_what_needs_it(tmp_path):
+    proc = gpu_run(tmp_path / "out", "--dry-run", "--budget-s", "30")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = json.loads((tmp_path / "out" / "gpu_run.json").read_text())["parts"]
+    assert parts["environment"]["status"].startswith("skipped: the budget ran out")  # 3 % of 30 s: under 5 s
+    assert parts["default_repro"]["status"] == "skipped: over its time box of 9 s"
+    assert parts["train_throughput"]["status"] == "skipped: default_repro did not finish"
+    assert parts["realistic"]["status"].startswith("skipped: over its time box")
+    assert parts["default_repro"]["seconds"] < 20  # killed on time, its dvc and stages with it
 
 
 def test_every_bench_entry_point_is_run_here():

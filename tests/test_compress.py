@@ -247,6 +247,41 @@ def test_a_student_over_the_macs_share_or_of_a_pretrained_backbone_is_refused_in
         student_config(config, 0.5)
 
 
+def test_auto_width_spends_the_macs_left_on_the_cheap_encoders(tiny_corpus, teacher_dir):
+    """width_scale auto: the widest uniform scale within the share, then encoders widened back where the budget
+    allows; the result stays within max_macs_share and no encoder is narrower than the uniform scale."""
+    from mmpipe.compress.compress import student_within_share
+    teacher = load_model(teacher_dir)
+    data = FeatureSet(tiny_corpus / "features", split="val")
+    example = to_model_inputs(data.get(np.arange(len(data))), teacher.modalities, torch.device("cpu"))
+    uniform = params.CompressParams().distill.model_copy(update={"width_scale": 0.5, "max_macs_share": 0.4})
+    scale, _, _, share_uniform = student_within_share(teacher, example, uniform)
+    assert set(scale.values()) == {0.5}
+    auto = uniform.model_copy(update={"width_scale": "auto"})
+    scale, config, student, share = student_within_share(teacher, example, auto)
+    assert scale["all"] == 0.5 and share_uniform <= share <= 0.4
+    assert all(scale[m] >= 0.5 for m in teacher.modalities) and max(scale[m] for m in teacher.modalities) > 0.5
+    widened = [m for m in teacher.modalities if scale[m] == 1.0 and "width" in config["model"]["encoders"][m]]
+    for m in widened:  # at full width the encoder keeps the teacher's channels
+        assert config["model"]["encoders"][m]["width"] == teacher.config["model"]["encoders"][m]["width"]
+
+
+def test_the_teachers_remembered_vectors_are_what_it_computes_per_batch(tiny_corpus, teacher_dir):
+    """Teacher.remember encodes every train row once; a step's lookup by the batch's index gives what encoding
+    the batch would (eval mode: no augmentation), so caching changes the cost, not the lesson."""
+    from mmpipe.training.distill import Teacher
+    teacher = Teacher(load_model(teacher_dir))
+    data = FeatureSet(tiny_corpus / "features", split="train")
+    modalities = teacher.model.modalities
+    teacher.remember(data, modalities, torch.device("cpu"), batch_size=50)
+    assert teacher.encoded.shape[:2] == (len(data), len(modalities))
+    for batch in data.batches(32, shuffle=True, seed=3):
+        inputs = to_model_inputs(batch, modalities, torch.device("cpu"))
+        with torch.no_grad():
+            torch.testing.assert_close(teacher.encoded[inputs["index"]], teacher.model.encode(inputs).float(),
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_random_patterns_keep_a_non_empty_subset_of_each_rows_modalities():
     available = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]] * 500, dtype=torch.bool)
     pattern = random_patterns(available, torch.Generator().manual_seed(0))

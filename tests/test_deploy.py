@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import png_bytes
 from mmpipe import params
 from mmpipe.deploy.bundle import RUNTIME
@@ -250,9 +252,23 @@ def test_predict_cli_refuses_what_would_hang_or_crash_per_row_or_in_one_line(bun
                            capture_output=True, text=True, timeout=120)
     assert whole.returncode == 1 and json.loads(whole.stdout)["error"].endswith("pipe.png: not a regular file")
     for flags, message in ((["--batch-size", "-1", "--text", "a"], "argument --batch-size: must be at least 1 (got -1)"),
-                           (["--model", "int4", "--text", "a"], "argument --model: 'int4' is not a model of this bundle")):
+                           (["--model", "int4", "--text", "a"], "argument --model: 'int4' is not a model of this bundle"),
+                           (["--device", "cuda", "--text", "a"], "argument --device: no CUDA execution provider in this")):
         bad = subprocess.run([*predict, *flags], cwd=bundle["folder"], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_the_predictor_takes_the_cuda_provider_when_onnxruntime_offers_it(bundle, monkeypatch):
+    """--device auto runs on the CPU here (no onnxruntime-gpu) and would put CUDA first where it is offered;
+    --device cuda without it is refused above in one line."""
+    predict = load_predictor(bundle["folder"])
+    assert predict.providers("auto") == predict.providers("cpu") == ["CPUExecutionProvider"]
+    assert predict.Predictor(bundle["folder"], device="auto").session.get_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(predict.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert predict.providers("cuda") == predict.providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert predict.providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="device must be cpu, cuda or auto"):
+        predict.providers("tpu")
 
 
 def test_the_drift_monitor_names_the_modality_of_a_shifted_window_of_real_files(bundle, tiny_corpus, tmp_path):

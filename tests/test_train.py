@@ -153,3 +153,35 @@ def test_split_over_the_memory_budget_is_streamed_and_trains_to_the_same_weights
     reference = FeatureSet(features, split="train").to("cpu")
     for got, want in zip(batches, reference.batches(32, shuffle=True, seed=3), strict=True):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_cuda_graphs_resolve_per_device_and_fall_back_to_eager_in_one_line(capsys):
+    """train.cuda_graphs: auto is on for one CUDA process only (not beside train.compile or a teacher), true off
+    CUDA is a one-line error; a compiled step that fails on its first call (auto) trains eagerly from then on,
+    said once, while ``true`` lets the failure stop the run."""
+    from mmpipe.errors import PipelineError
+    from mmpipe.training.distributed import world
+    from mmpipe.training.train import GraphedSteps, use_cuda_graphs
+    one, cpu, cuda = world(), torch.device("cpu"), torch.device("cuda")
+    assert use_cuda_graphs("auto", cuda, one, False, False) and not use_cuda_graphs("auto", cpu, one, False, False)
+    assert not use_cuda_graphs("auto", cuda, one, True, False) and not use_cuda_graphs("auto", cuda, one, False, True)
+    assert not use_cuda_graphs(False, cuda, one, False, False)
+    with pytest.raises(PipelineError, match="train.cuda_graphs: true needs a CUDA device"):
+        use_cuda_graphs(True, cpu, one, False, False)
+
+    model = torch.nn.Linear(3, 2)
+    calls = []
+
+    def broken(inputs):
+        calls.append(1)
+        raise RuntimeError("no compiler here\nsecond line")
+
+    steps = GraphedSteps(model, broken)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(steps(x), model(x))
+    torch.testing.assert_close(steps(x), model(x))
+    assert len(calls) == 1 and steps.step is model and steps.train(False) is steps and not model.training
+    out = capsys.readouterr().out
+    assert out.count("CUDA graphs unavailable (RuntimeError: no compiler here)") == 1 and "second line" not in out
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        GraphedSteps(model, broken, strict=True)(x)

@@ -237,7 +237,9 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
     both models' robustness AUCs under evaluate's corruptions at ``distill.robustness_levels``."""
     cfg, data = params.distill, variants.data
     scale, config, student, share = student_within_share(teacher, data.example, cfg)
-    progress(f"compress[student]: widths x{scale}, {share:.1%} of the teacher's MACs, distilling at temperature "
+    progress(f"compress[student]: widths x{scale['all']} (encoders: "
+             f"{', '.join(f'{m} x{v}' for m, v in scale.items() if m != 'all')}), {share:.1%} of the teacher's MACs, "
+             f"distilling at temperature "
              f"{cfg.temperature}")
     tuning = TrainParams(seed=params.seed, device="auto", epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          patience=cfg.patience, modality_dropout=cfg.modality_dropout, threads=params.threads)
@@ -260,22 +262,41 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
             "robustness": robustness_of(teacher, student, features_root, clean_dir, cfg.robustness_levels, params.seed)}
 
 
-def student_within_share(teacher: torch.nn.Module, example: dict, cfg) -> tuple[float, dict, torch.nn.Module, float]:
-    """(width scale, config, fresh model, MACs share) of the student: at ``distill.width_scale``, or with ``auto``
-    the widest of 0.5, 0.45, ... 0.2 within ``max_macs_share`` of the teacher's MACs per sample (layers fed by
-    the fixed-size inputs shrink linearly, not quadratically, so half the widths is not always a quarter)."""
+def student_within_share(teacher: torch.nn.Module, example: dict, cfg) -> tuple[dict, dict, torch.nn.Module, float]:
+    """({"all": width scale, modality: its encoder's scale}, config, fresh model, MACs share) of the student: at
+    ``distill.width_scale``, or with ``auto`` the widest of 0.5, 0.45, ... 0.2 within ``max_macs_share`` of the
+    teacher's MACs per sample (layers fed by the fixed-size inputs shrink linearly, not quadratically, so half
+    the widths is not always a quarter), then each encoder in turn widened back (x1, x0.75) where the budget
+    still allows: the image encoder holds most MACs, while the text or tabular one costs little at full width
+    and is what the student's text-only accuracy needs."""
     per_sample = lambda m: prune.macs(m, example) / len(example["label"])  # noqa: E731
     teacher_macs = per_sample(teacher)
-    scales = [cfg.width_scale] if cfg.width_scale != "auto" else [0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
-    for scale in scales:
-        config = student_config(teacher.config, scale)
+
+    def fit(scale: float, encoder_scales: dict[str, float]):
+        config = student_config(teacher.config, scale, encoder_scales)
         student = build_model(config)
         student.target = teacher.target  # judged like the teacher (a tag set: at the teacher's thresholds)
-        share = per_sample(student) / teacher_macs
+        return config, student, per_sample(student) / teacher_macs
+
+    scales = [cfg.width_scale] if cfg.width_scale != "auto" else [0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+    for scale in scales:
+        config, student, share = fit(scale, {})
         if share <= cfg.max_macs_share:
-            return scale, config, student, share
-    raise PipelineError(f"compress.distill: a student at width_scale {scale} has {share:.0%} of the teacher's MACs, "
-                        f"above max_macs_share {cfg.max_macs_share}: lower width_scale or raise max_macs_share")
+            break
+    else:
+        raise PipelineError(f"compress.distill: a student at width_scale {scale} has {share:.0%} of the teacher's "
+                            f"MACs, above max_macs_share {cfg.max_macs_share}: lower width_scale or raise max_macs_share")
+    chosen = {m: scale for m in teacher.modalities}
+    if cfg.width_scale == "auto":
+        for m in teacher.modalities:
+            for wider in (1.0, 0.75):
+                if wider <= scale:
+                    break
+                tried = fit(scale, chosen | {m: wider})
+                if tried[2] <= cfg.max_macs_share:
+                    (config, student, share), chosen[m] = tried, wider
+                    break
+    return {"all": scale} | chosen, config, student, share
 
 
 def subset_retention(teacher: torch.nn.Module, student: torch.nn.Module, student_int8: Path, tensors: dict,

@@ -10,6 +10,8 @@ the model (manifest.json: modalities; ``--help`` lists them): a file, a text, or
                                                   # own columns) and optional id; paths relative
                                                   # to the CSV; one JSON line per row
     python predict.py ... --model fp32            # the fp32 model instead of the shipped one
+    python predict.py ... --device cuda           # ONNX Runtime's CUDA execution provider (onnxruntime-gpu);
+                                                  # auto: CUDA when it is there, else the CPU (default: cpu)
     python predict.py ... --alpha 0.05            # sets/intervals that hold the truth 95 % of the time
     python predict.py ... --explain               # each modality's Shapley contribution to the answer
     python predict.py --monitor window.csv        # has this window of rows drifted from the training data?
@@ -55,18 +57,34 @@ class InputError(Exception):
     """An input that cannot be turned into features (the message names the reason)."""
 
 
+def providers(device: str = "cpu") -> list[str]:
+    """ONNX Runtime execution providers for ``device``: cpu; cuda (onnxruntime-gpu's CUDA provider, the CPU one
+    behind it for what CUDA lacks: a ValueError naming what this onnxruntime offers when it is not there); auto
+    (CUDA when available, else the CPU)."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be cpu, cuda or auto (got {device!r})")
+    have = ort.get_available_providers()
+    if device != "cpu" and "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ValueError(f"no CUDA execution provider in this onnxruntime {ort.__version__} (it offers "
+                         f"{', '.join(have)}): install onnxruntime-gpu, or use --device cpu")
+    return ["CPUExecutionProvider"]
+
+
 class Predictor:
     InputError = InputError  # what ``features`` raises, for callers that hold only the predictor
 
     def __init__(self, folder: Path = HERE, model: str = "shipped", threads: int = 0, alpha: float | None = None,
-                 calibrated: bool = True):
+                 calibrated: bool = True, device: str = "cpu"):
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         file = self.manifest["models"][model]["file"]
-        self.session = ort.InferenceSession(str(self.folder / file), options, providers=["CPUExecutionProvider"])
+        self.providers = providers(device)
+        self.session = ort.InferenceSession(str(self.folder / file), options, providers=self.providers)
         self._options, self._embedder = options, None  # the aligned encoders' session, opened on first use (embed)
         # how far to trust an answer (manifest.json: models.<model>.calibration, fitted on the validation split):
         # temperature-scaled scores and a conformal set/interval per availability pattern; calibrated=False: raw
@@ -300,7 +318,7 @@ class Predictor:
             raise InputError("this bundle has no aligned embeddings (pretrain.enabled was false when it was built)")
         if self._embedder is None:
             self._embedder = ort.InferenceSession(str(self.folder / spec["file"]), self._options,
-                                                  providers=["CPUExecutionProvider"])
+                                                  providers=self.providers)
         feeds = {name: np.stack([s[name] for s in samples]).astype(self.inputs[name]["dtype"]) for name in spec["inputs"]}
         vectors = self._embedder.run(["embeddings"], feeds)[0].astype(np.float64)  # (B, modalities, dim), unit rows
         out = []
@@ -514,12 +532,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--among", default="fused",
                         help="--search: compare with the index's vectors of this modality, or fused (default)")
     parser.add_argument("--k", type=_positive, default=10, help="--search: matches per input (default 10)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="cpu (default); cuda: ONNX Runtime's CUDA execution provider (onnxruntime-gpu); "
+                             "auto: CUDA when available")
     known, _ = parser.parse_known_args(argv)
     models = json.loads((HERE / "manifest.json").read_text())["models"]
     if known.model not in models:
         parser.error(f"argument --model: {known.model!r} is not a model of this bundle (choose from {', '.join(models)})")
     try:
-        predictor = Predictor(model=known.model, alpha=known.alpha)
+        providers(known.device)
+    except ValueError as exc:
+        parser.error(f"argument --device: {exc}")
+    try:
+        predictor = Predictor(model=known.model, alpha=known.alpha, device=known.device)
     except ValueError as exc:
         parser.error(f"argument --alpha: {exc}")
     helps = {"file": "file (path)", "string": "the string itself", "record": "a JSON object of its fields"}

@@ -7,7 +7,10 @@ teacher is given to ``train()``: the labels' loss blended with a distillation lo
 batch's modality dropout and once under a random non-empty subset of each row's modalities, teacher and
 student seeing the same mask both times. The encoders run once per batch; only the fusion and head run per
 pattern (``FusionModel.fuse``), so the second pattern costs little. That is what lets the student keep the
-teacher's behaviour when modalities are missing, not only its all-modality accuracy.
+teacher's behaviour when modalities are missing, not only its all-modality accuracy. The teacher's encoders
+run once per train row, before the first epoch (``Teacher.remember``): in eval mode they give the same
+vectors every epoch (augmentation lives in the student's encoders, active in training only), so each step
+only looks its rows up and fuses them.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ import torch
 from torch import nn
 
 from mmpipe.errors import PipelineError
+from mmpipe.training.model_io import to_model_inputs
 
 # small_cnn encoder keys whose value is a channel/width count (scaled for the student); other archs are not
 SCALED_KEYS = ("width", "embed_dim")
 
 
-def student_config(teacher_config: dict[str, Any], scale: float) -> dict[str, Any]:
+def student_config(teacher_config: dict[str, Any], scale: float,
+                   encoder_scales: dict[str, float] | None = None) -> dict[str, Any]:
     """The teacher's model config with ``model.dim``, ``model.hidden`` and each small_cnn encoder's widths
-    multiplied by ``scale`` (as ``channels``; dim a multiple of the attention heads). A pretrained backbone (a
-    torchvision/huggingface/torchaudio arch) has no width to scale and its preprocessed inputs fit only it:
-    distilling such a teacher is refused with one line."""
+    multiplied by ``scale`` (as ``channels``; dim a multiple of the attention heads), or by the encoder's own
+    entry of ``encoder_scales`` (by modality). A pretrained backbone (a torchvision/huggingface/torchaudio arch)
+    has no width to scale and its preprocessed inputs fit only it: distilling such a teacher is refused with
+    one line."""
     config = copy.deepcopy(teacher_config)
     model = config["model"]
     for m, encoder in model.get("encoders", {}).items():
@@ -38,9 +44,10 @@ def student_config(teacher_config: dict[str, Any], scale: float) -> dict[str, An
         if encoder.get("arch", "small_cnn") != "small_cnn":
             raise PipelineError(f"compress.distill: model.encoders.{m}.arch is {encoder['arch']}: the student scales "
                                 f"small_cnn encoders only (set compress.distill.enabled: false for pretrained backbones)")
+        own = (encoder_scales or {}).get(m, scale)
         for key in SCALED_KEYS:
             if isinstance(encoder.get(key), (int, float)) and not isinstance(encoder[key], bool):
-                encoder[key] = channels(encoder[key] * scale)
+                encoder[key] = channels(encoder[key] * own) if own < 1.0 else encoder[key]
     heads = model.get("attention_heads", 1)  # (model params require dim to be a multiple, whatever the fusion)
     model["dim"] = max(heads, round(channels(model["dim"] * scale) / heads) * heads)
     model["hidden"] = channels(model["hidden"] * scale)
@@ -73,6 +80,7 @@ class Teacher:
     model: nn.Module
     temperature: float = 2.0
     alpha: float = 0.7
+    encoded: torch.Tensor | None = None  # the teacher's vectors of every train row (``remember``)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -83,13 +91,26 @@ class Teacher:
         self.model.to(device)
         return self
 
+    @torch.no_grad()
+    def remember(self, data, modalities: list[str], device: torch.device, batch_size: int = 512) -> None:
+        """Encode every row of ``data`` (the train split ``train()`` batches, positions = the batches' ``index``)
+        once: (rows, modalities, dim) on ``device``, 4 bytes a value. Without it each step encodes its batch."""
+        encoded = None
+        for batch in data.batches(batch_size):
+            inputs = to_model_inputs(batch, modalities, device)
+            vectors = self.model.encode(inputs).float()
+            if encoded is None:
+                encoded = torch.empty((len(data), *vectors.shape[1:]), device=device)
+            encoded[inputs["index"].to(device)] = vectors
+        self.encoded = encoded
+
     def step(self, student: nn.Module, inputs: dict[str, torch.Tensor], label_loss: nn.Module,
              target) -> tuple[torch.Tensor, torch.Tensor]:
         """(the student's outputs under the batch's mask, the step's loss)."""
         available = inputs["available"].bool()
         pattern = random_patterns(available)
         with torch.no_grad():
-            taught = self.model.encode(inputs)
+            taught = self.encoded[inputs["index"]] if self.encoded is not None else self.model.encode(inputs)
             teacher_out = [self.model.fuse(taught, mask).float() for mask in (available, pattern)]
         encoded = student.encode(inputs)
         outputs = [student.fuse(encoded, mask).float() for mask in (available, pattern)]

@@ -188,14 +188,15 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
             pretrained[m]["cached_embeddings"] = True
         if world.is_main:
             print(f"train[{'+'.join(modalities)}]: {m} from the embeddings preprocess cached (no input augmentation)")
-    model, step_model = place_model(model, device, world, params.compile)
+    graphs = use_cuda_graphs(params.cuda_graphs, device, world, params.compile, teacher is not None)
+    model, step_model = place_model(model, device, world, params.compile, graphs, strict=params.cuda_graphs is True)
     # batch_size is the global batch: each of N processes takes 1/N of it, so the optimiser sees the same
     # steps (and the same lr schedule fits) however many processes torchrun starts
     rank_batch = math.ceil(params.batch_size / world.size)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world.size) / rank_batch)
     opt = Optimisation.create(params, model, steps_per_epoch, device, target)
-    if teacher is not None:
-        teacher.to(device)
+    if teacher is not None:  # its vectors of every train row, once (eval mode: the same each epoch)
+        teacher.to(device).remember(train_set, modalities, device)
 
     name = "+".join(modalities)
     checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root,
@@ -257,6 +258,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
             metrics["tuned_on_val"] = tuned
             metrics[f"{metric}_tuned"] = target.fitted({**target.state, **tuned}).headline(val_scores, val_set.labels)
         if device.type == "cuda":
+            metrics["cuda_graphs"] = isinstance(step_model, GraphedSteps) and step_model.step is not step_model.model
             metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if world.is_main and checkpoint is not None:  # small (the best weights): cleared by clear_checkpoints
             _save(checkpoint, {"finished": True, "best": progress.best, "history": progress.history,
@@ -341,15 +343,60 @@ def prepare_device(params, world) -> torch.device:
     return device
 
 
-def place_model(model: torch.nn.Module, device: torch.device, world, compile_model: bool):
-    """(the model, the module the steps call): on ``device``, wrapped in DDP under torchrun, compiled on request."""
+def place_model(model: torch.nn.Module, device: torch.device, world, compile_model: bool, graphs: bool = False,
+                strict: bool = False):
+    """(the model, the module the steps call): on ``device``, wrapped in DDP under torchrun, compiled on request,
+    or replaying CUDA graphs (``graphs``: ``use_cuda_graphs``; ``strict``: no eager fallback)."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step_model = model
     if world.size > 1:  # gradients averaged over the ranks
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if graphs:
+        return model, GraphedSteps(step_model, torch.compile(step_model, mode="reduce-overhead"), strict)
     return model, (torch.compile(step_model) if compile_model else step_model)
+
+
+def use_cuda_graphs(setting: str | bool, device: torch.device, world, compile_model: bool, distilling: bool) -> bool:
+    """Whether training steps replay CUDA graphs (``train.cuda_graphs``). ``auto``: on one CUDA process, unless
+    train.compile (its own choice) or a teacher (distillation's step is not the model's call) says otherwise;
+    ``true`` off CUDA is one line."""
+    if setting is True and device.type != "cuda":
+        raise PipelineError(f"train.cuda_graphs: true needs a CUDA device (train.device resolved to {device.type}): "
+                            f"set it to auto or false")
+    if setting == "auto":
+        return device.type == "cuda" and world.size == 1 and not compile_model and not distilling
+    return bool(setting)
+
+
+class GraphedSteps:
+    """The training steps' module as CUDA graphs: ``compiled`` (torch.compile mode reduce-overhead, which records
+    a graph per batch shape and replays it) in place of ``model``. Each step marks a new graph step (the last
+    step's outputs may be overwritten). ``strict`` False (``cuda_graphs: auto``): if the first compiled call
+    fails, say so in one line and step eagerly from then on: a GPU image without a working compiler still trains."""
+
+    def __init__(self, model: torch.nn.Module, compiled: Callable, strict: bool = False):
+        self.model, self.step, self.strict, self.checked = model, compiled, strict, False
+
+    def train(self, mode: bool = True) -> "GraphedSteps":
+        self.model.train(mode)
+        return self
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if torch.cuda.is_available():
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.checked or self.strict:
+            return self.step(inputs)
+        try:
+            out = self.step(inputs)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, said in one line
+            print(f"train: CUDA graphs unavailable ({type(error).__name__}: {str(error).splitlines()[0][:200]}): "
+                  f"training eagerly (train.cuda_graphs: false silences this)")
+            self.step = self.model
+            out = self.step(inputs)
+        self.checked = True
+        return out
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
