@@ -346,3 +346,26 @@ def test_the_drift_monitor_names_the_modality_of_a_shifted_window_of_real_files(
         report = json.loads(proc.stdout)
         assert proc.returncode == 1 and report["drifted"] and report["modality"] == modality, (name, report)
         assert report["score"] > report["threshold"]
+
+
+def test_the_fp16_model_ships_verified_and_calibrated_and_the_predictor_runs_it(bundle, tiny_corpus, tmp_path):
+    """model_fp16.onnx (for a GPU's execution provider): smaller than the fp32 file, its parity with fp32 measured by
+    export on the whole test split and stated in the card, calibrated like the others; predict.py --model fp16
+    answers raw files like the fp32 model."""
+    folder, checks = bundle["folder"], bundle["checks"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["models"]["fp16"]["file"] == "model_fp16.onnx" and "model_fp16.onnx" in manifest["files"]
+    assert (folder / "model_fp16.onnx").stat().st_size < 0.8 * (folder / "model_fp32.onnx").stat().st_size  # (graph: not halved)
+    assert checks["fp16_vs_fp32_max_abs_logit_diff"] < 0.05 and checks["fp16_vs_fp32_top1_agreement"] >= 0.99
+    assert manifest["models"]["fp16"]["calibration"]["alpha"] == manifest["models"]["shipped"]["calibration"]["alpha"]
+    assert "fp16 (`model_fp16.onnx`, for a GPU) vs fp32 on the CPU provider" in (folder / "MODEL_CARD.md").read_text()
+    items, _, args = complete_test_sample(tiny_corpus, tmp_path)
+    answers = {}
+    for which in ("fp32", "fp16"):
+        proc = subprocess.run([sys.executable, "-I", "-c", GUARD, *args, "--model", which], cwd=folder,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        answers[which] = json.loads(proc.stdout)
+    assert answers["fp16"]["label"] == answers["fp32"]["label"]
+    for label, p in answers["fp32"]["probabilities"].items():
+        assert abs(answers["fp16"]["probabilities"][label] - p) < 0.02

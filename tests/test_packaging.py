@@ -185,3 +185,28 @@ def test_doctor_on_a_broken_install_reports_every_check_without_a_traceback(tmp_
     assert lines["torch"].startswith("FAIL") and "torch" in lines["torch"]
     assert lines["params.yaml"].startswith("FAIL") and "yaml" in lines["params.yaml"]
     assert lines["disk"].startswith("ok")
+
+
+def test_the_wheelhouse_check_adds_the_tracked_tree_and_fails_over_the_limit(tmp_path):
+    """`make wheelhouse` ends with tools/offline/carry_size.py: the git-tracked files (not ignored ones) plus
+    the wheelhouse must fit what a lent GPU machine carries (64 MiB); over it, exit 1 with one line."""
+    repo = tmp_path / "repo"
+    (repo / ".whl").mkdir(parents=True)
+    (repo / "tracked.bin").write_bytes(b"\0" * 3 * 2**20)
+    (repo / "ignored.bin").write_bytes(b"\0" * 50 * 2**20)
+    (repo / ".gitignore").write_text("/ignored.bin\n/.whl/\n")
+    (repo / ".whl" / "a-1.0-py3-none-any.whl").write_bytes(b"\0" * 2 * 2**20)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+
+    def check(*args):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "offline" / "carry_size.py"), ".whl", *args],
+                              cwd=repo, capture_output=True, text=True, timeout=60)
+
+    fits = check()
+    assert fits.returncode == 0 and fits.stdout.startswith("working tree 3.0 MiB + .whl 2.0 MiB = 5.0 MiB (limit 64 MiB)")
+    over = check("--limit-mib", "4")
+    assert over.returncode == 1 and "over the limit" in over.stdout and len(over.stdout.splitlines()) == 1
+    (repo / ".whl" / "a-1.0-py3-none-any.whl").unlink()
+    (repo / ".whl").rmdir()
+    assert check().returncode == 1

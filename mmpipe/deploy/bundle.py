@@ -71,6 +71,7 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
     stage verifies the bundle through it before the card, which reports that, exists): ``seal``."""
     shutil.copyfile(compressed / "model.onnx", out / "model.onnx")
     shutil.copyfile(compressed / "fp32.onnx", out / "model_fp32.onnx")
+    fp16 = write_fp16(out / "model_fp32.onnx", out / "model_fp16.onnx")
     pre, state_files = preprocessing(features_root, modalities)
     for path in dict.fromkeys([*SHIPPED_CODE, *state_files]):
         shutil.copyfile(path, out / path.name)
@@ -91,7 +92,9 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
                    "meaning": {"category": "class logits (softmax: probabilities)",
                                "number": "the standardised (transformed) value: x * std + mean, then expm1 if log",
                                "set": "tag logits (sigmoid: probabilities, >= threshold: the tag)"}[target["type"]]},
-        "models": {"shipped": {"file": "model.onnx", "variant": chosen}, "fp32": {"file": "model_fp32.onnx", "variant": "fp32"}},
+        "models": {"shipped": {"file": "model.onnx", "variant": chosen}, "fp32": {"file": "model_fp32.onnx", "variant": "fp32"},
+                   **({"fp16": {"file": "model_fp16.onnx", "variant": "fp16",
+                                "for": "a GPU: predict.py --model fp16 --device cuda (onnxruntime-gpu)"}} if fp16 else {})},
         "preprocessing": pre,
         # clean's per-item rules (size bounds included): the predictor accepts and rejects what clean did
         "clean": {m: dataset["clean_rules"][m] for m in modalities},
@@ -104,6 +107,23 @@ def build(out: Path, compressed: Path, chosen: str, features_root: Path, dataset
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def write_fp16(fp32: Path, out: Path) -> bool:
+    """``fp32`` converted to float16 weights and arithmetic, float32 inputs and outputs (ONNX Runtime's converter,
+    which keeps the ops it knows to be unsafe in float16 in float32): the model for a GPU's execution provider,
+    half the file. False, and no file, when the conversion or ONNX Runtime's check of the result fails (the
+    bundle then ships without it; export's checks say so)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    try:
+        onnx.save(convert_float_to_float16(onnx.load(fp32), keep_io_types=True), out)
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # noqa: BLE001 - an op the converter or the runtime cannot take in float16: no fp16 model
+        out.unlink(missing_ok=True)
+        return False
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:

@@ -137,7 +137,8 @@ def model_card(predictor, dataset: dict, eval_metrics: dict, compress_metrics: d
         f"{shipped['macs_per_sample'] / 1e6:.1f} M multiply-accumulates per sample, "
         f"batch-32 CPU latency p50 {shipped['latency_ms']['batch_32']['p50']:.2f} ms on the build machine "
         f"({compress_metrics['threads']} threads). `model_fp32.onnx` is the unpruned fp32 export "
-        f"({v['fp32']['file_bytes'] / 1e6:.2f} MB).",
+        f"({v['fp32']['file_bytes'] / 1e6:.2f} MB); `model_fp16.onnx`, where present, the same in float16 for a GPU "
+        f"(`predict.py --model fp16 --device cuda`).",
         *(["", "Pretrained encoders (their weights' licences apply to this model):", *pretrained] if pretrained else []),
         "",
         "## Inputs and limits",
@@ -215,6 +216,10 @@ def verification_lines(checks: dict) -> list[str]:
         f"{checks['fp32_onnx_vs_pytorch_max_abs_logit_diff']:.2e}",
         f"- shipped vs unpruned fp32 {agreeing} (test): {100 * checks['shipped_vs_fp32_top1_agreement']:.2f} %"
         + (f"; int8 vs the fp32 model it was quantized from: {100 * int8:.2f} %" if int8 is not None else ""),
+        (f"- fp16 (`model_fp16.onnx`, for a GPU) vs fp32 on the CPU provider (test): max |logit difference| "
+         f"{checks['fp16_vs_fp32_max_abs_logit_diff']:.2e}, {agreeing} {100 * checks['fp16_vs_fp32_top1_agreement']:.2f} %"
+         if checks.get("fp16_vs_fp32_top1_agreement") is not None
+         else "- no fp16 model: the fp32 one did not convert (ONNX Runtime's float16 converter)"),
         f"- this predictor on the raw test files: {show(checks[f'predictor_raw_test_{h}'])} "
         f"(fp32 model: {show(checks[f'predictor_raw_test_{h}_fp32'])}; evaluate stage: "
         f"{show(checks[f'evaluate_test_{h}'])}); its answers and the pipeline's agree on "

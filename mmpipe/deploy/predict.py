@@ -11,7 +11,8 @@ the model (manifest.json: modalities; ``--help`` lists them): a file, a text, or
                                                   # to the CSV; one JSON line per row
     python predict.py ... --model fp32            # the fp32 model instead of the shipped one
     python predict.py ... --device cuda           # ONNX Runtime's CUDA execution provider (onnxruntime-gpu);
-                                                  # auto: CUDA when it is there, else the CPU (default: cpu)
+                                                  # auto: CUDA when it is there, else the CPU (default: cpu);
+                                                  # with --model fp16: the float16 model, half the file
     python predict.py ... --alpha 0.05            # sets/intervals that hold the truth 95 % of the time
     python predict.py ... --explain               # each modality's Shapley contribution to the answer
     python predict.py --monitor window.csv        # has this window of rows drifted from the training data?
@@ -516,7 +517,7 @@ def cli_input(kind: str, value: str, max_bytes: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Predict the class of one sample or of a manifest of samples.")
-    parser.add_argument("--model", default="shipped", help="shipped (default) or fp32")
+    parser.add_argument("--model", default="shipped", help="shipped (default), fp32, or fp16 (for a GPU: --device cuda)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="conformal level of the prediction sets/intervals (1 - alpha: how often they hold the "
                              "truth); one of the levels the bundle calibrated (default: its own)")

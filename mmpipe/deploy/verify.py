@@ -158,6 +158,8 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequen
     fp32_out = run_logits(fp32, everything)
     shipped_out = run_logits(session(folder / "model.onnx"), everything)
     base_out = run_logits(session(quantized_from), everything) if quantized_from else None
+    fp16_path = folder / "model_fp16.onnx"  # the GPU model: its parity with fp32 on the CPU provider
+    fp16_out = run_logits(session(fp16_path), everything) if fp16_path.exists() else None
 
     predict = load_predictor(folder)
     accuracy, errors, answers, shipped_answers = {}, [], [], []
@@ -174,6 +176,9 @@ def verify(folder: Path, model: torch.nn.Module, test: FeatureSet, items: Sequen
             "shipped_vs_fp32_top1_agreement": float(target.agreement(fp32_out, shipped_out, True).mean()),
             "int8_vs_its_fp32_top1_agreement": (float(target.agreement(base_out, shipped_out, True).mean())
                                                 if quantized_from else None),
+            "fp16_vs_fp32_max_abs_logit_diff": float(np.abs(fp16_out - fp32_out).max()) if fp16_out is not None else None,
+            "fp16_vs_fp32_top1_agreement": (float(target.agreement(fp32_out, fp16_out, True).mean())
+                                            if fp16_out is not None else None),
             f"predictor_raw_test_{headline}": accuracy["shipped"],
             f"predictor_raw_test_{headline}_fp32": accuracy["fp32"],
             "predictor_vs_pipeline_agreement_fp32": float(np.mean(agree)),

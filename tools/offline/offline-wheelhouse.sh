@@ -6,7 +6,7 @@
 #   make wheelhouse      (= tools/offline/offline-wheelhouse.sh .whl)
 # then on the offline machine, from the project root:
 #   bash .whl/run-offline.sh            # installs the wheels to /tmp/site and runs `dvc repro`
-# Add OUT to .git/info/exclude so it never gets committed. Keep it under ~60 MB.
+# OUT (.whl/) is git-ignored. `make wheelhouse` then checks it fits a GPU loan (carry_size.py: 64 MiB).
 set -euo pipefail
 OUT=${1:-.whl}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -17,8 +17,12 @@ PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 # hydra-core (a dvc dependency) needs antlr4-python3-runtime, published as a source archive only
 python3 -m pip wheel -q --no-deps -w "$TMP" antlr4-python3-runtime==4.9.3
 grep -vE '^\s*(#|$)' requirements.txt | sed 's/#.*//' | grep -viE '^(torch|torchvision|torchaudio)==' > "$TMP/req.txt"
-# and the extras a GPU run may use: [text], [tune], librosa (the benchmarks' naive baseline); not the test tools
-grep -iE '^(transformers|tokenizers|optuna|librosa)==' requirements-dev.txt | sed 's/#.*//' >> "$TMP/req.txt"
+# and the extras a GPU run may use: [tune], librosa (the benchmarks' naive baseline); not the test tools. [text]
+# (transformers, tokenizers and the hub client: ~22 MB) only with WITH_TEXT=1: with it the wheels no longer fit
+# the 64 MiB a lent GPU machine carries (carry_size.py), and bench/gpu_run.sh does not need it
+EXTRAS='optuna|librosa'
+[ "${WITH_TEXT:-0}" = 1 ] && EXTRAS="$EXTRAS|transformers|tokenizers"
+grep -iE "^($EXTRAS)==" requirements-dev.txt | sed 's/#.*//' >> "$TMP/req.txt"
 grep -viE '^(torch|torchvision|torchaudio|triton|nvidia-)' constraints.txt > "$TMP/con.txt" 2>/dev/null || true
 python3 -m pip download -q $PLAT --find-links "$TMP" -d "$TMP" -r "$TMP/req.txt" -c "$TMP/con.txt"
 for f in "$TMP"/*.whl; do
