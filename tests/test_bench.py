@@ -66,7 +66,6 @@ SELF_CONTAINED = {  # entry point -> tiny arguments; they build their own inputs
     "bench.int8_kernels": ["--runs", "1"],
     "bench.backbones": ["--archs", "image:resnet18", "--size", "32", "--batch", "2", "--repeats", "1", "--runs", "1"],
     "bench.checkpointing": ["--archs", "image:resnet18", "--size", "32", "--batch", "2", "--repeats", "1"],
-    "bench.gpu_train": ["--device", "cpu", "--samples", "60", "--epochs", "1", "--no-compile"],
     "bench.gpu_preprocess": ["--device", "cpu", "--samples", "60"],
     "bench.scale_collect_clean": ["--samples", "100", "--out", "{tmp}/scale.json"],
     "bench.realistic": ["--samples", "40", "--until", "collect", "--out", "{tmp}/realistic"],
