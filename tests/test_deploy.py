@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import png_bytes
@@ -369,3 +370,23 @@ def test_the_fp16_model_ships_verified_and_calibrated_and_the_predictor_runs_it(
     assert answers["fp16"]["label"] == answers["fp32"]["label"]
     for label, p in answers["fp32"]["probabilities"].items():
         assert abs(answers["fp16"]["probabilities"][label] - p) < 0.02
+
+
+def test_an_fp16_model_that_crashes_the_runtime_is_left_out_not_the_stage(tiny_corpus, tmp_path):
+    """The attention fusion's float16 graph makes ONNX Runtime's CPU provider segfault when the session opens:
+    write_fp16 probes it in a process of its own and ships no fp16 model instead of killing export; the concat
+    fusion's converts and runs."""
+    from mmpipe.compress.onnx_model import export_onnx, onnx_feeds
+    from mmpipe.deploy.bundle import write_fp16
+    from mmpipe.features.loader import FeatureSet, feature_modalities
+    from mmpipe.training.model_io import build_model, model_config
+    features = tiny_corpus / "features"
+    modalities, train = list(feature_modalities(features)), FeatureSet(features, split="train")
+    val = FeatureSet(features, split="val")
+    for fusion, shipped in (("attention", False), ("concat", True)):
+        config = model_config(modalities, train.state, params.ModelParams(fusion=fusion, dim=16, hidden=16,
+                                                                          attention_heads=2).model_dump(), train.target)
+        model = build_model(config).eval()
+        export_onnx(model, onnx_feeds(val.get(np.arange(8)), model), tmp_path / f"{fusion}.onnx")
+        assert write_fp16(tmp_path / f"{fusion}.onnx", tmp_path / f"{fusion}_fp16.onnx") is shipped
+        assert (tmp_path / f"{fusion}_fp16.onnx").exists() is shipped
