@@ -6,7 +6,7 @@ fp32 teacher, the student and its int8 form round-robin at batch 1 and 32 (a fix
 file sizes, MACs, test accuracy (headline metric) for every modality subset, the robustness AUCs and the
 ratios: how much smaller and faster the int8 student is than what ships today.
 
-    python -m bench.distill [--epochs N] [--rounds 7] [--runs 50]
+    python -m bench.distill [--init pruned|scratch] [--epochs N] [--rounds 7] [--runs 50]
 
 Run it in the repository after `make repro`. Writes reports/distill.json and prints a markdown table.
 Times hold for this machine only.
@@ -37,11 +37,14 @@ REPORT = Path("reports/distill.json")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="compress.distill.epochs (default: params.yaml's)")
+    parser.add_argument("--init", choices=["pruned", "scratch"], default=None,
+                        help="compress.distill.init (default: params.yaml's)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model per round")
     args = parser.parse_args()
     cfg = params.load("compress")
-    distill = cfg.distill.model_copy(update={"enabled": True, **({"epochs": args.epochs} if args.epochs else {})})
+    distill = cfg.distill.model_copy(update={"enabled": True, **({"epochs": args.epochs} if args.epochs else {}),
+                                             **({"init": args.init} if args.init else {})})
     cfg = cfg.model_copy(update={"distill": distill})
     today = json.loads(layout.METRICS["compress"].read_text())
     torch.set_num_threads(cfg.threads)
@@ -72,7 +75,8 @@ def main() -> None:
                             "shipped_today": today["variants"][today["chosen"]]["macs_per_sample"],
                             "student": variants["student"]["macs_per_sample"],
                             "student_int8": variants["student"]["macs_per_sample"]},
-        "macs_share": metrics["distill"]["macs_share"], "width_scale": metrics["distill"]["width_scale"],
+        "init": metrics["distill"]["init"], "macs_share": metrics["distill"]["macs_share"],
+        "width_scale": metrics["distill"]["width_scale"],
         "file_bytes": sizes,
         "median_p50_ms": {k: round(float(np.median(v)), 3) for k, v in t.items()},
         f"{student}_smaller_than_shipped_today": round(sizes["shipped_today"] / sizes[student], 2),
@@ -93,7 +97,7 @@ def main() -> None:
         macs, acc = report["macs_per_sample"][name], report[f"test_{h}"][name]
         print(f"| {name} | {sizes[name] / 1e3:.0f} kB | {macs / 1e6:.2f} M | {acc:.4f} | "
               f"{report['median_p50_ms'][f'{name}@1']:.3f} | {report['median_p50_ms'][f'{name}@{big}']:.3f} |")
-    for key in (f"{student}_smaller_than_shipped_today", f"{student}_faster_than_shipped_today", "macs_share",
+    for key in ("init", f"{student}_smaller_than_shipped_today", f"{student}_faster_than_shipped_today", "macs_share",
                 "all_modalities_minus_teacher", "worst_single_modality_minus_teacher", "robustness"):
         print(f"{key}: {report[key]}")
 

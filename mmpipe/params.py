@@ -236,6 +236,7 @@ class Quantize(Strict):
 class Distill(Strict):
     """compress.distill: a smaller student trained on the fusion model's outputs (mmpipe.training.distill)."""
     enabled: bool = False
+    init: Literal["pruned", "scratch"] = "pruned"
     width_scale: Literal["auto"] | float = "auto"
     max_macs_share: float = Field(0.25, gt=0.0, le=1.0)
     temperature: float = Field(2.0, gt=0.0)
@@ -243,7 +244,7 @@ class Distill(Strict):
     epochs: int = Field(60, ge=1, le=10_000)
     patience: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(3e-3, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)
     modality_dropout: float = Field(0.25, ge=0.0, lt=1.0)
     robustness_levels: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=2)
 

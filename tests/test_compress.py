@@ -14,7 +14,7 @@ from mmpipe.compress.onnx_model import export_onnx, input_dtypes, onnx_feeds, ru
 from mmpipe.features.loader import FeatureSet, feature_modalities
 from mmpipe.errors import PipelineError
 from mmpipe.training.distill import random_patterns, student_config
-from mmpipe.training.model_io import load_model, to_model_inputs
+from mmpipe.training.model_io import load_model, only_available, to_model_inputs
 from mmpipe.trust import calibration
 
 @pytest.fixture(scope="module")
@@ -197,17 +197,18 @@ def teacher_dir(tiny_corpus, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("init", ["pruned", "scratch"])
 def test_distilled_student_is_a_quarter_of_the_macs_and_is_measured_per_modality_subset(tiny_corpus, teacher_dir,
-                                                                                        tmp_path):
-    """compress.distill: the student (half the widths) is at most 25 % of the teacher's MACs, is trained (its
-    epochs logged), exported and int8'd like the other variants, and every modality subset's test accuracy and
-    each modality's robustness AUC are reported for teacher and student."""
+                                                                                        tmp_path, init):
+    """compress.distill: the student (the teacher pruned, or a fresh model at half the widths) is at most 25 % of
+    the teacher's MACs, is trained (its epochs logged), exported and int8'd like the other variants, and every
+    modality subset's test accuracy and each modality's robustness AUC are reported for teacher and student."""
     cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.2, "prune": {"method": "none"},
                                        "quantize": {"calibration_samples": 64, "layers": "all"},
-                                       "distill": {"enabled": True, "epochs": 3, "batch_size": 32,
+                                       "distill": {"enabled": True, "init": init, "epochs": 3, "batch_size": 32,
                                                    "robustness_levels": [0.0, 1.0]}})
     logged = []
-    result = compress(cfg, tiny_corpus / "features", teacher_dir, tmp_path, log=lambda name, row: logged.append(name),
+    result = compress(cfg, tiny_corpus / "features", teacher_dir, tmp_path, log=lambda name, row: logged.append((name, row)),
                       progress=lambda line: None, clean_dir=tiny_corpus / "clean")
     variants, distill = result["variants"], result["distill"]
     assert {"student", "student_int8"} <= set(variants) and variants["student_int8"]["from"] == "student"
@@ -215,9 +216,17 @@ def test_distilled_student_is_a_quarter_of_the_macs_and_is_measured_per_modality
     assert distill["macs_share"] == pytest.approx(variants["student"]["macs_per_sample"]
                                                   / variants["fp32"]["macs_per_sample"], abs=1e-3)
     assert variants["student_int8"]["file_bytes"] < variants["student"]["file_bytes"] < variants["fp32"]["file_bytes"]
-    assert logged.count("distill") == distill["epochs_run"] == 3
+    rows = [row for name, row in logged if name == "distill"]
+    assert len(rows) == distill["epochs_run"] == 3
+    # the kept epoch is the best by the headline over every modality subset, not the all-modality one alone
+    scores = [row["val_accuracy_every_subset"] for row in rows]
+    assert distill["best_epoch"] == rows[scores.index(max(scores))]["epoch"]
     teacher = load_model(teacher_dir)
-    assert distill["model"]["dim"] % teacher.config["model"]["attention_heads"] == 0 and distill["model"]["dim"] < 32
+    assert distill["init"] == init
+    if init == "scratch":  # its own config, at scaled widths
+        assert distill["model"]["dim"] % teacher.config["model"]["attention_heads"] == 0 and distill["model"]["dim"] < 32
+    else:  # the teacher's layers with channels removed: no config of its own
+        assert "model" not in distill
     assert set(distill["retention"]) == {"+".join(s) for s in calibration.subsets(teacher.modalities)}
     everything = distill["retention"]["+".join(teacher.modalities)]
     assert everything["teacher"] == pytest.approx(variants["fp32"]["test_accuracy"], abs=1e-6)
@@ -231,7 +240,7 @@ def test_distilled_student_is_a_quarter_of_the_macs_and_is_measured_per_modality
 def test_a_student_over_the_macs_share_or_of_a_pretrained_backbone_is_refused_in_one_line(tiny_corpus, model_dir,
                                                                                           tmp_path):
     cfg = params.validate("compress", {"latency_runs": 5, "prune": {"method": "none"}, "quantize": {"enabled": False},
-                                       "distill": {"enabled": True, "width_scale": 0.9}})
+                                       "distill": {"enabled": True, "init": "scratch", "width_scale": 0.9}})
     with pytest.raises(PipelineError, match=r"width_scale 0.9 has \d+% of the teacher's MACs, above max_macs_share"):
         compress(cfg, tiny_corpus / "features", model_dir, tmp_path, progress=lambda line: None,
                  clean_dir=tiny_corpus / "clean")
@@ -254,7 +263,8 @@ def test_auto_width_spends_the_macs_left_on_the_cheap_encoders(tiny_corpus, teac
     teacher = load_model(teacher_dir)
     data = FeatureSet(tiny_corpus / "features", split="val")
     example = to_model_inputs(data.get(np.arange(len(data))), teacher.modalities, torch.device("cpu"))
-    uniform = params.CompressParams().distill.model_copy(update={"width_scale": 0.5, "max_macs_share": 0.4})
+    uniform = params.CompressParams().distill.model_copy(update={"init": "scratch", "width_scale": 0.5,
+                                                                 "max_macs_share": 0.4})
     scale, _, _, share_uniform = student_within_share(teacher, example, uniform)
     assert set(scale.values()) == {0.5}
     auto = uniform.model_copy(update={"width_scale": "auto"})
@@ -264,6 +274,44 @@ def test_auto_width_spends_the_macs_left_on_the_cheap_encoders(tiny_corpus, teac
     widened = [m for m in teacher.modalities if scale[m] == 1.0 and "width" in config["model"]["encoders"][m]]
     for m in widened:  # at full width the encoder keeps the teacher's channels
         assert config["model"]["encoders"][m]["width"] == teacher.config["model"]["encoders"][m]["width"]
+
+
+def test_a_pruned_student_starts_from_the_teachers_own_channels(tiny_corpus, teacher_dir):
+    """init pruned: the student is the teacher with whole channels removed (any arch torch-pruning handles):
+    within max_macs_share, narrower, and every kept filter of its first image convolution is one of the teacher's
+    filters unchanged (what it learnt is kept; distillation recovers what the removed ones carried)."""
+    from mmpipe.compress.compress import student_within_share
+    teacher = load_model(teacher_dir)
+    data = FeatureSet(tiny_corpus / "features", split="val")
+    example = to_model_inputs(data.get(np.arange(len(data))), teacher.modalities, torch.device("cpu"))
+    cfg = params.CompressParams().distill.model_copy(update={"max_macs_share": 0.4})
+    assert cfg.init == "pruned"
+    scale, config, student, share = student_within_share(teacher, example, cfg)
+    assert share <= 0.4 and scale["all"] <= 0.5 and config == teacher.config
+    first = lambda model: next(m for m in model.encoders["image"].modules() if isinstance(m, torch.nn.Conv2d))  # noqa: E731
+    kept, full = first(student).weight.detach(), first(teacher).weight.detach()
+    assert 0 < kept.shape[0] < full.shape[0]
+    assert all(any(torch.equal(row, other) for other in full) for row in kept)
+    with torch.no_grad():  # a working model of the same kind, judged like the teacher
+        assert student(example).shape == teacher(example).shape and type(student.target) is type(teacher.target)
+    assert set(scale.values()) == {scale["all"]}  # one share for every layer (no encoder widened back)
+
+
+def test_the_students_selection_score_is_its_mean_headline_over_every_modality_subset(tiny_corpus, teacher_dir):
+    from mmpipe.training.distill import Teacher
+    model = load_model(teacher_dir)
+    data = FeatureSet(tiny_corpus / "features", split="val")
+    expected = []
+    for subset in calibration.subsets(model.modalities):  # masking the inputs, one subset at a time
+        outputs = []
+        for batch in data.batches(64):
+            with torch.no_grad():
+                inputs = to_model_inputs(only_available(batch, model.modalities, subset), model.modalities,
+                                         torch.device("cpu"))
+                outputs.append(model(inputs).float())
+        expected.append(data.target.headline(data.target.scores(torch.cat(outputs)).numpy(), data.labels))
+    assert len(expected) == 2 ** len(model.modalities) - 1
+    assert Teacher.selection_score(model, data, torch.device("cpu")) == pytest.approx(np.mean(expected), abs=1e-9)
 
 
 def test_the_teachers_remembered_vectors_are_what_it_computes_per_batch(tiny_corpus, teacher_dir):

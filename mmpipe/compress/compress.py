@@ -237,9 +237,9 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
     both models' robustness AUCs under evaluate's corruptions at ``distill.robustness_levels``."""
     cfg, data = params.distill, variants.data
     scale, config, student, share = student_within_share(teacher, data.example, cfg)
-    progress(f"compress[student]: widths x{scale['all']} (encoders: "
-             f"{', '.join(f'{m} x{v}' for m, v in scale.items() if m != 'all')}), {share:.1%} of the teacher's MACs, "
-             f"distilling at temperature "
+    widths = (f"the teacher's channels x{scale['all']} kept (structured pruning)" if cfg.init == "pruned" else
+              f"widths x{scale['all']} (encoders: {', '.join(f'{m} x{v}' for m, v in scale.items() if m != 'all')})")
+    progress(f"compress[student]: {widths}, {share:.1%} of the teacher's MACs, distilling at temperature "
              f"{cfg.temperature}")
     tuning = TrainParams(seed=params.seed, device="auto", epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          patience=cfg.patience, modality_dropout=cfg.modality_dropout, threads=params.threads)
@@ -254,8 +254,8 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
         quantized("student", variants, out_dir, params, log, progress, name="student_int8")
     test = FeatureSet(features_root, split="test")
     tensors = test.get(np.arange(len(test)))
-    return {"width_scale": scale, "temperature": cfg.temperature, "alpha": cfg.alpha,
-            "model": config["model"], "macs_share": round(share, 4),
+    return {"init": cfg.init, "width_scale": scale, "temperature": cfg.temperature, "alpha": cfg.alpha,
+            **({"model": config["model"]} if cfg.init == "scratch" else {}), "macs_share": round(share, 4),
             "epochs_run": result["metrics"]["epochs_run"], "best_epoch": result["metrics"]["best_epoch"],
             "seconds": result["metrics"]["seconds"],
             "retention": subset_retention(teacher, student, out_dir / "student_int8.onnx", tensors, test.labels),
@@ -263,22 +263,31 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
 
 
 def student_within_share(teacher: torch.nn.Module, example: dict, cfg) -> tuple[dict, dict, torch.nn.Module, float]:
-    """({"all": width scale, modality: its encoder's scale}, config, fresh model, MACs share) of the student: at
-    ``distill.width_scale``, or with ``auto`` the widest of 0.5, 0.45, ... 0.2 within ``max_macs_share`` of the
-    teacher's MACs per sample (layers fed by the fixed-size inputs shrink linearly, not quadratically, so half
-    the widths is not always a quarter), then each encoder in turn widened back (x1, x0.75) where the budget
-    still allows: the image encoder holds most MACs, while the text or tabular one costs little at full width
-    and is what the student's text-only accuracy needs."""
+    """({"all": width scale, modality: its encoder's scale}, config, student before distillation, MACs share) of
+    the student, at ``distill.width_scale`` or with ``auto`` the widest of 0.5, 0.45, ... 0.2 within
+    ``max_macs_share`` of the teacher's MACs per sample (layers fed by the fixed-size inputs shrink linearly, not
+    quadratically, so half the widths is not always a quarter).
+
+    ``init: pruned``: the teacher with that share of each prunable layer's channels kept (structured pruning,
+    the largest-magnitude channels: ``prune.structured``), so the student starts from what the teacher learnt
+    and distillation only has to recover what the removed channels carried (the prune-then-distill recipe of
+    Minitron; on the built-in corpus a pruned start keeps the accuracy a fresh student at the same MACs loses).
+    ``init: scratch``: a fresh model of the teacher's config with the widths scaled (small_cnn encoders only),
+    then each encoder in turn widened back (x1, x0.75) where the budget still allows: the image encoder holds
+    most MACs, while the text or tabular one costs little at full width."""
     per_sample = lambda m: prune.macs(m, example) / len(example["label"])  # noqa: E731
     teacher_macs = per_sample(teacher)
+    scales = [cfg.width_scale] if cfg.width_scale != "auto" else [0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
 
     def fit(scale: float, encoder_scales: dict[str, float]):
+        if cfg.init == "pruned":
+            student = prune.structured(teacher, round(1.0 - scale, 4), example)
+            return teacher.config, student, per_sample(student) / teacher_macs
         config = student_config(teacher.config, scale, encoder_scales)
         student = build_model(config)
         student.target = teacher.target  # judged like the teacher (a tag set: at the teacher's thresholds)
         return config, student, per_sample(student) / teacher_macs
 
-    scales = [cfg.width_scale] if cfg.width_scale != "auto" else [0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
     for scale in scales:
         config, student, share = fit(scale, {})
         if share <= cfg.max_macs_share:
@@ -287,7 +296,7 @@ def student_within_share(teacher: torch.nn.Module, example: dict, cfg) -> tuple[
         raise PipelineError(f"compress.distill: a student at width_scale {scale} has {share:.0%} of the teacher's "
                             f"MACs, above max_macs_share {cfg.max_macs_share}: lower width_scale or raise max_macs_share")
     chosen = {m: scale for m in teacher.modalities}
-    if cfg.width_scale == "auto":
+    if cfg.width_scale == "auto" and cfg.init == "scratch":
         for m in teacher.modalities:
             for wider in (1.0, 0.75):
                 if wider <= scale:

@@ -166,6 +166,8 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
 
     target = train_set.target  # what the model predicts: its head, loss and headline metric
     metric = f"val_{target.HEADLINE}"
+    # what the best epoch and early stopping follow: distilling, the headline over every modality subset
+    selection = metric if teacher is None else f"{metric}_every_subset"
     config = model_config(modalities, train_set.state, model_params.model_dump(), target)
     model, pretrained, aligned_from = init_model, {}, None
     if model is None:  # a fresh model: local weight files into the backbones that have them
@@ -202,7 +204,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     checkpoint = checkpoint_path(checkpoint_dir, name, config, params, features_root,
                                  {m: info.get("sha256") for m, info in pretrained.items()}
                                  | ({"aligned": aligned_from["sha256"]} if aligned_from else {}))
-    progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None, metric)
+    progress = resume(checkpoint, model, opt, device, params.epochs, name if world.is_main else None, selection)
     if on_resume and world.is_main and progress.history:  # the epochs the killed run trained (its curves)
         on_resume(progress.history)
     seen = 0  # samples this process trained on (throughput)
@@ -218,6 +220,9 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         row = {"epoch": epoch, "train_loss": loss_sum / n, f"train_{target.HEADLINE}": target.from_running(sums, n),
                metric: val_score, "val_loss": val["loss"], "lr": opt.schedule.get_last_lr()[0],
                "samples_per_s": n / (time.perf_counter() - tic)}
+        if teacher is not None:
+            row[selection] = distributed.from_main(
+                Teacher.selection_score(model, val_set, device) if world.is_main else 0.0, device)
         progress.record(row, model)
         if on_epoch and world.is_main:
             on_epoch(epoch, row)
@@ -244,10 +249,12 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
     if metrics is None:
         seconds = time.perf_counter() - started
         metrics = {"modalities": modalities, "headline": target.HEADLINE, "best_epoch": progress.best["epoch"],
-                   metric: progress.best["score"], "epochs_run": len(progress.history),
+                   metric: best_row(progress).get(metric, progress.best["score"]), "epochs_run": len(progress.history),
                    "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1),
                    "samples_per_s": round(seen / seconds, 1), "device": device.type, "processes": world.size,
                    "data": placement}
+        if selection != metric:
+            metrics[selection] = progress.best["score"]
         if pretrained:
             metrics["pretrained"] = pretrained
         if aligned_from:
@@ -268,6 +275,11 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
         model.load_state_dict(progress.best["state"])
         result["model"] = model.cpu().eval()
     return result
+
+
+def best_row(progress: Progress) -> dict:
+    """The history row of the best epoch (the epoch ``progress.best`` kept), or {} before any."""
+    return next((row for row in progress.history if row["epoch"] == progress.best["epoch"]), {})
 
 
 def labelled_share(data: FeatureSet, fraction: float, seed: int) -> np.ndarray:
