@@ -12,7 +12,8 @@ from sklearn.metrics import f1_score
 
 from conftest import png_bytes, wav_bytes
 from mmpipe import params
-from mmpipe.evaluate.evaluate import SplitInputs, evaluate, failed_gates, subsets
+from mmpipe.evaluate.evaluate import SplitInputs, evaluate, failed_gates
+from mmpipe.trust.calibration import subsets
 from mmpipe.evaluate.metrics import area_under
 from mmpipe.targets.metrics import calibration, classification
 from mmpipe.evaluate.report import report_markdown, write_plot_data

@@ -26,9 +26,8 @@ from mmpipe.modalities import MODALITIES
 from mmpipe.pretrain.align import split_retrieval
 from mmpipe.names import SAMPLES_DIR, STATE_FILE, available_key
 from mmpipe.timing import latency_ms
-from mmpipe.training.model_io import CONFIG_FILE, load_model, to_model_inputs
+from mmpipe.training.model_io import CONFIG_FILE, load_model, subset_outputs, to_model_inputs
 from mmpipe.trust import attribution, calibration
-from mmpipe.trust.calibration import subsets
 
 
 class SplitInputs:
@@ -113,24 +112,6 @@ def headline_of(model: torch.nn.Module, scores: np.ndarray, labels: np.ndarray) 
 def available_matrix(tensors: dict, modalities: list[str]) -> np.ndarray:
     """(n, len(modalities)) bool: which modality each row has."""
     return np.stack([tensors[available_key(m)].numpy().astype(bool) for m in modalities], axis=1)
-
-
-@torch.no_grad()
-def subset_outputs(model: torch.nn.Module, tensors: dict, device: torch.device,
-                   batch_size: int = 512) -> dict[tuple[str, ...], np.ndarray]:
-    """Raw outputs with only each subset of the model's modalities available (where the row has it), the empty
-    subset (nothing available: the model's prior) included. The encoders run once per batch (``encode``); only
-    the fusion and the head run per subset (``fuse``): what masking the inputs would give, 2^M times cheaper."""
-    model.eval()
-    chosen = [(), *subsets(model.modalities)]
-    out: dict[tuple[str, ...], list[np.ndarray]] = {s: [] for s in chosen}
-    for start in range(0, len(tensors["label"]), batch_size):
-        inputs = to_model_inputs({k: v[start:start + batch_size] for k, v in tensors.items()}, model.modalities, device)
-        encoded, available = model.encode(inputs), inputs["available"].bool()
-        for subset in chosen:
-            keep = torch.tensor([m in subset for m in model.modalities], device=device)
-            out[subset].append(model.fuse(encoded, available & keep).float().cpu().numpy())
-    return {subset: np.concatenate(parts) for subset, parts in out.items()}
 
 
 @torch.no_grad()

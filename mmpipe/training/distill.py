@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mmpipe.errors import PipelineError
-from mmpipe.training.model_io import to_model_inputs
+from mmpipe.training.model_io import subset_outputs, to_model_inputs
 
 # small_cnn encoder keys whose value is a channel/width count (scaled for the student); other archs are not
 SCALED_KEYS = ("width", "embed_dim")
@@ -112,17 +112,10 @@ class Teacher:
         with only those of the subset it has): what ``train()`` keeps the best epoch and stops early by when it
         distils. The all-modality score alone would not do: two runs that stopped at different epochs by it
         differed by 0.3 points with all modalities and by 3.5 points on image alone (docs/benchmarks.md)."""
-        # (evaluate's subset_outputs does this too, but training sits below evaluate: encode once, fuse per subset)
-        student.eval()
-        target, n = data.target, len(student.modalities)
-        keeps = [torch.tensor([(bits >> i) & 1 == 1 for i in range(n)], device=device) for bits in range(1, 2 ** n)]
-        outputs: list[list[torch.Tensor]] = [[] for _ in keeps]
-        for batch in data.batches(512):
-            inputs = to_model_inputs(batch, student.modalities, device)
-            encoded, available = student.encode(inputs), inputs["available"].bool()
-            for out, keep in zip(outputs, keeps):
-                out.append(student.fuse(encoded, available & keep).float().cpu())
-        per_subset = [target.headline(target.scores(torch.cat(out)).numpy(), data.labels) for out in outputs]
+        outputs = subset_outputs(student, data.get(np.arange(len(data))), device)
+        target = data.target
+        per_subset = [target.headline(target.scores(torch.from_numpy(out)).numpy(), data.labels)
+                      for subset, out in outputs.items() if subset]
         return float(np.mean(per_subset))
 
     def step(self, student: nn.Module, inputs: dict[str, torch.Tensor], label_loss: nn.Module,

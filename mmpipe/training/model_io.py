@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -17,6 +18,7 @@ from mmpipe.modalities.base import array_names
 from mmpipe.models.fusion import FusionModel
 from mmpipe.names import CONFIG_FILE, WEIGHTS_FILE, available_key
 from mmpipe.targets import Target, target_of
+from mmpipe.trust.calibration import subsets
 
 
 def model_config(modalities: list[str], states: dict[str, dict], model_params: dict[str, Any],
@@ -74,3 +76,21 @@ def only_available(batch: dict[str, torch.Tensor], modalities: list[str], subset
     """``batch`` with every modality of ``modalities`` outside ``subset`` marked unavailable (missing-modality
     evaluation, calibration per availability pattern)."""
     return batch | {available_key(m): torch.zeros_like(batch[available_key(m)]) for m in modalities if m not in subset}
+
+
+@torch.no_grad()
+def subset_outputs(model: torch.nn.Module, tensors: dict, device: torch.device,
+                   batch_size: int = 512) -> dict[tuple[str, ...], np.ndarray]:
+    """Raw outputs with only each subset of the model's modalities available (where the row has it), the empty
+    subset (nothing available: the model's prior) included. The encoders run once per batch (``encode``); only
+    the fusion and the head run per subset (``fuse``): what masking the inputs would give, 2^M times cheaper."""
+    model.eval()
+    chosen = [(), *subsets(model.modalities)]
+    out: dict[tuple[str, ...], list[np.ndarray]] = {s: [] for s in chosen}
+    for start in range(0, len(tensors["label"]), batch_size):
+        inputs = to_model_inputs({k: v[start:start + batch_size] for k, v in tensors.items()}, model.modalities, device)
+        encoded, available = model.encode(inputs), inputs["available"].bool()
+        for subset in chosen:
+            keep = torch.tensor([m in subset for m in model.modalities], device=device)
+            out[subset].append(model.fuse(encoded, available & keep).float().cpu().numpy())
+    return {subset: np.concatenate(parts) for subset, parts in out.items()}
