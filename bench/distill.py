@@ -1,14 +1,19 @@
-"""Distillation: the compress stage's student against the model it ships today, side by side in one run.
+"""Distillation: the compress stage's student against the model it ships today, side by side in one run, over
+several seeds.
 
-Runs compress (params.yaml's section, with ``distill.enabled``) on the trained fusion model into a temporary
-folder, then times today's shipped variant (artifacts/compressed/model.onnx, what `make repro` chose), the
-fp32 teacher, the student and its int8 form round-robin at batch 1 and 32 (a fixed thread count), and reports
-file sizes, MACs, test accuracy (headline metric) for every modality subset, the robustness AUCs and the
-ratios: how much smaller and faster the int8 student is than what ships today.
+Runs compress (params.yaml's section, with ``distill.enabled``) on the trained fusion model once per seed
+(``compress.seed`` 0, 1, ...: the student's batches, dropout masks and calibration rows differ; the teacher and
+the split do not) into a temporary folder, then times today's shipped variant (artifacts/compressed/model.onnx,
+what `make repro` chose), the fp32 teacher, and per seed the int8 student and that run's own int8 model (today's
+recipe: int8 of the pruned model, its layers chosen by the same latency probes in the same run as the
+student's) round-robin at batch 1 and 32 (a fixed thread count). Reports file sizes, MACs, test accuracy
+(headline metric) for every modality subset per seed and its mean / min / max over the seeds, the robustness
+AUCs and the ratios: how much smaller and faster the int8 student is than what ships today. One seed cannot
+tell a 1-point difference on a 593-row subset from chance (docs/benchmarks.md "Distillation"): the mean can.
 
-    python -m bench.distill [--init pruned|scratch] [--epochs N] [--rounds 7] [--runs 50]
+    python -m bench.distill [--seeds 3] [--init pruned|scratch] [--epochs N] [--rounds 7] [--runs 50]
 
-Run it in the repository after `make repro`. Writes reports/distill.json and prints a markdown table.
+Run it in the repository after `make repro`. Writes reports/distill.json and prints markdown tables.
 Times hold for this machine only.
 """
 
@@ -36,6 +41,7 @@ REPORT = Path("reports/distill.json")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="compress runs, at compress.seed 0, 1, ... (default 3)")
     parser.add_argument("--epochs", type=int, default=None, help="compress.distill.epochs (default: params.yaml's)")
     parser.add_argument("--init", choices=["pruned", "scratch"], default=None,
                         help="compress.distill.init (default: params.yaml's)")
@@ -48,12 +54,17 @@ def main() -> None:
     cfg = cfg.model_copy(update={"distill": distill})
     today = json.loads(layout.METRICS["compress"].read_text())
     torch.set_num_threads(cfg.threads)
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        metrics = compress(cfg, layout.FEATURES, layout.FUSION, out, clean_dir=layout.CLEAN)
-        h, variants = metrics["headline"], metrics["variants"]
-        files = {"shipped_today": layout.COMPRESSED / "model.onnx", "teacher_fp32": out / "fp32.onnx",
-                 "student": out / "student.onnx", "student_int8": out / "student_int8.onnx"}
+        for seed in range(args.seeds):
+            out = Path(tmp) / f"seed{seed}"
+            out.mkdir()
+            runs[seed] = compress(cfg.model_copy(update={"seed": seed}), layout.FEATURES, layout.FUSION, out,
+                                  clean_dir=layout.CLEAN)
+        files = {"shipped_today": layout.COMPRESSED / "model.onnx", "teacher_fp32": Path(tmp) / "seed0" / "fp32.onnx"}
+        for seed in runs:
+            files |= {f"student_int8@seed{seed}": Path(tmp) / f"seed{seed}" / "student_int8.onnx",
+                      f"int8@seed{seed}": Path(tmp) / f"seed{seed}" / "int8.onnx"}
         files = {name: path for name, path in files.items() if path.exists()}
         model = load_model(layout.FUSION)
         val = FeatureSet(layout.FEATURES, split="val")
@@ -64,41 +75,87 @@ def main() -> None:
                    for name, sess in sessions.items()}
         t = interleaved_p50(runners, (1, big), args.rounds, args.runs)
         sizes = {name: path.stat().st_size for name, path in files.items()}
-    student = "student_int8" if "student_int8" in files else "student"
-    retention = metrics["distill"]["retention"]
-    every = "+".join(model.modalities)
-    singles = {m: retention[m] for m in model.modalities}
-    report = {
-        "machine": f"{platform.processor() or platform.machine()}, {cfg.threads} threads", "rounds": args.rounds,
-        "headline": h, "shipped_today": today["chosen"], "student": student,
+    report = summary(runs, today, model.modalities, sizes, t, big)
+    report |= {"machine": f"{platform.processor() or platform.machine()}, {cfg.threads} threads", "rounds": args.rounds}
+    write_json_atomic(REPORT, report)
+    print_tables(report, big)
+
+
+def ratio(t: dict[str, np.ndarray], slow: str, fast: str, size: int) -> float:
+    """How many times faster ``fast`` is than ``slow`` at ``size``: the median of the per-round ratios."""
+    return round(float(np.median(t[f"{slow}@{size}"] / t[f"{fast}@{size}"])), 2)
+
+
+def median_over_seeds(per_seed: dict[int, dict], key: str, size: str | None = None) -> float | None:
+    """The median of a per-seed ratio (None when no seed has it: no int8 student was written)."""
+    values = [row[key] if size is None else row[key][size] for row in per_seed.values() if key in row]
+    return round(float(np.median(values)), 2) if values else None
+
+
+def summary(runs: dict[int, dict], today: dict, modalities: list[str], sizes: dict[str, int],
+            t: dict[str, np.ndarray], big: int) -> dict:
+    first = runs[0]
+    h, variants = first["headline"], first["variants"]
+    student = "student_int8" if "student_int8" in variants else "student"
+    every = "+".join(modalities)
+    per_seed = {}
+    for seed, metrics in runs.items():
+        row = {"macs_share": metrics["distill"]["macs_share"], "width_scale": metrics["distill"]["width_scale"],
+               "epochs_run": metrics["distill"]["epochs_run"], "distill_seconds": metrics["distill"]["seconds"],
+               f"test_{h}": {name: metrics["variants"][name][f"test_{h}"] for name in ("student", "student_int8", "int8")
+                             if name in metrics["variants"]},
+               "minus_teacher": {subset: r.get(f"{student}_minus_teacher")
+                                 for subset, r in metrics["distill"]["retention"].items()},
+               "robustness": metrics["distill"]["robustness"], "chosen_with_distill": metrics["chosen"]}
+        name = f"student_int8@seed{seed}"
+        if name in sizes:
+            row["smaller_than_shipped_today"] = round(sizes["shipped_today"] / sizes[name], 2)
+            row["faster_than_shipped_today"] = {f"batch_{s}": ratio(t, "shipped_today", name, s) for s in (1, big)}
+            if f"int8@seed{seed}" in sizes:  # today's recipe, its int8 layers probed in the same run
+                row["smaller_than_same_run_int8"] = round(sizes[f"int8@seed{seed}"] / sizes[name], 2)
+                row["faster_than_same_run_int8"] = {f"batch_{s}": ratio(t, f"int8@seed{seed}", name, s)
+                                                    for s in (1, big)}
+        per_seed[seed] = row
+    subsets = list(first["distill"]["retention"])
+    spread = {subset: {"mean": round(float(np.mean([r["minus_teacher"][subset] for r in per_seed.values()])), 4),
+                       "min": min(r["minus_teacher"][subset] for r in per_seed.values()),
+                       "max": max(r["minus_teacher"][subset] for r in per_seed.values()),
+                       "teacher": first["distill"]["retention"][subset]["teacher"]} for subset in subsets}
+    return {
+        "headline": h, "student": student, "init": first["distill"]["init"], "seeds": len(runs),
+        "shipped_today": today["chosen"],
         "macs_per_sample": {"teacher_fp32": variants["fp32"]["macs_per_sample"],
                             "shipped_today": today["variants"][today["chosen"]]["macs_per_sample"],
-                            "student": variants["student"]["macs_per_sample"],
-                            "student_int8": variants["student"]["macs_per_sample"]},
-        "init": metrics["distill"]["init"], "macs_share": metrics["distill"]["macs_share"],
-        "width_scale": metrics["distill"]["width_scale"],
-        "file_bytes": sizes,
-        "median_p50_ms": {k: round(float(np.median(v)), 3) for k, v in t.items()},
-        f"{student}_smaller_than_shipped_today": round(sizes["shipped_today"] / sizes[student], 2),
-        f"{student}_faster_than_shipped_today": {
-            f"batch_{size}": round(float(np.median(t[f"shipped_today@{size}"] / t[f"{student}@{size}"])), 2)
-            for size in (1, big)},
-        f"test_{h}": {"teacher_fp32": variants["fp32"][f"test_{h}"], "shipped_today": today["shipped"][f"test_{h}"],
-                      **{name: variants[name][f"test_{h}"] for name in ("student", "student_int8") if name in variants}},
-        "all_modalities_minus_teacher": retention[every].get(f"{student}_minus_teacher"),
-        "worst_single_modality_minus_teacher": min(r.get(f"{student}_minus_teacher") for r in singles.values()),
-        "retention": retention, "robustness": metrics["distill"]["robustness"],
-        "distill_seconds": metrics["distill"]["seconds"], "epochs_run": metrics["distill"]["epochs_run"],
-        "chosen_with_distill": metrics["chosen"]}
-    write_json_atomic(REPORT, report)
-    print(f"| model | file | MACs/sample | test {h} | batch 1 p50 ms | batch {big} p50 ms |")
-    print("|---|---|---|---|---|---|")
-    for name in files:
-        macs, acc = report["macs_per_sample"][name], report[f"test_{h}"][name]
-        print(f"| {name} | {sizes[name] / 1e3:.0f} kB | {macs / 1e6:.2f} M | {acc:.4f} | "
-              f"{report['median_p50_ms'][f'{name}@1']:.3f} | {report['median_p50_ms'][f'{name}@{big}']:.3f} |")
-    for key in ("init", f"{student}_smaller_than_shipped_today", f"{student}_faster_than_shipped_today", "macs_share",
-                "all_modalities_minus_teacher", "worst_single_modality_minus_teacher", "robustness"):
+                            "student": variants["student"]["macs_per_sample"]},
+        "macs_share": first["distill"]["macs_share"], "width_scale": first["distill"]["width_scale"],
+        "file_bytes": sizes, "median_p50_ms": {k: round(float(np.median(v)), 3) for k, v in t.items()},
+        f"test_{h}": {"teacher_fp32": variants["fp32"][f"test_{h}"], "shipped_today": today["shipped"][f"test_{h}"]},
+        "minus_teacher_over_seeds": spread,
+        "all_modalities_minus_teacher_mean": spread[every]["mean"],
+        "worst_single_modality_minus_teacher_mean": min(spread[m]["mean"] for m in modalities),
+        f"{student}_smaller_than_shipped_today_median": median_over_seeds(per_seed, "smaller_than_shipped_today"),
+        **{f"{student}_{key}_median": {f"batch_{s}": median_over_seeds(per_seed, key, f"batch_{s}") for s in (1, big)}
+           for key in ("faster_than_shipped_today", "faster_than_same_run_int8")},
+        "per_seed": per_seed}
+
+
+def print_tables(report: dict, big: int) -> None:
+    h = report["headline"]
+    print(f"| model | file | batch 1 p50 ms | batch {big} p50 ms |")
+    print("|---|---|---|---|")
+    for name, size in report["file_bytes"].items():
+        print(f"| {name} | {size / 1e3:.0f} kB | {report['median_p50_ms'][f'{name}@1']:.3f} | "
+              f"{report['median_p50_ms'][f'{name}@{big}']:.3f} |")
+    print(f"\n{report['student']} minus teacher, test {h} points over {report['seeds']} seeds:\n")
+    print("| subset | teacher | mean | min | max |")
+    print("|---|---|---|---|---|")
+    for subset, s in report["minus_teacher_over_seeds"].items():
+        print(f"| {subset} | {100 * s['teacher']:.2f} % | {100 * s['mean']:+.2f} | {100 * s['min']:+.2f} | "
+              f"{100 * s['max']:+.2f} |")
+    student = report["student"]
+    for key in ("init", "macs_share", "all_modalities_minus_teacher_mean", "worst_single_modality_minus_teacher_mean",
+                f"{student}_smaller_than_shipped_today_median", f"{student}_faster_than_shipped_today_median",
+                f"{student}_faster_than_same_run_int8_median"):
         print(f"{key}: {report[key]}")
 
 

@@ -238,9 +238,11 @@ class Distill(Strict):
     enabled: bool = False
     init: Literal["pruned", "scratch"] = "pruned"
     width_scale: Literal["auto"] | float = "auto"
+    encoder_width_scale: dict[str, float] = Field(default_factory=dict)  # by modality: overrides width_scale
     max_macs_share: float = Field(0.25, gt=0.0, le=1.0)
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)
+    feature_weight: float = Field(1.0, ge=0.0)
     epochs: int = Field(60, ge=1, le=10_000)
     patience: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -252,6 +254,8 @@ class Distill(Strict):
     def _check(self) -> "Distill":
         if self.width_scale != "auto" and not 0.0 < self.width_scale <= 1.0:
             raise ValueError(f"width_scale must be auto or within (0, 1] (got {self.width_scale})")
+        if any(not 0.0 < v <= 1.0 for v in self.encoder_width_scale.values()):
+            raise ValueError(f"encoder_width_scale values must lie within (0, 1] (got {self.encoder_width_scale})")
         levels = self.robustness_levels
         if any(not 0.0 <= x <= 1.0 for x in levels) or levels != sorted(set(levels)):
             raise ValueError(f"robustness_levels must be increasing, distinct, within 0..1 (got {levels})")

@@ -55,6 +55,28 @@ def test_structured_pruning_removes_channels_and_macs(model_dir, test_batch):
         assert pruned(example).shape == (len(test_batch["label"]), 10)
 
 
+@pytest.mark.parametrize("amount", [0.55, 0.6])
+def test_structured_pruning_keeps_the_nearest_multiple_of_8_in_every_layer(model_dir, test_batch, amount):
+    """Each layer keeps its own share rounded to the nearest block of 8 (at least 8): torch-pruning's round_to
+    alone rounds down, and a 16-channel layer whose share rounds to 0 kept all 16 while the 32-channel layer
+    after it kept 8."""
+    model = load_model(model_dir)
+    example = to_model_inputs(test_batch, model.modalities, torch.device("cpu"))
+    pruned = prune.structured(model, amount, example)
+    protected = {name for name, m in model.named_modules() if any(m is p for p in prune._protected(model))}
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in protected}
+    width = lambda m: m.out_channels if isinstance(m, (nn.Conv1d, nn.Conv2d)) else m.out_features  # noqa: E731
+    after = dict(pruned.named_modules())
+    assert len(layers) >= 8
+    for name, layer in layers.items():
+        n, kept = width(layer), width(after[name])
+        want = n if n <= 8 else max(8, 8 * round(n * (1 - amount) / 8 - 1e-9))
+        assert kept == want, (name, n, kept, want)
+    assert prune.kept_channels(16, 0.45) == 8 and prune.kept_channels(32, 0.45) == 16
+    assert prune.kept_channels(24, 0.5) == 8 and prune.kept_channels(6, 0.1) == 6  # a tie rounds down
+
+
 def test_unstructured_pruning_zeroes_weights_keeps_shapes(model_dir):
     model = load_model(model_dir)
     pruned = prune.unstructured(model, 0.6)
@@ -352,3 +374,34 @@ def test_distillation_loss_is_least_where_the_student_says_what_the_teacher_says
     target.distill_loss(student, teacher, 2.0).backward()
     assert student.grad.abs().max() < 1e-6  # a minimum where the outputs agree
     assert target.distill_loss(teacher + torch.randn_like(teacher), teacher, 2.0) > target.distill_loss(teacher, teacher, 2.0)
+
+
+def test_feature_loss_compares_only_the_available_vectors_relative_to_the_teachers_scale():
+    from mmpipe.training.distill import feature_loss
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(8, 3, 16, generator=g)
+    available = torch.ones(8, 3, dtype=torch.bool)
+    available[:, 2] = False
+    student = teacher.clone()
+    student[:, 2] += 100.0  # an unavailable modality's vector is what the placeholder replaces: not compared
+    assert feature_loss(student, teacher, available) == 0.0
+    student[:, 0] = 0.0  # a vector of zeros is as far as the teacher's own scale: 1 for those pairs
+    assert feature_loss(student, teacher, available).item() == pytest.approx(0.5, abs=1e-6)
+    assert feature_loss(10 * student, 10 * teacher, available).item() == pytest.approx(0.5, abs=1e-6)  # scale-free
+
+
+def test_an_encoders_own_width_scale_prunes_it_to_its_own_share(tiny_corpus, teacher_dir):
+    """distill.encoder_width_scale: the named encoder keeps its own share of channels (nearest block of 8), the
+    others the searched scale; a name the model lacks is ignored."""
+    from mmpipe.compress.compress import student_within_share
+    teacher = load_model(teacher_dir)
+    data = FeatureSet(tiny_corpus / "features", split="val")
+    example = to_model_inputs(data.get(np.arange(len(data))), teacher.modalities, torch.device("cpu"))
+    cfg = params.CompressParams().distill.model_copy(update={"max_macs_share": 1.0, "width_scale": 0.5,
+                                                             "encoder_width_scale": {"audio": 1.0, "speech": 0.3}})
+    scale, _, student, _ = student_within_share(teacher, example, cfg)
+    assert scale["audio"] == 1.0 and scale["image"] == 0.5 and "speech" not in scale
+    widths = lambda model, m: [c.out_channels for c in model.encoders[m].modules()  # noqa: E731
+                               if isinstance(c, (torch.nn.Conv1d, torch.nn.Conv2d))]
+    assert widths(student, "audio") == widths(teacher, "audio")  # kept whole
+    assert widths(student, "image") == [prune.kept_channels(n, 0.5) for n in widths(teacher, "image")]

@@ -245,7 +245,7 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
                          patience=cfg.patience, modality_dropout=cfg.modality_dropout, threads=params.threads)
     result = train(tuning, ModelParams(**config["model"]), features_root, teacher.modalities, None, None,
                    on_epoch=lambda epoch, row: log("distill", row), init_model=student,
-                   teacher=Teacher(teacher, cfg.temperature, cfg.alpha))
+                   teacher=Teacher(teacher, cfg.temperature, cfg.alpha, cfg.feature_weight))
     teacher.cpu()
     student = variants.models["student"] = result["model"]
     export_onnx(student, data.feeds["val"], out_dir / "student.onnx")
@@ -274,14 +274,17 @@ def student_within_share(teacher: torch.nn.Module, example: dict, cfg) -> tuple[
     Minitron; on the built-in corpus a pruned start keeps the accuracy a fresh student at the same MACs loses).
     ``init: scratch``: a fresh model of the teacher's config with the widths scaled (small_cnn encoders only),
     then each encoder in turn widened back (x1, x0.75) where the budget still allows: the image encoder holds
-    most MACs, while the text or tabular one costs little at full width."""
+    most MACs, while the text or tabular one costs little at full width. ``distill.encoder_width_scale`` fixes
+    a modality's encoder at its own scale (either init; never widened back), the others searched as above."""
     per_sample = lambda m: prune.macs(m, example) / len(example["label"])  # noqa: E731
     teacher_macs = per_sample(teacher)
     scales = [cfg.width_scale] if cfg.width_scale != "auto" else [0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+    own = {m: v for m, v in cfg.encoder_width_scale.items() if m in teacher.modalities}
 
     def fit(scale: float, encoder_scales: dict[str, float]):
         if cfg.init == "pruned":
-            student = prune.structured(teacher, round(1.0 - scale, 4), example)
+            student = prune.structured(teacher, round(1.0 - scale, 4), example,
+                                       {m: round(1.0 - v, 4) for m, v in encoder_scales.items()})
             return teacher.config, student, per_sample(student) / teacher_macs
         config = student_config(teacher.config, scale, encoder_scales)
         student = build_model(config)
@@ -289,17 +292,19 @@ def student_within_share(teacher: torch.nn.Module, example: dict, cfg) -> tuple[
         return config, student, per_sample(student) / teacher_macs
 
     for scale in scales:
-        config, student, share = fit(scale, {})
+        config, student, share = fit(scale, own)
         if share <= cfg.max_macs_share:
             break
     else:
-        raise PipelineError(f"compress.distill: a student at width_scale {scale} has {share:.0%} of the teacher's "
-                            f"MACs, above max_macs_share {cfg.max_macs_share}: lower width_scale or raise max_macs_share")
-    chosen = {m: scale for m in teacher.modalities}
+        encoders = f" (encoder_width_scale {own})" if own else ""
+        raise PipelineError(f"compress.distill: a student at width_scale {scale}{encoders} has {share:.0%} of the "
+                            f"teacher's MACs, above max_macs_share {cfg.max_macs_share}: lower width_scale or "
+                            f"encoder_width_scale, or raise max_macs_share")
+    chosen = {m: scale for m in teacher.modalities} | own
     if cfg.width_scale == "auto" and cfg.init == "scratch":
         for m in teacher.modalities:
             for wider in (1.0, 0.75):
-                if wider <= scale:
+                if m in own or wider <= scale:
                     break
                 tried = fit(scale, chosen | {m: wider})
                 if tried[2] <= cfg.max_macs_share:

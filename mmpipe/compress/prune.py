@@ -13,6 +13,7 @@ embedding cache holds, so the fine-tune still runs on the cache.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.utils.prune as torch_prune
@@ -65,9 +66,11 @@ def unstructured(model: nn.Module, amount: float) -> nn.Module:
     return pruned
 
 
-def structured(model: nn.Module, amount: float, example: dict[str, torch.Tensor]) -> nn.Module:
+def structured(model: nn.Module, amount: float, example: dict[str, torch.Tensor],
+               encoder_amounts: dict[str, float] | None = None) -> nn.Module:
     """Remove the ``amount`` share of channels (L2 magnitude of each coupled group) from every
-    prunable layer; torch-pruning keeps the coupled layers (BatchNorm, the next conv) consistent.
+    prunable layer (a modality's encoder: its own share in ``encoder_amounts``, when given);
+    torch-pruning keeps the coupled layers (BatchNorm, the next conv) consistent.
     Channel counts are kept multiples of 8: ONNX Runtime's AVX2 convolutions work on blocks of 8
     channels, so 11 channels cost as much as 16 (measured: halving MACs gained only 1.17x otherwise)."""
     import torch_pruning as tp
@@ -80,9 +83,35 @@ def structured(model: nn.Module, amount: float, example: dict[str, torch.Tensor]
     pruned.requires_grad_(True)
     pruner = tp.pruner.MagnitudePruner(
         pruned, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=amount, round_to=8, ignored_layers=protected, unwrapped_parameters=[(pruned.placeholders, 1)],
-        forward_fn=lambda m, inputs: m(inputs))
+        pruning_ratio=0.0, pruning_ratio_dict=nearest_ratios(pruned, 1.0 - amount, protected, encoder_amounts), round_to=8,
+        ignored_layers=protected, unwrapped_parameters=[(pruned.placeholders, 1)], forward_fn=lambda m, inputs: m(inputs))
     pruner.step()
     for name in frozen:
         pruned.get_parameter(name).requires_grad_(False)
     return pruned
+
+
+def kept_channels(channels: int, keep: float) -> int:
+    """``keep`` of ``channels`` as the nearest multiple of 8 (a tie rounds down), at least 8; layers of 8 or
+    fewer channels stay whole."""
+    if channels <= 8:
+        return channels
+    return min(channels, max(8, math.ceil(channels * keep / 8 - 0.5) * 8))
+
+
+def nearest_ratios(model: nn.Module, keep: float, protected: list[nn.Module],
+                   encoder_amounts: dict[str, float] | None = None) -> dict[nn.Module, float]:
+    """torch-pruning's per-layer ratios that keep ``kept_channels`` of each prunable Conv/Linear layer. Why not
+    its ``round_to`` alone: it rounds the kept channels down, and a layer whose share rounds down to 0 is not
+    pruned at all, so at a 0.45 share a 32-channel conv kept 8 (a quarter) while the 16-channel conv before it
+    kept all 16 (docs/architecture.md "Compression")."""
+    skip = {id(m) for m in protected}
+    own = {id(layer): 1.0 - amount for m, amount in (encoder_amounts or {}).items() if m in model.encoders
+           for layer in model.encoders[m].modules()}
+    ratios = {}
+    for layer in model.modules():
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and id(layer) not in skip:
+            n = layer.out_channels if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else layer.out_features
+            # torch-pruning keeps int(n * (1 - ratio)) channels: a quarter channel above the count survives int()
+            ratios[layer] = max(0.0, 1.0 - (kept_channels(n, own.get(id(layer), keep)) + 0.25) / n)
+    return ratios

@@ -5,7 +5,8 @@ every modality-availability pattern (compress.distill).
 teacher is given to ``train()``: the labels' loss blended with a distillation loss (the target's
 ``distill_loss``: soft classes, soft tags, or the teacher's number) computed under several masks per batch —
 the batch's modality dropout, a random non-empty subset of each row's modalities, and each modality alone —,
-teacher and student seeing the same mask each time. The encoders run once per batch; only the fusion and head
+teacher and student seeing the same mask each time, plus (``feature_weight``) a feature loss pulling each of the
+student's encoder vectors toward the teacher's (a pruned student's vectors have the teacher's size). The encoders run once per batch; only the fusion and head
 run per mask (``FusionModel.fuse``), so the extra masks cost little. That is what lets the student keep the
 teacher's behaviour when modalities are missing, not only its all-modality accuracy. The teacher's encoders
 run once per train row, before the first epoch (``Teacher.remember``): in eval mode they give the same
@@ -81,6 +82,7 @@ class Teacher:
     model: nn.Module
     temperature: float = 2.0
     alpha: float = 0.7
+    feature_weight: float = 0.0  # weight of the encoders' vectors matched to the teacher's (``step``)
     encoded: torch.Tensor | None = None  # the teacher's vectors of every train row (``remember``)
 
     def __post_init__(self) -> None:
@@ -142,4 +144,16 @@ class Teacher:
         views = [loss(outputs[0], teacher_out[0]), loss(outputs[1], teacher_out[1])] + \
             ([sum(single) / len(single)] if single else [])
         distill = sum(views) / len(views)
-        return outputs[0], (1 - self.alpha) * label_loss(outputs[0], inputs["label"]) + self.alpha * distill
+        loss = (1 - self.alpha) * label_loss(outputs[0], inputs["label"]) + self.alpha * distill
+        if self.feature_weight and encoded.shape == taught.shape and available.any():
+            loss = loss + self.feature_weight * feature_loss(encoded, taught, available)
+        return outputs[0], loss
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """How far each of the student's modality vectors (B, modalities, dim) is from the teacher's: squared
+    distance relative to the teacher vector's mean square, averaged over the (row, modality) pairs available.
+    What lets each encoder carry a modality alone as the teacher's does: the logits' loss only sees the
+    encoders through the fused head, and single-modality retention is where a pruned student lost most."""
+    gap = (student.float() - teacher).pow(2).mean(-1) / teacher.pow(2).mean(-1).clamp_min(1e-8)
+    return gap[available].mean()
