@@ -255,6 +255,7 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
     test = FeatureSet(features_root, split="test")
     tensors = test.get(np.arange(len(test)))
     return {"init": cfg.init, "width_scale": scale, "temperature": cfg.temperature, "alpha": cfg.alpha,
+            "feature_weight": cfg.feature_weight,
             **({"model": config["model"]} if cfg.init == "scratch" else {}), "macs_share": round(share, 4),
             "epochs_run": result["metrics"]["epochs_run"], "best_epoch": result["metrics"]["best_epoch"],
             "seconds": result["metrics"]["seconds"],
