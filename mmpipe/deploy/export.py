@@ -63,7 +63,7 @@ def export(params, out: Path, compressed: Path, model_dir: Path, features_root: 
     bundle.write_manifest(out, manifest)
     # the drift monitor's reference: the train split's statistics as the shipped model's predictor computes them
     reference = drift_reference(load_predictor(out).Predictor(out), model, features_root, params.monitor)
-    (out / DRIFT_FILE).write_text(json.dumps(reference, separators=(",", ":")) + "\n")
+    (out / DRIFT_FILE).write_text(json.dumps(significant(reference), separators=(",", ":")) + "\n")
     manifest["monitor"] = {"file": DRIFT_FILE, "command": "python predict.py --monitor window.csv"} | {
         k: reference[k] for k in ("window_rows", "false_alarm", "false_alarm_measured", "threshold", "heldout_rows")}
     bundle.write_manifest(out, manifest)
@@ -105,6 +105,19 @@ def split_batch(features_root: Path, split: str, modalities: list[str]) -> tuple
 
 
 DRIFT_FILE = "drift_reference.json"
+
+
+def significant(value: Any, digits: int = 10) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits: the reference's figures differ in the
+    last bit between two exports of the same model (summation order), which changed the bundle's digest and made
+    an identical bundle register again."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: significant(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [significant(v, digits) for v in value]
+    return value
 
 
 def split_statistics(predictor, model, features_root: Path, splits: list[str], chunk: int = 2048) -> dict[str, tuple]:
