@@ -102,8 +102,8 @@ def summary(runs: dict[int, dict], today: dict, modalities: list[str], sizes: di
     for seed, metrics in runs.items():
         row = {"macs_share": metrics["distill"]["macs_share"], "width_scale": metrics["distill"]["width_scale"],
                "epochs_run": metrics["distill"]["epochs_run"], "distill_seconds": metrics["distill"]["seconds"],
-               f"test_{h}": {name: metrics["variants"][name][f"test_{h}"] for name in ("student", "student_int8", "int8")
-                             if name in metrics["variants"]},
+               f"test_{h}": {name: metrics["variants"][name][f"test_{h}"]
+                             for name in ("student", "student_int8", "int8") if name in metrics["variants"]},
                "minus_teacher": {subset: r.get(f"{student}_minus_teacher")
                                  for subset, r in metrics["distill"]["retention"].items()},
                "robustness": metrics["distill"]["robustness"], "chosen_with_distill": metrics["chosen"]}

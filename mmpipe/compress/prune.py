@@ -83,8 +83,9 @@ def structured(model: nn.Module, amount: float, example: dict[str, torch.Tensor]
     pruned.requires_grad_(True)
     pruner = tp.pruner.MagnitudePruner(
         pruned, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=0.0, pruning_ratio_dict=nearest_ratios(pruned, 1.0 - amount, protected, encoder_amounts), round_to=8,
-        ignored_layers=protected, unwrapped_parameters=[(pruned.placeholders, 1)], forward_fn=lambda m, inputs: m(inputs))
+        pruning_ratio=0.0, pruning_ratio_dict=nearest_ratios(pruned, 1.0 - amount, protected, encoder_amounts),
+        round_to=8, ignored_layers=protected, unwrapped_parameters=[(pruned.placeholders, 1)],
+        forward_fn=lambda m, inputs: m(inputs))
     pruner.step()
     for name in frozen:
         pruned.get_parameter(name).requires_grad_(False)

@@ -6,10 +6,11 @@ teacher is given to ``train()``: the labels' loss blended with a distillation lo
 ``distill_loss``: soft classes, soft tags, or the teacher's number) computed under several masks per batch —
 the batch's modality dropout, a random non-empty subset of each row's modalities, and each modality alone —,
 teacher and student seeing the same mask each time, plus (``feature_weight``) a feature loss pulling each of the
-student's encoder vectors toward the teacher's (a pruned student's vectors have the teacher's size). The encoders run once per batch; only the fusion and head
-run per mask (``FusionModel.fuse``), so the extra masks cost little. That is what lets the student keep the
-teacher's behaviour when modalities are missing, not only its all-modality accuracy. The teacher's encoders
-run once per train row, before the first epoch (``Teacher.remember``): in eval mode they give the same
+student's encoder vectors toward the teacher's (a pruned student's vectors have the teacher's size; a fresh
+student's may not, and then it is skipped). The encoders run once per batch; only the fusion and head run per
+mask (``FusionModel.fuse``), so the extra masks cost little. That is what lets the student keep the teacher's
+behaviour when modalities are missing, not only its all-modality accuracy. The teacher's encoders run once per
+train row, before the first epoch (``Teacher.remember``): in eval mode they give the same
 vectors every epoch (augmentation lives in the student's encoders, active in training only), so each step
 only looks its rows up and fuses them.
 """
@@ -144,10 +145,10 @@ class Teacher:
         views = [loss(outputs[0], teacher_out[0]), loss(outputs[1], teacher_out[1])] + \
             ([sum(single) / len(single)] if single else [])
         distill = sum(views) / len(views)
-        loss = (1 - self.alpha) * label_loss(outputs[0], inputs["label"]) + self.alpha * distill
+        total = (1 - self.alpha) * label_loss(outputs[0], inputs["label"]) + self.alpha * distill
         if self.feature_weight and encoded.shape == taught.shape and available.any():
-            loss = loss + self.feature_weight * feature_loss(encoded, taught, available)
-        return outputs[0], loss
+            total = total + self.feature_weight * feature_loss(encoded, taught, available)
+        return outputs[0], total
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
