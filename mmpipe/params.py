@@ -243,6 +243,8 @@ class Distill(Strict):
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)
     feature_weight: float = Field(1.0, ge=0.0)
+    teacher_views: Literal["clean", "augmented"] = "augmented"
+    map_weight: float = Field(2.0, ge=0.0)
     epochs: int = Field(60, ge=1, le=10_000)
     patience: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -256,6 +258,8 @@ class Distill(Strict):
             raise ValueError(f"width_scale must be auto or within (0, 1] (got {self.width_scale})")
         if any(not 0.0 < v <= 1.0 for v in self.encoder_width_scale.values()):
             raise ValueError(f"encoder_width_scale values must lie within (0, 1] (got {self.encoder_width_scale})")
+        if self.map_weight and self.teacher_views != "augmented":
+            raise ValueError("map_weight needs teacher_views: augmented (the teacher's maps of the student's inputs)")
         levels = self.robustness_levels
         if any(not 0.0 <= x <= 1.0 for x in levels) or levels != sorted(set(levels)):
             raise ValueError(f"robustness_levels must be increasing, distinct, within 0..1 (got {levels})")

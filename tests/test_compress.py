@@ -13,7 +13,7 @@ from mmpipe.compress.compress import CHOSEN_FILE, compress
 from mmpipe.compress.onnx_model import export_onnx, input_dtypes, onnx_feeds, run_logits, session
 from mmpipe.features.loader import FeatureSet, feature_modalities
 from mmpipe.errors import PipelineError
-from mmpipe.training.distill import random_patterns, student_config
+from mmpipe.training.distill import map_loss, random_patterns, student_config
 from mmpipe.training.model_io import load_model, only_available, to_model_inputs
 from mmpipe.trust import calibration
 
@@ -350,6 +350,57 @@ def test_the_teachers_remembered_vectors_are_what_it_computes_per_batch(tiny_cor
         with torch.no_grad():
             torch.testing.assert_close(teacher.encoded[inputs["index"]], teacher.model.encode(inputs).float(),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_the_teacher_on_augmented_views_encodes_what_the_student_is_about_to_see(tiny_corpus, teacher_dir):
+    """distill.teacher_views: augmented. A student that is the teacher's copy, its encoders in training mode
+    (batch-norm kept in eval so that only the augmentation differs), gets the very vectors the teacher computed
+    just before: same jitter, masks and token dropout; and the teacher's call leaves the generator where it was.
+    Not the clean vectors: the augmentation is really on."""
+    import copy
+    from mmpipe.training.distill import Teacher, activation_maps
+    teacher = Teacher(load_model(teacher_dir), augmented=True, map_weight=1.0)
+    student = copy.deepcopy(teacher.model)
+    student.train()
+    for module in student.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    data = FeatureSet(tiny_corpus / "features", split="train")
+    teacher.remember(data, teacher.model.modalities, torch.device("cpu"))
+    assert teacher.encoded is None  # per step: the views differ every time
+    inputs = to_model_inputs(data.get(np.arange(32)), teacher.model.modalities, torch.device("cpu"))
+    torch.manual_seed(5)
+    taught, teacher_maps = teacher.encode_as_student(inputs)
+    with torch.no_grad(), activation_maps(student) as maps:
+        seen = student.encode(inputs)
+    with torch.no_grad():
+        clean = teacher.model.encode(inputs)
+    torch.testing.assert_close(taught, seen, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(taught, clean, atol=1e-3)
+    assert all(not encoder.training for encoder in teacher.model.encoders.values())
+    # the maps of every convolutional encoder, paired one to one: the attention loss between equals is 0
+    assert {"image", "audio"} <= set(teacher_maps)
+    assert [len(v) for v in maps.values()] == [len(v) for v in teacher_maps.values()]
+    assert map_loss(maps, teacher_maps, inputs["available"].bool(), student.modalities).item() < 1e-8
+    assert not any(m._forward_hooks for m in student.modules())  # the hooks are gone after the block
+
+
+def test_attention_transfer_compares_where_each_map_looks_whatever_its_channels():
+    """map_loss: a student map with other channels but the same spatial attention (channel mean of squares) as
+    the teacher's costs nothing, whatever its scale; a map looking elsewhere costs; rows without the modality and
+    maps without spatial axes are left out."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.rand(6, 16, 4, 5, generator=g)
+    attention = teacher.pow(2).mean(1, keepdim=True)
+    same = (attention.expand(6, 8, 4, 5) * 3.0).sqrt()  # 8 channels, each squared = 3 x the attention
+    available = torch.ones(6, 2, dtype=torch.bool)
+    flat = {"audio": [torch.rand(6, 4, generator=g)]}
+    assert map_loss({"audio": [same]} | {"image": flat["audio"]}, {"audio": [teacher]} | {"image": flat["audio"] * 5},
+                    available, ["image", "audio"]).item() < 1e-6
+    elsewhere = same.flip(-1)
+    assert map_loss({"audio": [elsewhere]}, {"audio": [teacher]}, available, ["image", "audio"]).item() > 1e-3
+    available[:, 1] = False
+    assert map_loss({"audio": [elsewhere]}, {"audio": [teacher]}, available, ["image", "audio"]).item() == 0.0
 
 
 def test_random_patterns_keep_a_non_empty_subset_of_each_rows_modalities():

@@ -121,3 +121,10 @@ def test_pretrained_weights_must_sit_in_their_modalitys_folder():
     assert "weights/${item.modality}" in stages["preprocess"]["deps"] and "weights" in stages["train"]["deps"]
     for m in params.ModelParams().encoders.__class__.model_fields:
         assert (ROOT / "weights" / m).is_dir(), m  # each feature stage's dependency exists in a fresh clone
+
+
+def test_attention_maps_need_the_teacher_on_the_students_views():
+    msg = _error("compress", {"distill": {"teacher_views": "clean", "map_weight": 2.0}})
+    assert msg.startswith("params.yaml: compress.distill") and "map_weight needs teacher_views: augmented" in msg
+    assert "\n" not in msg
+    assert params.validate("compress", {"distill": {"teacher_views": "clean", "map_weight": 0.0}})

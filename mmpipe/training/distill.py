@@ -7,17 +7,18 @@ teacher is given to ``train()``: the labels' loss blended with a distillation lo
 the batch's modality dropout, a random non-empty subset of each row's modalities, and each modality alone —,
 teacher and student seeing the same mask each time, plus (``feature_weight``) a feature loss pulling each of the
 student's encoder vectors toward the teacher's (a pruned student's vectors have the teacher's size; a fresh
-student's may not, and then it is skipped). The encoders run once per batch; only the fusion and head run per
-mask (``FusionModel.fuse``), so the extra masks cost little. That is what lets the student keep the teacher's
-behaviour when modalities are missing, not only its all-modality accuracy. The teacher's encoders run once per
-train row, before the first epoch (``Teacher.remember``): in eval mode they give the same
-vectors every epoch (augmentation lives in the student's encoders, active in training only), so each step
-only looks its rows up and fuses them.
+student's may not, and then it is skipped) and (``map_weight``) attention transfer on the encoders' activation
+maps. The encoders run once per batch; only the fusion and head run per mask (``FusionModel.fuse``), so the
+extra masks cost little. That is what lets the student keep the teacher's behaviour when modalities are
+missing, not only its all-modality accuracy. With ``augmented`` the teacher's encoders run every step on the
+student's own augmented inputs (``Teacher.encode_as_student``); without, once per train row before the first
+epoch on the clean ones (``Teacher.remember``), each step looking its rows up.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,8 @@ class Teacher:
     temperature: float = 2.0
     alpha: float = 0.7
     feature_weight: float = 0.0  # weight of the encoders' vectors matched to the teacher's (``step``)
+    augmented: bool = False  # the teacher encodes the student's augmented inputs each step (``encode_as``)
+    map_weight: float = 0.0  # weight of the encoders' intermediate activation maps matched (``map_loss``)
     encoded: torch.Tensor | None = None  # the teacher's vectors of every train row (``remember``)
 
     def __post_init__(self) -> None:
@@ -98,7 +101,10 @@ class Teacher:
     @torch.no_grad()
     def remember(self, data, modalities: list[str], device: torch.device, batch_size: int = 512) -> None:
         """Encode every row of ``data`` (the train split ``train()`` batches, positions = the batches' ``index``)
-        once: (rows, modalities, dim) on ``device``, 4 bytes a value. Without it each step encodes its batch."""
+        once: (rows, modalities, dim) on ``device``, 4 bytes a value. Without it each step encodes its batch.
+        Not when the teacher sees the augmented inputs: those differ every step."""
+        if self.augmented:
+            return
         encoded = None
         for batch in data.batches(batch_size):
             inputs = to_model_inputs(batch, modalities, device)
@@ -107,6 +113,24 @@ class Teacher:
                 encoded = torch.empty((len(data), *vectors.shape[1:]), device=device)
             encoded[inputs["index"].to(device)] = vectors
         self.encoded = encoded
+
+    @torch.no_grad()
+    def encode_as_student(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The teacher's vectors of the very inputs the student's next ``encode`` will see, augmentation
+        included, and its encoders' activation maps when ``map_weight`` asks for them (else {}): each encoder's
+        augmentation switched on (its own ``training`` flag only: batch-norm and the rest stay in eval mode) and
+        the random generator put back afterwards, so the student's encoders draw the same jitter, masks and
+        token dropout. Encoders draw by input shape, not width, so a narrower student draws alike."""
+        devices = [inputs["available"].device] if inputs["available"].is_cuda else []
+        encoders = list(self.model.encoders.values())
+        with torch.random.fork_rng(devices=devices), activation_maps(self.model, bool(self.map_weight)) as maps:
+            for encoder in encoders:
+                encoder.training = True
+            try:
+                return self.model.encode(inputs).float(), maps
+            finally:
+                for encoder in encoders:
+                    encoder.training = False
 
     @staticmethod
     @torch.no_grad()
@@ -134,10 +158,15 @@ class Teacher:
         alone = [available & (torch.arange(available.shape[1], device=available.device) == i)
                  for i in range(available.shape[1])]
         masks = [available, random_patterns(available), *alone]
+        teacher_maps: dict = {}
         with torch.no_grad():
-            taught = self.encoded[inputs["index"]] if self.encoded is not None else self.model.encode(inputs)
+            if self.augmented:
+                taught, teacher_maps = self.encode_as_student(inputs)
+            else:
+                taught = self.encoded[inputs["index"]] if self.encoded is not None else self.model.encode(inputs)
             teacher_out = [self.model.fuse(taught, mask).float() for mask in masks]
-        encoded = student.encode(inputs)  # once: only the fusion and the head run per mask
+        with activation_maps(student, bool(teacher_maps)) as maps:
+            encoded = student.encode(inputs)  # once: only the fusion and the head run per mask
         outputs = [student.fuse(encoded, mask).float() for mask in masks]
         loss = lambda s, t: target.distill_loss(s, t, self.temperature)  # noqa: E731
         single = [loss(s[rows], t[rows]) for rows, s, t in zip(available.unbind(1), outputs[2:], teacher_out[2:])
@@ -148,6 +177,8 @@ class Teacher:
         total = (1 - self.alpha) * label_loss(outputs[0], inputs["label"]) + self.alpha * distill
         if self.feature_weight and encoded.shape == taught.shape and available.any():
             total = total + self.feature_weight * feature_loss(encoded, taught, available)
+        if maps:
+            total = total + self.map_weight * map_loss(maps, teacher_maps, available, student.modalities)
         return outputs[0], total
 
 
@@ -158,3 +189,43 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, available: torch.
     encoders through the fused head, and single-modality retention is where a pruned student lost most."""
     gap = (student.float() - teacher).pow(2).mean(-1) / teacher.pow(2).mean(-1).clamp_min(1e-8)
     return gap[available].mean()
+
+
+@contextmanager
+def activation_maps(model: nn.Module, enabled: bool = True):
+    """Within the block, {modality: [the output of each ReLU module of its encoder, in call order]} of what the
+    model computes ({} when not ``enabled``). A pruned student has the teacher's layers with fewer channels, so
+    its list pairs with the teacher's one to one."""
+    maps: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for m, encoder in getattr(model, "encoders", {}).items() if enabled else ():
+        for module in encoder.modules():
+            if isinstance(module, nn.ReLU):
+                handles.append(module.register_forward_hook(
+                    lambda _module, _inputs, out, m=m: maps.setdefault(m, []).append(out)))
+    try:
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def map_loss(student: dict, teacher: dict, available: torch.Tensor, modalities: list[str]) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) over ``activation_maps``: each map's spatial
+    attention (the channel mean of squares, L2-normalised per row), the student's vs the teacher's, squared
+    distance summed over positions, averaged over the maps and the rows that have the modality. Needs no
+    projection: the attention has no channel axis, and a pruned student keeps the teacher's spatial sizes
+    (maps without spatial axes, or of another size, are skipped). What the feature loss on the output vector
+    alone did not give: how the audio encoder attends over time and frequency on the way there."""
+    losses = []
+    for i, m in enumerate(modalities):
+        rows = available[:, i]
+        if m not in student or not rows.any():
+            continue
+        for s, t in zip(student[m], teacher[m]):
+            if s.dim() < 3 or s.shape[2:] != t.shape[2:]:
+                continue
+            a_s = nn.functional.normalize(s[rows].float().pow(2).mean(1).flatten(1), dim=1)
+            a_t = nn.functional.normalize(t[rows].float().pow(2).mean(1).flatten(1), dim=1)
+            losses.append((a_s - a_t).pow(2).sum(1).mean())
+    return sum(losses) / len(losses) if losses else available.new_zeros((), dtype=torch.float32)
