@@ -245,6 +245,7 @@ def test_distilled_student_is_a_quarter_of_the_macs_and_is_measured_per_modality
     assert distill["best_epoch"] == rows[scores.index(max(scores))]["epoch"]
     teacher = load_model(teacher_dir)
     assert distill["init"] == init
+    assert distill["map_weight"] == (2.0 if init == "pruned" else 0.0)  # attention transfer pairs the teacher's layers
     if init == "scratch":  # its own config, at scaled widths
         assert distill["model"]["dim"] % teacher.config["model"]["attention_heads"] == 0 and distill["model"]["dim"] < 32
     else:  # the teacher's layers with channels removed: no config of its own

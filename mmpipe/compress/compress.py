@@ -241,12 +241,15 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
               f"widths x{scale['all']} (encoders: {', '.join(f'{m} x{v}' for m, v in scale.items() if m != 'all')})")
     progress(f"compress[student]: {widths}, {share:.1%} of the teacher's MACs, distilling at temperature "
              f"{cfg.temperature}")
+    # attention transfer pairs the student's layers with the teacher's own: a pruned student's. A fresh one's
+    # random maps made it dominate the loss (the tiny test's student fell out of a 20-point budget)
+    map_weight = cfg.map_weight if cfg.init == "pruned" else 0.0
     tuning = TrainParams(seed=params.seed, device="auto", epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          patience=cfg.patience, modality_dropout=cfg.modality_dropout, threads=params.threads)
     result = train(tuning, ModelParams(**config["model"]), features_root, teacher.modalities, None, None,
                    on_epoch=lambda epoch, row: log("distill", row), init_model=student,
                    teacher=Teacher(teacher, cfg.temperature, cfg.alpha, cfg.feature_weight,
-                                   augmented=cfg.teacher_views == "augmented", map_weight=cfg.map_weight))
+                                   augmented=cfg.teacher_views == "augmented", map_weight=map_weight))
     teacher.cpu()
     student = variants.models["student"] = result["model"]
     export_onnx(student, data.feeds["val"], out_dir / "student.onnx")
@@ -256,7 +259,7 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
     test = FeatureSet(features_root, split="test")
     tensors = test.get(np.arange(len(test)))
     return {"init": cfg.init, "width_scale": scale, "temperature": cfg.temperature, "alpha": cfg.alpha,
-            "feature_weight": cfg.feature_weight, "teacher_views": cfg.teacher_views, "map_weight": cfg.map_weight,
+            "feature_weight": cfg.feature_weight, "teacher_views": cfg.teacher_views, "map_weight": map_weight,
             **({"model": config["model"]} if cfg.init == "scratch" else {}), "macs_share": round(share, 4),
             "epochs_run": result["metrics"]["epochs_run"], "best_epoch": result["metrics"]["best_epoch"],
             "seconds": result["metrics"]["seconds"],

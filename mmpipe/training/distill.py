@@ -85,7 +85,7 @@ class Teacher:
     temperature: float = 2.0
     alpha: float = 0.7
     feature_weight: float = 0.0  # weight of the encoders' vectors matched to the teacher's (``step``)
-    augmented: bool = False  # the teacher encodes the student's augmented inputs each step (``encode_as``)
+    augmented: bool = False  # the teacher encodes the student's augmented inputs each step (``encode_as_student``)
     map_weight: float = 0.0  # weight of the encoders' intermediate activation maps matched (``map_loss``)
     encoded: torch.Tensor | None = None  # the teacher's vectors of every train row (``remember``)
 
