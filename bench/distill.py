@@ -107,8 +107,8 @@ def summary(runs: dict[int, dict], today: dict, modalities: list[str], sizes: di
                # a seed whose int8 student was not written (over the accuracy budget): its fp32 student's figures
                "minus_teacher": {subset: r.get(f"{student}_minus_teacher", r["student_minus_teacher"])
                                  for subset, r in metrics["distill"]["retention"].items()},
-               "minus_teacher_of": student if f"{student}_minus_teacher" in next(
-                   iter(metrics["distill"]["retention"].values())) else "student",
+               "minus_teacher_of": student if f"{student}_minus_teacher" in metrics["distill"]["retention"][every]
+               else "student",
                "robustness": metrics["distill"]["robustness"], "chosen_with_distill": metrics["chosen"]}
         name = f"student_int8@seed{seed}"
         if name in sizes:
