@@ -239,14 +239,14 @@ class Distill(Strict):
     init: Literal["pruned", "scratch"] = "pruned"
     width_scale: Literal["auto"] | float = "auto"
     encoder_width_scale: dict[str, float] = Field(default_factory=dict)  # by modality: overrides width_scale
-    max_macs_share: float = Field(0.25, gt=0.0, le=1.0)
+    max_macs_share: float = Field(0.2, gt=0.0, le=1.0)
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)
     feature_weight: float = Field(1.0, ge=0.0)
     teacher_views: Literal["clean", "augmented"] = "augmented"
     map_weight: float = Field(2.0, ge=0.0)
-    epochs: int = Field(60, ge=1, le=10_000)
-    patience: int = Field(10, ge=1)
+    epochs: int = Field(120, ge=1, le=10_000)
+    patience: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     modality_dropout: float = Field(0.25, ge=0.0, lt=1.0)

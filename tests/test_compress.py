@@ -220,11 +220,12 @@ def teacher_dir(tiny_corpus, tmp_path_factory):
 
 
 @pytest.mark.parametrize("init", ["pruned", "scratch"])
-def test_distilled_student_is_a_quarter_of_the_macs_and_is_measured_per_modality_subset(tiny_corpus, teacher_dir,
-                                                                                        tmp_path, init):
-    """compress.distill: the student (the teacher pruned, or a fresh model at half the widths) is at most 25 % of
-    the teacher's MACs, is trained (its epochs logged), exported and int8'd like the other variants, and every
-    modality subset's test accuracy and each modality's robustness AUC are reported for teacher and student."""
+def test_distilled_student_is_within_its_macs_share_and_is_measured_per_modality_subset(tiny_corpus, teacher_dir,
+                                                                                         tmp_path, init):
+    """compress.distill: the student (the teacher pruned, or a fresh model at scaled widths) is at most
+    max_macs_share (default 20 %) of the teacher's MACs, is trained (its epochs logged), exported and int8'd like
+    the other variants, and every modality subset's test accuracy and each modality's robustness AUC are
+    reported for teacher and student."""
     cfg = params.validate("compress", {"latency_runs": 5, "max_accuracy_drop": 0.2, "prune": {"method": "none"},
                                        "quantize": {"calibration_samples": 64, "layers": "all"},
                                        "distill": {"enabled": True, "init": init, "epochs": 3, "batch_size": 32,
@@ -234,7 +235,8 @@ def test_distilled_student_is_a_quarter_of_the_macs_and_is_measured_per_modality
                       progress=lambda line: None, clean_dir=tiny_corpus / "clean")
     variants, distill = result["variants"], result["distill"]
     assert {"student", "student_int8"} <= set(variants) and variants["student_int8"]["from"] == "student"
-    assert variants["student"]["macs_per_sample"] <= 0.25 * variants["fp32"]["macs_per_sample"]
+    assert cfg.distill.max_macs_share == 0.2  # the default: well below the shipped x0.5 model's ~26 %
+    assert variants["student"]["macs_per_sample"] <= 0.2 * variants["fp32"]["macs_per_sample"]
     assert distill["macs_share"] == pytest.approx(variants["student"]["macs_per_sample"]
                                                   / variants["fp32"]["macs_per_sample"], abs=1e-3)
     assert variants["student_int8"]["file_bytes"] < variants["student"]["file_bytes"] < variants["fp32"]["file_bytes"]
