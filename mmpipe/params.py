@@ -258,6 +258,11 @@ class Distill(Strict):
             raise ValueError(f"width_scale must be auto or within (0, 1] (got {self.width_scale})")
         if any(not 0.0 < v <= 1.0 for v in self.encoder_width_scale.values()):
             raise ValueError(f"encoder_width_scale values must lie within (0, 1] (got {self.encoder_width_scale})")
+        # a modality the data lacks is skipped (the corpus's {audio: 0.5} on data without audio); a misspelt one
+        # would be too, silently, so names outside the registry are refused
+        if unknown := sorted(set(self.encoder_width_scale) - set(MODALITIES)):
+            raise ValueError(f"encoder_width_scale: {', '.join(unknown)} is not a modality "
+                             f"(registered: {', '.join(MODALITIES)})")
         if self.map_weight and self.teacher_views != "augmented":
             raise ValueError("map_weight needs teacher_views: augmented (the teacher's maps of the student's inputs)")
         levels = self.robustness_levels

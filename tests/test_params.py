@@ -134,6 +134,12 @@ def test_pretrained_weights_must_sit_in_their_modalitys_folder():
         assert (ROOT / "weights" / m).is_dir(), m  # each feature stage's dependency exists in a fresh clone
 
 
+def test_an_encoder_width_scale_for_an_unknown_modality_names_it():
+    message = _error("compress", {"distill": {"encoder_width_scale": {"audoi": 0.5, "image": 0.4}}})
+    assert "encoder_width_scale: audoi is not a modality (registered: image, text, audio" in message
+    assert "\n" not in message.strip()
+
+
 def test_attention_maps_need_the_teacher_on_the_students_views():
     msg = _error("compress", {"distill": {"teacher_views": "clean", "map_weight": 2.0}})
     assert msg.startswith("params.yaml: compress.distill") and "map_weight needs teacher_views: augmented" in msg
