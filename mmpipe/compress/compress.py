@@ -237,10 +237,10 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
     both models' robustness AUCs under evaluate's corruptions at ``distill.robustness_levels``."""
     cfg, data = params.distill, variants.data
     scale, config, student, share = student_within_share(teacher, data.example, cfg)
-    own = ", ".join(f"{m} x{v}" for m, v in scale.items() if m != "all" and v != scale["all"])
-    widths = (f"the teacher's channels x{scale['all']} kept (structured pruning{'; ' + own if own else ''})"
-              if cfg.init == "pruned" else
-              f"widths x{scale['all']} (encoders: {', '.join(f'{m} x{v}' for m, v in scale.items() if m != 'all')})")
+    encoders = ", ".join(f"{m} x{v}" for m, v in scale.items()  # a pruned student: the ones at their own share
+                         if m != "all" and (cfg.init == "scratch" or v != scale["all"]))
+    widths = (f"the teacher's channels x{scale['all']} kept (structured pruning{'; ' + encoders if encoders else ''})"
+              if cfg.init == "pruned" else f"widths x{scale['all']} (encoders: {encoders})")
     progress(f"compress[student]: {widths}, {share:.1%} of the teacher's MACs, distilling at temperature "
              f"{cfg.temperature}")
     # attention transfer pairs the student's layers with the teacher's own: a pruned student's. A fresh one's
