@@ -336,7 +336,31 @@ def test_the_students_selection_score_is_its_mean_headline_over_every_modality_s
                 outputs.append(model(inputs).float())
         expected.append(data.target.headline(data.target.scores(torch.cat(outputs)).numpy(), data.labels))
     assert len(expected) == 2 ** len(model.modalities) - 1
-    assert Teacher.selection_score(model, data, torch.device("cpu")) == pytest.approx(np.mean(expected), abs=1e-9)
+    teacher = Teacher(load_model(teacher_dir))
+    assert teacher.selection_score(model, data, torch.device("cpu")) == pytest.approx(np.mean(expected), abs=1e-9)
+
+
+def test_selecting_by_the_worst_gap_subtracts_the_subset_furthest_behind_the_teacher(tiny_corpus, teacher_dir):
+    """select_by mean_and_worst_gap: the mean over subsets plus the worst subset's gap to the teacher. The
+    teacher judged against itself has no gap; a student whose first encoder is wiped falls behind on subsets
+    that use it, and its score is its own mean minus the largest shortfall, computed here by hand."""
+    from mmpipe.training.distill import Teacher, subset_scores
+    data = FeatureSet(tiny_corpus / "features", split="val")
+    teacher = Teacher(load_model(teacher_dir), select_by="mean_and_worst_gap")
+    cpu = torch.device("cpu")
+    own = subset_scores(teacher.model, data, cpu)
+    assert teacher.selection_score(load_model(teacher_dir), data, cpu) == pytest.approx(np.mean(list(own.values())))
+    student = load_model(teacher_dir)
+    wiped = student.modalities[0]
+    with torch.no_grad():
+        for p in student.encoders[wiped].parameters():
+            p.zero_()
+    scores = subset_scores(student, data, cpu)
+    gaps = {s: scores[s] - own[s] for s in scores}
+    assert min(gaps.values()) < 0  # behind somewhere: the two scores below differ
+    expected = np.mean(list(scores.values())) + min(gaps.values())
+    assert teacher.selection_score(student, data, cpu) == pytest.approx(expected, abs=1e-9)
+    assert Teacher(teacher.model).selection_score(student, data, cpu) == pytest.approx(np.mean(list(scores.values())))
 
 
 def test_the_teachers_remembered_vectors_are_what_it_computes_per_batch(tiny_corpus, teacher_dir):

@@ -222,7 +222,7 @@ def train(params, model_params, features_root: Path, modalities: list[str], out_
                "samples_per_s": n / (time.perf_counter() - tic)}
         if teacher is not None:
             row[selection] = distributed.from_main(
-                Teacher.selection_score(model, val_set, device) if world.is_main else 0.0, device)
+                teacher.selection_score(model, val_set, device) if world.is_main else 0.0, device)
         progress.record(row, model)
         if on_epoch and world.is_main:
             on_epoch(epoch, row)
