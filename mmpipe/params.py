@@ -245,6 +245,7 @@ class Distill(Strict):
     feature_weight: float = Field(1.0, ge=0.0)
     teacher_views: Literal["clean", "augmented"] = "augmented"
     map_weight: float = Field(2.0, ge=0.0)
+    alone_weight: float = Field(1.0, ge=0.0)  # the each-modality-alone view's weight (the other two views: 1)
     # the epoch kept (and early stopping's score): the mean headline over every modality subset, or that mean
     # plus the worst subset's gap to the teacher's (mmpipe.training.distill.Teacher.selection_score)
     select_by: Literal["mean", "mean_and_worst_gap"] = "mean"

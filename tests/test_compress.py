@@ -379,6 +379,29 @@ def test_the_teachers_remembered_vectors_are_what_it_computes_per_batch(tiny_cor
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_the_alone_view_weighs_into_the_distillation_loss_as_alone_weight_says(tiny_corpus, teacher_dir):
+    """The distillation loss is the weighted mean of three views (the batch's mask, a random subset, each modality
+    alone), the third at alone_weight against the others' 1: from the losses at weights 0 and 1 the views are
+    known, and the loss at weight 3 must be their weighted mean. A student pruned from the teacher disagrees with
+    it, more when it sees one modality than all of them."""
+    from mmpipe.training.distill import Teacher
+    model = load_model(teacher_dir)
+    batch = next(FeatureSet(tiny_corpus / "features", split="train").batches(32))
+    inputs = to_model_inputs(batch, model.modalities, torch.device("cpu"))
+    student = prune.structured(model, 0.5, inputs).eval()
+
+    def distill_loss(weight: float) -> float:
+        torch.manual_seed(0)  # the random-subset view draws the same patterns each time
+        teacher = Teacher(load_model(teacher_dir), alpha=1.0, feature_weight=0.0, alone_weight=weight)
+        with torch.no_grad():
+            return teacher.step(student, inputs, nn.CrossEntropyLoss(), model.target)[1].item()
+
+    both = distill_loss(0.0)  # the mean of the first two views
+    alone = 3 * distill_loss(1.0) - 2 * both
+    assert alone > both > 0
+    assert distill_loss(3.0) == pytest.approx((2 * both + 3 * alone) / 5, rel=1e-5)
+
+
 def test_the_teacher_on_augmented_views_encodes_what_the_student_is_about_to_see(tiny_corpus, teacher_dir):
     """distill.teacher_views: augmented. A student that is the teacher's copy, its encoders in training mode
     (batch-norm kept in eval so that only the augmentation differs), gets the very vectors the teacher computed

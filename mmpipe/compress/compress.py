@@ -252,7 +252,7 @@ def distilled_student(teacher: torch.nn.Module, variants: Variants, features_roo
                    on_epoch=lambda epoch, row: log("distill", row), init_model=student,
                    teacher=Teacher(teacher, cfg.temperature, cfg.alpha, cfg.feature_weight,
                                    augmented=cfg.teacher_views == "augmented", map_weight=map_weight,
-                                   select_by=cfg.select_by))
+                                   alone_weight=cfg.alone_weight, select_by=cfg.select_by))
     teacher.cpu()
     student = variants.models["student"] = result["model"]
     export_onnx(student, data.feeds["val"], out_dir / "student.onnx")

@@ -87,6 +87,7 @@ class Teacher:
     feature_weight: float = 0.0  # weight of the encoders' vectors matched to the teacher's (``step``)
     augmented: bool = False  # the teacher encodes the student's augmented inputs each step (``encode_as_student``)
     map_weight: float = 0.0  # weight of the encoders' intermediate activation maps matched (``map_loss``)
+    alone_weight: float = 1.0  # weight of the each-modality-alone view in the distillation loss (``step``)
     select_by: str = "mean"  # the student's epoch kept: "mean" | "mean_and_worst_gap" (``selection_score``)
     encoded: torch.Tensor | None = None  # the teacher's vectors of every train row (``remember``)
     reference: dict | None = None  # the teacher's validation headline per modality subset (``selection_score``)
@@ -159,7 +160,7 @@ class Teacher:
         the rows that have it). The third is there because single modalities are where a smaller student loses
         most: under random subsets each one is alone in only ~8 % of the rows, and taught only so, a student
         pruned to 18 % of the MACs kept the teacher's all-modality accuracy but lost 3.5 points on audio alone
-        (docs/benchmarks.md "Distillation")."""
+        (docs/benchmarks.md "Distillation"). ``alone_weight`` weighs the third view against the other two's 1."""
         available = inputs["available"].bool()
         alone = [available & (torch.arange(available.shape[1], device=available.device) == i)
                  for i in range(available.shape[1])]
@@ -177,9 +178,11 @@ class Teacher:
         loss = lambda s, t: target.distill_loss(s, t, self.temperature)  # noqa: E731
         single = [loss(s[rows], t[rows]) for rows, s, t in zip(available.unbind(1), outputs[2:], teacher_out[2:])
                   if rows.any()]
-        views = [loss(outputs[0], teacher_out[0]), loss(outputs[1], teacher_out[1])] + \
-            ([sum(single) / len(single)] if single else [])
-        distill = sum(views) / len(views)
+        views = [loss(outputs[0], teacher_out[0]), loss(outputs[1], teacher_out[1])]
+        weights = [1.0, 1.0] + ([self.alone_weight] if single else [])
+        if single:
+            views.append(sum(single) / len(single))
+        distill = sum(w * v for w, v in zip(weights, views)) / sum(weights)
         total = (1 - self.alpha) * label_loss(outputs[0], inputs["label"]) + self.alpha * distill
         if self.feature_weight and encoded.shape == taught.shape and available.any():
             total = total + self.feature_weight * feature_loss(encoded, taught, available)
