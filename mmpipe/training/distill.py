@@ -178,11 +178,9 @@ class Teacher:
         loss = lambda s, t: target.distill_loss(s, t, self.temperature)  # noqa: E731
         single = [loss(s[rows], t[rows]) for rows, s, t in zip(available.unbind(1), outputs[2:], teacher_out[2:])
                   if rows.any()]
-        views = [loss(outputs[0], teacher_out[0]), loss(outputs[1], teacher_out[1])]
-        weights = [1.0, 1.0] + ([self.alone_weight] if single else [])
-        if single:
-            views.append(sum(single) / len(single))
-        distill = sum(w * v for w, v in zip(weights, views)) / sum(weights)
+        views = [(1.0, loss(outputs[0], teacher_out[0])), (1.0, loss(outputs[1], teacher_out[1]))] + \
+            ([(self.alone_weight, sum(single) / len(single))] if single else [])  # (weight, loss)
+        distill = sum(w * v for w, v in views) / sum(w for w, _ in views)
         total = (1 - self.alpha) * label_loss(outputs[0], inputs["label"]) + self.alpha * distill
         if self.feature_weight and encoded.shape == taught.shape and available.any():
             total = total + self.feature_weight * feature_loss(encoded, taught, available)
