@@ -238,7 +238,8 @@ class Distill(Strict):
     enabled: bool = False
     init: Literal["pruned", "scratch"] = "pruned"
     width_scale: Literal["auto"] | float = "auto"
-    encoder_width_scale: dict[str, float] = Field(default_factory=dict)  # by modality: overrides width_scale
+    # by modality or modality.layer (init pruned: a module path inside that encoder): overrides width_scale
+    encoder_width_scale: dict[str, float] = Field(default_factory=dict)
     max_macs_share: float = Field(0.2, gt=0.0, le=1.0)
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)
@@ -264,9 +265,12 @@ class Distill(Strict):
             raise ValueError(f"encoder_width_scale values must lie within (0, 1] (got {self.encoder_width_scale})")
         # a modality the data lacks is skipped (the corpus's {audio: 0.5} on data without audio); a misspelt one
         # would be too, silently, so names outside the registry are refused
-        if unknown := sorted(set(self.encoder_width_scale) - set(MODALITIES)):
+        if unknown := sorted(k for k in self.encoder_width_scale if k.partition(".")[0] not in MODALITIES):
             raise ValueError(f"encoder_width_scale: {', '.join(unknown)} is not a modality "
                              f"(registered: {', '.join(MODALITIES)})")
+        if self.init == "scratch" and (layers := sorted(k for k in self.encoder_width_scale if "." in k)):
+            raise ValueError(f"encoder_width_scale: {', '.join(layers)} names a layer: init scratch scales whole "
+                             f"encoders (a layer's own share needs init: pruned)")
         if self.map_weight and self.teacher_views != "augmented":
             raise ValueError("map_weight needs teacher_views: augmented (the teacher's maps of the student's inputs)")
         levels = self.robustness_levels

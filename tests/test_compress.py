@@ -506,3 +506,29 @@ def test_an_encoders_own_width_scale_prunes_it_to_its_own_share(tiny_corpus, tea
                                if isinstance(c, (torch.nn.Conv1d, torch.nn.Conv2d))]
     assert widths(student, "audio") == widths(teacher, "audio")  # kept whole
     assert widths(student, "image") == [prune.kept_channels(n, 0.5) for n in widths(teacher, "image")]
+
+
+def test_one_layer_of_an_encoder_keeps_its_own_share(tiny_corpus, teacher_dir):
+    """distill.encoder_width_scale by layer (``image.features.3``): that block keeps its own share, the rest of
+    the encoder its modality's (the more specific key wins); a layer the encoder lacks is refused in one line
+    that lists the ones it has."""
+    from mmpipe.compress.compress import student_within_share
+    teacher = load_model(teacher_dir)
+    data = FeatureSet(tiny_corpus / "features", split="val")
+    example = to_model_inputs(data.get(np.arange(len(data))), teacher.modalities, torch.device("cpu"))
+    convs = lambda model: [c.out_channels for c in model.encoders["image"].modules()  # noqa: E731
+                           if isinstance(c, torch.nn.Conv2d)]
+    full = convs(teacher)
+    cfg = params.CompressParams().distill.model_copy(update={
+        "max_macs_share": 1.0, "width_scale": 0.5, "encoder_width_scale": {"image": 0.25, "image.features.3": 1.0}})
+    scale, _, student, _ = student_within_share(teacher, example, cfg)
+    assert scale["image.features.3"] == 1.0
+    third = teacher.encoders["image"].features[3][0].out_channels  # the block's conv
+    assert convs(student) == [n if i == 2 else prune.kept_channels(n, 0.25) for i, n in enumerate(full)]
+    assert convs(student)[2] == third and convs(student)[1] < full[1]
+    wrong = cfg.model_copy(update={"encoder_width_scale": {"image.features.33": 0.5}})
+    with pytest.raises(PipelineError) as err:
+        student_within_share(teacher, example, wrong)
+    assert str(err.value).startswith("compress.distill.encoder_width_scale: image.features.33: the image encoder "
+                                     "has no layer features.33 (its layers: features.0.0, ")
+    assert "\n" not in str(err.value)

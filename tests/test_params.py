@@ -138,6 +138,11 @@ def test_an_encoder_width_scale_for_an_unknown_modality_names_it():
     message = _error("compress", {"distill": {"encoder_width_scale": {"audoi": 0.5, "image": 0.4}}})
     assert "encoder_width_scale: audoi is not a modality (registered: image, text, audio" in message
     assert "\n" not in message.strip()
+    message = _error("compress", {"distill": {"encoder_width_scale": {"audoi.features.3": 0.5}}})
+    assert "encoder_width_scale: audoi.features.3 is not a modality" in message
+    message = _error("compress", {"distill": {"init": "scratch", "encoder_width_scale": {"image.features.3": 0.5}}})
+    assert "encoder_width_scale: image.features.3 names a layer: init scratch scales whole encoders" in message
+    assert params.validate("compress", {"distill": {"encoder_width_scale": {"image.features.3": 0.5}}})
 
 
 def test_attention_maps_need_the_teacher_on_the_students_views():

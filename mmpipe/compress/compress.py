@@ -283,11 +283,12 @@ def student_within_share(teacher: torch.nn.Module, example: dict, cfg) -> tuple[
     ``init: scratch``: a fresh model of the teacher's config with the widths scaled (small_cnn encoders only),
     then each encoder in turn widened back (x1, x0.75) where the budget still allows: the image encoder holds
     most MACs, while the text or tabular one costs little at full width. ``distill.encoder_width_scale`` fixes
-    a modality's encoder at its own scale (either init; never widened back), the others searched as above."""
+    a modality's encoder at its own scale (either init; never widened back), the others searched as above; with
+    init pruned a key may name one layer of an encoder (``image.features.3``: prune.own_keeps)."""
     per_sample = lambda m: prune.macs(m, example) / len(example["label"])  # noqa: E731
     teacher_macs = per_sample(teacher)
     scales = [cfg.width_scale] if cfg.width_scale != "auto" else [0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
-    own = {m: v for m, v in cfg.encoder_width_scale.items() if m in teacher.modalities}
+    own = {m: v for m, v in cfg.encoder_width_scale.items() if m.partition(".")[0] in teacher.modalities}
 
     def fit(scale: float, encoder_scales: dict[str, float]):
         if cfg.init == "pruned":

@@ -20,6 +20,8 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmpipe.errors import PipelineError
+
 
 def macs(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
     """Multiply-accumulates of one forward pass over ``example`` (torch's FLOP counter / 2)."""
@@ -69,8 +71,9 @@ def unstructured(model: nn.Module, amount: float) -> nn.Module:
 def structured(model: nn.Module, amount: float, example: dict[str, torch.Tensor],
                encoder_amounts: dict[str, float] | None = None) -> nn.Module:
     """Remove the ``amount`` share of channels (L2 magnitude of each coupled group) from every
-    prunable layer (a modality's encoder: its own share in ``encoder_amounts``, when given);
-    torch-pruning keeps the coupled layers (BatchNorm, the next conv) consistent.
+    prunable layer (a modality's encoder, or one of its layers: its own share in ``encoder_amounts``, by
+    modality or ``modality.layer``: ``own_ratios``); torch-pruning keeps the coupled layers (BatchNorm, the
+    next conv) consistent.
     Channel counts are kept multiples of 8: ONNX Runtime's AVX2 convolutions work on blocks of 8
     channels, so 11 channels cost as much as 16 (measured: halving MACs gained only 1.17x otherwise)."""
     import torch_pruning as tp
@@ -107,8 +110,7 @@ def nearest_ratios(model: nn.Module, keep: float, protected: list[nn.Module],
     pruned at all, so at a 0.45 share a 32-channel conv kept 8 (a quarter) while the 16-channel conv before it
     kept all 16 (docs/architecture.md "Compression")."""
     skip = {id(m) for m in protected}
-    own = {id(layer): 1.0 - amount for m, amount in (encoder_amounts or {}).items() if m in model.encoders
-           for layer in model.encoders[m].modules()}
+    own = own_keeps(model, encoder_amounts or {})
     ratios = {}
     for layer in model.modules():
         if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and id(layer) not in skip:
@@ -116,3 +118,27 @@ def nearest_ratios(model: nn.Module, keep: float, protected: list[nn.Module],
             # torch-pruning keeps int(n * (1 - ratio)) channels: a quarter channel above the count survives int()
             ratios[layer] = max(0.0, 1.0 - (kept_channels(n, own.get(id(layer), keep)) + 0.25) / n)
     return ratios
+
+
+def own_keeps(model: nn.Module, encoder_amounts: dict[str, float]) -> dict[int, float]:
+    """{id(layer): share of its channels kept} for the layers ``encoder_amounts`` names: a modality (every layer
+    of its encoder) or ``modality.path`` (the layers under that module of the encoder, e.g. image.features.3:
+    the PyTorch path printed by ``print(model.encoders.image)``). A layer takes the most specific key's share, so
+    ``{image: 0.4, image.features.3: 0.5}`` prunes the image encoder at 0.4 but that block at 0.5. A modality the
+    model lacks is skipped; a path its encoder lacks is refused with one line listing the ones it has."""
+    own = {}
+    for key in sorted(encoder_amounts, key=lambda k: k.count(".")):  # the more specific keys last, so they win
+        m, _, path = key.partition(".")
+        if m not in model.encoders:
+            continue
+        encoder = model.encoders[m]
+        if path:
+            try:
+                encoder = encoder.get_submodule(path)
+            except AttributeError:
+                layers = [name for name, layer in model.encoders[m].named_modules()
+                          if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+                raise PipelineError(f"compress.distill.encoder_width_scale: {key}: the {m} encoder has no layer "
+                                    f"{path} (its layers: {', '.join(layers)})") from None
+        own |= {id(layer): 1.0 - encoder_amounts[key] for layer in encoder.modules()}
+    return own
