@@ -28,14 +28,16 @@ REPORT = Path("reports/compressed_variants.json")
 
 
 @torch.no_grad()
-def interleaved_p50(runners: dict, sizes, rounds: int, runs: int) -> dict[str, np.ndarray]:
+def interleaved_p50(runners: dict, sizes, rounds: int, runs: int | dict[int, int]) -> dict[str, np.ndarray]:
     """{"<name>@<size>": the p50 latency (ms) of ``runners[name](size)`` in each round}: every runner timed at
-    every size once per round, round-robin, so a burst of load on the machine hits them all alike."""
+    every size once per round, round-robin, so a burst of load on the machine hits them all alike. ``runs``:
+    timed calls per runner per round, or by size (a batch-1 call is cheap: more calls steady its p50)."""
     timings: dict[str, list[float]] = {}
     for _ in range(rounds):
         for size in sizes:
+            calls = runs[size] if isinstance(runs, dict) else runs
             for name, run in runners.items():
-                timings.setdefault(f"{name}@{size}", []).append(latency_ms(lambda: run(size), runs)["p50"])
+                timings.setdefault(f"{name}@{size}", []).append(latency_ms(lambda: run(size), calls)["p50"])
     return {k: np.array(v) for k, v in timings.items()}
 
 

@@ -78,7 +78,8 @@ ON_THE_WORKSPACE = {  # entry point -> tiny arguments; they read what `make repr
     "bench.trust": ["--rounds", "1", "--runs", "5"],
     "bench.drift": ["--windows", "10", "--window-rows", "30"],
     "bench.label_efficiency": ["--fractions", "0.5", "1", "--epochs", "1", "--pretrain-epochs", "1"],
-    "bench.distill": ["--seeds", "1", "--epochs", "1", "--rounds", "1", "--runs", "2"],
+    "bench.distill": ["--seeds", "1", "--first-seed", "1", "--epochs", "1", "--rounds", "1", "--runs", "2",
+                      "--batch-1-runs", "3"],
 }
 SMOKE_RUNS |= {"bench.run", "bench.hostile_inputs", "bench.gpu_run", *SELF_CONTAINED, *ON_THE_WORKSPACE}
 

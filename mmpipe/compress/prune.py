@@ -72,7 +72,7 @@ def structured(model: nn.Module, amount: float, example: dict[str, torch.Tensor]
                encoder_amounts: dict[str, float] | None = None) -> nn.Module:
     """Remove the ``amount`` share of channels (L2 magnitude of each coupled group) from every
     prunable layer (a modality's encoder, or one of its layers: its own share in ``encoder_amounts``, by
-    modality or ``modality.layer``: ``own_ratios``); torch-pruning keeps the coupled layers (BatchNorm, the
+    modality or ``modality.layer``: ``own_keeps``); torch-pruning keeps the coupled layers (BatchNorm, the
     next conv) consistent.
     Channel counts are kept multiples of 8: ONNX Runtime's AVX2 convolutions work on blocks of 8
     channels, so 11 channels cost as much as 16 (measured: halving MACs gained only 1.17x otherwise)."""
